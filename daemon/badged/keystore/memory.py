@@ -1,0 +1,81 @@
+"""In-memory key store: for unit tests of our own logic only.
+
+Deliberately *not* selectable from a config file (it is absent from
+``BACKENDS``): a production daemon must never end up with software keys
+because of a typo. Tests construct it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.errors import KeyExistsError, KeyNotFoundError
+from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
+
+
+class _MemoryKey:
+    def __init__(self, name: str, key: ec.EllipticCurvePrivateKey) -> None:
+        self._name = name
+        self._key = key
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        return self._key.sign(data, signature_algorithm)
+
+
+class MemoryKeyStore:
+    """Software keys in a dict. Unsafe for anything but tests."""
+
+    backend = "memory"
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _MemoryKey] = {}
+        self._lock = threading.Lock()
+
+    def generate(self, name: str, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> KeyHandle:
+        check_key_name(name)
+        with self._lock:
+            if name in self._keys:
+                raise KeyExistsError(f"key {name} exists", backend=self.backend)
+            key = _MemoryKey(name, ec.generate_private_key(ec.SECP256R1()))
+            self._keys[name] = key
+            return key
+
+    def get(self, name: str) -> KeyHandle:
+        with self._lock:
+            try:
+                return self._keys[name]
+            except KeyError:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend) from None
+
+    def list(self) -> Sequence[str]:
+        with self._lock:
+            return sorted(self._keys)
+
+    def destroy(self, name: str) -> None:
+        with self._lock:
+            if self._keys.pop(name, None) is None:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+
+    def properties(self, name: str) -> KeyProperties:
+        self.get(name)
+        return KeyProperties(
+            backend=self.backend, sensitive=False, extractable=True,
+            never_extractable=False, local=True,
+        )
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._keys.clear()

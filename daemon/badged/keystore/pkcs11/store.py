@@ -1,0 +1,350 @@
+"""PKCS#11 key store over python-pkcs11, tested against SoftHSM.
+
+Three hardware facts shape this module (measured, see FINDINGS §2):
+
+* python-pkcs11 calls ``C_Initialize(NULL)``, so SoftHSM runs with *no*
+  internal locking. Two threads inside the module crash it. Every call into
+  the library therefore happens under ``self._lock``.
+* ``Session.close()`` logs out every session of the process and a second
+  ``C_Login`` fails, so the store holds exactly one logged-in R/W session for
+  its whole life, and re-opens it only after the token went away.
+* Finding a key costs more than signing with it, so handles are cached.
+
+SoftHSM 2.6 has no CKM_ECDSA_SHA256: we hash in software and sign the digest
+with raw CKM_ECDSA, then DER-encode r||s to match ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+from badged.errors import (
+    ConfigError,
+    KeyExistsError,
+    KeyNotFoundError,
+    KeyStoreAuthError,
+    KeyStoreError,
+    KeyStoreUnavailableError,
+)
+from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
+from badged.keystore.uri import Pkcs11Uri, parse_pkcs11_uri
+from badged.secrets import Secret, read_secret_file
+
+_logger = logging.getLogger(__name__)
+
+_P256_OID = "1.2.840.10045.3.1.7"
+_HASHES: dict[str, Callable[[bytes], Any]] = {
+    "sha256": hashlib.sha256,
+    "sha384": hashlib.sha384,
+    "sha512": hashlib.sha512,
+}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Pkcs11Config:
+    """Typed config of this backend; nothing backend-specific reaches generate()."""
+
+    uri: str
+    module_path: str | None = None
+
+    def parsed(self) -> Pkcs11Uri:
+        return parse_pkcs11_uri(self.uri)
+
+
+def _translate(exc: BaseException) -> KeyStoreError:
+    """Map python-pkcs11 exceptions to the port's errors, keeping the raw name."""
+    import pkcs11.exceptions as p11e
+
+    raw = type(exc).__name__
+    if isinstance(exc, p11e.PinIncorrect | p11e.PinLocked | p11e.PinExpired | p11e.PinInvalid
+                  | p11e.PinLenRange | p11e.UserPinNotInitialized):
+        return KeyStoreAuthError("token login failed", backend="pkcs11", raw=raw)
+    if isinstance(exc, p11e.TokenNotPresent | p11e.DeviceRemoved | p11e.SessionClosed
+                  | p11e.SessionHandleInvalid | p11e.DeviceError | p11e.TokenNotRecognised
+                  | p11e.NoSuchToken | p11e.UserNotLoggedIn | p11e.SlotIDInvalid
+                  | p11e.DeviceMemory | p11e.GeneralError):
+        return KeyStoreUnavailableError("token unavailable", backend="pkcs11", raw=raw)
+    if isinstance(exc, p11e.ObjectHandleInvalid | p11e.KeyHandleInvalid):
+        # The object was destroyed (e.g. the agent was revoked) under a cached handle.
+        return KeyNotFoundError("key no longer in the token", backend="pkcs11", raw=raw)
+    return KeyStoreError("token operation failed", backend="pkcs11", raw=raw)
+
+
+class _Pkcs11Key:
+    """A cached (private, public) object pair. Signs through the store's lock."""
+
+    def __init__(self, store: Pkcs11KeyStore, name: str, priv: Any, public: ec.EllipticCurvePublicKey,
+                 generation: int) -> None:
+        self._store = store
+        self._name = name
+        self._priv = priv
+        self._public = public
+        self.generation = generation
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        algo = signature_algorithm.algorithm
+        if isinstance(algo, Prehashed):
+            digest = data
+        else:
+            hash_fn = _HASHES.get(algo.name)
+            if hash_fn is None:
+                raise KeyStoreError(f"unsupported hash {algo.name}", backend="pkcs11")
+            digest = hash_fn(data).digest()
+        raw = self._store._sign_digest(self, digest)
+        half = len(raw) // 2
+        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+
+class Pkcs11KeyStore:
+    """Keys in one PKCS#11 token, behind one lock and one logged-in session."""
+
+    backend = "pkcs11"
+
+    def __init__(self, *, module_path: str, uri: Pkcs11Uri, pin: Secret) -> None:
+        self._module_path = module_path
+        self._uri = uri
+        self._pin = pin
+        self._lock = threading.RLock()
+        self._lib: Any = None
+        self._session: Any = None
+        self._keys: dict[str, _Pkcs11Key] = {}
+        # Bumped on every reconnect so handles from a dead session are never used.
+        self._generation = 0
+        with self._lock:
+            self._connect()
+
+    @classmethod
+    def from_config(cls, config: Pkcs11Config) -> Pkcs11KeyStore:
+        uri = config.parsed()
+        module = config.module_path or uri.module_path
+        if not module:
+            raise ConfigError("no PKCS#11 module: set module_path or module-path in the URI")
+        if not os.path.isfile(module):
+            raise ConfigError(f"PKCS#11 module not found: {module}")
+        if uri.pin_source is None:
+            raise ConfigError("the pkcs11 URI needs pin-source=file:/path (mode 0600)")
+        return cls(module_path=module, uri=uri, pin=read_secret_file(uri.pin_source))
+
+    # -- session management (call with the lock held) ----------------------------
+
+    def _connect(self) -> None:
+        import pkcs11
+        import pkcs11.exceptions as p11e
+
+        try:
+            if self._lib is None:
+                self._lib = pkcs11.lib(self._module_path)
+            else:
+                # After a fault, start the module afresh so it rescans slots.
+                self._lib.reinitialize()
+            kwargs: dict[str, str] = {}
+            if self._uri.token_label is not None:
+                kwargs["token_label"] = self._uri.token_label
+            if self._uri.serial is not None:
+                kwargs["token_serial"] = self._uri.serial
+            token = self._lib.get_token(**kwargs)
+            self._session = token.open(rw=True, user_pin=self._pin.reveal())
+        except p11e.PKCS11Error as exc:
+            self._session = None
+            raise _translate(exc) from None
+        except RuntimeError as exc:  # library could not be loaded
+            self._session = None
+            raise KeyStoreUnavailableError(
+                "cannot load PKCS#11 module", backend="pkcs11", raw=type(exc).__name__
+            ) from None
+        self._generation += 1
+        self._keys.clear()
+        _logger.info("pkcs11 session open", extra={"token": self._uri.redacted()})
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(session)`` under the lock, reconnecting once if needed."""
+        import pkcs11.exceptions as p11e
+
+        with self._lock:
+            if self._session is None:
+                self._connect()
+            try:
+                return fn(self._session)
+            except p11e.PKCS11Error as exc:
+                err = _translate(exc)
+                if isinstance(err, KeyStoreUnavailableError):
+                    self._drop_session()
+                raise err from None
+
+    def _drop_session(self) -> None:
+        # Do not call session.close(): it would C_Logout every session, and the
+        # session is most likely dead anyway. A reinitialize clears the state.
+        self._session = None
+        self._keys.clear()
+
+    # -- the port -------------------------------------------------------------------
+
+    def generate(self, name: str, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> KeyHandle:
+        check_key_name(name)
+        if algorithm is not KeyAlgorithm.EC_P256:
+            raise KeyStoreError(f"unsupported algorithm {algorithm.value}", backend=self.backend)
+        import pkcs11
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        def op(session: Any) -> KeyHandle:
+            if self._find_private(session, name) is not None:
+                raise KeyExistsError(f"key {name} exists", backend=self.backend)
+            params = session.create_domain_parameters(
+                pkcs11.KeyType.EC,
+                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters(_P256_OID)},
+                local=True,
+            )
+            key_id = hashlib.sha256(name.encode()).digest()[:16]
+            _pub, priv = params.generate_keypair(
+                store=True,
+                label=name,
+                id=key_id,
+                capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY,
+                public_template={
+                    pkcs11.Attribute.TOKEN: True,
+                    pkcs11.Attribute.PRIVATE: False,
+                },
+                private_template={
+                    pkcs11.Attribute.TOKEN: True,
+                    pkcs11.Attribute.PRIVATE: True,
+                    pkcs11.Attribute.SENSITIVE: True,
+                    pkcs11.Attribute.EXTRACTABLE: False,
+                    pkcs11.Attribute.SIGN: True,
+                    pkcs11.Attribute.DERIVE: False,
+                    pkcs11.Attribute.DECRYPT: False,
+                    pkcs11.Attribute.UNWRAP: False,
+                },
+            )
+            return self._load(session, name)
+
+        return self._call(op)
+
+    def get(self, name: str) -> KeyHandle:
+        with self._lock:
+            cached = self._keys.get(name)
+            if cached is not None and cached.generation == self._generation:
+                return cached
+        return self._call(lambda session: self._load(session, name))
+
+    def list(self) -> Sequence[str]:
+        import pkcs11
+
+        def op(session: Any) -> list[str]:
+            objs = session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY})
+            return sorted(str(o.label) for o in objs)
+
+        return self._call(op)
+
+    def destroy(self, name: str) -> None:
+        import pkcs11
+
+        def op(session: Any) -> None:
+            found = False
+            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
+                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls,
+                                                     pkcs11.Attribute.LABEL: name})):
+                    obj.destroy()
+                    found = True
+            self._keys.pop(name, None)
+            if not found:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+
+        self._call(op)
+
+    def properties(self, name: str) -> KeyProperties:
+        import pkcs11
+
+        def op(session: Any) -> KeyProperties:
+            priv = self._find_private(session, name)
+            if priv is None:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+            attr = pkcs11.Attribute
+            return KeyProperties(
+                backend=self.backend,
+                sensitive=bool(priv[attr.SENSITIVE]),
+                extractable=bool(priv[attr.EXTRACTABLE]),
+                never_extractable=bool(priv[attr.NEVER_EXTRACTABLE]),
+                local=bool(priv[attr.LOCAL]),
+                extra={"token": self._uri.redacted()},
+            )
+
+        return self._call(op)
+
+    def ping(self) -> None:
+        def op(session: Any) -> None:
+            # C_GetSessionInfo is the cheapest call that proves the session lives.
+            _ = session.token.label
+            session.generate_random(64)
+
+        self._call(op)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                try:
+                    self._session.close()
+                except Exception:  # noqa: BLE001 -- best effort on shutdown
+                    _logger.debug("pkcs11 session close failed", exc_info=True)
+            self._session = None
+            self._keys.clear()
+
+    # -- helpers (lock held) -------------------------------------------------------
+
+    def _find_private(self, session: Any, name: str) -> Any | None:
+        import pkcs11
+
+        objs = list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                                         pkcs11.Attribute.LABEL: name}))
+        if len(objs) > 1:
+            raise KeyStoreError(f"several keys labelled {name}", backend=self.backend)
+        return objs[0] if objs else None
+
+    def _load(self, session: Any, name: str) -> _Pkcs11Key:
+        import pkcs11
+        from pkcs11.util.ec import encode_ec_public_key
+
+        priv = self._find_private(session, name)
+        if priv is None:
+            raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+        pubs = list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
+                                         pkcs11.Attribute.LABEL: name}))
+        if len(pubs) != 1:
+            raise KeyStoreError(f"public half of {name} missing", backend=self.backend)
+        public = serialization.load_der_public_key(encode_ec_public_key(pubs[0]))
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise KeyStoreError(f"key {name} is not an EC key", backend=self.backend)
+        key = _Pkcs11Key(self, name, priv, public, self._generation)
+        self._keys[name] = key
+        return key
+
+    def _sign_digest(self, key: _Pkcs11Key, digest: bytes) -> bytes:
+        import pkcs11
+
+        def op(session: Any) -> bytes:
+            priv = key._priv
+            if key.generation != self._generation:
+                # The session was re-opened since this handle was cached.
+                fresh = self._load(session, key.name)
+                key._priv, key.generation = fresh._priv, fresh.generation
+                priv = fresh._priv
+            return bytes(priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
+
+        return self._call(op)

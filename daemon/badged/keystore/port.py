@@ -1,0 +1,99 @@
+"""The key-store port: the only view of keys the rest of the daemon has.
+
+Credential code signs through :class:`KeyHandle`, whose ``sign`` mirrors
+``cryptography``'s ``EllipticCurvePrivateKey.sign`` (DER signature, hash chosen
+by the ``ECDSA`` algorithm object), so minting is the same for every backend.
+
+Contract (checked for every backend by ``tests/contract``):
+
+* ``generate`` of an existing name raises :class:`~badged.errors.KeyExistsError`;
+* ``get``/``destroy`` of an unknown name raise :class:`~badged.errors.KeyNotFoundError`;
+* a token/TPM that went away raises
+  :class:`~badged.errors.KeyStoreUnavailableError` and the store recovers by
+  itself once the hardware is back (no daemon restart);
+* every method is safe to call from any thread: the adapter serializes access
+  to its vendor library itself (SoftHSM and ESAPI both break when shared).
+
+Key names are opaque to the store (``agent/deploy-bot/tok/1``); they must match
+``[A-Za-z0-9._/:-]{1,96}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,96}$")
+
+
+class KeyAlgorithm(enum.Enum):
+    """Key types the daemon creates. P-256 is the only default: TPMs and
+    SoftHSM both do it well, unlike Ed25519 (see FINDINGS §2)."""
+
+    EC_P256 = "ec-p256"
+
+
+def check_key_name(name: str) -> str:
+    """Reject names that could smuggle separators into labels or URIs."""
+    if not _NAME_RE.match(name):
+        from badged.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"invalid key name {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class KeyProperties:
+    """What a backend can truthfully say about where a key lives.
+
+    Read back from the hardware, not from what was requested at generation,
+    so it can serve as (unsigned) evidence.
+    """
+
+    backend: str
+    sensitive: bool
+    extractable: bool
+    never_extractable: bool
+    local: bool
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class KeyHandle(Protocol):
+    """A private key held by a backend; the private half never leaves it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def public_key(self) -> ec.EllipticCurvePublicKey: ...
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        """Sign ``data`` (hashed with the algorithm's hash); DER-encoded ECDSA."""
+        ...
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Required operations of every backend."""
+
+    backend: str
+
+    def generate(self, name: str, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> KeyHandle: ...
+
+    def get(self, name: str) -> KeyHandle: ...
+
+    def list(self) -> Sequence[str]: ...
+
+    def destroy(self, name: str) -> None: ...
+
+    def properties(self, name: str) -> KeyProperties: ...
+
+    def ping(self) -> None:
+        """Raise KeyStoreUnavailableError if the hardware cannot be reached now."""
+        ...
+
+    def close(self) -> None: ...
