@@ -19,17 +19,21 @@ from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_k
 class _MemoryKey:
     def __init__(self, name: str, key: ec.EllipticCurvePrivateKey) -> None:
         self._name = name
-        self._key = key
+        self._key: ec.EllipticCurvePrivateKey | None = key
+        self._public = key.public_key()
 
     @property
     def name(self) -> str:
         return self._name
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._key.public_key()
+        return self._public
 
     def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
-        return self._key.sign(data, signature_algorithm)
+        key = self._key
+        if key is None:  # destroyed, like a token object handle that went invalid
+            raise KeyNotFoundError(f"key {self._name} was destroyed", backend="memory")
+        return key.sign(data, signature_algorithm)
 
 
 class MemoryKeyStore:
@@ -63,8 +67,10 @@ class MemoryKeyStore:
 
     def destroy(self, name: str) -> None:
         with self._lock:
-            if self._keys.pop(name, None) is None:
+            key = self._keys.pop(name, None)
+            if key is None:
                 raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+            key._key = None
 
     def properties(self, name: str) -> KeyProperties:
         self.get(name)
