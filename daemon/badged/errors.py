@@ -43,10 +43,18 @@ class BadgedError(Exception):
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     public_message: ClassVar[str] = "internal error"
 
-    def __init__(self, detail: str = "", *, raw: str | None = None) -> None:
+    def __init__(self, detail: str = "", *, raw: str | None = None,
+                 public: str | None = None) -> None:
         super().__init__(detail or self.public_message)
         self.detail = detail or self.public_message
         self.raw = raw
+        # A more specific caller-facing reason, only ever a fixed phrase or
+        # the caller's own (validated) input: never a secret, never detail.
+        self.public = public
+
+    @property
+    def caller_message(self) -> str:
+        return self.public or self.public_message
 
     def __str__(self) -> str:
         if self.raw:
@@ -57,12 +65,6 @@ class BadgedError(Exception):
 class InvalidRequestError(BadgedError):
     code = ErrorCode.INVALID_REQUEST
     public_message = "invalid request"
-
-    def __init__(self, detail: str = "", *, public: str | None = None) -> None:
-        # Validation messages are about the caller's own input and contain no
-        # secrets, so they may be shown to the caller when marked public.
-        super().__init__(detail)
-        self.public = public
 
 
 class NotFoundError(BadgedError):

@@ -1,0 +1,235 @@
+"""``badgectl``: the operator and agent CLI. Talks to badged only through
+the public client library, and maps every client error to one message and
+exit code in one place (``main``).
+
+Exit codes: 0 ok, 1 refused by the daemon, 2 usage, 3 daemon unavailable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from badgeclient.client import AdminClient, AgentInfo, WorkloadClient
+from badgeclient.errors import BadgeError, InvalidRequestError, UnavailableError
+
+socket_option = click.option(
+    "--socket", "socket_path", envvar="BADGED_SOCKET", default=None,
+    help="Workload socket [env BADGED_SOCKET; default /run/badged/agent.sock].")
+admin_socket_option = click.option(
+    "--admin-socket", "admin_socket", envvar="BADGED_ADMIN_SOCKET", default=None,
+    help="Admin socket [env BADGED_ADMIN_SOCKET; default /run/badged/admin.sock].")
+
+
+def _ts(epoch: int) -> str:
+    if not epoch:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+@click.group()
+@click.version_option(package_name="badged")
+def cli() -> None:
+    """badgectl: fetch credentials from badged and manage agent identities."""
+
+
+# -- agent-side commands ---------------------------------------------------------
+
+
+@cli.command()
+@click.option("--audience", "-a", required=True, help="Token audience (aud).")
+@click.option("--scope", "-s", "scopes", multiple=True, help="Requested scope; repeatable.")
+@click.option("--ttl", type=int, default=0, help="Lifetime in seconds (0 = daemon default).")
+@click.option("--agent", default=None, help="Agent to act as, if the caller maps to several.")
+@click.option("--json", "as_json", is_flag=True, help="Print the token and its metadata as JSON.")
+@socket_option
+def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None, as_json: bool,
+          socket_path: str | None) -> None:
+    """Fetch a short-lived access token (JWT) for this process's agent identity."""
+    with WorkloadClient(socket_path) as client:
+        tok = client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl, agent=agent)
+    if as_json:
+        _emit_json({"token": tok.token, "agent": tok.agent, "spiffe_id": tok.spiffe_id,
+                    "jti": tok.jti, "kid": tok.key_id, "issued_at": tok.issued_at,
+                    "expires_at": tok.expires_at})
+    else:
+        click.echo(tok.token)
+
+
+@cli.command()
+@socket_option
+def jwks(socket_path: str | None) -> None:
+    """Print the JWK Set of every active agent token key."""
+    with WorkloadClient(socket_path) as client:
+        _emit_json(client.jwks())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@socket_option
+def whoami(as_json: bool, socket_path: str | None) -> None:
+    """Show how the daemon sees this process and which identities it may use."""
+    with WorkloadClient(socket_path) as client:
+        me = client.whoami()
+    if as_json:
+        _emit_json(asdict(me))
+        return
+    click.echo(f"process: pid={me.pid} uid={me.uid} gid={me.gid}")
+    click.echo(f"exe:     {me.exe or '(not readable by the daemon)'}")
+    if me.exe_sha256:
+        click.echo(f"sha256:  {me.exe_sha256}")
+    if not me.agents:
+        click.echo("agents:  none -- no policy binding matches this process (deny by default)")
+    for a in me.agents:
+        click.echo(f"agent:   {a.agent} ({a.spiffe_id})")
+        click.echo(f"  because {a.rule} matched; kinds={','.join(a.kinds)} "
+                   f"audiences={','.join(a.audiences)} scopes={','.join(a.scopes) or '-'} "
+                   f"max_ttl={a.max_ttl_seconds}s")
+    for m in me.misses:
+        click.echo(f"not:     {m['agent']} ({m['rule']}): {m['reason']}")
+
+
+@cli.command()
+@click.option("--context", default="", help="Application label bound into the signature.")
+@click.option("--agent", default=None)
+@click.option("--in", "infile", type=click.File("rb"), default="-",
+              help="Data to sign (default: stdin).")
+@socket_option
+def sign(context: str, agent: str | None, infile: Any, socket_path: str | None) -> None:
+    """Sign data with this agent's signing key (never its token key)."""
+    data = infile.read(64 * 1024 + 1)
+    with WorkloadClient(socket_path) as client:
+        sig = client.sign(data, context=context, agent=agent)
+    import base64
+
+    _emit_json({"agent": sig.agent, "algorithm": sig.algorithm, "kid": sig.key_id,
+                "signature": base64.b64encode(sig.signature).decode(),
+                "signed_message_prefix": base64.b64encode(
+                    sig.signed_message[: len(sig.signed_message) - len(data)]).decode(),
+                "public_key_pem": sig.public_key_pem})
+
+
+# -- operator commands -----------------------------------------------------------
+
+
+@cli.group()
+def agent() -> None:
+    """Create, list, show, rotate and revoke agent identities (admin socket)."""
+
+
+def _print_agent(a: AgentInfo, as_json: bool) -> None:
+    if as_json:
+        _emit_json(asdict(a))
+        return
+    click.echo(f"{a.name}  {a.status}  {a.spiffe_id}")
+    click.echo(f"  created {_ts(a.created_at)}"
+               + (f", revoked {_ts(a.revoked_at)} ({a.revoke_reason or 'no reason'})"
+                  if a.revoked_at else ""))
+    for k in a.keys:
+        extra = f" published until {_ts(k.publish_until)}" if k.state == "retired" else ""
+        click.echo(f"  v{k.version} {k.state:<8} token kid {k.token_kid}{extra}")
+
+
+@agent.command("create")
+@click.argument("name")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+@admin_socket_option
+def agent_create(name: str, description: str, as_json: bool, admin_socket: str | None) -> None:
+    """Create an agent identity with fresh keys in the token."""
+    with AdminClient(admin_socket) as client:
+        _print_agent(client.create_agent(name, description), as_json)
+
+
+@agent.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked agents.")
+@click.option("--json", "as_json", is_flag=True)
+@admin_socket_option
+def agent_list(include_revoked: bool, as_json: bool, admin_socket: str | None) -> None:
+    """List agent identities."""
+    with AdminClient(admin_socket) as client:
+        agents = client.list_agents(include_revoked)
+    if as_json:
+        _emit_json([asdict(a) for a in agents])
+        return
+    if not agents:
+        click.echo("no agents")
+    for a in agents:
+        click.echo(f"{a.name:<24} {a.status:<8} v{a.current_version:<3} {a.spiffe_id}")
+
+
+@agent.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@admin_socket_option
+def agent_show(name: str, as_json: bool, admin_socket: str | None) -> None:
+    """Show one agent, its key versions and their publication window."""
+    with AdminClient(admin_socket) as client:
+        _print_agent(client.get_agent(name), as_json)
+
+
+@agent.command("rotate")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@admin_socket_option
+def agent_rotate(name: str, as_json: bool, admin_socket: str | None) -> None:
+    """New key version; the old public key stays published until its tokens expire."""
+    with AdminClient(admin_socket) as client:
+        _print_agent(client.rotate_agent(name), as_json)
+
+
+@agent.command("revoke")
+@click.argument("name")
+@click.option("--reason", default="")
+@click.option("--json", "as_json", is_flag=True)
+@admin_socket_option
+def agent_revoke(name: str, reason: str, as_json: bool, admin_socket: str | None) -> None:
+    """Revoke: keys destroyed in the token, every later request refused."""
+    with AdminClient(admin_socket) as client:
+        _print_agent(client.revoke_agent(name, reason), as_json)
+
+
+def _register_optional() -> None:
+    """Command groups that live in their own modules, registered in one place."""
+    try:
+        from badgeclient._cli.audit import audit_group
+    except ImportError:
+        return
+    cli.add_command(audit_group, "audit")
+
+
+_register_optional()
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if exc.exit_code == 2 else exc.exit_code)
+    except UnavailableError as exc:
+        click.echo(f"badgectl: unavailable: {exc.message}", err=True)
+        sys.exit(3)
+    except InvalidRequestError as exc:
+        click.echo(f"badgectl: invalid request: {exc.message}", err=True)
+        sys.exit(2)
+    except BadgeError as exc:
+        label = (exc.status or type(exc).__name__).lower().replace("_", " ")
+        click.echo(f"badgectl: {label}: {exc.message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Typed errors raised by the client, mapped from the daemon's gRPC status.
+
+The daemon sends a stable code in the ``x-badged-error`` trailer; without it
+(e.g. a gRPC-level failure such as an oversized message) we fall back to the
+status code.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BadgeError(Exception):
+    """Base class. ``status`` is the gRPC status name, ``code`` the daemon's code."""
+
+    def __init__(self, message: str, *, status: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class InvalidRequestError(BadgeError):
+    pass
+
+
+class NotFoundError(BadgeError):
+    pass
+
+
+class AlreadyExistsError(BadgeError):
+    pass
+
+
+class UnauthenticatedError(BadgeError):
+    pass
+
+
+class PermissionDeniedError(BadgeError):
+    pass
+
+
+class RateLimitedError(BadgeError):
+    pass
+
+
+class FailedPreconditionError(BadgeError):
+    pass
+
+
+class UnavailableError(BadgeError):
+    """Daemon not running, socket missing, or token/TPM unavailable: retry later."""
+
+
+class InternalError(BadgeError):
+    pass
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[BadgeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> BadgeError:
+    status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(status)
+    code = ""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == "x-badged-error":
+            code = value if isinstance(value, str) else value.decode()
+    cls = _BY_STATUS.get(status, InternalError)
+    return cls(details, status=status.name if status else "", code=code)

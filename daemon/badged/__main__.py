@@ -1,0 +1,116 @@
+"""``badged``: the daemon's command line.
+
+    badged --config /etc/badged/badged.toml     # production
+    badged dev --state-dir /tmp/badged-demo     # embedded default (SoftHSM)
+    badged check --config FILE                  # validate config + policy, exit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from badged import logsetup
+from badged.config import DaemonConfig, load_config
+from badged.errors import BadgedError
+
+_logger = logging.getLogger("badged.main")
+
+
+async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None) -> None:
+    from badged.app import Daemon
+    from badged.errors import AlreadyExistsError
+
+    daemon = Daemon(config)
+    await daemon.start()
+    if ensure_agent is not None and daemon.agents is not None:
+        try:
+            daemon.agents.create(ensure_agent, "demo agent created by badged dev")
+        except AlreadyExistsError:
+            pass
+    daemon.install_signal_handlers()
+    # One line on stdout that scripts can wait for; logs go to stderr.
+    print(f"badged ready workload={config.workload_socket} admin={config.admin_socket}",
+          flush=True)
+    await daemon.wait()
+
+
+def _run(config: DaemonConfig, *, ensure_agent: str | None = None) -> None:
+    logsetup.configure(config.log_format, config.log_level)
+    try:
+        asyncio.run(_serve(config, ensure_agent=ensure_agent))
+    except BadgedError as exc:
+        click.echo(f"badged: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              envvar="BADGED_CONFIG", help="TOML config (see docs/badged.example.toml).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, log_format: str | None) -> None:
+    """badged: hardware-bound identities for AI agents."""
+    ctx.ensure_object(dict)
+    ctx.obj["log_format"] = log_format
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("give --config FILE, or use `badged dev --state-dir DIR`")
+    try:
+        config = load_config(config_path).with_overrides(log_format=log_format)
+    except BadgedError as exc:
+        click.echo(f"badged: {exc}", err=True)
+        sys.exit(2)
+    _run(config)
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True,
+              help="Where the throwaway token, state and sockets live.")
+@click.option("--agent", default="demo-agent", show_default=True,
+              help="Demo agent bound to the invoking user.")
+@click.option("--trust-domain", default="example.org", show_default=True)
+@click.pass_context
+def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str) -> None:
+    """Run on a throwaway SoftHSM token under STATE_DIR (development mode)."""
+    from badged.dev import prepare
+
+    try:
+        config = prepare(state_dir, agent=agent, trust_domain=trust_domain)
+    except BadgedError as exc:
+        click.echo(f"badged: {exc}", err=True)
+        sys.exit(2)
+    config = config.with_overrides(log_format=ctx.obj.get("log_format"))
+    _run(config, ensure_agent=agent)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+def check(config_path: Path) -> None:
+    """Validate a config file and its policy file; print file:line errors."""
+    from badged.policy.loader import load_policy
+
+    try:
+        config = load_config(config_path)
+        if config.policy_file is not None:
+            policy = load_policy(config.policy_file)
+            click.echo(f"{config.policy_file}: {len(policy.bindings)} binding(s) OK")
+    except BadgedError as exc:
+        click.echo(f"badged: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{config_path}: OK")
+
+
+def main() -> None:
+    os.umask(0o077)
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

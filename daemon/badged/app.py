@@ -1,0 +1,204 @@
+"""Composition root: the one place that builds adapters and wires them.
+
+Start order follows the request path backwards (key store, identities,
+policy, audit, gRPC server on the private socket, then the public sockets),
+so the daemon never accepts a connection it cannot serve. Stop order is the
+reverse: stop accepting, let in-flight calls finish, then close the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import grpc
+from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from badged.attest.process import ProcessAttestor
+from badged.config import DaemonConfig
+from badged.core.clock import Clock, system_clock
+from badged.errors import ConfigError
+from badged.fsutil import check_dir_safe, ensure_private_dir
+from badged.identity.registry import AgentRegistry
+from badged.identity.store import AgentStore
+from badged.keystore.pkcs11.store import Pkcs11KeyStore
+from badged.keystore.port import KeyStore
+from badged.listener.front import SocketFront
+from badged.listener.peers import PeerRegistry
+from badged.policy.loader import load_policy
+from badged.policy.model import Policy
+from badged.service.admin import AdminServicer
+from badged.service.deps import PolicyHolder, ServiceDeps
+from badged.service.errors import ErrorBoundary
+from badged.service.workload import WorkloadServicer
+
+_logger = logging.getLogger(__name__)
+
+MAX_MESSAGE = 128 * 1024
+
+
+class _InterimAudit:
+    """Durable JSONL until badged.audit lands (replaced by the hash-chained log)."""
+
+    def __init__(self, directory: Path) -> None:
+        ensure_private_dir(directory)
+        self._fd = os.open(directory / "audit.jsonl",
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    async def append(self, event: dict[str, object]) -> None:
+        import json
+
+        line = (json.dumps(event, sort_keys=True, default=str) + "\n").encode()
+        await asyncio.get_running_loop().run_in_executor(None, self._write, line)
+
+    def _write(self, line: bytes) -> None:
+        os.write(self._fd, line)
+        os.fsync(self._fd)
+
+    async def close(self) -> None:
+        os.close(self._fd)
+
+
+def open_audit(directory: Path, *, clock: Clock) -> _InterimAudit:
+    return _InterimAudit(directory)
+
+
+def _new_jti() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def _prepare_socket_dir(path: Path) -> None:
+    """The socket directory is 0755 and owned by us; created if missing."""
+    if not path.exists():
+        path.mkdir(mode=0o755, parents=True)
+        os.chmod(path, 0o755)
+    check_dir_safe(path, private=False)
+
+
+class Daemon:
+    """A running badged. ``start()`` then ``wait()``; ``stop()`` from a signal."""
+
+    def __init__(self, config: DaemonConfig, *, clock: Clock = system_clock,
+                 keystore: KeyStore | None = None) -> None:
+        self.config = config
+        self._clock = clock
+        self._keystore = keystore
+        self._server: grpc.aio.Server | None = None
+        self._front: SocketFront | None = None
+        self._health: health.HealthServicer | None = None
+        self._stopped = asyncio.Event()
+        self.agents: AgentRegistry | None = None
+        self.policy: PolicyHolder | None = None
+        self._audit: object | None = None
+
+    # -- build -------------------------------------------------------------------
+
+    def _build(self) -> ServiceDeps:
+        cfg = self.config
+        check_dir_safe(cfg.state_dir, private=False) if cfg.state_dir.exists() else \
+            cfg.state_dir.mkdir(mode=0o755, parents=True)
+        ensure_private_dir(cfg.private_dir)
+        if self._keystore is None:
+            self._keystore = Pkcs11KeyStore.from_config(cfg.keystore)
+        self.agents = AgentRegistry(
+            store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
+            clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
+        self.agents.reconcile()
+        policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
+        if not policy.bindings:
+            _logger.warning("policy grants nothing (deny by default)",
+                            extra={"policy": str(cfg.policy_file)})
+        self.policy = PolicyHolder(policy, cfg.policy_file)
+        audit = open_audit(cfg.effective_audit_dir, clock=self._clock)
+        self._audit = audit
+        return ServiceDeps(
+            agents=self.agents, policy=self.policy, peers=PeerRegistry(),
+            attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,
+            issuer=cfg.effective_issuer, default_ttl=cfg.default_ttl, max_ttl=cfg.max_ttl,
+            admin_uids=frozenset({0, os.geteuid()}), operator_gid=cfg.operator_gid(),
+        )
+
+    # -- run -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        deps = self._build()
+        for sock in (cfg.workload_socket, cfg.admin_socket):
+            _prepare_socket_dir(sock.parent)
+        private_sock = cfg.private_dir / "grpc.sock"
+        if len(str(private_sock).encode()) >= 108:
+            raise ConfigError("state_dir path too long for a Unix socket inside it",
+                              path=str(cfg.state_dir))
+        if private_sock.exists():
+            private_sock.unlink()
+        server = grpc.aio.server(
+            interceptors=[ErrorBoundary(log_details=cfg.log_error_details)],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                     ("grpc.so_reuseport", 0)],
+        )
+        workload_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(deps), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_insecure_port(f"unix:{private_sock}")
+        await server.start()
+        self._server = server
+        front = SocketFront(registry=deps.peers, private_path=str(private_sock),
+                            max_per_uid=cfg.max_connections_per_uid)
+        self._front = front
+        gid = cfg.operator_gid()
+        await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
+        await front.serve(cfg.admin_socket, channel="admin",
+                          mode=0o660 if gid is not None else 0o600, group=gid)
+        for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService"):
+            self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
+                                  "config": cfg.source})
+        _logger.info("ready", extra={"workload": str(cfg.workload_socket),
+                                     "admin": str(cfg.admin_socket)})
+
+    async def _append_audit(self, event: dict[str, object]) -> None:
+        audit = self._audit
+        if audit is not None:
+            await audit.append(event)  # type: ignore[attr-defined]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.stop()))
+        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+
+    def reload_policy(self) -> None:
+        if self.policy is not None:
+            self.policy.try_reload()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        _logger.info("shutting down")
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._front is not None:
+            await self._front.stop_accepting()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._front is not None:
+            self._front.close_links()
+        try:
+            await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})
+        finally:
+            audit = self._audit
+            if audit is not None:
+                await audit.close()  # type: ignore[attr-defined]
+            if self._keystore is not None:
+                self._keystore.close()
+            self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,134 @@
+"""Workload attestation: what the kernel says about the calling process.
+
+Nothing here comes from the request. We read ``/proc/<pid>`` for the process
+that connected, then confirm with its pidfd that the *same* process is still
+alive -- so a caller that exited (and whose pid may already belong to someone
+else) gets PERMISSION_DENIED instead of another process's attributes
+(SPIRE's peertracker pattern: attest, then check liveness).
+
+The executable is hashed through ``/proc/<pid>/exe``, i.e. the file actually
+mapped, not a path the caller could swap; hashes are cached by
+(dev, inode, size, mtime) so the hot path costs one ``fstat``.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from badged.errors import AttestationError
+from badged.listener.peers import PeerCredentials
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessAttributes:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    exe: str | None
+    exe_sha256: str | None
+    cgroup: str | None
+
+    def selectors(self) -> frozenset[str]:
+        """SPIRE-style unix selectors; exe selectors only when readable."""
+        sels = {f"unix:uid:{self.uid}", f"unix:gid:{self.gid}"}
+        sels |= {f"unix:supplementary_gid:{g}" for g in self.groups}
+        try:
+            sels.add(f"unix:user:{pwd.getpwuid(self.uid).pw_name}")
+        except KeyError:
+            pass
+        try:
+            sels.add(f"unix:group:{grp.getgrgid(self.gid).gr_name}")
+        except KeyError:
+            pass
+        if self.exe:
+            sels.add(f"unix:path:{self.exe}")
+        if self.exe_sha256:
+            sels.add(f"unix:sha256:{self.exe_sha256}")
+        return frozenset(sels)
+
+    def summary(self) -> dict[str, object]:
+        """For logs and audit: everything but nothing secret."""
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe,
+                "exe_sha256": self.exe_sha256, "cgroup": self.cgroup}
+
+
+class ProcessAttestor:
+    """Reads /proc for a peer and guards the result with its pidfd."""
+
+    def __init__(self, *, cache_size: int = 1024) -> None:
+        self._hashes: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def attest(self, peer: PeerCredentials) -> ProcessAttributes:
+        if not peer.is_alive():
+            raise AttestationError(f"caller pid {peer.pid} exited before attestation")
+        groups = self._groups(peer.pid)
+        exe, digest = self._exe(peer.pid)
+        cgroup = self._cgroup(peer.pid)
+        # Everything above was read by pid; only now do we know it was *this*
+        # process and not a successor that inherited the pid.
+        if not peer.is_alive():
+            raise AttestationError(f"caller pid {peer.pid} exited during attestation")
+        return ProcessAttributes(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=groups,
+                                 exe=exe, exe_sha256=digest, cgroup=cgroup)
+
+    def _groups(self, pid: int) -> tuple[int, ...]:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("Groups:"):
+                        return tuple(sorted(int(g) for g in line.split()[1:]))
+        except OSError:
+            pass
+        return ()
+
+    def _cgroup(self, pid: int) -> str | None:
+        try:
+            with open(f"/proc/{pid}/cgroup") as fh:
+                for line in fh:
+                    if line.startswith("0::"):
+                        return line[3:].strip()
+        except OSError:
+            pass
+        return None
+
+    def _exe(self, pid: int) -> tuple[str | None, str | None]:
+        try:
+            path = os.readlink(f"/proc/{pid}/exe")
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            # Another user's process without CAP_SYS_PTRACE: exe unknown, and
+            # every exe-based selector fails closed.
+            return None, None
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._lock:
+                digest = self._hashes.get(key)
+                if digest is not None:
+                    self._hashes.move_to_end(key)
+            if digest is None:
+                h = hashlib.sha256()
+                while chunk := os.read(fd, 1 << 20):
+                    h.update(chunk)
+                digest = h.hexdigest()
+                with self._lock:
+                    self._hashes[key] = digest
+                    while len(self._hashes) > self._cache_size:
+                        self._hashes.popitem(last=False)
+        finally:
+            os.close(fd)
+        if path.endswith(" (deleted)"):
+            path = path[: -len(" (deleted)")]
+        return path, digest

@@ -1,0 +1,752 @@
+"""The audit log writer: hash-chained, group-committed, crash-safe.
+
+Usage (daemon, on its asyncio loop)::
+
+    log = AuditLog.open(AuditConfig(directory=Path("/var/lib/badged/audit")),
+                        signer=device_key)           # ConfigError: refuse to start
+    log.append_sync({"event": "daemon.start", "version": "0.1.0"})
+    receipt = await log.append({"event": "token.issued", "agent": "deploy-bot",
+                                "decision": "allow", "jti": jti,
+                                "credential_sha256": sha})   # AuditError: issue nothing
+    ...
+    await log.aclose()                                # signs a final checkpoint
+
+Why it is built this way:
+
+* **Durable before acknowledged.** ``append`` returns only after the record's
+  bytes are written *and* fsync'd; a credential is handed out only after that.
+* **Group commit.** One writer thread takes *everything* queued, writes it with
+  one ``write`` and one ``fsync``, then resolves all waiting futures with one
+  ``call_soon_threadsafe``. While it sits in fsync (which releases the GIL) new
+  records queue up, so N concurrent requests cost ~2 fsyncs, not N.
+* **Little Python off the loop.** Records are chained, serialized and hashed on
+  the caller's thread under a short lock; the writer thread only joins bytes
+  and makes syscalls, so it does not fight signing threads for the GIL.
+* **Checkpoints off the hot path.** A checkpoint signs an *earlier* head
+  (seq, hash) on a separate one-thread executor -- a TPM needs ~200 ms per
+  signature -- and is then appended like any record. Appends never wait for it.
+* **Fail closed.** A write or fsync error fails every record not yet durable
+  with :class:`~badged.errors.AuditError`, the file is cut back to its last
+  durable byte and the chain rewinds. An fsync error poisons the log (after a
+  failed fsync the kernel may have dropped dirty pages, so nothing that
+  follows can be trusted) until the daemon restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.audit import files
+from badged.audit.record import (
+    CLOCK_BACKWARDS,
+    GENESIS,
+    KIND_CHECKPOINT,
+    KIND_EVENT,
+    KIND_RECOVERY,
+    RecordError,
+    check_event,
+    checkpoint_statement,
+    encode_sig,
+    format_time,
+    from_timestamp,
+    key_id,
+    parse_line,
+    parse_time,
+    seal,
+)
+from badged.errors import AuditError, BadgedError, ConfigError
+from badged.keystore.port import KeyHandle
+
+_logger = logging.getLogger(__name__)
+
+_ES256: Final = ec.ECDSA(hashes.SHA256())
+_CONFIG_ERRNOS: Final = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+)
+
+Clock = Callable[[], float]
+WriteFn = Callable[[int, bytes], int]
+FsyncFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Where the log lives and when it rotates and seals.
+
+    ``rotate_bytes``/``rotate_seconds``: start a new file once the current one
+    is this big/old (checked between batches, so a file may exceed it by one
+    batch). ``checkpoint_records``/``checkpoint_seconds``: sign a checkpoint
+    after this many records or this long after the last one (``None`` turns a
+    trigger off); a checkpoint is always signed at close.
+    """
+
+    directory: Path
+    rotate_bytes: int = 16 * 1024 * 1024
+    rotate_seconds: float | None = 24 * 3600.0
+    checkpoint_records: int | None = 1000
+    checkpoint_seconds: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if self.rotate_bytes < 1:
+            raise ConfigError("audit rotate_bytes must be positive")
+        for name in ("rotate_seconds", "checkpoint_seconds", "checkpoint_records"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"audit {name} must be positive or unset")
+
+
+@dataclass(frozen=True)
+class AuditReceipt:
+    """Proof for the caller that its record is durable: where it is in the chain."""
+
+    seq: int
+    hash: str
+    time: str
+
+
+@dataclass
+class AuditStats:
+    """Counters for tests and metrics (read without locking: approximate)."""
+
+    records: int = 0  # records made durable
+    batches: int = 0  # write+fsync rounds (== data fsyncs)
+    failed: int = 0  # records failed with AuditError
+    checkpoints: int = 0
+    assigned: int = 0  # records chained and queued (durable or not)
+
+
+@dataclass(frozen=True)
+class _Head:
+    seq: int
+    hash: str
+    dt: datetime | None
+
+
+class _Entry:
+    """One queued record. Slots: many are created per second on the hot path."""
+
+    __slots__ = ("dt", "error", "event", "future", "kind", "line", "loop", "receipt")
+
+    def __init__(self, receipt: AuditReceipt, line: bytes, kind: str, dt: datetime) -> None:
+        self.receipt = receipt
+        self.dt = dt
+        self.line = line
+        self.kind = kind
+        self.future: asyncio.Future[AuditReceipt] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event: threading.Event | None = None
+        self.error: BaseException | None = None
+
+
+class _FsyncError(Exception):
+    """fsync failed: unlike a failed write this cannot be undone by truncating."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(f"fsync failed: {cause}")
+        self.cause = cause
+
+
+def _resolve(entries: list[_Entry], error: BaseException | None) -> None:
+    """Runs on the event loop: wake every waiter of a finished batch."""
+    for entry in entries:
+        fut = entry.future
+        if fut is None or fut.done():  # caller gave up (cancelled): record still written
+            continue
+        if error is None:
+            fut.set_result(entry.receipt)
+        else:
+            fut.set_exception(_audit_error(error))
+
+
+def _audit_error(cause: BaseException) -> AuditError:
+    if isinstance(cause, AuditError):
+        return AuditError(cause.detail)
+    err = AuditError(f"audit record not durable: {cause}")
+    err.__cause__ = cause
+    return err
+
+
+class AuditLog:
+    """Append-only, hash-chained audit log in one directory. See module doc.
+
+    Build with :meth:`open`; the constructor is private plumbing.
+    """
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        *,
+        clock: Clock,
+        signer: KeyHandle | None,
+        write: WriteFn,
+        fsync: FsyncFn,
+    ) -> None:
+        self.config = config
+        self.directory = Path(config.directory)
+        self.stats = AuditStats()
+        self._clock = clock
+        self._signer = signer
+        self._signer_kid = key_id(signer.public_key()) if signer is not None else None
+        self._write = write
+        self._fsync = fsync
+        self._cond = threading.Condition(threading.Lock())
+        # chain state, guarded by _cond (advanced when a record is queued)
+        self._head = _Head(0, GENESIS, None)
+        self._durable = self._head
+        self._epoch = 0  # bumped when a failure rewinds the chain
+        self._queue: list[_Entry] = []
+        self._closing = False
+        self._stopping = False
+        self._closed = False
+        self._poisoned: BaseException | None = None
+        # owned by the writer thread once started
+        self._fd = -1
+        self._path = self.directory
+        self._size = 0  # durable size of the current file
+        self._file_opened_at = 0.0
+        self._lock_fd = -1
+        self._thread: threading.Thread | None = None
+        # checkpoint scheduling: touched only on the event loop thread, except
+        # _sealed_seq/_since_cp/_last_cp_at which are guarded by _cond
+        self._sealed_seq = 0
+        self._since_cp = 0
+        self._last_cp_at = 0.0
+        self._cp_task: asyncio.Task[None] | None = None
+        self._cp_timer: asyncio.TimerHandle | None = None
+        self._sign_pool: ThreadPoolExecutor | None = None
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        config: AuditConfig,
+        *,
+        clock: Clock = time.time,
+        signer: KeyHandle | None = None,
+        write: WriteFn = os.write,
+        fsync: FsyncFn = os.fsync,
+    ) -> AuditLog:
+        """Open (creating, recovering) the log and start its writer thread.
+
+        Raises :class:`~badged.errors.ConfigError` when the directory cannot be
+        used (not a directory, read-only, no permission, locked by another
+        process): the daemon must refuse to start rather than run unaudited.
+        ``write``/``fsync`` are seams for fault-injection tests.
+        """
+        log = cls(config, clock=clock, signer=signer, write=write, fsync=fsync)
+        try:
+            log._open_dir()
+            log._recover_and_open_file()
+        except OSError as exc:
+            log._release_lock()
+            if exc.errno in _CONFIG_ERRNOS:
+                raise ConfigError(f"audit directory unusable: {exc.strerror}",
+                                  path=str(config.directory)) from exc
+            raise AuditError(f"cannot open audit log in {config.directory}: {exc}") from exc
+        except BaseException:
+            log._release_lock()
+            raise
+        log._last_cp_at = clock()
+        if signer is not None:
+            log._sign_pool = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="badged-audit-sign")
+        log._thread = threading.Thread(target=log._writer_main, name="badged-audit-writer",
+                                       daemon=True)
+        log._thread.start()
+        return log
+
+    def _open_dir(self) -> None:
+        d = self.directory
+        if d.exists() and not d.is_dir():
+            raise ConfigError("audit path exists and is not a directory", path=str(d))
+        d.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+        mode = d.stat().st_mode & 0o777
+        if mode != files.DIR_MODE:
+            # mkdir honours umask and an existing dir may have been created by
+            # hand; audit records name agents and callers, so keep them private.
+            _logger.warning("audit dir %s had mode %o; setting 0700", d, mode)
+            os.chmod(d, files.DIR_MODE)
+        lock_fd = os.open(d / files.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          files.FILE_MODE)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise ConfigError("audit log is in use by another process", path=str(d)) from None
+        self._lock_fd = lock_fd
+        for stale in d.glob(".*.recover"):
+            stale.unlink()
+
+    def _release_lock(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _recover_and_open_file(self) -> None:
+        """Find the chain head; cut and seal a torn tail; open the file for append."""
+        paths = files.list_files(self.directory)
+        if not paths:
+            self._open_file(self.directory / files.file_name(1))
+            return
+        last = paths[-1]
+        head, good_end, cut_reason, cut_lineno = _scan_tail_file(last)
+        if head is None:
+            head = _head_before(paths[:-1])
+        self._head = self._durable = head
+        if cut_reason is not None:
+            self._seal_cut(last, good_end, cut_reason, cut_lineno)
+        self._open_file(last)
+
+    def _open_file(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     files.FILE_MODE)
+        try:
+            os.fchmod(fd, files.FILE_MODE)
+            size = os.fstat(fd).st_size
+            files.fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._path, self._size = fd, path, size
+        self._file_opened_at = self._clock()
+
+    def _seal_cut(self, path: Path, good_end: int, reason: str, lineno: int) -> None:
+        """Move a torn/invalid tail aside and seal the cut with a ``recovery`` record.
+
+        Atomic by construction: the cut bytes are saved first, then the file is
+        replaced (rename) by valid-prefix + recovery record. A crash in between
+        leaves the torn file in place and the next open redoes the whole thing,
+        so a cut is never on disk without the record that states it.
+        """
+        data = path.read_bytes()
+        cut = data[good_end:]
+        side = path.with_name(f"{path.name}.cut-{good_end}")
+        _write_file_durably(side, cut)
+        parsed = []
+        for raw in cut.split(b"\n"):
+            with contextlib.suppress(RecordError):
+                parsed.append(parse_line(raw)["seq"])
+        fields: dict[str, Any] = {
+            "event": "audit.recovery",
+            "reason": reason,
+            "file": path.name,
+            "line": lineno,
+            "offset": good_end,
+            "cut_bytes": len(cut),
+            "cut_sha256": hashlib.sha256(cut).hexdigest(),
+            "cut_lines": cut.count(b"\n") + (0 if cut.endswith(b"\n") else 1),
+            "moved_to": side.name,
+        }
+        if parsed:
+            fields["cut_seqs"] = [min(parsed), max(parsed)]
+        with self._cond:
+            entry = self._chain_locked(fields, KIND_RECOVERY, internal=True)
+        tmp = path.with_name(f".{path.name}.recover")
+        _write_file_durably(tmp, data[:good_end] + entry.line)
+        os.replace(tmp, path)
+        files.fsync_dir(self.directory)
+        self._durable = self._head
+        _logger.error("audit log %s: cut %d bytes at line %d (%s); saved to %s; sealed as seq %d",
+                      path, len(cut), lineno, reason, side.name, entry.receipt.seq)
+
+    # -- appending --------------------------------------------------------------
+
+    def _chain_locked(self, fields: dict[str, Any], kind: str, *, internal: bool = False,
+                      epoch: int | None = None) -> _Entry:
+        """Give ``fields`` the next seq/time/prev, hash it and return its entry.
+
+        Caller holds ``_cond``, so seq order == time order == chain order even
+        with appenders on several threads.
+        """
+        if self._poisoned is not None:
+            raise AuditError(f"audit log failed earlier, restart required: {self._poisoned}")
+        if self._closing and not internal:
+            raise AuditError("audit log is closed")
+        if epoch is not None and epoch != self._epoch:
+            raise AuditError("chain rewound by a write failure; checkpoint dropped")
+        head = self._head
+        dt = from_timestamp(self._clock())
+        record = fields
+        record["seq"] = head.seq + 1
+        record["time"] = format_time(dt)
+        record["prev"] = head.hash
+        record["kind"] = kind
+        if head.dt is not None and dt < head.dt:
+            # The clock went backwards (NTP step, bad RTC). seq stays the
+            # order; the step is stated so a reader does not mistake it.
+            record[CLOCK_BACKWARDS] = (head.dt - dt).total_seconds()
+            _logger.warning("clock went backwards by %.6fs at audit seq %d",
+                            (head.dt - dt).total_seconds(), head.seq + 1)
+        digest, line = seal(record)
+        entry = _Entry(AuditReceipt(head.seq + 1, digest, record["time"]), line, kind, dt)
+        self._head = _Head(head.seq + 1, digest, dt)
+        if kind == KIND_EVENT:
+            self._since_cp += 1
+        self.stats.assigned += 1
+        return entry
+
+    def _chain_and_enqueue(self, fields: dict[str, Any], kind: str, entry_setup: Callable[
+            [_Entry], None], *, internal: bool = False, epoch: int | None = None) -> _Entry:
+        # One critical section for chain + queue: a record must never be
+        # chained (so later records link to it) without also being queued.
+        with self._cond:
+            entry = self._chain_locked(fields, kind, internal=internal, epoch=epoch)
+            entry_setup(entry)
+            if self._stopping:
+                raise AuditError("audit log is closed")
+            self._queue.append(entry)
+            self._cond.notify()
+            return entry
+
+    async def append(self, event: Mapping[str, Any]) -> AuditReceipt:
+        """Append ``event``; return once it is durable (written and fsync'd).
+
+        Raises ``ValueError``/``TypeError`` for an event that must not or
+        cannot be logged (nothing is written), and :class:`AuditError` when the
+        record could not be made durable: then the caller must issue nothing.
+        """
+        fields = check_event(event)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AuditReceipt] = loop.create_future()
+
+        def setup(entry: _Entry) -> None:
+            entry.future, entry.loop = fut, loop
+
+        self._chain_and_enqueue(fields, KIND_EVENT, setup)
+        self._maybe_checkpoint(loop)
+        return await fut
+
+    def append_sync(self, event: Mapping[str, Any]) -> AuditReceipt:
+        """Blocking :meth:`append` for start/stop events and tools.
+
+        Safe from any thread. On the event loop thread it blocks the loop until
+        the fsync, which is fine for start/stop but not for request handling.
+        """
+        return self._append_blocking(check_event(event), KIND_EVENT)
+
+    def _append_blocking(self, fields: dict[str, Any], kind: str, *,
+                         internal: bool = False, epoch: int | None = None) -> AuditReceipt:
+        done = threading.Event()
+
+        def setup(entry: _Entry) -> None:
+            entry.event = done
+
+        entry = self._chain_and_enqueue(fields, kind, setup, internal=internal, epoch=epoch)
+        done.wait()
+        if entry.error is not None:
+            raise _audit_error(entry.error)
+        return entry.receipt
+
+    # -- the writer thread ------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            error: BaseException | None = None
+            try:
+                self._write_batch(batch)
+            except BaseException as exc:  # never leave a waiter hanging
+                batch = self._after_failure(batch, exc)
+                error = exc
+            self._complete(batch, error)
+
+    def _write_batch(self, batch: list[_Entry]) -> None:
+        if self._size > 0 and self._rotation_due():
+            self._rotate(batch[0].receipt.seq)
+        data = b"".join([e.line for e in batch])
+        written = 0
+        while written < len(data):
+            n = self._write(self._fd, data[written:] if written else data)
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            written += n
+        try:
+            self._fsync(self._fd)
+        except OSError as exc:
+            raise _FsyncError(exc) from exc
+        last = batch[-1]
+        with self._cond:
+            self._size += len(data)
+            self._durable = _Head(last.receipt.seq, last.receipt.hash, last.dt)
+        self.stats.batches += 1
+        self.stats.records += len(batch)
+
+    def _rotation_due(self) -> bool:
+        cfg = self.config
+        if self._size >= cfg.rotate_bytes:
+            return True
+        return (cfg.rotate_seconds is not None
+                and self._clock() - self._file_opened_at >= cfg.rotate_seconds)
+
+    def _rotate(self, first_seq: int) -> None:
+        """Continue the chain in a new file named after its first record."""
+        old = self._path
+        self._open_file(self.directory / files.file_name(first_seq))
+        _logger.info("audit log rotated: %s -> %s", old.name, self._path.name)
+
+    def _after_failure(self, batch: list[_Entry], exc: BaseException) -> list[_Entry]:
+        """Fail everything not durable, cut the file back, rewind the chain."""
+        _logger.error("audit write failed, failing %d+ records: %s", len(batch), exc)
+        with self._cond:
+            failed = batch + self._queue
+            self._queue = []
+            self._epoch += 1
+            self._head = self._durable
+            try:
+                os.ftruncate(self._fd, self._size)
+                self._fsync(self._fd)
+            except OSError as trunc_exc:
+                _logger.error("cannot cut audit file back after failure: %s", trunc_exc)
+                self._poisoned = trunc_exc
+            if not isinstance(exc, OSError):
+                # fsync failed (the kernel may have dropped the dirty pages, so
+                # what is on disk is unknown) or something unexpected happened.
+                self._poisoned = exc
+        self.stats.failed += len(failed)
+        return failed
+
+    def _complete(self, batch: list[_Entry], error: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Entry]] = {}
+        for entry in batch:
+            if entry.loop is not None:
+                by_loop.setdefault(entry.loop, []).append(entry)
+            elif entry.event is not None:
+                entry.error = error
+                entry.event.set()
+        for loop, entries in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(_resolve, entries, error)
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a background checkpoint when one is due (event loop thread only)."""
+        if self._signer is None or self._cp_task is not None:
+            return
+        cfg = self.config
+        due = cfg.checkpoint_records is not None and self._since_cp >= cfg.checkpoint_records
+        if not due and cfg.checkpoint_seconds is not None:
+            due = self._clock() - self._last_cp_at >= cfg.checkpoint_seconds
+            if not due and self._cp_timer is None:
+                # Seal a quiet tail too: nothing else would trigger it.
+                self._cp_timer = loop.call_later(cfg.checkpoint_seconds, self._on_cp_timer, loop)
+        if due:
+            self._cp_task = loop.create_task(self._checkpoint_async("interval"))
+
+    def _on_cp_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._cp_timer = None
+        if self._cp_task is None and not self._closing:
+            self._cp_task = loop.create_task(self._checkpoint_async("interval"))
+
+    def _snapshot_for_checkpoint(self, reason: str) -> tuple[dict[str, Any], int] | None:
+        with self._cond:
+            head = self._head
+            if head.seq == 0 or head.seq <= self._sealed_seq:
+                return None
+            self._since_cp = 0
+            self._last_cp_at = self._clock()
+            assert self._signer_kid is not None
+            fields: dict[str, Any] = {
+                "event": "audit.checkpoint",
+                "head": head.hash,
+                "head_seq": head.seq,
+                "key": self._signer_kid,
+                "reason": reason,
+                "sealed_at": format_time(from_timestamp(self._last_cp_at)),
+            }
+            return fields, self._epoch
+
+    def _sign(self, fields: dict[str, Any]) -> dict[str, Any]:
+        assert self._signer is not None
+        fields["sig"] = encode_sig(self._signer.sign(checkpoint_statement(fields), _ES256))
+        return fields
+
+    def _sealed(self, fields: Mapping[str, Any]) -> None:
+        with self._cond:
+            self._sealed_seq = max(self._sealed_seq, int(fields["head_seq"]))
+        self.stats.checkpoints += 1
+
+    async def _checkpoint_async(self, reason: str) -> None:
+        try:
+            await self.checkpoint(reason)
+        except (BadgedError, OSError, ValueError) as exc:
+            # The chain is intact without it; the next trigger or close() seals.
+            _logger.warning("audit checkpoint skipped: %s", exc)
+        finally:
+            self._cp_task = None
+
+    async def checkpoint(self, reason: str = "manual") -> AuditReceipt | None:
+        """Sign the current head with the device key and append the checkpoint.
+
+        Returns None when there is no signer or nothing new to seal. Signing
+        runs on its own thread so the loop keeps serving (TPMs are slow).
+        """
+        if self._signer is None:
+            return None
+        snap = self._snapshot_for_checkpoint(reason)
+        if snap is None:
+            return None
+        fields, epoch = snap
+        loop = asyncio.get_running_loop()
+        fields = await loop.run_in_executor(self._sign_pool, self._sign, fields)
+        fut: asyncio.Future[AuditReceipt] = loop.create_future()
+
+        def setup(entry: _Entry) -> None:
+            entry.future, entry.loop = fut, loop
+
+        self._chain_and_enqueue(fields, KIND_CHECKPOINT, setup, epoch=epoch)
+        receipt = await fut
+        self._sealed(fields)
+        return receipt
+
+    def checkpoint_sync(self, reason: str = "manual") -> AuditReceipt | None:
+        """Blocking :meth:`checkpoint` (signs on the calling thread)."""
+        return self._checkpoint_blocking(reason, internal=False)
+
+    def _checkpoint_blocking(self, reason: str, *, internal: bool) -> AuditReceipt | None:
+        if self._signer is None:
+            return None
+        snap = self._snapshot_for_checkpoint(reason)
+        if snap is None:
+            return None
+        fields, epoch = snap
+        self._sign(fields)
+        receipt = self._append_blocking(fields, KIND_CHECKPOINT, internal=internal, epoch=epoch)
+        self._sealed(fields)
+        return receipt
+
+    # -- closing ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Seal with a final checkpoint, drain the queue, stop the writer.
+
+        Blocking; from the event loop use :meth:`aclose`. Idempotent.
+        """
+        with self._cond:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+        if self._signer is not None and self._poisoned is None:
+            try:
+                self._checkpoint_blocking("close", internal=True)
+            except (BadgedError, OSError, ValueError) as exc:
+                _logger.error("final audit checkpoint failed: %s", exc)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self._sign_pool is not None:
+            self._sign_pool.shutdown(wait=True)
+        self._release_lock()
+        with self._cond:
+            self._closed = True
+
+    async def aclose(self) -> None:
+        """Close from the event loop: finish a running checkpoint, then :meth:`close`."""
+        if self._cp_timer is not None:
+            self._cp_timer.cancel()
+            self._cp_timer = None
+        task = self._cp_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    @property
+    def head(self) -> AuditReceipt:
+        """Seq and hash of the last record made durable (for status and tests)."""
+        with self._cond:
+            d = self._durable
+        return AuditReceipt(d.seq, d.hash, format_time(d.dt) if d.dt else "")
+
+    @property
+    def current_file(self) -> Path:
+        """The file records are currently appended to."""
+        return self._path
+
+
+# -- recovery helpers (run once, at open) ------------------------------------------
+
+
+def _scan_tail_file(path: Path) -> tuple[_Head | None, int, str | None, int]:
+    """Validate the last file; find where its valid prefix ends.
+
+    Returns (last valid head or None, byte length of the valid prefix, reason
+    for cutting the rest or None, line number of the first cut line). Only
+    checks what a crash can break -- each record's own integrity and its link
+    to the line before; older history is ``verify``'s job, not the daemon's
+    startup path.
+    """
+    head: _Head | None = None
+    good_end = 0
+    for line in files.iter_lines(path):
+        if not line.complete:
+            return head, good_end, "torn last line (no newline)", line.lineno
+        try:
+            rec = parse_line(line.data)
+        except RecordError as exc:
+            return head, good_end, f"invalid record: {exc.message}", line.lineno
+        if head is not None and (rec["seq"] != head.seq + 1 or rec["prev"] != head.hash):
+            return head, good_end, "record does not link to the one before", line.lineno
+        head = _Head(rec["seq"], rec["hash"], parse_time(rec["time"]))
+        good_end = line.offset + len(line.data)
+    return head, good_end, None, 0
+
+
+def _head_before(paths: list[Path]) -> _Head:
+    """Chain head from earlier files when the last one has no valid record."""
+    for path in reversed(paths):
+        raw = files.read_last_line(path)
+        if raw is None:
+            continue
+        try:
+            rec = parse_line(raw)
+        except RecordError as exc:
+            raise AuditError(
+                f"last record of {path.name} is invalid ({exc.message}); "
+                "run 'badgectl audit verify' before restarting"
+            ) from None
+        return _Head(rec["seq"], rec["hash"], parse_time(rec["time"]))
+    return _Head(0, GENESIS, None)
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, files.FILE_MODE)
+    try:
+        os.fchmod(fd, files.FILE_MODE)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

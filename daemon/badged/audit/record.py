@@ -1,0 +1,217 @@
+"""The audit record format: canonical bytes, hashing, validation. No I/O.
+
+Writer (:mod:`badged.audit.log`), verifier (:mod:`badged.audit.verify`) and
+readers all go through this module, so "what a valid record is" is defined in
+exactly one place. A record is one line of canonical JSON::
+
+    {"agent":"deploy-bot","event":"token.issued","hash":"<64 hex>","kind":"event",
+     "prev":"<64 hex>","seq":42,"time":"2026-11-24T09:34:13.123456Z",...}
+
+* ``hash`` is SHA-256 over the canonical JSON of the record *without* ``hash``;
+* ``prev`` is the ``hash`` of the record with ``seq - 1`` (``GENESIS`` for seq 1);
+* canonical = sorted keys, no whitespace, ASCII only, no NaN/Infinity, so any
+  verifier in any language re-derives the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+GENESIS: Final = "0" * 64
+"""``prev`` of the very first record (seq 1)."""
+
+KIND_EVENT: Final = "event"
+KIND_CHECKPOINT: Final = "checkpoint"
+KIND_RECOVERY: Final = "recovery"
+KINDS: Final = frozenset({KIND_EVENT, KIND_CHECKPOINT, KIND_RECOVERY})
+
+CLOCK_BACKWARDS: Final = "clock_backwards_s"
+"""Set on a record whose wall-clock time is earlier than its predecessor's."""
+
+RESERVED_FIELDS: Final = frozenset({"seq", "time", "prev", "hash", "kind", CLOCK_BACKWARDS})
+"""Fields the log owns; an event that tries to set one is rejected."""
+
+FORBIDDEN_FIELDS: Final = frozenset({"token", "pin", "credential", "private_key"})
+"""Names that would mean a secret is about to be written to disk (any depth)."""
+
+CHECKPOINT_DOMAIN: Final = b"badged-audit-checkpoint-v1\n"
+"""Prefix of every signed checkpoint statement, so a device-key signature made
+for some other purpose can never be passed off as a checkpoint (and vice versa)."""
+
+CHECKPOINT_SIGNED_FIELDS: Final = ("head", "head_seq", "key", "reason", "sealed_at")
+
+
+class RecordError(ValueError):
+    """A line is not a valid record. ``code`` is stable, ``message`` for humans."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """Deterministic JSON bytes: the only serialization hashes are taken over."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def format_time(dt: datetime) -> str:
+    """RFC 3339 UTC with microseconds and ``Z``: fixed width, sorts as text."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def from_timestamp(ts: float) -> datetime:
+    """Clock seconds to an aware UTC datetime (microsecond resolution)."""
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of :func:`format_time` (accepts any RFC 3339 offset)."""
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        raise ValueError(f"time without offset: {text!r}")
+    return dt.astimezone(UTC)
+
+
+def _walk(value: Any, path: str) -> None:
+    """Reject forbidden names at any depth and keys JSON would silently coerce."""
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"audit field names must be str, got {key!r} at {path or '.'}")
+            if key.lower() in FORBIDDEN_FIELDS:
+                # A guard against future mistakes: the log must never hold a
+                # secret, whatever a caller passes. Hashes go in *_sha256 fields.
+                raise ValueError(f"audit event must not contain field {path}{key!r}")
+            _walk(sub, f"{path}{key}.")
+    elif isinstance(value, list | tuple):
+        for i, sub in enumerate(value):
+            _walk(sub, f"{path}{i}.")
+
+
+def check_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate caller-supplied event fields; return a plain dict copy.
+
+    Raises ``ValueError`` for reserved or secret-looking names and a missing
+    ``event`` name, ``TypeError`` for values JSON cannot represent exactly.
+    """
+    fields = dict(event)
+    _walk(fields, "")
+    taken = RESERVED_FIELDS.intersection(fields)
+    if taken:
+        raise ValueError(f"audit event must not set reserved field(s) {sorted(taken)}")
+    name = fields.get("event")
+    if not isinstance(name, str) or not name:
+        raise ValueError("audit event needs a non-empty string field 'event'")
+    return fields
+
+
+def seal(record: dict[str, Any]) -> tuple[str, bytes]:
+    """Add ``hash`` to ``record`` (in place); return it and the line to write."""
+    digest = hashlib.sha256(canonical(record)).hexdigest()
+    record["hash"] = digest
+    return digest, canonical(record) + b"\n"
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """Recompute the hash of a parsed record (ignores its own ``hash`` field)."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def _is_hex64(value: object) -> bool:
+    if not isinstance(value, str) or len(value) != 64:
+        return False
+    return all(c in "0123456789abcdef" for c in value)
+
+
+def parse_line(line: bytes) -> dict[str, Any]:
+    """Parse and self-check one line (with or without its trailing newline).
+
+    Checks structure, the record's own hash and canonical form -- everything
+    that can be decided without neighbours. Chain links (``prev``/``seq``) and
+    checkpoints are the caller's job because they need context.
+    """
+    text = line[:-1] if line.endswith(b"\n") else line
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RecordError("malformed", f"not a JSON record: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("malformed", "record is not a JSON object")
+    seq = obj.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise RecordError("malformed", "missing or invalid 'seq'")
+    for name in ("prev", "hash"):
+        if not _is_hex64(obj.get(name)):
+            raise RecordError("malformed", f"missing or invalid {name!r}")
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise RecordError("malformed", f"unknown kind {kind!r}")
+    time = obj.get("time")
+    if not isinstance(time, str):
+        raise RecordError("malformed", "missing 'time'")
+    try:
+        parse_time(time)
+    except ValueError:
+        raise RecordError("malformed", f"invalid time {time!r}") from None
+    if record_hash(obj) != obj["hash"]:
+        raise RecordError("hash_mismatch", "hash does not match record content (record edited)")
+    if canonical(obj) != text:
+        raise RecordError("not_canonical", "record bytes are not in canonical form (re-encoded)")
+    return obj
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of the SubjectPublicKeyInfo DER: names the signing key."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def checkpoint_statement(fields: Mapping[str, Any]) -> bytes:
+    """The exact bytes a checkpoint signature covers.
+
+    Only the sealing facts (head hash and seq, key id, reason, time sealed),
+    not the checkpoint record's own seq/prev: the signature is made off the
+    hot path while other records keep being appended, so the checkpoint lands
+    at whatever seq is next; its own position is protected by the chain.
+    """
+    statement = {name: fields[name] for name in CHECKPOINT_SIGNED_FIELDS}
+    return CHECKPOINT_DOMAIN + canonical(statement)
+
+
+def encode_sig(der: bytes) -> str:
+    """Base64 (standard alphabet, padded) of a DER ECDSA signature."""
+    return base64.b64encode(der).decode("ascii")
+
+
+def decode_sig(text: str) -> bytes:
+    """Inverse of :func:`encode_sig`; raises ``ValueError`` on bad input."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def matches(record: Mapping[str, Any], *, agent: str | None = None,
+            events: Sequence[str] | None = None) -> bool:
+    """Filter used by tail/export: exact agent id, and event name prefixes."""
+    if agent is not None and record.get("agent") != agent:
+        return False
+    if events:
+        name = record.get("event")
+        if not isinstance(name, str) or not any(name.startswith(p) for p in events):
+            return False
+    return True

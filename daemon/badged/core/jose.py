@@ -1,0 +1,69 @@
+"""Minimal JOSE encoding: exactly what badged mints, nothing it must parse.
+
+We only *produce* JWS compact tokens (ES256), JWKs and RFC 7638 thumbprints.
+Verification in tests, the demo and relying parties uses an independent
+library (joserfc), so a bug here cannot be masked by the same code on both
+sides.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+_P256_BYTES = 32
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """Compact JSON with sorted keys: stable bytes for hashing and signing."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+def ec_public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """RFC 7517 JWK (public members only) of a P-256 key."""
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("only P-256 keys are supported")
+    numbers = key.public_numbers()
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": b64url(numbers.x.to_bytes(_P256_BYTES, "big")),
+        "y": b64url(numbers.y.to_bytes(_P256_BYTES, "big")),
+    }
+
+
+def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638: SHA-256 over the required members in lexicographic order."""
+    required = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    return b64url(hashlib.sha256(canonical_json(required)).digest())
+
+
+def der_to_jose(der: bytes) -> bytes:
+    """ECDSA DER (what the key store returns) → JWS r||s, 32 bytes each."""
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
+
+
+def encode_jws(
+    header: Mapping[str, Any],
+    payload: Mapping[str, Any],
+    sign_der: Callable[[bytes], bytes],
+) -> str:
+    """JWS compact serialization; ``sign_der`` signs the ASCII signing input."""
+    signing_input = (b64url(canonical_json(header)) + "." + b64url(canonical_json(payload)))
+    signature = der_to_jose(sign_der(signing_input.encode("ascii")))
+    return signing_input + "." + b64url(signature)

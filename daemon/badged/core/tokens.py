@@ -1,0 +1,79 @@
+"""Minting access tokens: a pure function of the request, the clock and a key.
+
+No sockets, files or devices here. ``now``, ``jti`` and the signing key are
+arguments, so every expiry and claim rule is tested with plain tables
+(tests/unit/test_tokens.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.core.jose import encode_jws
+from badged.keystore.port import KeyHandle
+
+ES256 = ec.ECDSA(hashes.SHA256())
+TOKEN_TYP = "JWT"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    jti: str
+    issued_at: int
+    expires_at: int
+    key_id: str
+    claims: Mapping[str, Any]
+
+
+def build_claims(
+    *,
+    issuer: str,
+    subject: str,
+    audience: str,
+    scopes: Sequence[str],
+    ttl_seconds: int,
+    now: float,
+    jti: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The claim set of an access token (RFC 7519, JWT-SVID compatible)."""
+    if ttl_seconds <= 0:
+        raise ValueError("ttl must be positive")
+    iat = int(now)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "iat": iat,
+        "nbf": iat,
+        "exp": iat + ttl_seconds,
+        "jti": jti,
+    }
+    if scopes:
+        claims["scope"] = " ".join(scopes)
+    if extra:
+        overlap = set(extra) & set(claims)
+        if overlap:
+            raise ValueError(f"extra claims may not override {sorted(overlap)}")
+        claims.update(extra)
+    return claims
+
+
+def mint_token(*, claims: Mapping[str, Any], key: KeyHandle, key_id: str) -> IssuedToken:
+    """Sign ``claims`` as an ES256 JWS with the agent's token key."""
+    header = {"alg": "ES256", "kid": key_id, "typ": TOKEN_TYP}
+    token = encode_jws(header, claims, lambda data: key.sign(data, ES256))
+    return IssuedToken(
+        token=token,
+        jti=str(claims["jti"]),
+        issued_at=int(claims["iat"]),
+        expires_at=int(claims["exp"]),
+        key_id=key_id,
+        claims=claims,
+    )

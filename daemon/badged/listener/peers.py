@@ -1,0 +1,107 @@
+"""Kernel-attested peer credentials and the registry that hands them to handlers.
+
+grpcio cannot tell a server who is calling on a Unix socket (FINDINGS §1), so
+the front reads SO_PEERCRED and SO_PEERPIDFD itself and registers the result
+under the unguessable abstract address it used to dial the private gRPC
+socket. A handler looks its ``context.peer()`` up here; an address that is not
+registered (e.g. a direct dial of the private socket) is unauthenticated.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux >= 6.5
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """Who connected, as the kernel saw it at ``connect()`` time."""
+
+    pid: int
+    uid: int
+    gid: int
+    pidfd: int  # -1 when the kernel has no SO_PEERPIDFD
+    start_time: int  # /proc/<pid>/stat starttime, the fallback against pid reuse
+    channel: str  # "workload" | "admin": which public socket it came through
+
+    def is_alive(self) -> bool:
+        """True while the *same* process that connected is running.
+
+        A pidfd becomes readable when its process exits (zombies included),
+        and cannot be fooled by pid reuse. Without one we compare start times.
+        """
+        if self.pidfd >= 0:
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            return not poller.poll(0)
+        return proc_start_time(self.pid) == self.start_time
+
+
+def proc_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (after the parenthesised comm); -1 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return -1
+    rest = data[data.rfind(b")") + 2:].split()
+    return int(rest[19])
+
+
+def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
+    """Read the connecting process's credentials from an accepted socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pidfd = -1
+    return PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd,
+                           start_time=proc_start_time(pid), channel=channel)
+
+
+class PeerRegistry:
+    """Abstract relay address → peer credentials. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, PeerCredentials] = {}
+        self._per_uid: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def register(self, address: str, peer: PeerCredentials) -> None:
+        with self._lock:
+            self._peers[address] = peer
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            peer = self._peers.pop(address, None)
+            if peer is None:
+                return
+            self._per_uid[peer.uid] -= 1
+            if not self._per_uid[peer.uid]:
+                del self._per_uid[peer.uid]
+        if peer.pidfd >= 0:
+            os.close(peer.pidfd)
+
+    def lookup(self, grpc_peer: str) -> PeerCredentials | None:
+        prefix = "unix-abstract:"
+        if not grpc_peer.startswith(prefix):
+            return None
+        with self._lock:
+            return self._peers.get(grpc_peer[len(prefix):])
+
+    def connections_of(self, uid: int) -> int:
+        with self._lock:
+            return self._per_uid.get(uid, 0)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._peers)

@@ -1,0 +1,83 @@
+"""What the servicers depend on, as small interfaces passed in one object.
+
+The servicers build nothing: the composition root (``badged.app``) creates
+every adapter and hands them over here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from badged.attest.process import ProcessAttestor
+from badged.core.clock import Clock
+from badged.errors import BadgedError
+from badged.identity.registry import AgentRegistry
+from badged.listener.peers import PeerRegistry
+from badged.policy.loader import load_policy
+from badged.policy.model import Policy
+
+_logger = logging.getLogger(__name__)
+
+
+class AuditSink(Protocol):
+    """Durable audit: ``append`` returns only once the record is on disk."""
+
+    async def append(self, event: Mapping[str, Any]) -> object: ...
+
+
+class PolicyHolder:
+    """The policy in force; a failed reload keeps the last good one."""
+
+    def __init__(self, policy: Policy, path: Path | None) -> None:
+        self._policy = policy
+        self._path = path
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Policy:
+        return self._policy
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def reload(self) -> Policy:
+        """Load the file again; raise ConfigError (old policy stays) if invalid."""
+        if self._path is None:
+            return self._policy
+        new = load_policy(self._path)
+        with self._lock:
+            self._policy = new
+        _logger.info("policy loaded", extra={"policy": str(self._path),
+                                             "bindings": len(new.bindings)})
+        return new
+
+    def try_reload(self) -> BadgedError | None:
+        try:
+            self.reload()
+        except BadgedError as exc:
+            _logger.error("policy reload rejected; keeping the previous policy",
+                          extra={"error": str(exc)})
+            return exc
+        return None
+
+
+@dataclass(frozen=True)
+class ServiceDeps:
+    agents: AgentRegistry
+    policy: PolicyHolder
+    peers: PeerRegistry
+    attestor: ProcessAttestor
+    audit: AuditSink
+    clock: Clock
+    new_jti: Callable[[], str]
+    issuer: str
+    default_ttl: int
+    max_ttl: int
+    admin_uids: frozenset[int]
+    operator_gid: int | None
