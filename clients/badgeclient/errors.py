@@ -75,8 +75,9 @@ def from_rpc_error(err: grpc.RpcError) -> BadgeError:
     details = (err.details() if hasattr(err, "details") else None) or str(status)
     code = ""
     trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailers or ():
+    for item in trailers or ():
+        key, value = item.key, item.value  # grpc.Metadatum namedtuple
         if key == "x-badged-error":
-            code = value if isinstance(value, str) else value.decode()
+            code = value if isinstance(value, str) else bytes(value).decode()
     cls = _BY_STATUS.get(status, InternalError)
     return cls(details, status=status.name if status else "", code=code)

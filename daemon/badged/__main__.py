@@ -24,15 +24,9 @@ _logger = logging.getLogger("badged.main")
 
 async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None) -> None:
     from badged.app import Daemon
-    from badged.errors import AlreadyExistsError
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, ensure_agents=(ensure_agent,) if ensure_agent else ())
     await daemon.start()
-    if ensure_agent is not None and daemon.agents is not None:
-        try:
-            daemon.agents.create(ensure_agent, "demo agent created by badged dev")
-        except AlreadyExistsError:
-            pass
     daemon.install_signal_handlers()
     # One line on stdout that scripts can wait for; logs go to stderr.
     print(f"badged ready workload={config.workload_socket} admin={config.admin_socket}",

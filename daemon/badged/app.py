@@ -13,7 +13,9 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
@@ -50,11 +52,12 @@ class _InterimAudit:
         self._fd = os.open(directory / "audit.jsonl",
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
-    async def append(self, event: dict[str, object]) -> None:
+    async def append(self, event: Mapping[str, Any]) -> object:
         import json
 
         line = (json.dumps(event, sort_keys=True, default=str) + "\n").encode()
         await asyncio.get_running_loop().run_in_executor(None, self._write, line)
+        return None
 
     def _write(self, line: bytes) -> None:
         os.write(self._fd, line)
@@ -76,7 +79,7 @@ def _prepare_socket_dir(path: Path) -> None:
     """The socket directory is 0755 and owned by us; created if missing."""
     if not path.exists():
         path.mkdir(mode=0o755, parents=True)
-        os.chmod(path, 0o755)
+        os.chmod(path, 0o755)  # noqa: S103 -- socket dir must be traversable by agents
     check_dir_safe(path, private=False)
 
 
@@ -84,8 +87,10 @@ class Daemon:
     """A running badged. ``start()`` then ``wait()``; ``stop()`` from a signal."""
 
     def __init__(self, config: DaemonConfig, *, clock: Clock = system_clock,
-                 keystore: KeyStore | None = None) -> None:
+                 keystore: KeyStore | None = None, ensure_agents: tuple[str, ...] = ()) -> None:
         self.config = config
+        self._ensure_agents = ensure_agents
+        self._stopping = False
         self._clock = clock
         self._keystore = keystore
         self._server: grpc.aio.Server | None = None
@@ -128,6 +133,10 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         deps = self._build()
+        assert self.agents is not None
+        for name in self._ensure_agents:
+            if not any(a.name == name for a in self.agents.list(include_revoked=True)):
+                self.agents.create(name, "created by badged dev")
         for sock in (cfg.workload_socket, cfg.admin_socket):
             _prepare_socket_dir(sock.parent)
         private_sock = cfg.private_dir / "grpc.sock"
@@ -179,8 +188,10 @@ class Daemon:
             self.policy.try_reload()
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._stopped.is_set():
+        if self._stopping:  # SIGTERM and SIGINT may both arrive
+            await self._stopped.wait()
             return
+        self._stopping = True
         _logger.info("shutting down")
         if self._health is not None:
             self._health.enter_graceful_shutdown()

@@ -44,7 +44,7 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str) -> DaemonConfig:
         check_dir_safe(state_dir, private=False)
     else:
         state_dir.mkdir(mode=0o755, parents=True)
-        os.chmod(state_dir, 0o755)
+        os.chmod(state_dir, 0o755)  # noqa: S103 -- holds run/ for other users
     private = state_dir / "private"
     ensure_private_dir(private)
     token = provision(private / "softhsm", label="badged-dev")

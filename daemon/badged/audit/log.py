@@ -413,10 +413,10 @@ class AuditLog:
         # One critical section for chain + queue: a record must never be
         # chained (so later records link to it) without also being queued.
         with self._cond:
-            entry = self._chain_locked(fields, kind, internal=internal, epoch=epoch)
-            entry_setup(entry)
             if self._stopping:
                 raise AuditError("audit log is closed")
+            entry = self._chain_locked(fields, kind, internal=internal, epoch=epoch)
+            entry_setup(entry)
             self._queue.append(entry)
             self._cond.notify()
             return entry

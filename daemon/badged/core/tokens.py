@@ -18,7 +18,7 @@ from badged.core.jose import encode_jws
 from badged.keystore.port import KeyHandle
 
 ES256 = ec.ECDSA(hashes.SHA256())
-TOKEN_TYP = "JWT"
+TOKEN_TYP = "JWT"  # noqa: S105 -- a JOSE header value, not a secret
 
 
 @dataclass(frozen=True)

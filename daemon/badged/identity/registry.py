@@ -14,6 +14,7 @@ can still sign.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import threading
@@ -82,7 +83,7 @@ class AgentRegistry:
     def spiffe_id(self, name: str) -> str:
         return f"spiffe://{self._trust_domain}/agent/{name}"
 
-    def list(self, include_revoked: bool = False) -> list[AgentRecord]:
+    def list(self, include_revoked: bool = False) -> builtins.list[AgentRecord]:
         with self._lock:
             return [a for a in sorted(self._agents.values(), key=lambda a: a.name)
                     if include_revoked or a.status == "active"]
@@ -110,10 +111,10 @@ class AgentRegistry:
         v = rec.current
         return SigningKey(name, rec.spiffe_id, v.sign_kid, self._keystore.get(v.sign_key), v.version)
 
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
+    def jwks(self) -> dict[str, builtins.list[dict[str, str]]]:
         """Token keys of active agents: current, plus retired ones still in use."""
         now = int(self._clock())
-        keys: list[dict[str, str]] = []
+        keys: builtins.list[dict[str, str]] = []
         with self._lock:
             for rec in sorted(self._agents.values(), key=lambda a: a.name):
                 if rec.status != "active":
@@ -180,7 +181,7 @@ class AgentRegistry:
             _logger.info("agent revoked", extra={"agent": name})
             return rec
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self) -> builtins.list[str]:
         """Destroy token keys that metadata says must not exist (after a crash)."""
         with self._lock:
             wanted: set[str] = set()

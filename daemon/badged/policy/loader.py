@@ -116,7 +116,7 @@ def parse_policy(text: str, source: str) -> Policy:
                     raise ValueError(f"scope {s!r} contains a space")
             current_key = "max_ttl"
             max_ttl = parse_duration(entry.get("max_ttl", 300), what="max_ttl")
-        except Exception as exc:  # noqa: BLE001 -- every failure becomes file:line
+        except Exception as exc:
             detail = getattr(exc, "public", None) or str(exc)
             raise ConfigError(f"[[bind]] #{idx + 1}: {detail}", path=source,
                               line=_key_line(lines, start, current_key)) from None

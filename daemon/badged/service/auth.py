@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
-
 from badged.attest.process import ProcessAttributes
 from badged.errors import PolicyDeniedError, UnauthenticatedError
 from badged.listener.peers import PeerCredentials
 from badged.service.deps import ServiceDeps
+from badged.service.errors import Ctx
 
 
-def resolve_caller(deps: ServiceDeps, context: grpc.aio.ServicerContext,
+def resolve_caller(deps: ServiceDeps, context: Ctx,
                    channel: str) -> tuple[PeerCredentials, ProcessAttributes]:
     """Attested identity of the caller of this RPC, checked for its channel.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
 
@@ -35,7 +35,14 @@ STATUS_FOR: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+if TYPE_CHECKING:
+    Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    Ctx = Any
+    Handler = Any
+
+Behavior = Callable[[Any, Ctx], Awaitable[Any]]
 
 
 class ErrorBoundary(grpc.aio.ServerInterceptor):
@@ -46,14 +53,14 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method
-        wrapped = self._wrap(method, handler.unary_unary)
+        wrapped = self._wrap(method, handler.unary_unary)  # type: ignore[arg-type]
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
             request_deserializer=handler.request_deserializer,
@@ -61,7 +68,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
         )
 
     def _wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: Ctx) -> Any:
             try:
                 return await behavior(request, context)
             except BadgedError as exc:

@@ -13,7 +13,6 @@ import json
 import logging
 from typing import Any
 
-import grpc
 from badged_proto.v1 import workload_pb2, workload_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 
@@ -25,6 +24,7 @@ from badged.policy.model import Decision, Request, candidates, evaluate, missing
 from badged.service import validate
 from badged.service.auth import resolve_caller
 from badged.service.deps import ServiceDeps
+from badged.service.errors import Ctx
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         self._d = deps
 
     async def FetchToken(self, request: workload_pb2.FetchTokenRequest,
-                         context: grpc.aio.ServicerContext) -> workload_pb2.FetchTokenResponse:
+                         context: Ctx) -> workload_pb2.FetchTokenResponse:
         d = self._d
         audience = validate.audience(request.audience)
         scopes = validate.scopes(list(request.scopes))
@@ -63,7 +63,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         )
 
     async def Sign(self, request: workload_pb2.SignRequest,
-                   context: grpc.aio.ServicerContext) -> workload_pb2.SignResponse:
+                   context: Ctx) -> workload_pb2.SignResponse:
         d = self._d
         message = signed_message(request.context, request.data)
         agent = validate.agent_name(request.agent)
@@ -86,12 +86,12 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         )
 
     async def GetJwks(self, request: workload_pb2.GetJwksRequest,
-                      context: grpc.aio.ServicerContext) -> workload_pb2.GetJwksResponse:
+                      context: Ctx) -> workload_pb2.GetJwksResponse:
         # Public keys are public: served to any caller, attested or not.
         return workload_pb2.GetJwksResponse(jwks_json=json.dumps(self._d.agents.jwks()))
 
     async def WhoAmI(self, request: workload_pb2.WhoAmIRequest,
-                     context: grpc.aio.ServicerContext) -> workload_pb2.WhoAmIResponse:
+                     context: Ctx) -> workload_pb2.WhoAmIResponse:
         d = self._d
         _, proc = resolve_caller(d, context, "workload")
         selectors = proc.selectors()

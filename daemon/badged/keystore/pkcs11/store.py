@@ -213,7 +213,7 @@ class Pkcs11KeyStore:
                 local=True,
             )
             key_id = hashlib.sha256(name.encode()).digest()[:16]
-            _pub, priv = params.generate_keypair(
+            params.generate_keypair(
                 store=True,
                 label=name,
                 id=key_id,
@@ -301,7 +301,7 @@ class Pkcs11KeyStore:
             if self._session is not None:
                 try:
                     self._session.close()
-                except Exception:  # noqa: BLE001 -- best effort on shutdown
+                except Exception:
                     _logger.debug("pkcs11 session close failed", exc_info=True)
             self._session = None
             self._keys.clear()

@@ -1,0 +1,1 @@
+"""Tamper-evident, crash-safe audit log (placeholder; see log.py)."""
