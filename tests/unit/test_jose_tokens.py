@@ -1,0 +1,107 @@
+"""Token minting and JOSE encoding, checked against RFCs and an independent library."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+from badged.core.clock import FixedClock
+from badged.core.jose import b64url_decode, ec_public_jwk, jwk_thumbprint
+from badged.core.signing import SIGN_PREFIX, signed_message
+from badged.core.tokens import build_claims, mint_token
+from badged.errors import InvalidRequestError
+from badged.keystore.memory import MemoryKeyStore
+
+
+def test_rfc7638_thumbprint_matches_joserfc() -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwk = ec_public_jwk(key)
+    theirs = ECKey.import_key(jwk).thumbprint()
+    assert jwk_thumbprint(jwk) == theirs
+
+
+@pytest.mark.parametrize(
+    ("case", "ttl", "scopes", "expect_scope"),
+    [
+        ("default 5 minutes", 300, (), None),
+        ("one scope", 60, ("read",), "read"),
+        ("scopes space-joined in order", 60, ("write", "read"), "write read"),
+    ],
+)
+def test_claims_table(case: str, ttl: int, scopes: tuple[str, ...], expect_scope: str | None) -> None:
+    clock = FixedClock(1_700_000_000.7)
+    claims = build_claims(issuer="spiffe://td/badged", subject="spiffe://td/agent/a",
+                          audience="aud", scopes=scopes, ttl_seconds=ttl, now=clock(), jti="j1")
+    assert claims["iat"] == claims["nbf"] == 1_700_000_000, case
+    assert claims["exp"] - claims["iat"] == ttl
+    assert claims.get("scope") == expect_scope
+    assert claims["aud"] == "aud" and claims["jti"] == "j1"
+
+
+@pytest.mark.parametrize("ttl", [0, -5])
+def test_nonpositive_ttl_rejected(ttl: int) -> None:
+    with pytest.raises(ValueError):
+        build_claims(issuer="i", subject="s", audience="a", scopes=(), ttl_seconds=ttl,
+                     now=0, jti="j")
+
+
+def test_extra_claims_cannot_override_registered_claims() -> None:
+    with pytest.raises(ValueError):
+        build_claims(issuer="i", subject="s", audience="a", scopes=(), ttl_seconds=5,
+                     now=0, jti="j", extra={"exp": 10**10})
+
+
+def test_minted_token_verifies_with_joserfc() -> None:
+    store = MemoryKeyStore()
+    key = store.generate("k")
+    jwk = ec_public_jwk(key.public_key())
+    kid = jwk_thumbprint(jwk)
+    claims = build_claims(issuer="i", subject="spiffe://td/agent/a", audience="aud",
+                          scopes=("read",), ttl_seconds=60, now=1_000, jti="abc")
+    issued = mint_token(claims=claims, key=key, key_id=kid)
+    header = json.loads(b64url_decode(issued.token.split(".")[0]))
+    assert header == {"alg": "ES256", "kid": kid, "typ": "JWT"}
+    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    assert decoded.claims["sub"] == "spiffe://td/agent/a"
+    assert decoded.claims["jti"] == "abc"
+
+
+def test_tampered_token_fails_joserfc() -> None:
+    store = MemoryKeyStore()
+    key = store.generate("k")
+    jwk = ec_public_jwk(key.public_key())
+    claims = build_claims(issuer="i", subject="s", audience="aud", scopes=(), ttl_seconds=60,
+                          now=1_000, jti="abc")
+    token = mint_token(claims=claims, key=key, key_id="x").token
+    head, _payload, sig = token.split(".")
+    forged_claims = dict(claims, aud="other")
+    import base64
+
+    forged_payload = base64.urlsafe_b64encode(json.dumps(forged_claims).encode()).rstrip(b"=")
+    forged = f"{head}.{forged_payload.decode()}.{sig}"
+    from joserfc.errors import BadSignatureError
+
+    with pytest.raises(BadSignatureError):
+        jwt.decode(forged, ECKey.import_key(jwk), algorithms=["ES256"])
+
+
+def test_signed_message_is_domain_separated() -> None:
+    msg = signed_message("git", b"data")
+    assert msg == SIGN_PREFIX + b"git\x00data"
+    # A JWS signing input is base64url text: it can never start with the prefix.
+    assert b"\x00" in SIGN_PREFIX
+
+
+@pytest.mark.parametrize("context", ["has space", "x" * 65, "nul\x00", "é"])
+def test_bad_sign_context_rejected(context: str) -> None:
+    with pytest.raises(InvalidRequestError):
+        signed_message(context, b"")
+
+
+def test_oversized_sign_data_rejected() -> None:
+    with pytest.raises(InvalidRequestError):
+        signed_message("", b"x" * (64 * 1024 + 1))
