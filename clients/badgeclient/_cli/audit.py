@@ -1,0 +1,185 @@
+"""``badgectl audit``: read, verify and export the audit log from its directory.
+
+Unlike the other command groups this one does not talk to the daemon: the log
+must be checkable offline, on a copy, by someone who does not trust the host
+that wrote it. It imports ``badged.audit`` lazily, inside each command, so the
+rest of ``badgectl`` does not pay for it.
+
+Exit codes: 0 ok, 1 verification failed (first bad record printed), 2 usage
+(bad option, missing directory, unreadable key).
+
+Examples::
+
+    badgectl audit tail -n 50 --agent deploy-bot
+    badgectl audit tail --follow --json
+    badgectl audit verify --pubkey /etc/badged/device.pem
+    badgectl audit export --from 1000 > audit.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_DIR = "/var/lib/badged/audit"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _dir_option(func: F) -> F:
+    return click.option(
+        "--dir", "directory", envvar="BADGED_AUDIT_DIR", default=DEFAULT_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False, dir_okay=True, exists=True, path_type=Path),
+        help="Audit log directory [env BADGED_AUDIT_DIR].",
+    )(func)
+
+
+_HUMAN_FIELDS = ("agent", "decision", "rule", "jti", "reason", "head_seq")
+
+
+def _human(rec: dict[str, Any]) -> str:
+    """One line per record: the fields an operator scans for, in a fixed order."""
+    parts = [f"{rec.get('seq', '?'):>8}", str(rec.get("time", "")), f"{rec.get('event', '?'):<24}"]
+    for name in _HUMAN_FIELDS:
+        if name in rec:
+            parts.append(f"{name}={rec[name]}")
+    caller = rec.get("caller")
+    if isinstance(caller, dict):
+        who = ",".join(f"{k}={caller[k]}" for k in ("uid", "pid", "unit") if k in caller)
+        if who:
+            parts.append(f"caller[{who}]")
+    if "clock_backwards_s" in rec:
+        parts.append(f"CLOCK-BACKWARDS={rec['clock_backwards_s']}s")
+    return " ".join(parts)
+
+
+def _emit(rec: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rec, sort_keys=True, separators=(",", ":")))
+    else:
+        click.echo(_human(rec))
+
+
+def _load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """A PEM public key or a PEM certificate (the enrolled device cert)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}",
+                                 param_hint="--pubkey") from None
+    try:
+        if b"CERTIFICATE" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path} is not a PEM public key or certificate: {exc}",
+                                 param_hint="--pubkey") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise click.BadParameter(f"{path}: not an EC public key", param_hint="--pubkey")
+    return key
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """Read, verify and export the audit log (offline, from its directory)."""
+
+
+@audit_group.command("tail")
+@click.option("--lines", "-n", default=20, show_default=True, type=click.IntRange(min=0),
+              help="How many of the last matching records to show first.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records as they arrive.")
+@click.option("--agent", default=None, help="Only records of this agent.")
+@click.option("--event", "events", multiple=True,
+              help="Only events whose name starts with this; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--poll-interval", default=0.5, hidden=True, type=click.FloatRange(min=0.01))
+@_dir_option
+def tail_cmd(lines: int, follow: bool, agent: str | None, events: tuple[str, ...],
+             as_json: bool, poll_interval: float, directory: Path) -> None:
+    """Show the last records, optionally following the log like ``tail -f``."""
+    from badged.audit import reader
+
+    ev = list(events) or None
+    last_seq = 0
+    for rec in reader.tail(directory, lines, agent=agent, events=ev):
+        _emit(rec, as_json)
+    if not follow:
+        return
+    for rec in reader.tail(directory, 1):
+        last_seq = int(rec["seq"])
+    try:
+        for rec in reader.follow(directory, after_seq=last_seq, agent=agent, events=ev,
+                                 poll_interval=poll_interval):
+            _emit(rec, as_json)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+@audit_group.command("verify")
+@click.option("--from", "from_seq", type=click.IntRange(min=1), default=None,
+              help="Start at this seq (trusting its link to the one before).")
+@click.option("--pubkey", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Device public key or certificate (PEM) to check checkpoint signatures.")
+@click.option("--strict", is_flag=True,
+              help="Also fail on records after the last checkpoint and on a torn tail.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_dir_option
+def verify_cmd(from_seq: int | None, pubkey: Path | None, strict: bool, as_json: bool,
+               directory: Path) -> None:
+    """Check the hash chain and checkpoint signatures; point at the first bad record."""
+    from dataclasses import asdict
+
+    from badged.audit.verify import verify
+
+    key = _load_public_key(pubkey) if pubkey is not None else None
+    report = verify(directory, key, from_seq=from_seq, strict=strict)
+    if as_json:
+        click.echo(json.dumps(asdict(report), sort_keys=True, indent=2))
+    else:
+        click.echo(report.summary())
+    if report.first_bad is not None:
+        bad = report.first_bad
+        if not as_json:
+            click.echo(f"first bad record: {bad.file} line {bad.line} seq {bad.seq}: {bad.reason}",
+                       err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@audit_group.command("export")
+@click.option("--from", "from_seq", type=click.IntRange(min=1), default=None,
+              help="First seq to export.")
+@click.option("--agent", default=None, help="Only records of this agent.")
+@click.option("--event", "events", multiple=True,
+              help="Only events whose name starts with this; repeatable.")
+@click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True,
+              help="Write here instead of stdout.")
+@_dir_option
+def export_cmd(from_seq: int | None, agent: str | None, events: tuple[str, ...],
+               output: Any, directory: Path) -> None:
+    """Write records as JSON Lines for a SIEM (stored bytes, so hashes still check)."""
+    from badged.audit import reader
+
+    count = reader.export(directory, output, from_seq=from_seq, agent=agent,
+                          events=list(events) or None)
+    output.flush()
+    _logger.info("exported %d audit records", count)
