@@ -131,9 +131,14 @@ class _Base:
         self._channel = grpc.insecure_channel(_socket_target(socket_path))
 
     def _call(self, fn: Callable[..., T], request: Any) -> T:
-        if not self.socket_path.exists():
+        try:
+            self.socket_path.stat()
+        except FileNotFoundError:
             raise UnavailableError(f"no badged socket at {self.socket_path} (is the daemon running?)",
-                                   status="UNAVAILABLE")
+                                   status="UNAVAILABLE") from None
+        except PermissionError:
+            raise UnavailableError(f"permission denied reaching {self.socket_path}",
+                                   status="UNAVAILABLE") from None
         try:
             return fn(request, timeout=self._timeout)
         except grpc.RpcError as err:

@@ -19,7 +19,8 @@ from typing import Any
 
 import grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from badged.attest.process import ProcessAttestor
 from badged.config import DaemonConfig
@@ -95,7 +96,7 @@ class Daemon:
         self._keystore = keystore
         self._server: grpc.aio.Server | None = None
         self._front: SocketFront | None = None
-        self._health: health.HealthServicer | None = None
+        self._health: health_aio.HealthServicer | None = None
         self._stopped = asyncio.Event()
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
@@ -153,7 +154,7 @@ class Daemon:
         )
         workload_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
-        self._health = health.HealthServicer()
+        self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_insecure_port(f"unix:{private_sock}")
         await server.start()
@@ -166,7 +167,7 @@ class Daemon:
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
         for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService"):
-            self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
@@ -194,7 +195,7 @@ class Daemon:
         self._stopping = True
         _logger.info("shutting down")
         if self._health is not None:
-            self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()
         if self._front is not None:
             await self._front.stop_accepting()
         if self._server is not None:
