@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -39,6 +38,7 @@ from badged.service.admin import AdminServicer
 from badged.service.deps import PolicyHolder, ServiceDeps
 from badged.service.errors import ErrorBoundary
 from badged.service.workload import WorkloadServicer
+from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 
 _logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Daemon:
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
         self._audit: object | None = None
+        self._lock_fd = -1
 
     # -- build -------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class Daemon:
         check_dir_safe(cfg.state_dir, private=False) if cfg.state_dir.exists() else \
             cfg.state_dir.mkdir(mode=0o755, parents=True)
         ensure_private_dir(cfg.private_dir)
+        self._lock_state_dir()
         if self._keystore is None:
             self._keystore = Pkcs11KeyStore.from_config(cfg.keystore)
         self.agents = AgentRegistry(
@@ -128,6 +130,26 @@ class Daemon:
             issuer=cfg.effective_issuer, default_ttl=cfg.default_ttl, max_ttl=cfg.max_ttl,
             admin_uids=frozenset({0, os.geteuid()}), operator_gid=cfg.operator_gid(),
         )
+
+    def _lock_state_dir(self) -> None:
+        """One daemon per state dir, for its whole life (flock, released on exit).
+
+        Without it a second daemon would replace the first one's private gRPC
+        socket before discovering the public sockets are taken.
+        """
+        import fcntl
+
+        path = self.config.private_dir / "badged.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError("another badged is running with this state dir",
+                              path=str(self.config.state_dir)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     # -- run -----------------------------------------------------------------------
 

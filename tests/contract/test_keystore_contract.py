@@ -78,7 +78,7 @@ def test_concurrent_signing_from_many_threads(keystore: KeyStore, key_prefix: st
                 key = keys[(i + j) % len(keys)]
                 msg = f"{i}-{j}".encode()
                 key.public_key().verify(key.sign(msg, ES256), msg, ES256)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from badged_proto.v1 import workload_pb2, workload_pb2_grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
@@ -30,6 +29,7 @@ from badgeclient import (
     RateLimitedError,
     WorkloadClient,
 )
+from badged_proto.v1 import workload_pb2, workload_pb2_grpc
 from tests.e2e.conftest import RunningDaemon, badgectl_cmd
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
