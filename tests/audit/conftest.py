@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from badged.keystore.memory import MemoryKeyStore
 from badged.keystore.port import KeyHandle
-
 from tests.audit.helpers import FakeClock
 
 

@@ -100,3 +100,24 @@ def reseal(rec: dict[str, Any]) -> bytes:
     rec.pop("hash", None)
     _digest, line = seal(rec)
     return line
+
+
+def rechain(directory: Path, *, fix_checkpoint_heads: bool = False) -> None:
+    """Re-link and re-hash every record, as an attacker without the device key can.
+
+    With ``fix_checkpoint_heads`` the attacker also points each checkpoint's
+    ``head`` at the rewritten chain -- the signature then no longer matches.
+    """
+    prev = "0" * 64
+    hashes: dict[int, str] = {}
+    for path, lines in log_lines(directory):
+        out = []
+        for line in lines:
+            rec = json.loads(line)
+            rec["prev"] = prev
+            if fix_checkpoint_heads and rec.get("kind") == "checkpoint":
+                rec["head"] = hashes.get(rec["head_seq"], rec["head"])
+            out.append(reseal(rec))
+            prev = json.loads(out[-1])["hash"]
+            hashes[rec["seq"]] = prev
+        rewrite(path, out)

@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from badged.audit import AuditConfig, AuditLog, verify
 from badged.audit.files import file_name, list_files
 from badged.audit.record import GENESIS
 from badged.errors import AuditError, ConfigError
-
 from tests.audit.helpers import T0, FakeClock, all_records, open_log, tmpfs
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+
 from badged.audit.record import (
     GENESIS,
     RecordError,

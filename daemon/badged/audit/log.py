@@ -137,6 +137,7 @@ class _Head:
     seq: int
     hash: str
     dt: datetime | None
+    kind: str = KIND_EVENT
 
 
 class _Entry:
@@ -225,7 +226,8 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         # checkpoint scheduling: touched only on the event loop thread, except
         # _sealed_seq/_since_cp/_last_cp_at which are guarded by _cond
-        self._sealed_seq = 0
+        self._sealed_seq = 0  # highest head_seq covered by a durable checkpoint
+        self._last_event_seq = 0  # highest seq of a record that is not a checkpoint
         self._since_cp = 0
         self._last_cp_at = 0.0
         self._cp_task: asyncio.Task[None] | None = None
@@ -310,10 +312,12 @@ class AuditLog:
             self._open_file(self.directory / files.file_name(1))
             return
         last = paths[-1]
-        head, good_end, cut_reason, cut_lineno = _scan_tail_file(last)
+        scan = _scan_tail_file(last)
+        head, good_end, cut_reason, cut_lineno = scan.head, scan.good_end, scan.reason, scan.lineno
         if head is None:
             head = _head_before(paths[:-1])
         self._head = self._durable = head
+        self._sealed_seq, self._last_event_seq = scan.sealed_seq, scan.last_event_seq
         if cut_reason is not None:
             self._seal_cut(last, good_end, cut_reason, cut_lineno)
         self._open_file(last)
@@ -402,7 +406,9 @@ class AuditLog:
                             (head.dt - dt).total_seconds(), head.seq + 1)
         digest, line = seal(record)
         entry = _Entry(AuditReceipt(head.seq + 1, digest, record["time"]), line, kind, dt)
-        self._head = _Head(head.seq + 1, digest, dt)
+        self._head = _Head(head.seq + 1, digest, dt, kind)
+        if kind != KIND_CHECKPOINT:
+            self._last_event_seq = head.seq + 1
         if kind == KIND_EVENT:
             self._since_cp += 1
         self.stats.assigned += 1
@@ -495,7 +501,7 @@ class AuditLog:
         last = batch[-1]
         with self._cond:
             self._size += len(data)
-            self._durable = _Head(last.receipt.seq, last.receipt.hash, last.dt)
+            self._durable = _Head(last.receipt.seq, last.receipt.hash, last.dt, last.kind)
         self.stats.batches += 1
         self.stats.records += len(batch)
 
@@ -569,7 +575,9 @@ class AuditLog:
     def _snapshot_for_checkpoint(self, reason: str) -> tuple[dict[str, Any], int] | None:
         with self._cond:
             head = self._head
-            if head.seq == 0 or head.seq <= self._sealed_seq:
+            # Nothing new since the last seal (checkpoints need no sealing of
+            # their own: sealing one only to seal the next would never end).
+            if self._last_event_seq <= self._sealed_seq:
                 return None
             self._since_cp = 0
             self._last_cp_at = self._clock()
@@ -697,29 +705,47 @@ class AuditLog:
 # -- recovery helpers (run once, at open) ------------------------------------------
 
 
-def _scan_tail_file(path: Path) -> tuple[_Head | None, int, str | None, int]:
+@dataclass
+class _Scan:
+    head: _Head | None = None  # last valid record
+    good_end: int = 0  # byte length of the valid prefix
+    reason: str | None = None  # why the rest must be cut (None: nothing to cut)
+    lineno: int = 0  # first cut line
+    sealed_seq: int = 0
+    last_event_seq: int = 0
+
+
+def _scan_tail_file(path: Path) -> _Scan:
     """Validate the last file; find where its valid prefix ends.
 
-    Returns (last valid head or None, byte length of the valid prefix, reason
-    for cutting the rest or None, line number of the first cut line). Only
-    checks what a crash can break -- each record's own integrity and its link
-    to the line before; older history is ``verify``'s job, not the daemon's
-    startup path.
+    Only checks what a crash can break -- each record's own integrity and its
+    link to the line before; older history is ``verify``'s job, not the
+    daemon's startup path.
     """
-    head: _Head | None = None
-    good_end = 0
+    scan = _Scan()
     for line in files.iter_lines(path):
+        head = scan.head
         if not line.complete:
-            return head, good_end, "torn last line (no newline)", line.lineno
-        try:
-            rec = parse_line(line.data)
-        except RecordError as exc:
-            return head, good_end, f"invalid record: {exc.message}", line.lineno
-        if head is not None and (rec["seq"] != head.seq + 1 or rec["prev"] != head.hash):
-            return head, good_end, "record does not link to the one before", line.lineno
-        head = _Head(rec["seq"], rec["hash"], parse_time(rec["time"]))
-        good_end = line.offset + len(line.data)
-    return head, good_end, None, 0
+            scan.reason = "torn last line (no newline)"
+        else:
+            try:
+                rec = parse_line(line.data)
+            except RecordError as exc:
+                scan.reason = f"invalid record: {exc.message}"
+            else:
+                if head is not None and (rec["seq"] != head.seq + 1
+                                         or rec["prev"] != head.hash):
+                    scan.reason = "record does not link to the one before"
+        if scan.reason is not None:
+            scan.lineno = line.lineno
+            return scan
+        scan.head = _Head(rec["seq"], rec["hash"], parse_time(rec["time"]), rec["kind"])
+        scan.good_end = line.offset + len(line.data)
+        if rec["kind"] == KIND_CHECKPOINT and isinstance(rec.get("head_seq"), int):
+            scan.sealed_seq = max(scan.sealed_seq, rec["head_seq"])
+        else:
+            scan.last_event_seq = rec["seq"]
+    return scan
 
 
 def _head_before(paths: list[Path]) -> _Head:
@@ -735,7 +761,7 @@ def _head_before(paths: list[Path]) -> _Head:
                 f"last record of {path.name} is invalid ({exc.message}); "
                 "run 'badgectl audit verify' before restarting"
             ) from None
-        return _Head(rec["seq"], rec["hash"], parse_time(rec["time"]))
+        return _Head(rec["seq"], rec["hash"], parse_time(rec["time"]), rec["kind"])
     return _Head(0, GENESIS, None)
 
 

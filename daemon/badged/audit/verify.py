@@ -149,6 +149,12 @@ class _Verifier:
 
     def line(self, line: files.Line, is_last: bool) -> None:
         name = line.path.name
+        if self.prev_seq is None and line.complete:
+            # --from: records before the start are not checked at all, so
+            # damage there must not stop us finding the start.
+            peek = _peek_seq(line.data)
+            if peek is not None and self.from_seq is not None and peek < self.from_seq:
+                return
         if not line.complete:
             bad = BadRecord(name, line.lineno, None, "torn",
                             f"incomplete record ({len(line.data)} bytes, no newline)")
