@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from badged_proto.v1 import admin_pb2, admin_pb2_grpc, workload_pb2, workload_pb2_grpc
 
 from badgeclient.errors import InvalidRequestError, UnavailableError, from_rpc_error
+from badged_proto.v1 import admin_pb2, admin_pb2_grpc, workload_pb2, workload_pb2_grpc
 
 DEFAULT_SOCKET = "/run/badged/agent.sock"
 DEFAULT_ADMIN_SOCKET = "/run/badged/admin.sock"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from badged_proto.v1 import admin_pb2, admin_pb2_grpc
-
 from badged.attest.process import ProcessAttributes
 from badged.identity.registry import check_agent_name
 from badged.service.auth import require_operator, resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
 from badged.service.marshal import agent_to_pb
+from badged_proto.v1 import admin_pb2, admin_pb2_grpc
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from badged_proto.v1 import admin_pb2
-
 from badged.identity.store import AgentRecord
+from badged_proto.v1 import admin_pb2
 
 
 def agent_to_pb(rec: AgentRecord, now: int) -> admin_pb2.Agent:

@@ -13,7 +13,6 @@ import json
 import logging
 from typing import Any
 
-from badged_proto.v1 import workload_pb2, workload_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 
 from badged.attest.process import ProcessAttributes
@@ -25,6 +24,7 @@ from badged.service import validate
 from badged.service.auth import resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
+from badged_proto.v1 import workload_pb2, workload_pb2_grpc
 
 _logger = logging.getLogger(__name__)
 
