@@ -31,13 +31,16 @@ class FakeClock:
         return self.now
 
 
+_SHARED_CLOCK = FakeClock()
+
+
 def open_log(directory: Path, *, signer: KeyHandle | None = None, clock: Any = None,
              write: Any = os.write, fsync: Any = os.fsync, **cfg: Any) -> AuditLog:
     """Open a log with checkpoint triggers off unless asked (tests place them)."""
     cfg.setdefault("checkpoint_records", None)
     cfg.setdefault("checkpoint_seconds", None)
     return AuditLog.open(AuditConfig(directory=directory, **cfg), signer=signer,
-                         clock=clock or FakeClock(), write=write, fsync=fsync)
+                         clock=clock or _SHARED_CLOCK, write=write, fsync=fsync)
 
 
 @contextlib.contextmanager
