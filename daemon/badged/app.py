@@ -24,12 +24,12 @@ from grpc_health.v1.health import aio as health_aio
 from badged.attest.process import ProcessAttestor
 from badged.config import DaemonConfig
 from badged.core.clock import Clock, system_clock
-from badged.errors import ConfigError
+from badged.errors import ConfigError, KeyNotFoundError
 from badged.fsutil import check_dir_safe, ensure_private_dir
 from badged.identity.registry import AgentRegistry
 from badged.identity.store import AgentStore
 from badged.keystore.pkcs11.store import Pkcs11KeyStore
-from badged.keystore.port import KeyStore
+from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.front import SocketFront
 from badged.listener.peers import PeerRegistry
 from badged.policy.loader import load_policy
@@ -43,6 +43,7 @@ from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 _logger = logging.getLogger(__name__)
 
 MAX_MESSAGE = 128 * 1024
+DEVICE_KEY = "badged/device/v1"
 
 
 class _InterimAudit:
@@ -122,6 +123,7 @@ class Daemon:
             _logger.warning("policy grants nothing (deny by default)",
                             extra={"policy": str(cfg.policy_file)})
         self.policy = PolicyHolder(policy, cfg.policy_file)
+        device_key = self._device_key(self._keystore)
         audit = open_audit(cfg.effective_audit_dir, clock=self._clock)
         self._audit = audit
         return ServiceDeps(
@@ -129,7 +131,17 @@ class Daemon:
             attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,
             issuer=cfg.effective_issuer, default_ttl=cfg.default_ttl, max_ttl=cfg.max_ttl,
             admin_uids=frozenset({0, os.geteuid()}), operator_gid=cfg.operator_gid(),
+            device_key=device_key, keystore=self._keystore, state_dir=cfg.state_dir,
         )
+
+    @staticmethod
+    def _device_key(keystore: KeyStore) -> KeyHandle:
+        """The device key, generated in the token on first start."""
+        try:
+            return keystore.get(DEVICE_KEY)
+        except KeyNotFoundError:
+            _logger.info("generating device key", extra={"key": DEVICE_KEY})
+            return keystore.generate(DEVICE_KEY)
 
     def _lock_state_dir(self) -> None:
         """One daemon per state dir, for its whole life (flock, released on exit).

@@ -18,7 +18,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 SELECTOR_TYPES = ("uid", "gid", "user", "group", "supplementary_gid", "path", "sha256")
-KINDS = ("token", "sign")
+# token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
+# attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs.
+KINDS = ("token", "sign", "assertion", "dpop", "csr")
 _SELECTOR_RE = re.compile(r"^unix:(?P<type>[a-z_0-9]+):(?P<value>.+)$")
 
 

@@ -17,6 +17,7 @@ from badged.attest.process import ProcessAttestor
 from badged.core.clock import Clock
 from badged.errors import BadgedError
 from badged.identity.registry import AgentRegistry
+from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.peers import PeerRegistry
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
@@ -81,3 +82,8 @@ class ServiceDeps:
     max_ttl: int
     admin_uids: frozenset[int]
     operator_gid: int | None
+    # The device's own key in the token: signs audit checkpoints, enrollment
+    # requests and client attestations. Never used for agent credentials.
+    device_key: KeyHandle
+    keystore: KeyStore
+    state_dir: Path
