@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from badged_proto.v1 import admin_pb2 as badged__proto_dot_v1_dot_admin__pb2
+from badged_proto.v1 import workload_pb2 as badged__proto_dot_v1_dot_workload__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +60,51 @@ class AdminServiceStub:
                 request_serializer=badged__proto_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
                 response_deserializer=badged__proto_dot_v1_dot_admin__pb2.Agent.FromString,
                 _registered_method=True)
+        self.GrantBundle = channel.unary_unary(
+                '/badged.v1.AdminService/GrantBundle',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.GrantBundleRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.Grant.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/badged.v1.AdminService/RevokeGrant',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.Grant.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/badged.v1.AdminService/ListGrants',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/badged.v1.AdminService/ListApprovals',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.DecideApproval = channel.unary_unary(
+                '/badged.v1.AdminService/DecideApproval',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.Approval.FromString,
+                _registered_method=True)
+        self.ListDelegations = channel.unary_unary(
+                '/badged.v1.AdminService/ListDelegations',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.ListDelegationsRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListDelegationsResponse.FromString,
+                _registered_method=True)
+        self.RevokeDelegation = channel.unary_unary(
+                '/badged.v1.AdminService/RevokeDelegation',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.RevokeDelegationRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+                _registered_method=True)
+        self.ExplainPolicy = channel.unary_unary(
+                '/badged.v1.AdminService/ExplainPolicy',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyResponse.FromString,
+                _registered_method=True)
+        self.ReloadPolicy = channel.unary_unary(
+                '/badged.v1.AdminService/ReloadPolicy',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -96,6 +142,64 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantBundle(self, request, context):
+        """Step-ups: a bundle added to an agent for a bounded time, for a reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovals(self, request, context):
+        """Human approval of requests whose bundle requires it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideApproval(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDelegations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDelegation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainPolicy(self, request, context):
+        """Which rule would allow or deny a request from process `pid`, and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPolicy(self, request, context):
+        """Re-read the policy file; an invalid file is rejected, the old one stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +227,51 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=badged__proto_dot_v1_dot_admin__pb2.RevokeAgentRequest.FromString,
                     response_serializer=badged__proto_dot_v1_dot_admin__pb2.Agent.SerializeToString,
+            ),
+            'GrantBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantBundle,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.GrantBundleRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.Grant.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.RevokeGrantRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.Grant.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListGrantsRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'DecideApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideApproval,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.Approval.SerializeToString,
+            ),
+            'ListDelegations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDelegations,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.ListDelegationsRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.ListDelegationsResponse.SerializeToString,
+            ),
+            'RevokeDelegation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDelegation,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.RevokeDelegationRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.SerializeToString,
+            ),
+            'ExplainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPolicy,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyResponse.SerializeToString,
+            ),
+            'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicy,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +409,249 @@ class AdminService:
             '/badged.v1.AdminService/RevokeAgent',
             badged__proto_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
             badged__proto_dot_v1_dot_admin__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/GrantBundle',
+            badged__proto_dot_v1_dot_admin__pb2.GrantBundleRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.Grant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/RevokeGrant',
+            badged__proto_dot_v1_dot_admin__pb2.RevokeGrantRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.Grant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/ListGrants',
+            badged__proto_dot_v1_dot_admin__pb2.ListGrantsRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/ListApprovals',
+            badged__proto_dot_v1_dot_admin__pb2.ListApprovalsRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/DecideApproval',
+            badged__proto_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDelegations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/ListDelegations',
+            badged__proto_dot_v1_dot_admin__pb2.ListDelegationsRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.ListDelegationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDelegation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/RevokeDelegation',
+            badged__proto_dot_v1_dot_admin__pb2.RevokeDelegationRequest.SerializeToString,
+            badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/ExplainPolicy',
+            badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.ExplainPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/ReloadPolicy',
+            badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.ReloadPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ members of the configured operator group -- checked from peer credentials.
 """
 
 from badged_proto.v1 import admin_pb2 as _admin_pb2
+from badged_proto.v1 import workload_pb2 as _workload_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -41,6 +42,19 @@ class AdminServiceStub:
     """New key version; old public keys stay published until their tokens expire."""
     RevokeAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.Agent]
     """Destroys the agent's keys in the token; later requests are refused."""
+    GrantBundle: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GrantBundleRequest, _admin_pb2.Grant]
+    """Step-ups: a bundle added to an agent for a bounded time, for a reason."""
+    RevokeGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeGrantRequest, _admin_pb2.Grant]
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGrantsRequest, _admin_pb2.ListGrantsResponse]
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]
+    """Human approval of requests whose bundle requires it."""
+    DecideApproval: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.Approval]
+    ListDelegations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDelegationsRequest, _admin_pb2.ListDelegationsResponse]
+    RevokeDelegation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeDelegationRequest, _workload_pb2.Delegation]
+    ExplainPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExplainPolicyRequest, _admin_pb2.ExplainPolicyResponse]
+    """Which rule would allow or deny a request from process `pid`, and why."""
+    ReloadPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReloadPolicyRequest, _admin_pb2.ReloadPolicyResponse]
+    """Re-read the policy file; an invalid file is rejected, the old one stays."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -52,6 +66,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """New key version; old public keys stay published until their tokens expire."""
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
     """Destroys the agent's keys in the token; later requests are refused."""
+    GrantBundle: _aio.UnaryUnaryMultiCallable[_admin_pb2.GrantBundleRequest, _admin_pb2.Grant]  # type: ignore[assignment]
+    """Step-ups: a bundle added to an agent for a bounded time, for a reason."""
+    RevokeGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeGrantRequest, _admin_pb2.Grant]  # type: ignore[assignment]
+    ListGrants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGrantsRequest, _admin_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """Human approval of requests whose bundle requires it."""
+    DecideApproval: _aio.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.Approval]  # type: ignore[assignment]
+    ListDelegations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDelegationsRequest, _admin_pb2.ListDelegationsResponse]  # type: ignore[assignment]
+    RevokeDelegation: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeDelegationRequest, _workload_pb2.Delegation]  # type: ignore[assignment]
+    ExplainPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExplainPolicyRequest, _admin_pb2.ExplainPolicyResponse]  # type: ignore[assignment]
+    """Which rule would allow or deny a request from process `pid`, and why."""
+    ReloadPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReloadPolicyRequest, _admin_pb2.ReloadPolicyResponse]  # type: ignore[assignment]
+    """Re-read the policy file; an invalid file is rejected, the old one stays."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +117,72 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Agent, _abc.Awaitable[_admin_pb2.Agent]]:
         """Destroys the agent's keys in the token; later requests are refused."""
+
+    @_abc_1.abstractmethod
+    def GrantBundle(
+        self,
+        request: _admin_pb2.GrantBundleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Grant, _abc.Awaitable[_admin_pb2.Grant]]:
+        """Step-ups: a bundle added to an agent for a bounded time, for a reason."""
+
+    @_abc_1.abstractmethod
+    def RevokeGrant(
+        self,
+        request: _admin_pb2.RevokeGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Grant, _abc.Awaitable[_admin_pb2.Grant]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _admin_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListGrantsResponse, _abc.Awaitable[_admin_pb2.ListGrantsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _admin_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListApprovalsResponse, _abc.Awaitable[_admin_pb2.ListApprovalsResponse]]:
+        """Human approval of requests whose bundle requires it."""
+
+    @_abc_1.abstractmethod
+    def DecideApproval(
+        self,
+        request: _admin_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Approval, _abc.Awaitable[_admin_pb2.Approval]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDelegations(
+        self,
+        request: _admin_pb2.ListDelegationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDelegationsResponse, _abc.Awaitable[_admin_pb2.ListDelegationsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeDelegation(
+        self,
+        request: _admin_pb2.RevokeDelegationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workload_pb2.Delegation, _abc.Awaitable[_workload_pb2.Delegation]]: ...
+
+    @_abc_1.abstractmethod
+    def ExplainPolicy(
+        self,
+        request: _admin_pb2.ExplainPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ExplainPolicyResponse, _abc.Awaitable[_admin_pb2.ExplainPolicyResponse]]:
+        """Which rule would allow or deny a request from process `pid`, and why."""
+
+    @_abc_1.abstractmethod
+    def ReloadPolicy(
+        self,
+        request: _admin_pb2.ReloadPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReloadPolicyResponse, _abc.Awaitable[_admin_pb2.ReloadPolicyResponse]]:
+        """Re-read the policy file; an invalid file is rejected, the old one stays."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

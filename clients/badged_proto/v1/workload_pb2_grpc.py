@@ -54,6 +54,11 @@ class WorkloadServiceStub:
                 request_serializer=badged__proto_dot_v1_dot_workload__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=badged__proto_dot_v1_dot_workload__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.Delegate = channel.unary_unary(
+                '/badged.v1.WorkloadService/Delegate',
+                request_serializer=badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+                _registered_method=True)
 
 
 class WorkloadServiceServicer:
@@ -88,6 +93,14 @@ class WorkloadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delegate(self, request, context):
+        """A human user delegates to an agent for a bounded task. The user is the
+        attested caller of this RPC (peer credentials), never a request field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_WorkloadServiceServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=badged__proto_dot_v1_dot_workload__pb2.WhoAmIRequest.FromString,
                     response_serializer=badged__proto_dot_v1_dot_workload__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'Delegate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delegate,
+                    request_deserializer=badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class WorkloadService:
             '/badged.v1.WorkloadService/WhoAmI',
             badged__proto_dot_v1_dot_workload__pb2.WhoAmIRequest.SerializeToString,
             badged__proto_dot_v1_dot_workload__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delegate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.WorkloadService/Delegate',
+            badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.SerializeToString,
+            badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
             options,
             channel_credentials,
             insecure,

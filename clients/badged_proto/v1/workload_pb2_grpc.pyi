@@ -44,6 +44,10 @@ class WorkloadServiceStub:
     """Public keys of every active agent token key (RFC 7517 JWK Set)."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_workload_pb2.WhoAmIRequest, _workload_pb2.WhoAmIResponse]
     """Which identities the calling process may act as, and why."""
+    Delegate: _grpc.UnaryUnaryMultiCallable[_workload_pb2.DelegateRequest, _workload_pb2.Delegation]
+    """A human user delegates to an agent for a bounded task. The user is the
+    attested caller of this RPC (peer credentials), never a request field.
+    """
 
 @_typing.type_check_only
 class WorkloadServiceAsyncStub(WorkloadServiceStub):
@@ -58,6 +62,10 @@ class WorkloadServiceAsyncStub(WorkloadServiceStub):
     """Public keys of every active agent token key (RFC 7517 JWK Set)."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_workload_pb2.WhoAmIRequest, _workload_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Which identities the calling process may act as, and why."""
+    Delegate: _aio.UnaryUnaryMultiCallable[_workload_pb2.DelegateRequest, _workload_pb2.Delegation]  # type: ignore[assignment]
+    """A human user delegates to an agent for a bounded task. The user is the
+    attested caller of this RPC (peer credentials), never a request field.
+    """
 
 class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,5 +101,15 @@ class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workload_pb2.WhoAmIResponse, _abc.Awaitable[_workload_pb2.WhoAmIResponse]]:
         """Which identities the calling process may act as, and why."""
+
+    @_abc_1.abstractmethod
+    def Delegate(
+        self,
+        request: _workload_pb2.DelegateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workload_pb2.Delegation, _abc.Awaitable[_workload_pb2.Delegation]]:
+        """A human user delegates to an agent for a bounded task. The user is the
+        attested caller of this RPC (peer credentials), never a request field.
+        """
 
 def add_WorkloadServiceServicer_to_server(servicer: WorkloadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
