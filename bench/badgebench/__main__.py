@@ -1,0 +1,406 @@
+"""``python -m badgebench [--quick]``: normally run through ``bash bench/run``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from badgebench import procfs, provision, report
+from badgebench.load import LoadResult, run_load
+from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
+from badgebench.report import Report, Row
+from badgebench.servers import Badged, P11KitServer, SshAgent, Unavailable
+
+REPO = Path(__file__).resolve().parents[2]
+GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged")
+AUDIENCE = "https://api.example.com"  # granted by `badged dev`'s generated policy
+BADGED_AGENT = "demo-agent"
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    duration_s: float
+    slice_s: float
+    warmup_s: float
+    openssl_seconds: int
+    inprocess: tuple[int, ...]
+    ssh_agent: tuple[int, ...]
+    p11kit: tuple[int, ...]
+    badged: tuple[int, ...]
+    rss_requests: int
+    rss_clients: int
+
+
+FULL = Plan(mode="full", duration_s=5.0, slice_s=1.0, warmup_s=1.0, openssl_seconds=3,
+            inprocess=(1, 2), ssh_agent=(1, 4, 16, 64), p11kit=(1, 4, 16),
+            badged=(1, 4, 16, 64), rss_requests=100_000, rss_clients=16)
+QUICK = Plan(mode="quick", duration_s=1.0, slice_s=0.5, warmup_s=0.3, openssl_seconds=1,
+             inprocess=(1, 2), ssh_agent=(1, 16), p11kit=(1, 16), badged=(1, 4, 16),
+             rss_requests=2_000, rss_clients=4)
+
+
+def _say(msg: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def _tool_version(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "absent"
+    return (p.stdout or p.stderr).strip().splitlines()[0][:100] if (p.stdout or p.stderr) else "?"
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=False).stdout
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "daemon",
+                                "clients"], capture_output=True, text=True, timeout=10,
+                               check=False).stdout
+    except OSError:
+        return "unknown"
+    return rev.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "kernel": platform.release(),
+           "openssl": _tool_version(["openssl", "version"]),
+           "openssh": _tool_version(["ssh", "-V"]),
+           "softhsm": _tool_version(["softhsm2-util", "--version"]),
+           "badged_commit": _git_rev()}
+    for pkg in ("grpcio", "python-pkcs11", "cryptography"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _load_row(rows: list[Row], group: str, label: str, clients: int, specs: list[OpSpec],
+              plan: Plan, server_pid: int | None = None, note: str = "") -> Row:
+    _say(f"{label}: {clients} client process(es), {plan.duration_s:g}s")
+    res = run_load(specs, clients, duration_s=plan.duration_s, slice_s=plan.slice_s,
+                   warmup_s=plan.warmup_s, server_pid=server_pid)
+    row = Row(group=group, label=label, clients=clients, result=res, note=note, error=res.error)
+    if row.error:
+        _say(f"  -> error: {row.error}")
+    else:
+        _say(f"  -> {row.rate:,.0f} ops/s, p50 {res.p50_us:,.0f} µs, p99 {res.p99_us:,.0f} µs, "
+             f"load-gen CPU {res.loadgen_cpu_cores:.2f} cores")
+    rows.append(row)
+    return row
+
+
+def _unavailable(rows: list[Row], group: str, label: str, reason: str) -> None:
+    _say(f"{label}: not available ({reason})")
+    rows.append(Row(group=group, label=label, clients=0, error=reason))
+
+
+def bench_openssl(rows: list[Row], plan: Plan) -> None:
+    if shutil.which("openssl") is None:
+        _unavailable(rows, "openssl", "openssl speed ecdsap256", "openssl not installed")
+        return
+    _say(f"openssl speed ecdsap256, {plan.openssl_seconds}s")
+    p = subprocess.run(["openssl", "speed", "-elapsed", "-seconds", str(plan.openssl_seconds),
+                        "ecdsap256"], capture_output=True, text=True, timeout=120, check=False)
+    m = re.search(r"256 bits ecdsa \(nistp256\)\s+([\d.]+)s\s+([\d.]+)s\s+([\d.]+)\s+([\d.]+)",
+                  p.stdout)
+    if not m:
+        _unavailable(rows, "openssl", "openssl speed ecdsap256", "could not parse its output")
+        return
+    rate = float(m.group(3))
+    # openssl prints only a rate: p50 here is its mean time per signature.
+    res = LoadResult(clients=1, ops_per_s=rate, median_slice_ops_per_s=rate,
+                     p50_us=1e6 / rate if rate else 0.0, loadgen_cpu_cores=1.0)
+    rows.append(Row(group="openssl", label="openssl speed ecdsap256", clients=1, result=res,
+                    note="one core; C loop, no latency distribution (p50 = mean)"))
+    _say(f"  -> {rate:,.0f} signs/s")
+
+
+def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, public_der: str,
+                groups: set[str]) -> None:
+    pk = {"module": token.module, "token": token.label, "pin_file": str(token.pin_file),
+          "key": key, "public_der": public_der}
+    if "openssl" in groups:
+        bench_openssl(rows, plan)
+        for n in (1, 2):
+            _load_row(rows, "crypto", "cryptography (OpenSSL) sign, in-process", n,
+                      [OpSpec("crypto")], plan, note="software key: the CPU limit")
+    if "inprocess" in groups:
+        for n in plan.inprocess:
+            _load_row(rows, "inprocess", "python-pkcs11 in-process", n,
+                      [OpSpec("pkcs11", pk, token.env)], plan,
+                      note="CKM_ECDSA on a SHA-256 digest; one session per process")
+    if "ssh-agent" in groups:
+        agent = SshAgent(token)
+        try:
+            agent.start()
+            ids = ssh_identities(str(agent.socket))
+            want = ecdsa_blob(public_der)
+            if not any(blob == want for blob, _ in ids):
+                raise Unavailable(f"key {key} not among the agent's {len(ids)} identities")
+            spec = OpSpec("ssh-agent", {"socket": str(agent.socket), "blob": want.hex(),
+                                        "public_der": public_der})
+            for n in plan.ssh_agent:
+                _load_row(rows, "ssh-agent", "ssh-agent + PKCS#11 sign", n, [spec], plan,
+                          server_pid=agent.pid)
+        except Unavailable as exc:
+            _unavailable(rows, "ssh-agent", "ssh-agent + PKCS#11 sign", str(exc))
+        finally:
+            agent.stop()
+    if "p11-kit" in groups:
+        client = provision.find_first(provision.P11KIT_CLIENT_GLOBS)
+        server = P11KitServer(token)
+        try:
+            if client is None:
+                raise Unavailable("p11-kit-client.so not found (apt-get install -y p11-kit)")
+            server.start()
+            spec = OpSpec("pkcs11", dict(pk, module=client),
+                          {"P11_KIT_SERVER_ADDRESS": server.address})
+            for n in plan.p11kit:
+                _load_row(rows, "p11-kit", "p11-kit server remoting", n, [spec], plan,
+                          server_pid=server.pid)
+        except Unavailable as exc:
+            _unavailable(rows, "p11-kit", "p11-kit server remoting", str(exc))
+        finally:
+            server.stop()
+
+
+def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None) -> None:
+    rows = rep.rows
+    daemon = Badged(state, REPO)
+    try:
+        try:
+            import badgeclient  # noqa: F401 -- the workers need it; fail early and clearly
+        except ImportError as exc:
+            raise Unavailable(f"badgeclient not importable: {exc}") from None
+        warm = daemon.start()
+        pid = daemon.pid
+        assert pid is not None
+        rep.badged.update(start_cold_s=round(cold_start, 3) if cold_start else None,
+                          start_warm_s=round(warm, 3), rss_at_ready_kib=procfs.tree_rss_kib(pid),
+                          command=" ".join(daemon.command()))
+        _say(f"badged ready in {warm:.2f}s (cold start {cold_start or 0:.2f}s), "
+             f"RSS {rep.badged['rss_at_ready_kib']} KiB")
+        sock = str(daemon.socket)
+        fetch = OpSpec("badged-fetch", {"socket": sock, "audience": AUDIENCE, "scopes": "read",
+                                        "ttl": "60"})
+        sign = OpSpec("badged-sign", {"socket": sock})
+        for n in plan.badged:
+            _load_row(rows, "badged-fetch", "badged FetchToken", n, [fetch], plan, server_pid=pid,
+                      note="fresh ES256 JWT per call; attestation, policy, durable audit on")
+        for n in plan.badged:
+            _load_row(rows, "badged-sign", "badged Sign", n, [sign], plan, server_pid=pid)
+        if daemon.proc is None or daemon.proc.poll() is not None:
+            raise Unavailable("daemon died during the run")
+        before = procfs.tree_rss_kib(pid)
+        per = max(1, plan.rss_requests // plan.rss_clients)
+        _say(f"badged RSS soak: {per * plan.rss_clients:,} requests "
+             f"(FetchToken and Sign), {plan.rss_clients} clients; RSS before {before} KiB")
+        soak = run_load([fetch, sign], plan.rss_clients, duration_s=0, warmup_s=0.2,
+                        count_per_client=per, server_pid=pid)
+        after = procfs.tree_rss_kib(pid)
+        rep.badged.update(
+            rss_before_kib=before, rss_after_kib=after, rss_requests=soak.ops,
+            rss_growth_pct=round((after - before) * 100 / before, 2) if before else None,
+            soak_ops_per_s=round(soak.ops_per_s, 1), soak_p99_us=round(soak.p99_us, 1),
+            soak_error=soak.error)
+        _say(f"  -> RSS after {after} KiB ({rep.badged['rss_growth_pct']}%), "
+             f"{soak.ops_per_s:,.0f} ops/s" + (f", error: {soak.error}" if soak.error else ""))
+    except Unavailable as exc:
+        reason = str(exc)
+        rep.badged["unavailable"] = reason
+        _unavailable(rows, "badged-fetch", "badged", reason)
+    finally:
+        daemon.stop()
+
+
+def _targets(rep: Report) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated for information only (never an exit status)."""
+    def rate(group: str, clients: int) -> Row | None:
+        return next((r for r in rep.rows if r.group == group and r.clients == clients
+                     and r.rate), None)
+
+    out: list[dict[str, Any]] = []
+    ssh16, ssh1 = rate("ssh-agent", 16), rate("ssh-agent", 1)
+    f16, s16, f1 = rate("badged-fetch", 16), rate("badged-sign", 16), rate("badged-fetch", 1)
+
+    def add(name: str, value: float | None, goal: str, met: bool | None) -> None:
+        out.append({"target": name, "value": None if value is None else round(value, 2),
+                    "goal": goal, "met": met})
+
+    if ssh16 and ssh16.rate:
+        v = f16.rate / ssh16.rate if f16 and f16.rate else None
+        add("FetchToken@16 / ssh-agent@16 throughput", v, ">= 1.5", None if v is None else v >= 1.5)
+        v = s16.rate / ssh16.rate if s16 and s16.rate else None
+        add("Sign@16 / ssh-agent@16 throughput", v, ">= 2.0", None if v is None else v >= 2.0)
+    if ssh1 and ssh1.result and f1 and f1.result:
+        v = f1.result.p50_us / ssh1.result.p50_us
+        add("FetchToken@1 p50 / ssh-agent@1 p50", v, "<= 1.5", v <= 1.5)
+    for row in (f16, s16):
+        if row and row.result:
+            add(f"{row.label}@16 p99 (ms)", row.result.p99_us / 1000, "< 10", row.result.p99_us < 1e4)
+    g = rep.badged.get("rss_growth_pct")
+    if g is not None:
+        add(f"RSS growth over {rep.badged.get('rss_requests')} requests (%)", g, "< 5", g < 5)
+    return out
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into an exception so the finally blocks stop servers and wipe state."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small counts for CI (< 2 min)")
+    ap.add_argument("--only", default=",".join(GROUPS),
+                    help=f"comma-separated subset of: {','.join(GROUPS)}")
+    ap.add_argument("--duration", type=float, help="seconds of measured load per row")
+    ap.add_argument("--rss-requests", type=int, help="requests in the badged RSS soak")
+    ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--keep-state", action="store_true",
+                    help="keep the temp state dir (token, PIN, logs) for debugging")
+    args = ap.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    over: dict[str, Any] = {}
+    if args.duration:
+        over["duration_s"] = args.duration
+        over["slice_s"] = min(plan.slice_s, args.duration)
+        over["warmup_s"] = min(plan.warmup_s, max(0.1, args.duration / 2))
+    if args.rss_requests is not None:
+        over["rss_requests"] = args.rss_requests
+    if args.clients:
+        cl = tuple(int(x) for x in args.clients.split(","))
+        over.update(inprocess=tuple(c for c in cl if c <= 2) or (1,), ssh_agent=cl, p11kit=cl,
+                    badged=cl)
+    if over:
+        plan = Plan(**{**plan.__dict__, **over})
+    groups = {g.strip() for g in args.only.split(",") if g.strip()}
+    unknown = groups - set(GROUPS)
+    if unknown:
+        ap.error(f"unknown group(s) {sorted(unknown)}; choose from {GROUPS}")
+
+    module = provision.find_first(provision.MODULE_GLOBS)
+    if module is None or shutil.which("softhsm2-util") is None:
+        print("SoftHSM2 is missing: apt-get install -y softhsm2", file=sys.stderr)
+        return 2
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    rep = Report(meta={
+        "timestamp": stamp, "mode": plan.mode, "plan": plan.__dict__, "cpus": os.cpu_count(),
+        "host": platform.node(), "loadavg_before": procfs.loadavg(), "versions": _versions(),
+        "softhsm_module": module,
+    })
+    t_start = time.monotonic()
+    state = provision.make_state_dir()
+    with _terminate_cleanly():
+        try:
+            _say(f"state dir {state} (removed at the end); mode {plan.mode}")
+            token = provision.provision_token(state, module)
+            os.environ.update(token.env)
+            cold: float | None = None
+            key = provision.FALLBACK_KEY
+            if "badged" in groups:
+                # First start creates the demo agent's keys in *this* token; the
+                # peers then sign with the agent's Sign key: literally the same key.
+                first = Badged(state, REPO)
+                try:
+                    cold = first.start()
+                    key = f"badged/agent/{BADGED_AGENT}/v1/sig"
+                except Unavailable as exc:
+                    rep.badged["first_start_error"] = str(exc)
+                finally:
+                    first.stop()
+            public = provision.key_public_der(token, key, create=key == provision.FALLBACK_KEY)
+            if public is None:
+                key = provision.FALLBACK_KEY
+                public = provision.key_public_der(token, key, create=True)
+            assert public is not None
+            rep.meta["key"] = {"label": key, "token": token.label, "algorithm": "EC P-256",
+                               "spki_sha256_prefix": _fingerprint(public)}
+            _say(f"key {key} in token {token.label}")
+            bench_peers(rep.rows, plan, token, key, public, groups)
+            if "badged" in groups:
+                bench_badged(rep, plan, state, cold)
+        except KeyboardInterrupt:
+            _say("interrupted; cleaning up")
+            return 130
+        finally:
+            if args.keep_state:
+                _say(f"kept state dir {state}")
+            else:
+                provision.cleanup(state)
+
+    report.compute_ratios(rep.rows)
+    rep.meta["loadavg_after"] = procfs.loadavg()
+    rep.meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    if plan.mode == "full":
+        rep.targets = _targets(rep)
+    out_json = args.out_dir / f"{stamp}.json"
+    report.write_json(rep, out_json)
+    print()
+    print(f"badged benchmark — {plan.mode} mode, {rep.meta['cpus']} CPUs, "
+          f"key {rep.meta['key']['label']} in SoftHSM token {provision.TOKEN_LABEL}")
+    print(f"load average before {rep.meta['loadavg_before']}, "
+          f"after {rep.meta['loadavg_after']}; {rep.meta['elapsed_s']}s total")
+    print()
+    print(report.format_table(rep.rows))
+    b = rep.badged
+    if "unavailable" in b:
+        print(f"\nbadged: not available ({b['unavailable']})")
+    elif b:
+        print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s "
+              f"(first start, creating the agent's keys: {b.get('start_cold_s')}s)")
+        print(f"badged RSS: {b.get('rss_at_ready_kib')} KiB at ready, "
+              f"{b.get('rss_before_kib')} KiB before and {b.get('rss_after_kib')} KiB after "
+              f"{b.get('rss_requests'):,} requests ({b.get('rss_growth_pct')}%)")
+    if rep.targets:
+        print("\nissue #7 targets (information, not a pass/fail of this command):")
+        for t in rep.targets:
+            mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+            print(f"  {t['target']}: {t['value']} (goal {t['goal']}) — {mark}")
+    print(f"\nJSON: {out_json}")
+    if not args.no_plot:
+        png = out_json.with_suffix(".png")
+        why = report.plot(rep, png)
+        print(f"plot: {png}" if why is None else f"plot: not written ({why})")
+    return 0
+
+
+def _fingerprint(public_der_hex: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(bytes.fromhex(public_der_hex)).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

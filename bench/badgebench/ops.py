@@ -1,0 +1,263 @@
+"""The operations the load generator times, built inside each worker process.
+
+Each factory does its setup (connect, log in, find the key) once, checks one
+result for real (a signature that verifies, a token that is not empty), and
+returns ``(op, close)``: ``op()`` is the timed call, with nothing else in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Op = Callable[[], object]
+Close = Callable[[], None]
+
+DATA = b"badgebench: 32 bytes of payload!"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one worker process does; plain data, so it crosses a spawn boundary."""
+
+    kind: str
+    params: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def make(spec: OpSpec) -> tuple[Op, Close]:
+    os.environ.update(spec.env)
+    factory = _FACTORIES.get(spec.kind)
+    if factory is None:
+        raise ValueError(f"unknown op kind {spec.kind!r}")
+    return factory(spec.params)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _verify_raw_ecdsa(public_der: str, raw: bytes, digest: bytes) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+    pub = serialization.load_der_public_key(bytes.fromhex(public_der))
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    half = len(raw) // 2
+    der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+    pub.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+# -- in-process / remoted PKCS#11 --------------------------------------------------
+
+
+def _pkcs11(params: dict[str, str]) -> tuple[Op, Close]:
+    """CKM_ECDSA over a SHA-256 digest, on one logged-in session, handle cached.
+
+    With ``module`` = p11-kit-client.so (and P11_KIT_SERVER_ADDRESS in the
+    environment) the same code measures p11-kit's remoting of the token.
+    """
+    import pkcs11
+
+    lib = pkcs11.lib(params["module"])
+    token = lib.get_token(token_label=params["token"])
+    with open(params["pin_file"]) as fh:
+        pin = fh.read().strip()
+    session = token.open(user_pin=pin)
+    key: Any = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=params["key"])
+    mech = pkcs11.Mechanism.ECDSA
+    digest = hashlib.sha256(DATA).digest()
+    _verify_raw_ecdsa(params["public_der"], bytes(key.sign(digest, mechanism=mech)), digest)
+    sha256 = hashlib.sha256
+    sign = key.sign
+
+    def op() -> object:
+        return sign(sha256(DATA).digest(), mechanism=mech)
+
+    def close() -> None:
+        session.close()
+
+    return op, close
+
+
+# -- CPU limit -------------------------------------------------------------------------
+
+
+def _crypto(params: dict[str, str]) -> tuple[Op, Close]:
+    """OpenSSL's P-256 through `cryptography`: a software key, the CPU's limit."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    algo = ec.ECDSA(hashes.SHA256())
+    key.public_key().verify(key.sign(DATA, algo), DATA, algo)
+    sign = key.sign
+
+    def op() -> object:
+        return sign(DATA, algo)
+
+    return op, lambda: None
+
+
+# -- OpenSSH agent protocol --------------------------------------------------------------
+
+SSH_AGENTC_REQUEST_IDENTITIES = 11
+SSH_AGENT_IDENTITIES_ANSWER = 12
+SSH_AGENTC_SIGN_REQUEST = 13
+SSH_AGENT_SIGN_RESPONSE = 14
+
+
+def _sshstr(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def _read_exact(sock: socket.socket, n: int, buf: bytearray) -> memoryview:
+    if len(buf) < n:
+        buf.extend(bytes(n - len(buf)))
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:n], n - got)
+        if k == 0:
+            raise ConnectionError("ssh-agent closed the connection")
+        got += k
+    return view[:n]
+
+
+def _agent_call(sock: socket.socket, payload: bytes, buf: bytearray) -> memoryview:
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
+    (length,) = struct.unpack(">I", _read_exact(sock, 4, buf))
+    return _read_exact(sock, length, buf)
+
+
+def parse_ssh_strings(data: bytes, count: int) -> tuple[list[bytes], bytes]:
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack(">I", data[:4])
+        out.append(data[4:4 + n])
+        data = data[4 + n:]
+    return out, data
+
+
+def ssh_identities(sock_path: str) -> list[tuple[bytes, str]]:
+    """(key blob, comment) of every key the agent holds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(sock_path)
+        reply = bytes(_agent_call(sock, bytes([SSH_AGENTC_REQUEST_IDENTITIES]), bytearray()))
+    if reply[0] != SSH_AGENT_IDENTITIES_ANSWER:
+        raise RuntimeError(f"ssh-agent answered {reply[0]} to REQUEST_IDENTITIES")
+    (n,) = struct.unpack(">I", reply[1:5])
+    rest, out = reply[5:], []
+    for _ in range(n):
+        (blob, comment), rest = parse_ssh_strings(rest, 2)
+        out.append((blob, comment.decode(errors="replace")))
+    return out
+
+
+def ecdsa_blob(public_der: str) -> bytes:
+    """The SSH wire blob of a P-256 public key (to pick it among the agent's keys)."""
+    from cryptography.hazmat.primitives import serialization
+
+    pub = serialization.load_der_public_key(bytes.fromhex(public_der))
+    point = pub.public_bytes(serialization.Encoding.X962,
+                             serialization.PublicFormat.UncompressedPoint)
+    return _sshstr(b"ecdsa-sha2-nistp256") + _sshstr(b"nistp256") + _sshstr(point)
+
+
+def _ssh_agent(params: dict[str, str]) -> tuple[Op, Close]:
+    """SSH2_AGENTC_SIGN_REQUEST on one persistent connection (what `ssh` sends)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    blob = bytes.fromhex(params["blob"])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(params["socket"])
+    body = bytes([SSH_AGENTC_SIGN_REQUEST]) + _sshstr(blob) + _sshstr(DATA) + struct.pack(">I", 0)
+    request = struct.pack(">I", len(body)) + body
+    buf = bytearray(4096)
+
+    # Check one answer for real: type 14 and a signature that verifies.
+    reply = bytes(_agent_call(sock, body, buf))
+    if reply[0] != SSH_AGENT_SIGN_RESPONSE:
+        raise RuntimeError(f"ssh-agent refused to sign (message {reply[0]})")
+    (sig,), _ = parse_ssh_strings(reply[1:], 1)
+    (algo, inner), _ = parse_ssh_strings(sig, 2)
+    assert algo == b"ecdsa-sha2-nistp256", algo
+    (r, s), _ = parse_ssh_strings(inner, 2)
+    pub = serialization.load_der_public_key(bytes.fromhex(params["public_der"]))
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), DATA,
+               ec.ECDSA(hashes.SHA256()))
+
+    sendall = sock.sendall
+    recv_into = sock.recv_into
+    view = memoryview(buf)
+    unpack = struct.unpack
+
+    def op() -> object:
+        sendall(request)
+        got = 0
+        need = 4
+        while got < need:  # one recv almost always returns the whole answer
+            k = recv_into(view[got:], len(buf) - got)
+            if k == 0:
+                raise ConnectionError("ssh-agent closed the connection")
+            got += k
+            if need == 4 and got >= 4:
+                need = 4 + unpack(">I", view[:4])[0]
+        if view[4] != SSH_AGENT_SIGN_RESPONSE:
+            raise RuntimeError(f"ssh-agent failed to sign (message {view[4]})")
+        return got
+
+    return op, sock.close
+
+
+# -- badged ----------------------------------------------------------------------------------
+
+
+def _badged_client(params: dict[str, str]) -> Any:
+    from badgeclient import WorkloadClient
+
+    return WorkloadClient(params["socket"])
+
+
+def _badged_fetch(params: dict[str, str]) -> tuple[Op, Close]:
+    client = _badged_client(params)
+    audience = params["audience"]
+    scopes = params["scopes"].split(",")
+    ttl = int(params.get("ttl", "60"))
+    if not client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl).token:
+        raise RuntimeError("badged returned an empty token")
+    fetch = client.fetch_token
+
+    def op() -> object:
+        return fetch(audience=audience, scopes=scopes, ttl_seconds=ttl)
+
+    return op, client.close
+
+
+def _badged_sign(params: dict[str, str]) -> tuple[Op, Close]:
+    client = _badged_client(params)
+    if not client.sign(DATA).signature:
+        raise RuntimeError("badged returned an empty signature")
+    sign = client.sign
+
+    def op() -> object:
+        return sign(DATA)
+
+    return op, client.close
+
+
+_FACTORIES: dict[str, Callable[[dict[str, str]], tuple[Op, Close]]] = {
+    "pkcs11": _pkcs11,
+    "crypto": _crypto,
+    "ssh-agent": _ssh_agent,
+    "badged-fetch": _badged_fetch,
+    "badged-sign": _badged_sign,
+}
