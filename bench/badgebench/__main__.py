@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-requests", type=int, help="requests in the badged RSS soak")
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--json", type=Path, help="write the JSON here instead of --out-dir")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--keep-state", action="store_true",
                     help="keep the temp state dir (token, PIN, logs) for debugging")
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     if plan.mode == "full":
         rep.targets = _targets(rep)
-    out_json = args.out_dir / f"{stamp}.json"
+    out_json = args.json or args.out_dir / f"{stamp}.json"
     report.write_json(rep, out_json)
     print()
     print(f"badged benchmark — {plan.mode} mode, {rep.meta['cpus']} CPUs, "
