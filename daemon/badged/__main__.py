@@ -94,7 +94,8 @@ def check(config_path: Path) -> None:
         config = load_config(config_path)
         if config.policy_file is not None:
             policy = load_policy(config.policy_file)
-            click.echo(f"{config.policy_file}: {len(policy.bindings)} binding(s) OK")
+            click.echo(f"{config.policy_file}: {len(policy.agents)} agent rule(s), "
+                       f"{len(policy.bundles)} bundle(s) OK")
     except BadgedError as exc:
         click.echo(f"badged: {exc}", err=True)
         sys.exit(1)

@@ -32,9 +32,12 @@ from badged.keystore.pkcs11.store import Pkcs11KeyStore
 from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.front import SocketFront
 from badged.listener.peers import PeerRegistry
+from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
+from badged.policy.ratelimit import RateLimiter
 from badged.service.admin import AdminServicer
+from badged.service.approvals import ApprovalBoard
 from badged.service.deps import PolicyHolder, ServiceDeps
 from badged.service.errors import ErrorBoundary
 from badged.service.workload import WorkloadServicer
@@ -119,7 +122,7 @@ class Daemon:
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
         self.agents.reconcile()
         policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
-        if not policy.bindings:
+        if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
                             extra={"policy": str(cfg.policy_file)})
         self.policy = PolicyHolder(policy, cfg.policy_file)
@@ -132,6 +135,10 @@ class Daemon:
             issuer=cfg.effective_issuer, default_ttl=cfg.default_ttl, max_ttl=cfg.max_ttl,
             admin_uids=frozenset({0, os.geteuid()}), operator_gid=cfg.operator_gid(),
             device_key=device_key, keystore=self._keystore, state_dir=cfg.state_dir,
+            grants=GrantStore(cfg.private_dir / "grants.json", self._clock),
+            limiter=RateLimiter(),
+            approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
+            trust_domain=cfg.trust_domain,
         )
 
     @staticmethod

@@ -36,6 +36,7 @@ class DaemonConfig:
     default_ttl: int = 300
     max_ttl: int = 3600
     max_connections_per_uid: int = 256
+    approval_timeout: int = 120
     log_format: str = "text"
     log_level: str = "INFO"
     log_error_details: bool = True
@@ -69,7 +70,8 @@ class DaemonConfig:
 
 _KNOWN: dict[str, set[str]] = {
     "daemon": {"state_dir", "workload_socket", "admin_socket", "operator_group", "trust_domain",
-               "issuer", "policy_file", "default_ttl", "max_ttl", "max_connections_per_uid"},
+               "issuer", "policy_file", "default_ttl", "max_ttl", "max_connections_per_uid",
+               "approval_timeout"},
     "log": {"format", "level", "error_details"},
     "keystore": {"backend", "uri", "module_path"},
     "audit": {"dir"},
@@ -167,6 +169,7 @@ def load_config(path: Path) -> DaemonConfig:
         default_ttl=duration("default_ttl", 300),
         max_ttl=duration("max_ttl", 3600),
         max_connections_per_uid=max_conn,
+        approval_timeout=duration("approval_timeout", 120),
         log_format=fmt,
         log_level=str(log.get("level", "INFO")).upper(),
         log_error_details=bool(log.get("error_details", True)),

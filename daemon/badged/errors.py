@@ -100,6 +100,11 @@ class RateLimitedError(BadgedError):
     code = ErrorCode.RATE_LIMITED
     public_message = "rate limit exceeded"
 
+    def __init__(self, detail: str = "", *, retry_after: float = 0.0) -> None:
+        seconds = max(1, int(retry_after + 0.999))
+        super().__init__(detail, public=f"rate budget exhausted; retry after {seconds}s")
+        self.retry_after = seconds
+
 
 class FailedPreconditionError(BadgedError):
     code = ErrorCode.FAILED_PRECONDITION

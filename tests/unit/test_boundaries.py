@@ -130,4 +130,6 @@ def test_shipped_example_policy_loads() -> None:
     from badged.policy.loader import load_policy
 
     policy = load_policy(ROOT / "docs" / "policy.example.toml")
-    assert [b.agent for b in policy.bindings] == ["deploy-bot", "ci-runner"]
+    assert [r.agent for r in policy.agents] == ["deploy-bot", "ci-runner"]
+    assert set(policy.bundles) == {"deploy", "prod-write", "artifacts"}
+    assert policy.bundles["prod-write"].approval and policy.baseline is not None

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import pwd
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +27,28 @@ from badged.errors import AttestationError
 from badged.listener.peers import PeerCredentials
 
 _logger = logging.getLogger(__name__)
+
+PARENT_LEVELS = 4
+_CONTAINER_RE = re.compile(r"(?:docker|libpod|cri-containerd|crio|containerd)[-/]([0-9a-f]{64})")
+_BARE_ID_RE = re.compile(r"/([0-9a-f]{64})(?:\.scope)?$")
+
+
+def unit_of(cgroup: str | None) -> str | None:
+    """The innermost systemd unit (``x.service`` / ``x.scope``) of a cgroup path."""
+    if not cgroup:
+        return None
+    for part in reversed(cgroup.strip("/").split("/")):
+        if part.endswith((".service", ".scope")) and not part.startswith("user@"):
+            return part
+    return None
+
+
+def container_of(cgroup: str | None) -> str | None:
+    """A 64-hex container id from docker/podman/containerd cgroup paths."""
+    if not cgroup:
+        return None
+    m = _CONTAINER_RE.search(cgroup) or _BARE_ID_RE.search(cgroup)
+    return m.group(1) if m else None
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,17 @@ class ProcessAttributes:
     exe: str | None
     exe_sha256: str | None
     cgroup: str | None
+    # Executables of the parent, grandparent, ... (read by ppid, *not*
+    # pidfd-guarded: weaker evidence than the caller's own exe, see docs).
+    chain: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> str | None:
+        return unit_of(self.cgroup)
+
+    @property
+    def container_id(self) -> str | None:
+        return container_of(self.cgroup)
 
     def selectors(self) -> frozenset[str]:
         """SPIRE-style unix selectors; exe selectors only when readable."""
@@ -54,12 +88,22 @@ class ProcessAttributes:
             sels.add(f"unix:path:{self.exe}")
         if self.exe_sha256:
             sels.add(f"unix:sha256:{self.exe_sha256}")
+        if self.cgroup:
+            sels.add(f"unix:cgroup:{self.cgroup}")
+        if self.unit:
+            sels.add(f"systemd:unit:{self.unit}")
+        if self.container_id:
+            sels.add(f"container:id:{self.container_id}")
+        if self.chain:
+            sels.add(f"unix:parent_path:{self.chain[0]}")
+            sels |= {f"unix:ancestor_path:{p}" for p in self.chain}
         return frozenset(sels)
 
     def summary(self) -> dict[str, object]:
         """For logs and audit: everything but nothing secret."""
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe,
-                "exe_sha256": self.exe_sha256, "cgroup": self.cgroup}
+                "exe_sha256": self.exe_sha256, "cgroup": self.cgroup, "unit": self.unit,
+                "container_id": self.container_id, "chain": list(self.chain)}
 
 
 class ProcessAttestor:
@@ -76,12 +120,13 @@ class ProcessAttestor:
         groups = self._groups(peer.pid)
         exe, digest = self._exe(peer.pid)
         cgroup = self._cgroup(peer.pid)
+        chain = self._chain(peer.pid)
         # Everything above was read by pid; only now do we know it was *this*
         # process and not a successor that inherited the pid.
         if not peer.is_alive():
             raise AttestationError(f"caller pid {peer.pid} exited during attestation")
         return ProcessAttributes(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=groups,
-                                 exe=exe, exe_sha256=digest, cgroup=cgroup)
+                                 exe=exe, exe_sha256=digest, cgroup=cgroup, chain=chain)
 
     def _groups(self, pid: int) -> tuple[int, ...]:
         try:
@@ -92,6 +137,20 @@ class ProcessAttestor:
         except OSError:
             pass
         return ()
+
+    def _chain(self, pid: int) -> tuple[str, ...]:
+        chain: list[str] = []
+        current = pid
+        for _ in range(PARENT_LEVELS):
+            current = _ppid(current)
+            if current <= 1:
+                break
+            try:
+                exe = os.readlink(f"/proc/{current}/exe")
+            except OSError:
+                break
+            chain.append(exe.removesuffix(" (deleted)"))
+        return tuple(chain)
 
     def _cgroup(self, pid: int) -> str | None:
         try:
@@ -132,3 +191,12 @@ class ProcessAttestor:
         if path.endswith(" (deleted)"):
             path = path[: -len(" (deleted)")]
         return path, digest
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return 0
+    return int(data[data.rfind(b")") + 2:].split()[1])

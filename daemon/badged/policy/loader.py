@@ -1,16 +1,32 @@
 """Read a policy TOML file into :class:`~badged.policy.model.Policy`.
 
 Every problem is reported as ``file:line: reason`` (ConfigError), so an
-operator can fix it without guessing; the daemon keeps its last good policy
-when a reload fails. Example (see docs/policy.example.toml)::
+operator can fix it without guessing; a running daemon keeps its last good
+policy when a reload fails. The format is documented, with every key, in
+docs/policy.example.toml. In short::
 
-    [[bind]]
-    agent = "deploy-bot"
-    selectors = ["unix:uid:1000", "unix:path:/usr/bin/python3.11"]
-    audiences = ["https://api.example.com"]
-    scopes = ["deploy:read"]
+    [baseline]                      # every agent
+    audiences = ["https://status.example.com"]
+    kinds = ["token"]
+    max_ttl = "5m"
+
+    [bundle.deploy]                 # reusable access bundle
+    audiences = ["https://deploy.example.com"]
+    scopes = ["deploy:read", "deploy:write"]
     kinds = ["token", "sign"]
     max_ttl = "10m"
+    rate = "30/1m"
+    approval = false
+
+    [[agent]]
+    name = "deploy-bot"
+    selectors = ["unix:user:deploy", "unix:sha256:<hex>"]
+    bundles = ["deploy"]
+
+    [delegation]
+    allow = ["unix:group:staff"]    # who may delegate to agents
+
+``[[bind]]`` (agent + inline bundle in one table) is kept as a shorthand.
 """
 
 from __future__ import annotations
@@ -22,12 +38,16 @@ from typing import Any
 
 from badged.errors import ConfigError
 from badged.identity.registry import check_agent_name
-from badged.policy.model import KINDS, Binding, Policy, parse_selector
+from badged.policy.model import KINDS, AgentRule, Bundle, Policy, Rate, parse_selector
 
 MAX_TTL_CAP = 24 * 3600
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
-_BIND_HEADER = re.compile(r"^\s*\[\[\s*bind\s*\]\]")
-_ALLOWED_KEYS = {"agent", "selectors", "audiences", "scopes", "kinds", "max_ttl", "description"}
+_RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description"}
+_AGENT_KEYS = {"name", "selectors", "bundles", "description"}
+_BIND_KEYS = (_BUNDLE_KEYS | {"agent", "selectors"}) - {"rate", "approval"}
+_TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation"}
 
 
 def parse_duration(value: Any, *, what: str) -> int:
@@ -47,7 +67,41 @@ def parse_duration(value: Any, *, what: str) -> int:
     return seconds
 
 
-def _string_list(entry: dict[str, Any], key: str, *, required: bool) -> list[str]:
+def parse_rate(value: Any) -> Rate:
+    """``"30/1m"``, ``"100/60s"``, ``"5/h"`` → Rate(count, window seconds)."""
+    if not isinstance(value, str) or not (m := _RATE_RE.match(value.strip())):
+        raise ValueError(f"rate {value!r} is not like \"30/1m\", \"100/60s\" or \"5/1h\"")
+    count = int(m.group(1))
+    window = int(m.group(2) or 1) * {"s": 1, "m": 60, "h": 3600}[m.group(3)]
+    if count <= 0 or window <= 0:
+        raise ValueError("rate count and window must be positive")
+    if count > 1_000_000 or window > 7 * 86400:
+        raise ValueError("rate is out of range (count <= 1e6, window <= 7d)")
+    return Rate(count, window)
+
+
+class _Lines:
+    """Finds where a table or key is written, for file:line errors."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def header(self, pattern: str, nth: int = 0) -> int:
+        rx = re.compile(rf"^\s*{pattern}\s*(#.*)?$")
+        hits = [i for i, line in enumerate(self.lines) if rx.match(line)]
+        return hits[nth] if nth < len(hits) else 0
+
+    def key(self, start: int, key: str) -> int:
+        rx = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        for i in range(start, len(self.lines)):
+            if i > start and self.lines[i].lstrip().startswith("["):
+                break
+            if rx.match(self.lines[i]):
+                return i + 1
+        return start + 1
+
+
+def _strings(entry: dict[str, Any], key: str, *, required: bool) -> list[str]:
     value = entry.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{key} must be a list of non-empty strings")
@@ -56,15 +110,154 @@ def _string_list(entry: dict[str, Any], key: str, *, required: bool) -> list[str
     return value
 
 
-def _key_line(lines: list[str], start: int, key: str) -> int:
-    """Line of ``key =`` within the table starting at ``start`` (1-based)."""
-    pat = re.compile(rf"^\s*{re.escape(key)}\s*=")
-    for i in range(start, len(lines)):
-        if i > start and _BIND_HEADER.match(lines[i]):
-            break
-        if pat.match(lines[i]):
-            return i + 1
-    return start + 1
+class _Parser:
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.where = _Lines(text)
+        self.short = Path(source).name
+
+    def fail(self, line: int, msg: str) -> ConfigError:
+        return ConfigError(msg, path=self.source, line=line)
+
+    def bundle(self, name: str, entry: Any, start: int, *, allowed: set[str]) -> Bundle:
+        if not isinstance(entry, dict):
+            raise self.fail(start + 1, f"bundle {name!r} must be a table")
+        key = "?"
+        try:
+            unknown = sorted(set(entry) - allowed)
+            if unknown:
+                key = unknown[0]
+                raise ValueError(f"unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+            key = "kinds"
+            kinds = _strings(entry, "kinds", required=False) or ["token"]
+            bad = [k for k in kinds if k not in KINDS]
+            if bad:
+                raise ValueError(f"unknown kinds {bad} (known: {', '.join(KINDS)})")
+            key = "audiences"
+            audiences = _strings(entry, "audiences", required=False)
+            needs_aud = sorted(set(kinds) & {"token", "assertion", "dpop"})
+            if needs_aud and not audiences:
+                raise ValueError(f"bundle names nothing: kinds {needs_aud} need audiences")
+            key = "scopes"
+            scopes = _strings(entry, "scopes", required=False)
+            for s in scopes:
+                if " " in s:
+                    raise ValueError(f"scope {s!r} contains a space")
+            key = "max_ttl"
+            max_ttl = parse_duration(entry.get("max_ttl", 300), what="max_ttl")
+            key = "rate"
+            rate = parse_rate(entry["rate"]) if "rate" in entry else None
+            key = "approval"
+            approval = entry.get("approval", False)
+            if not isinstance(approval, bool):
+                raise ValueError("approval must be true or false")
+        except ValueError as exc:
+            raise self.fail(self.where.key(start, key), f"bundle {name!r}: {exc}") from None
+        return Bundle(name=name, audiences=frozenset(audiences), scopes=frozenset(scopes),
+                      kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate, approval=approval,
+                      source=f"{self.short}:{start + 1}")
+
+    def selectors(self, entry: dict[str, Any], start: int, what: str) -> frozenset[str]:
+        try:
+            sels = _strings(entry, "selectors", required=True)
+            for sel in sels:
+                parse_selector(sel)
+        except ValueError as exc:
+            raise self.fail(self.where.key(start, "selectors"), f"{what}: {exc}") from None
+        return frozenset(sels)
+
+    def agent_name(self, entry: dict[str, Any], key: str, start: int, what: str) -> str:
+        name = entry.get(key)
+        try:
+            if not isinstance(name, str):
+                raise ValueError(f"{key} is required and must be a string")
+            check_agent_name(name)
+        except Exception as exc:
+            detail = getattr(exc, "public", None) or str(exc)
+            raise self.fail(self.where.key(start, key), f"{what}: {detail}") from None
+        return name
+
+    def parse(self, doc: dict[str, Any]) -> Policy:
+        for key in doc:
+            if key not in _TOP_KEYS:
+                line = self.where.header(rf"\[+\s*{re.escape(key)}[\].]") or 0
+                raise self.fail(line + 1 if line else self.where.key(0, key),
+                                f"unknown top-level table {key!r} "
+                                f"(known: {', '.join(sorted(_TOP_KEYS))})")
+        baseline = None
+        if "baseline" in doc:
+            start = self.where.header(r"\[\s*baseline\s*\]")
+            baseline = self.bundle("baseline", doc["baseline"], start, allowed=_BUNDLE_KEYS)
+        bundles: dict[str, Bundle] = {}
+        raw_bundles = doc.get("bundle", {})
+        if not isinstance(raw_bundles, dict):
+            raise self.fail(1, "bundle must be tables like [bundle.NAME]")
+        for name, entry in raw_bundles.items():
+            start = self.where.header(rf"\[\s*bundle\.\"?{re.escape(name)}\"?\s*\]")
+            if not _NAME_RE.match(name):
+                raise self.fail(start + 1, f"bundle name {name!r}: use [a-z0-9._-], max 63")
+            bundles[name] = self.bundle(name, entry, start, allowed=_BUNDLE_KEYS)
+        rules: list[AgentRule] = []
+        for idx, entry in enumerate(self._array(doc, "agent")):
+            start = self.where.header(r"\[\[\s*agent\s*\]\]", idx)
+            what = f"[[agent]] #{idx + 1}"
+            unknown = sorted(set(entry) - _AGENT_KEYS)
+            if unknown:
+                raise self.fail(self.where.key(start, unknown[0]),
+                                f"{what}: unknown key {unknown[0]!r}")
+            name = self.agent_name(entry, "name", start, what)
+            sels = self.selectors(entry, start, f"{what} ({name})")
+            try:
+                names = _strings(entry, "bundles", required=False)
+            except ValueError as exc:
+                raise self.fail(self.where.key(start, "bundles"), f"{what}: {exc}") from None
+            for b in names:
+                if b not in bundles:
+                    raise self.fail(self.where.key(start, "bundles"),
+                                    f"{what} ({name}): unknown bundle {b!r}")
+            if not names and baseline is None:
+                raise self.fail(self.where.key(start, "bundles"),
+                                f"{what} ({name}): grants nothing (no bundles and no baseline)")
+            rules.append(AgentRule(agent=name, selectors=sels, bundles=tuple(names),
+                                   source=f"{self.short}:{start + 1}"))
+        for idx, entry in enumerate(self._array(doc, "bind")):
+            start = self.where.header(r"\[\[\s*bind\s*\]\]", idx)
+            what = f"[[bind]] #{idx + 1}"
+            unknown = sorted(set(entry) - _BIND_KEYS)
+            if unknown:
+                raise self.fail(self.where.key(start, unknown[0]),
+                                f"{what}: unknown key {unknown[0]!r}")
+            name = self.agent_name(entry, "agent", start, what)
+            sels = self.selectors(entry, start, f"{what} ({name})")
+            inline = {k: v for k, v in entry.items() if k not in ("agent", "selectors")}
+            bundle_name = f"bind.{name}.{start + 1}"
+            bundles[bundle_name] = self.bundle(bundle_name, inline, start, allowed=_BUNDLE_KEYS)
+            rules.append(AgentRule(agent=name, selectors=sels, bundles=(bundle_name,),
+                                   source=f"{self.short}:{start + 1}"))
+        delegators: frozenset[str] = frozenset()
+        dsource = ""
+        if "delegation" in doc:
+            start = self.where.header(r"\[\s*delegation\s*\]")
+            entry = doc["delegation"]
+            if not isinstance(entry, dict) or set(entry) - {"allow"}:
+                raise self.fail(start + 1, "[delegation] takes only allow = [selectors]")
+            try:
+                allow = _strings(entry, "allow", required=True)
+                for sel in allow:
+                    parse_selector(sel)
+            except ValueError as exc:
+                raise self.fail(self.where.key(start, "allow"), f"[delegation]: {exc}") from None
+            delegators = frozenset(allow)
+            dsource = f"{self.short}:{start + 1}"
+        return Policy(agents=tuple(rules), bundles=bundles, baseline=baseline,
+                      delegators=delegators, delegators_source=dsource, source=self.source)
+
+    def _array(self, doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        value = doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(self.where.header(rf"\[+\s*{key}\s*\]+") + 1,
+                            f"{key!r} must be an array of tables ([[{key}]])")
+        return value
 
 
 def parse_policy(text: str, source: str) -> Policy:
@@ -74,58 +267,7 @@ def parse_policy(text: str, source: str) -> Policy:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(f"TOML syntax: {exc}", path=source,
                           line=int(m.group(1)) if m else None) from None
-    lines = text.splitlines()
-    headers = [i for i, line in enumerate(lines) if _BIND_HEADER.match(line)]
-    unknown_top = set(doc) - {"bind"}
-    if unknown_top:
-        key = sorted(unknown_top)[0]
-        raise ConfigError(f"unknown top-level key {key!r} (expected [[bind]] tables)",
-                          path=source, line=_key_line(lines, 0, key))
-    entries = doc.get("bind", [])
-    if not isinstance(entries, list):
-        raise ConfigError("'bind' must be an array of tables ([[bind]])", path=source)
-    bindings: list[Binding] = []
-    for idx, entry in enumerate(entries):
-        start = headers[idx] if idx < len(headers) else 0
-        current_key = "agent"
-        try:
-            unknown = set(entry) - _ALLOWED_KEYS
-            if unknown:
-                current_key = sorted(unknown)[0]
-                raise ValueError(f"unknown key {current_key!r}")
-            current_key = "agent"
-            agent = entry.get("agent")
-            if not isinstance(agent, str):
-                raise ValueError("agent is required and must be a string")
-            check_agent_name(agent)
-            current_key = "selectors"
-            selectors = _string_list(entry, "selectors", required=True)
-            for sel in selectors:
-                parse_selector(sel)
-            current_key = "kinds"
-            kinds = _string_list(entry, "kinds", required=False) or ["token"]
-            bad = [k for k in kinds if k not in KINDS]
-            if bad:
-                raise ValueError(f"unknown kinds {bad} (known: {', '.join(KINDS)})")
-            current_key = "audiences"
-            audiences = _string_list(entry, "audiences", required="token" in kinds)
-            current_key = "scopes"
-            scopes = _string_list(entry, "scopes", required=False)
-            for s in scopes:
-                if " " in s:
-                    raise ValueError(f"scope {s!r} contains a space")
-            current_key = "max_ttl"
-            max_ttl = parse_duration(entry.get("max_ttl", 300), what="max_ttl")
-        except Exception as exc:
-            detail = getattr(exc, "public", None) or str(exc)
-            raise ConfigError(f"[[bind]] #{idx + 1}: {detail}", path=source,
-                              line=_key_line(lines, start, current_key)) from None
-        bindings.append(Binding(
-            agent=agent, selectors=frozenset(selectors), audiences=frozenset(audiences),
-            scopes=frozenset(scopes), kinds=frozenset(kinds), max_ttl=max_ttl,
-            source=f"{Path(source).name}:{start + 1}",
-        ))
-    return Policy(bindings=tuple(bindings), source=source)
+    return _Parser(text, source).parse(doc)
 
 
 def load_policy(path: Path) -> Policy:

@@ -1,55 +1,109 @@
-"""Binding policy: which attested callers may act as which agent, for what.
+"""Least-agency policy: which attested callers may obtain which credential.
 
-Pure data and pure evaluation -- no I/O, no clock. Deny by default: a caller
-gets nothing unless a binding names the agent, *all* of the binding's
-selectors are among the caller's attested selectors, and the request fits the
-binding's audiences, scopes, kinds and TTL cap.
+Pure data and pure evaluation -- no I/O; the time, the step-up grants, the
+delegations and the rate budget are all arguments, so every rule is tested
+with plain tables (tests/unit/test_policy*.py).
 
-Selectors follow SPIRE's unix workload attestor: ``unix:uid:1000``,
-``unix:gid:1000``, ``unix:user:alice``, ``unix:group:agents``,
-``unix:supplementary_gid:27``, ``unix:path:/usr/bin/python3``,
-``unix:sha256:<hex>``.
+The model (docs/policy.example.toml):
+
+* **Agents** are bound to kernel-attested *selectors* (all must match) and to
+  named **bundles**.
+* A **bundle** is a reusable set of what may be obtained: audiences, scopes,
+  credential kinds, a TTL cap, a rate budget, and whether a human must
+  approve.
+* The **baseline** bundle applies to every agent (the workspace scope).
+* **Step-up grants** add a bundle to one agent until a deadline.
+* A **delegation** lets an agent act for a user; the result never exceeds the
+  intersection of the delegation and the agent's own bundles.
+
+A request is allowed when ONE bundle in effect allows all of it (kind,
+audience, every scope, TTL) and still has budget. Deny by default: no
+matching agent, no bundle, or an empty policy grants nothing. Every decision
+carries the rule that made it and a trace of why the others did not.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-SELECTOR_TYPES = ("uid", "gid", "user", "group", "supplementary_gid", "path", "sha256")
 # token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
 # attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs.
 KINDS = ("token", "sign", "assertion", "dpop", "csr")
-_SELECTOR_RE = re.compile(r"^unix:(?P<type>[a-z_0-9]+):(?P<value>.+)$")
+
+SELECTOR_TYPES: Mapping[str, tuple[str, ...]] = {
+    "unix": ("uid", "gid", "user", "group", "supplementary_gid", "path", "sha256",
+             "parent_path", "ancestor_path", "cgroup"),
+    "systemd": ("unit",),
+    "container": ("id",),
+}
+_SELECTOR_RE = re.compile(r"^(?P<ns>[a-z]+):(?P<type>[a-z_0-9]+):(?P<value>.+)$")
 
 
 def parse_selector(text: str) -> tuple[str, str]:
     """Split and validate; ValueError with a reason a human can act on."""
     m = _SELECTOR_RE.match(text)
     if not m:
-        raise ValueError(f"selector {text!r} is not of the form unix:<type>:<value>")
-    kind, value = m.group("type"), m.group("value")
-    if kind not in SELECTOR_TYPES:
-        raise ValueError(f"unknown selector type {kind!r} (known: {', '.join(SELECTOR_TYPES)})")
+        raise ValueError(f"selector {text!r} is not of the form <ns>:<type>:<value>")
+    ns, kind, value = m.group("ns"), m.group("type"), m.group("value")
+    if ns not in SELECTOR_TYPES:
+        raise ValueError(f"unknown selector namespace {ns!r} (known: {', '.join(SELECTOR_TYPES)})")
+    if kind not in SELECTOR_TYPES[ns]:
+        raise ValueError(f"unknown selector type {kind!r} for {ns} "
+                         f"(known: {', '.join(SELECTOR_TYPES[ns])})")
     if kind in ("uid", "gid", "supplementary_gid") and not value.isdigit():
         raise ValueError(f"selector {text!r}: {kind} must be a number")
     if kind == "sha256" and not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError(f"selector {text!r}: sha256 must be 64 lowercase hex digits")
-    if kind == "path" and not value.startswith("/"):
-        raise ValueError(f"selector {text!r}: path must be absolute")
-    return kind, value
+    if kind in ("path", "parent_path", "ancestor_path", "cgroup") and not value.startswith("/"):
+        raise ValueError(f"selector {text!r}: {kind} must be absolute")
+    return f"{ns}:{kind}", value
 
 
 @dataclass(frozen=True)
-class Binding:
-    agent: str
-    selectors: frozenset[str]
+class Rate:
+    """``count`` credentials per ``window`` seconds (a token bucket)."""
+
+    count: int
+    window: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.window}s"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
     audiences: frozenset[str]
     scopes: frozenset[str]
     kinds: frozenset[str]
     max_ttl: int
-    source: str  # "policy.toml:12", for explanations
+    rate: Rate | None = None
+    approval: bool = False
+    source: str = ""
+
+    def miss(self, req: Request, ttl: int) -> str | None:
+        """Why this bundle does not allow ``req`` (None: it does)."""
+        if req.kind not in self.kinds:
+            return f"kind {req.kind!r} not in bundle"
+        if req.kind in ("token", "assertion", "dpop") and req.audience not in self.audiences:
+            return f"audience {req.audience!r} not in bundle"
+        extra = sorted(set(req.scopes) - self.scopes)
+        if extra:
+            return f"scopes {extra} not in bundle"
+        if ttl > self.max_ttl:
+            return f"ttl {ttl}s above bundle cap {self.max_ttl}s"
+        return None
+
+
+@dataclass(frozen=True)
+class AgentRule:
+    agent: str
+    selectors: frozenset[str]
+    bundles: tuple[str, ...]
+    source: str
 
     def matches(self, caller: AbstractSet[str]) -> bool:
         return self.selectors <= caller
@@ -57,21 +111,62 @@ class Binding:
 
 @dataclass(frozen=True)
 class Policy:
-    bindings: tuple[Binding, ...]
+    agents: tuple[AgentRule, ...]
+    bundles: Mapping[str, Bundle] = field(default_factory=dict)
+    baseline: Bundle | None = None
+    delegators: frozenset[str] = frozenset()  # selectors; any one lets a user delegate
+    delegators_source: str = ""
     source: str = "<empty>"
 
     @classmethod
     def empty(cls) -> Policy:
-        return cls(bindings=())
+        return cls(agents=())
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A step-up: ``bundle`` added to ``agent`` until ``expires_at``."""
+
+    id: str
+    agent: str
+    bundle: str
+    created_at: float
+    expires_at: float
+    reason: str
+    granted_by: str
+    revoked: bool = False
+
+    def active(self, now: float) -> bool:
+        return not self.revoked and self.created_at <= now < self.expires_at
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """User ``user`` (attested uid ``uid``) lets ``agent`` act for them."""
+
+    id: str
+    user: str
+    uid: int
+    agent: str
+    audiences: frozenset[str]
+    scopes: frozenset[str]
+    created_at: float
+    expires_at: float
+    reason: str = ""
+    revoked: bool = False
+
+    def active(self, now: float) -> bool:
+        return not self.revoked and self.created_at <= now < self.expires_at
 
 
 @dataclass(frozen=True)
 class Request:
-    kind: str  # "token" | "sign"
+    kind: str
     agent: str | None
     audience: str = ""
     scopes: tuple[str, ...] = ()
     ttl: int = 0
+    delegation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,49 +176,123 @@ class Decision:
     rule: str
     reason: str
     ttl: int = 0
+    bundle: str | None = None
+    approval_required: bool = False
+    retry_after: float | None = None  # set when denied only for lack of budget
+    delegation: Delegation | None = None
+    trace: tuple[str, ...] = ()
+
+    def explain(self) -> str:
+        head = "ALLOW" if self.allowed else "DENY"
+        return f"{head} agent={self.agent} rule={self.rule} bundle={self.bundle}: {self.reason}"
 
 
-def candidates(policy: Policy, caller: AbstractSet[str]) -> list[Binding]:
-    """Bindings whose selectors the caller satisfies (what ``whoami`` shows)."""
-    return [b for b in policy.bindings if b.matches(caller)]
+# Returns seconds until budget is available again, or None if there is budget.
+BudgetCheck = Callable[[str, Bundle], float | None]
 
 
-def missing_selectors(binding: Binding, caller: AbstractSet[str]) -> list[str]:
-    return sorted(binding.selectors - caller)
+def _no_budget_limit(agent: str, bundle: Bundle) -> float | None:
+    return None
 
 
-def evaluate(policy: Policy, caller: AbstractSet[str], request: Request, *,
-             default_ttl: int) -> Decision:
-    """Decide one request. Every path returns the rule and a reason."""
+def candidates(policy: Policy, caller: AbstractSet[str]) -> list[AgentRule]:
+    """Agent rules whose selectors the caller satisfies (what ``whoami`` shows)."""
+    return [r for r in policy.agents if r.matches(caller)]
+
+
+def missing_selectors(rule: AgentRule, caller: AbstractSet[str]) -> list[str]:
+    return sorted(rule.selectors - caller)
+
+
+def bundles_in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
+                      now: float) -> list[tuple[Bundle, str]]:
+    """(bundle, why it applies), in evaluation order: baseline, agent, step-ups."""
+    out: list[tuple[Bundle, str]] = []
+    if policy.baseline is not None:
+        out.append((policy.baseline, f"baseline ({policy.baseline.source})"))
+    for name in rule.bundles:
+        b = policy.bundles.get(name)
+        if b is not None:
+            out.append((b, f"bundle {name} of {rule.source}"))
+    for g in grants:
+        if g.agent == rule.agent and g.active(now):
+            b = policy.bundles.get(g.bundle)
+            if b is not None:
+                out.append((b, f"step-up grant {g.id} until {int(g.expires_at)}"))
+    return out
+
+
+def may_delegate(policy: Policy, caller: AbstractSet[str]) -> bool:
+    return bool(policy.delegators & caller)
+
+
+def evaluate(
+    policy: Policy,
+    caller: AbstractSet[str],
+    request: Request,
+    *,
+    now: float,
+    default_ttl: int,
+    grants: Sequence[Grant] = (),
+    delegations: Mapping[str, Delegation] | None = None,
+    budget: BudgetCheck = _no_budget_limit,
+) -> Decision:
+    """Decide one request; never raises for a policy reason."""
+    trace: list[str] = []
     matching = candidates(policy, caller)
     if request.agent:
-        matching = [b for b in matching if b.agent == request.agent]
+        matching = [r for r in matching if r.agent == request.agent]
         if not matching:
             return Decision(False, request.agent, "-",
-                            f"no binding lets this caller act as agent {request.agent!r}")
+                            f"no agent rule lets this caller act as {request.agent!r}",
+                            trace=tuple(f"{r.source}: missing {missing_selectors(r, caller)}"
+                                        for r in policy.agents if r.agent == request.agent))
     else:
-        agents = sorted({b.agent for b in matching})
-        if not agents:
-            return Decision(False, None, "-", "no binding matches this caller")
-        if len(agents) > 1:
+        names = sorted({r.agent for r in matching})
+        if not names:
+            return Decision(False, None, "-", "no agent rule matches this caller")
+        if len(names) > 1:
             return Decision(False, None, "-",
-                            f"caller may act as several agents ({', '.join(agents)}); name one")
-    reasons: list[str] = []
-    for b in matching:
-        ttl = request.ttl or min(default_ttl, b.max_ttl)
-        if request.kind not in b.kinds:
-            reasons.append(f"{b.source}: kind {request.kind!r} not allowed")
-            continue
-        if request.kind == "token":
-            if request.audience not in b.audiences:
-                reasons.append(f"{b.source}: audience {request.audience!r} not allowed")
+                            f"caller may act as several agents ({', '.join(names)}); name one")
+    agent = matching[0].agent
+
+    delegation: Delegation | None = None
+    if request.delegation:
+        delegation = (delegations or {}).get(request.delegation)
+        # One answer for "unknown", "someone else's", "expired", "revoked":
+        # an agent learns nothing about grants it was not given.
+        if delegation is None or delegation.agent != agent or not delegation.active(now):
+            return Decision(False, agent, "-", "no such active delegation for this agent")
+        if delegation.audiences and request.audience not in delegation.audiences:
+            return Decision(False, agent, f"delegation {delegation.id}",
+                            f"audience {request.audience!r} outside the delegation")
+        outside = sorted(set(request.scopes) - delegation.scopes)
+        if outside:
+            return Decision(False, agent, f"delegation {delegation.id}",
+                            f"scopes {outside} outside the delegation")
+
+    exhausted: list[float] = []
+    for rule in matching:
+        for bundle, why in bundles_in_effect(policy, rule, grants, now):
+            ttl = request.ttl or min(default_ttl, bundle.max_ttl)
+            if delegation is not None:
+                ttl = min(ttl, max(1, int(delegation.expires_at - now)))
+            miss = bundle.miss(request, ttl)
+            if miss is not None:
+                trace.append(f"{why}: {miss}")
                 continue
-            extra = sorted(set(request.scopes) - b.scopes)
-            if extra:
-                reasons.append(f"{b.source}: scopes {extra} not allowed")
+            wait = budget(agent, bundle) if bundle.rate is not None else None
+            if wait is not None:
+                trace.append(f"{why}: rate budget {bundle.rate} exhausted")
+                exhausted.append(wait)
                 continue
-            if ttl > b.max_ttl:
-                reasons.append(f"{b.source}: ttl {ttl}s above cap {b.max_ttl}s")
-                continue
-        return Decision(True, b.agent, b.source, "allowed", ttl)
-    return Decision(False, matching[0].agent, matching[0].source, "; ".join(reasons))
+            trace.append(f"{why}: allows")
+            return Decision(True, agent, f"{rule.source} via {why}", "allowed", ttl,
+                            bundle=bundle.name, approval_required=bundle.approval,
+                            delegation=delegation, trace=tuple(trace))
+    if exhausted:
+        return Decision(False, agent, matching[0].source, "rate budget exhausted",
+                        retry_after=min(exhausted), trace=tuple(trace))
+    if not trace:
+        trace.append(f"{matching[0].source}: no bundle in effect")
+    return Decision(False, agent, matching[0].source, "; ".join(trace), trace=tuple(trace))

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from badged.attest.process import ProcessAttributes
+from badged.errors import AttestationError, BadgedError, InvalidRequestError, NotFoundError
 from badged.identity.registry import check_agent_name
+from badged.listener.peers import PeerCredentials, proc_start_time
+from badged.policy.loader import parse_duration
+from badged.policy.model import KINDS, Grant, Request
+from badged.service import validate
+from badged.service.approvals import PendingApproval
 from badged.service.auth import require_operator, resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
 from badged.service.marshal import agent_to_pb
-from badged_proto.v1 import admin_pb2, admin_pb2_grpc
+from badged.service.workload import PolicyGate, delegation_to_pb, user_name
+from badged_proto.v1 import admin_pb2, admin_pb2_grpc, workload_pb2
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, deps: ServiceDeps) -> None:
         self._d = deps
+        self._gate = PolicyGate(deps)
 
     def _operator(self, context: Ctx) -> ProcessAttributes:
         _, proc = resolve_caller(self._d, context, "admin")
@@ -62,3 +71,155 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         rec = self._d.agents.revoke(check_agent_name(request.name), request.reason)
         await self._audit("agent.revoked", proc, rec.name, reason=request.reason[:256])
         return agent_to_pb(rec, self._now())
+
+    # -- step-ups ---------------------------------------------------------------
+
+    async def GrantBundle(self, request: admin_pb2.GrantBundleRequest,
+                          context: Ctx) -> admin_pb2.Grant:
+        proc = self._operator(context)
+        agent = check_agent_name(request.agent)
+        policy = self._d.policy.current
+        if request.bundle not in policy.bundles or request.bundle.startswith("bind."):
+            raise NotFoundError(f"bundle {request.bundle!r} not in policy",
+                                public="no such bundle in the policy")
+        self._d.agents.active(agent)
+        try:
+            duration = parse_duration(request.duration_seconds, what="duration")
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), public=str(exc)) from None
+        reason = validate.reason(request.reason)
+        if not reason:
+            raise InvalidRequestError("no reason", public="a step-up needs a --reason")
+        by = user_name(proc.uid)
+        grant = self._d.grants.add_grant(agent=agent, bundle=request.bundle, duration=duration,
+                                         reason=reason, granted_by=by)
+        await self._audit("grant.created", proc, agent, grant=grant.id, bundle=grant.bundle,
+                          expires_at=int(grant.expires_at), reason=reason)
+        return self._grant_pb(grant)
+
+    async def RevokeGrant(self, request: admin_pb2.RevokeGrantRequest,
+                          context: Ctx) -> admin_pb2.Grant:
+        proc = self._operator(context)
+        grant = self._d.grants.revoke_grant(request.id)
+        await self._audit("grant.revoked", proc, grant.agent, grant=grant.id)
+        return self._grant_pb(grant)
+
+    async def ListGrants(self, request: admin_pb2.ListGrantsRequest,
+                         context: Ctx) -> admin_pb2.ListGrantsResponse:
+        self._operator(context)
+        grants = [self._grant_pb(g) for g in self._d.grants.grants()]
+        if not request.include_inactive:
+            grants = [g for g in grants if g.state == "active"]
+        return admin_pb2.ListGrantsResponse(grants=grants)
+
+    def _grant_pb(self, g: Grant) -> admin_pb2.Grant:
+        now = self._d.clock()
+        state = "revoked" if g.revoked else ("active" if g.active(now) else "expired")
+        return admin_pb2.Grant(id=g.id, agent=g.agent, bundle=g.bundle,
+                               created_at=int(g.created_at), expires_at=int(g.expires_at),
+                               reason=g.reason, granted_by=g.granted_by, state=state)
+
+    # -- approvals --------------------------------------------------------------
+
+    async def ListApprovals(self, request: admin_pb2.ListApprovalsRequest,
+                            context: Ctx) -> admin_pb2.ListApprovalsResponse:
+        self._operator(context)
+        return admin_pb2.ListApprovalsResponse(
+            approvals=[_approval_pb(a) for a in self._d.approvals.list()])
+
+    async def DecideApproval(self, request: admin_pb2.DecideApprovalRequest,
+                             context: Ctx) -> admin_pb2.Approval:
+        proc = self._operator(context)
+        item = self._d.approvals.decide(request.id, approve=request.approve,
+                                        by=user_name(proc.uid), comment=request.comment)
+        await self._audit("approval.decided", proc, item.agent, approval=item.id,
+                          outcome=item.state, comment=item.comment)
+        return _approval_pb(item)
+
+    # -- delegations ----------------------------------------------------------
+
+    async def ListDelegations(self, request: admin_pb2.ListDelegationsRequest,
+                              context: Ctx) -> admin_pb2.ListDelegationsResponse:
+        self._operator(context)
+        now = self._d.clock()
+        items = sorted(self._d.grants.delegations().values(), key=lambda x: x.created_at)
+        if not request.include_inactive:
+            items = [x for x in items if x.active(now)]
+        return admin_pb2.ListDelegationsResponse(delegations=[delegation_to_pb(x) for x in items])
+
+    async def RevokeDelegation(self, request: admin_pb2.RevokeDelegationRequest,
+                               context: Ctx) -> workload_pb2.Delegation:
+        proc = self._operator(context)
+        item = self._d.grants.revoke_delegation(request.id)
+        await self._audit("delegation.revoked", proc, item.agent, delegation=item.id)
+        return delegation_to_pb(item)
+
+    # -- policy -------------------------------------------------------------------
+
+    async def ExplainPolicy(self, request: admin_pb2.ExplainPolicyRequest,
+                            context: Ctx) -> admin_pb2.ExplainPolicyResponse:
+        self._operator(context)
+        kind = request.kind or "token"
+        if kind not in KINDS:
+            raise InvalidRequestError("bad kind", public=f"kind must be one of {', '.join(KINDS)}")
+        target = _attest_pid(self._d, request.pid)
+        req = Request(kind=kind, agent=validate.agent_name(request.agent),
+                      audience=request.audience, scopes=validate.scopes(list(request.scopes)),
+                      ttl=validate.ttl(request.ttl_seconds),
+                      delegation=validate.opaque_id(request.delegation, "delegation"))
+        decision = self._gate.decide(target, req, consume=False)
+        return admin_pb2.ExplainPolicyResponse(
+            allowed=decision.allowed, agent=decision.agent or "", rule=decision.rule,
+            bundle=decision.bundle or "", reason=decision.reason, trace=list(decision.trace),
+            selectors=sorted(target.selectors()), approval_required=decision.approval_required,
+            ttl_seconds=decision.ttl)
+
+    async def ReloadPolicy(self, request: admin_pb2.ReloadPolicyRequest,
+                           context: Ctx) -> admin_pb2.ReloadPolicyResponse:
+        proc = self._operator(context)
+        error = self._d.policy.try_reload()
+        policy = self._d.policy.current
+        await self._audit("policy.reloaded" if error is None else "policy.rejected", proc, "",
+                          policy=str(self._d.policy.path), error=str(error) if error else None)
+        return admin_pb2.ReloadPolicyResponse(
+            ok=error is None, error=str(error) if error else "", agents=len(policy.agents),
+            bundles=len(policy.bundles))
+
+
+def _attest_pid(deps: ServiceDeps, pid: int) -> ProcessAttributes:
+    """Attest an arbitrary live process for `explain` (operators only)."""
+    if pid <= 0:
+        raise InvalidRequestError("bad pid", public="pid is required")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotFoundError(f"pid {pid} not found", public="no such process") from None
+    try:
+        uid, gid = _effective_ids(pid)
+        peer = PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd,
+                               start_time=proc_start_time(pid), channel="workload")
+        return deps.attestor.attest(peer)
+    except (OSError, AttestationError, BadgedError) as exc:
+        raise NotFoundError(f"cannot attest pid {pid}: {exc}", public="cannot attest that process") from None
+    finally:
+        os.close(pidfd)
+
+
+def _effective_ids(pid: int) -> tuple[int, int]:
+    """Effective uid/gid from /proc/<pid>/status (what SO_PEERCRED would report)."""
+    ids: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("Uid:", "Gid:")):
+                ids[line[:3]] = int(line.split()[2])
+    return ids["Uid"], ids["Gid"]
+
+
+def _approval_pb(a: PendingApproval) -> admin_pb2.Approval:
+    p = a.process
+    return admin_pb2.Approval(
+        id=a.id, agent=a.agent, bundle=a.bundle, kind=a.request.kind, audience=a.request.audience,
+        scopes=list(a.request.scopes), ttl_seconds=a.request.ttl, reason=a.reason, pid=p.pid,
+        uid=p.uid, exe=p.exe or "", exe_sha256=p.exe_sha256 or "", process_chain=list(p.chain),
+        requested_at=int(a.requested_at), deadline=int(a.deadline), state=a.state,
+        decided_by=a.decided_by)

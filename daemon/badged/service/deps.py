@@ -19,8 +19,11 @@ from badged.errors import BadgedError
 from badged.identity.registry import AgentRegistry
 from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.peers import PeerRegistry
+from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
+from badged.policy.ratelimit import RateLimiter
+from badged.service.approvals import ApprovalBoard
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ class PolicyHolder:
     def path(self) -> Path | None:
         return self._path
 
+    def replace(self, policy: Policy) -> None:
+        with self._lock:
+            self._policy = policy
+
     def reload(self) -> Policy:
         """Load the file again; raise ConfigError (old policy stays) if invalid."""
         if self._path is None:
@@ -55,7 +62,8 @@ class PolicyHolder:
         with self._lock:
             self._policy = new
         _logger.info("policy loaded", extra={"policy": str(self._path),
-                                             "bindings": len(new.bindings)})
+                                             "agents": len(new.agents),
+                                             "bundles": len(new.bundles)})
         return new
 
     def try_reload(self) -> BadgedError | None:
@@ -87,3 +95,7 @@ class ServiceDeps:
     device_key: KeyHandle
     keystore: KeyStore
     state_dir: Path
+    grants: GrantStore
+    limiter: RateLimiter
+    approvals: ApprovalBoard
+    trust_domain: str

@@ -19,6 +19,7 @@ from badged.errors import BadgedError, ErrorCode
 _logger = logging.getLogger(__name__)
 
 ERROR_TRAILER = "x-badged-error"
+RETRY_TRAILER = "x-badged-retry-after"
 
 STATUS_FOR: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,7 +78,11 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
                 if self._log_details:
                     extra["detail"] = str(exc)
                 _logger.info("request refused", extra=extra)
-                context.set_trailing_metadata(((ERROR_TRAILER, exc.code.value),))
+                trailers: list[tuple[str, str]] = [(ERROR_TRAILER, exc.code.value)]
+                retry_after = getattr(exc, "retry_after", None)
+                if retry_after:
+                    trailers.append((RETRY_TRAILER, str(retry_after)))
+                context.set_trailing_metadata(tuple(trailers))
                 await context.abort(status, exc.caller_message)
             except grpc.aio.AbortError:
                 raise

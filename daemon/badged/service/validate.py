@@ -47,3 +47,20 @@ def agent_name(value: str) -> str | None:
     from badged.identity.registry import check_agent_name
 
     return check_agent_name(value)
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def opaque_id(value: str, what: str) -> str | None:
+    if not value:
+        return None
+    if not _ID_RE.match(value):
+        raise InvalidRequestError(f"bad {what} id", public=f"{what} must be an id like d-abc123")
+    return value
+
+
+def reason(value: str) -> str:
+    if len(value) > 256 or any(ord(c) < 0x20 for c in value):
+        raise InvalidRequestError("bad reason", public="reason: at most 256 printable chars")
+    return value

@@ -1,0 +1,106 @@
+"""Human approval of requests whose bundle requires it.
+
+A request that needs approval waits (bounded) while operators see it with
+full context (``badgectl approvals``) and decide (``approve``/``deny``).
+Timeouts deny. The wait is measured on the event loop's monotonic clock, so
+wall-clock jumps neither shorten nor extend it; the caller's pidfd is polled
+so a caller that exits while waiting is cancelled, not approved posthumously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from badged.attest.process import ProcessAttributes
+from badged.core.clock import Clock
+from badged.errors import FailedPreconditionError, NotFoundError, PolicyDeniedError
+from badged.listener.peers import PeerCredentials
+from badged.policy.model import Decision, Request
+
+_POLL = 0.25
+_KEEP_DECIDED = 200
+
+
+@dataclass
+class PendingApproval:
+    id: str
+    agent: str
+    bundle: str
+    request: Request
+    reason: str
+    process: ProcessAttributes
+    requested_at: float
+    deadline: float
+    state: str = "pending"  # pending | approved | denied | expired | cancelled
+    decided_by: str = ""
+    decided_at: float = 0.0
+    comment: str = ""
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ApprovalBoard:
+    def __init__(self, *, clock: Clock, timeout: float) -> None:
+        self._clock = clock
+        self.timeout = timeout
+        self._items: OrderedDict[str, PendingApproval] = OrderedDict()
+
+    def list(self) -> list[PendingApproval]:
+        return list(self._items.values())
+
+    async def request(self, decision: Decision, req: Request, reason: str,
+                      proc: ProcessAttributes, peer: PeerCredentials) -> PendingApproval:
+        """Open a pending approval and wait for its outcome; raise unless approved."""
+        assert decision.agent is not None and decision.bundle is not None
+        now = self._clock()
+        item = PendingApproval(
+            id="a-" + secrets.token_hex(5), agent=decision.agent, bundle=decision.bundle,
+            request=req, reason=reason[:256], process=proc, requested_at=now,
+            deadline=now + self.timeout)
+        self._items[item.id] = item
+        self._trim()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        try:
+            while item.state == "pending":
+                left = end - loop.time()
+                if left <= 0:
+                    item.state = "expired"
+                    break
+                if not peer.is_alive():
+                    item.state = "cancelled"
+                    break
+                try:
+                    await asyncio.wait_for(item.event.wait(), timeout=min(_POLL, left))
+                except TimeoutError:
+                    continue
+        except asyncio.CancelledError:
+            item.state = "cancelled"
+            raise
+        if item.state == "approved":
+            return item
+        raise PolicyDeniedError(
+            f"approval {item.id} {item.state}",
+            public={"denied": "denied by an operator",
+                    "expired": "approval timed out"}.get(item.state, "approval cancelled"))
+
+    def decide(self, approval_id: str, *, approve: bool, by: str, comment: str = "") -> PendingApproval:
+        item = self._items.get(approval_id)
+        if item is None:
+            raise NotFoundError(f"approval {approval_id!r} not found")
+        if item.state != "pending":
+            raise FailedPreconditionError(f"approval {approval_id} is already {item.state}",
+                                          public=f"approval is already {item.state}")
+        item.state = "approved" if approve else "denied"
+        item.decided_by = by
+        item.decided_at = self._clock()
+        item.comment = comment[:256]
+        item.event.set()
+        return item
+
+    def _trim(self) -> None:
+        decided = [k for k, v in self._items.items() if v.state != "pending"]
+        for key in decided[: max(0, len(decided) - _KEEP_DECIDED)]:
+            del self._items[key]
