@@ -412,7 +412,7 @@ class TpmKeyStore:
         from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
 
         _more, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, 16)
-        handles = [int(h) for h in data.data.handles.handle[:data.data.handles.count]]
+        handles = [int(h) for h in data.data.handles.handle[0:data.data.handles.count]]
         _logger.warning("TPM out of object slots; flushing %d stale transient objects", len(handles))
         for handle in handles:
             tr = ectx.tr_from_tpmpublic(handle)
