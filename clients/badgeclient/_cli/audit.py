@@ -119,13 +119,16 @@ def tail_cmd(lines: int, follow: bool, agent: str | None, events: tuple[str, ...
     from badged.audit import reader
 
     ev = list(events) or None
-    last_seq = 0
+    # Fix the follow point before printing anything, so a record appended
+    # while we print is neither lost nor shown twice.
+    newest = reader.tail(directory, 1)
+    last_seq = int(newest[0]["seq"]) if newest else 0
     for rec in reader.tail(directory, lines, agent=agent, events=ev):
-        _emit(rec, as_json)
+        if int(rec["seq"]) <= last_seq:
+            _emit(rec, as_json)
+    sys.stdout.flush()
     if not follow:
         return
-    for rec in reader.tail(directory, 1):
-        last_seq = int(rec["seq"])
     try:
         for rec in reader.follow(directory, after_seq=last_seq, agent=agent, events=ev,
                                  poll_interval=poll_interval):
