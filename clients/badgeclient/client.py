@@ -114,6 +114,83 @@ class AgentInfo:
     description: str
 
 
+@dataclass(frozen=True)
+class DelegationInfo:
+    id: str
+    user: str
+    uid: int
+    agent: str
+    audiences: list[str]
+    scopes: list[str]
+    created_at: int
+    expires_at: int
+    revoked: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GrantInfo:
+    id: str
+    agent: str
+    bundle: str
+    created_at: int
+    expires_at: int
+    reason: str
+    granted_by: str
+    state: str
+
+
+@dataclass(frozen=True)
+class ApprovalInfo:
+    id: str
+    agent: str
+    bundle: str
+    kind: str
+    audience: str
+    scopes: list[str]
+    ttl_seconds: int
+    reason: str
+    pid: int
+    uid: int
+    exe: str
+    exe_sha256: str
+    process_chain: list[str]
+    requested_at: int
+    deadline: int
+    state: str
+    decided_by: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    allowed: bool
+    agent: str
+    rule: str
+    bundle: str
+    reason: str
+    trace: list[str]
+    selectors: list[str]
+    approval_required: bool
+    ttl_seconds: int
+
+
+def _delegation(pb: workload_pb2.Delegation) -> DelegationInfo:
+    return DelegationInfo(pb.id, pb.user, pb.uid, pb.agent, list(pb.audiences), list(pb.scopes),
+                          pb.created_at, pb.expires_at, pb.revoked, pb.reason)
+
+
+def _grant(pb: admin_pb2.Grant) -> GrantInfo:
+    return GrantInfo(pb.id, pb.agent, pb.bundle, pb.created_at, pb.expires_at, pb.reason,
+                     pb.granted_by, pb.state)
+
+
+def _approval(pb: admin_pb2.Approval) -> ApprovalInfo:
+    return ApprovalInfo(pb.id, pb.agent, pb.bundle, pb.kind, pb.audience, list(pb.scopes),
+                        pb.ttl_seconds, pb.reason, pb.pid, pb.uid, pb.exe, pb.exe_sha256,
+                        list(pb.process_chain), pb.requested_at, pb.deadline, pb.state,
+                        pb.decided_by)
+
+
 def _agent(pb: admin_pb2.Agent) -> AgentInfo:
     return AgentInfo(
         name=pb.name, spiffe_id=pb.spiffe_id, status=pb.status,
@@ -163,9 +240,16 @@ class WorkloadClient(_Base):
         self._stub = workload_pb2_grpc.WorkloadServiceStub(self._channel)
 
     def fetch_token(self, *, audience: str, scopes: Sequence[str] = (), ttl_seconds: int = 0,
-                    agent: str | None = None) -> Token:
+                    agent: str | None = None, delegation: str | None = None,
+                    reason: str = "") -> Token:
+        """A short-lived JWT. With ``delegation``, sub = the user and act.sub = the agent.
+
+        If the policy requires approval this call blocks until an operator
+        decides (or the daemon's approval timeout denies it).
+        """
         r = self._call(self._stub.FetchToken, workload_pb2.FetchTokenRequest(
-            agent=agent or "", audience=audience, scopes=list(scopes), ttl_seconds=ttl_seconds))
+            agent=agent or "", audience=audience, scopes=list(scopes), ttl_seconds=ttl_seconds,
+            delegation=delegation or "", reason=reason))
         return Token(r.token, r.agent, r.spiffe_id, r.issued_at, r.expires_at, r.jti, r.key_id)
 
     def sign(self, data: bytes, *, context: str = "", agent: str | None = None) -> Signature:
@@ -178,6 +262,14 @@ class WorkloadClient(_Base):
         r = self._call(self._stub.GetJwks, workload_pb2.GetJwksRequest())
         doc: dict[str, Any] = json.loads(r.jwks_json)
         return doc
+
+    def delegate(self, *, agent: str, scopes: Sequence[str], audiences: Sequence[str] = (),
+                 ttl_seconds: int = 3600, reason: str = "") -> DelegationInfo:
+        """As a human user: let ``agent`` act for you, within ``scopes``, for a while."""
+        r = self._call(self._stub.Delegate, workload_pb2.DelegateRequest(
+            agent=agent, scopes=list(scopes), audiences=list(audiences), ttl_seconds=ttl_seconds,
+            reason=reason))
+        return _delegation(r)
 
     def whoami(self) -> WhoAmI:
         r = self._call(self._stub.WhoAmI, workload_pb2.WhoAmIRequest())
@@ -217,3 +309,48 @@ class AdminClient(_Base):
     def revoke_agent(self, name: str, reason: str = "") -> AgentInfo:
         return _agent(self._call(self._stub.RevokeAgent,
                                  admin_pb2.RevokeAgentRequest(name=name, reason=reason)))
+
+    # -- step-ups, approvals, delegations, policy ---------------------------------
+
+    def grant_bundle(self, agent: str, bundle: str, *, duration_seconds: int,
+                     reason: str) -> GrantInfo:
+        return _grant(self._call(self._stub.GrantBundle, admin_pb2.GrantBundleRequest(
+            agent=agent, bundle=bundle, duration_seconds=duration_seconds, reason=reason)))
+
+    def revoke_grant(self, grant_id: str) -> GrantInfo:
+        return _grant(self._call(self._stub.RevokeGrant, admin_pb2.RevokeGrantRequest(id=grant_id)))
+
+    def list_grants(self, include_inactive: bool = False) -> list[GrantInfo]:
+        r = self._call(self._stub.ListGrants,
+                       admin_pb2.ListGrantsRequest(include_inactive=include_inactive))
+        return [_grant(g) for g in r.grants]
+
+    def list_approvals(self) -> list[ApprovalInfo]:
+        r = self._call(self._stub.ListApprovals, admin_pb2.ListApprovalsRequest())
+        return [_approval(a) for a in r.approvals]
+
+    def decide_approval(self, approval_id: str, *, approve: bool, comment: str = "") -> ApprovalInfo:
+        return _approval(self._call(self._stub.DecideApproval, admin_pb2.DecideApprovalRequest(
+            id=approval_id, approve=approve, comment=comment)))
+
+    def list_delegations(self, include_inactive: bool = False) -> list[DelegationInfo]:
+        r = self._call(self._stub.ListDelegations,
+                       admin_pb2.ListDelegationsRequest(include_inactive=include_inactive))
+        return [_delegation(d) for d in r.delegations]
+
+    def revoke_delegation(self, delegation_id: str) -> DelegationInfo:
+        return _delegation(self._call(self._stub.RevokeDelegation,
+                                      admin_pb2.RevokeDelegationRequest(id=delegation_id)))
+
+    def explain(self, *, pid: int, audience: str = "", scopes: Sequence[str] = (),
+                kind: str = "token", agent: str | None = None, ttl_seconds: int = 0,
+                delegation: str | None = None) -> Explanation:
+        r = self._call(self._stub.ExplainPolicy, admin_pb2.ExplainPolicyRequest(
+            pid=pid, agent=agent or "", kind=kind, audience=audience, scopes=list(scopes),
+            ttl_seconds=ttl_seconds, delegation=delegation or ""))
+        return Explanation(r.allowed, r.agent, r.rule, r.bundle, r.reason, list(r.trace),
+                           list(r.selectors), r.approval_required, r.ttl_seconds)
+
+    def reload_policy(self) -> tuple[bool, str]:
+        r = self._call(self._stub.ReloadPolicy, admin_pb2.ReloadPolicyRequest())
+        return r.ok, r.error

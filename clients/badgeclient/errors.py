@@ -41,7 +41,9 @@ class PermissionDeniedError(BadgeError):
 
 
 class RateLimitedError(BadgeError):
-    pass
+    """Budget exhausted; ``retry_after`` seconds (from the daemon) if known."""
+
+    retry_after: int | None = None
 
 
 class FailedPreconditionError(BadgeError):
@@ -73,11 +75,13 @@ _BY_STATUS: dict[grpc.StatusCode, type[BadgeError]] = {
 def from_rpc_error(err: grpc.RpcError) -> BadgeError:
     status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(status)
-    code = ""
+    meta: dict[str, str] = {}
     trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for item in trailers or ():
         key, value = item.key, item.value  # grpc.Metadatum namedtuple
-        if key == "x-badged-error":
-            code = value if isinstance(value, str) else bytes(value).decode()
+        meta[key] = value if isinstance(value, str) else bytes(value).decode()
     cls = _BY_STATUS.get(status, InternalError)
-    return cls(details, status=status.name if status else "", code=code)
+    exc = cls(details, status=status.name if status else "", code=meta.get("x-badged-error", ""))
+    if isinstance(exc, RateLimitedError) and meta.get("x-badged-retry-after", "").isdigit():
+        exc.retry_after = int(meta["x-badged-retry-after"])
+    return exc

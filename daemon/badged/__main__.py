@@ -70,8 +70,11 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None) ->
 @click.option("--agent", default="demo-agent", show_default=True,
               help="Demo agent bound to the invoking user.")
 @click.option("--trust-domain", default="example.org", show_default=True)
+@click.option("--approval-timeout", type=click.IntRange(1, 3600), default=120, show_default=True,
+              help="Seconds a request waits for a human approval before it is denied.")
 @click.pass_context
-def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str) -> None:
+def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
+        approval_timeout: int) -> None:
     """Run on a throwaway SoftHSM token under STATE_DIR (development mode)."""
     from badged.dev import prepare
 
@@ -80,7 +83,8 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str) -> N
     except BadgedError as exc:
         click.echo(f"badged: {exc}", err=True)
         sys.exit(2)
-    config = config.with_overrides(log_format=ctx.obj.get("log_format"))
+    config = config.with_overrides(log_format=ctx.obj.get("log_format"),
+                                   approval_timeout=approval_timeout)
     _run(config, ensure_agent=agent)
 
 

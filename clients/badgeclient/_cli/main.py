@@ -50,13 +50,16 @@ def cli() -> None:
 @click.option("--scope", "-s", "scopes", multiple=True, help="Requested scope; repeatable.")
 @click.option("--ttl", type=int, default=0, help="Lifetime in seconds (0 = daemon default).")
 @click.option("--agent", default=None, help="Agent to act as, if the caller maps to several.")
+@click.option("--delegation", default=None, help="Act for a user under this delegation id.")
+@click.option("--reason", default="", help="Why; shown to the operator if approval is needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the token and its metadata as JSON.")
 @socket_option
-def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None, as_json: bool,
-          socket_path: str | None) -> None:
+def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None,
+          delegation: str | None, reason: str, as_json: bool, socket_path: str | None) -> None:
     """Fetch a short-lived access token (JWT) for this process's agent identity."""
     with WorkloadClient(socket_path) as client:
-        tok = client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl, agent=agent)
+        tok = client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl, agent=agent,
+                                 delegation=delegation, reason=reason)
     if as_json:
         _emit_json({"token": tok.token, "agent": tok.agent, "spiffe_id": tok.spiffe_id,
                     "jti": tok.jti, "kid": tok.key_id, "issued_at": tok.issued_at,
@@ -200,6 +203,10 @@ def agent_revoke(name: str, reason: str, as_json: bool, admin_socket: str | None
 
 def _register_optional() -> None:
     """Command groups that live in their own modules, registered in one place."""
+    from badgeclient._cli.policy import COMMANDS as POLICY_COMMANDS
+
+    for command in POLICY_COMMANDS:
+        cli.add_command(command)
     try:
         from badgeclient._cli.audit import audit_group
     except ImportError:
