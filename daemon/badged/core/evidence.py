@@ -1,0 +1,150 @@
+"""Key-attestation evidence for PKCS#11 keys: what the token says, signed.
+
+A PKCS#11 token cannot quote like a TPM, so badged's evidence (SPEC
+"Attestation evidence") is the key's attributes *as read back from the
+token* (``CKA_SENSITIVE``, ``CKA_EXTRACTABLE``, ``CKA_NEVER_EXTRACTABLE``,
+``CKA_LOCAL``) and the token's identity, bound to the attested public key
+(``cnf.jwk``) and signed by the device key. Its claims follow RFC 9711 (EAT)
+where a name exists (``eat_profile``, ``eat_nonce``, ``iat``/``exp``).
+
+What it proves depends on who trusts the device key: after enrollment the
+operator CA vouched (from the device's own self-attested evidence, checked
+when signing) that the device key is a non-extractable token key, so an
+evidence JWS verified through the device certificate says "the device that
+CA enrolled reports that this key was generated in its token and cannot
+leave it". It does not protect against root on the device.
+
+Pure: no I/O; ``now`` is an argument.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.core.jose import b64url_decode, ec_public_jwk, encode_jws, jwk_thumbprint
+from badged.keystore.port import KeyHandle, KeyProperties
+
+_logger = logging.getLogger(__name__)
+
+EVIDENCE_TYP = "badged-key-attestation+jwt"
+PKCS11_PROFILE = "urn:badged:eat:pkcs11-key:v1"
+ES256 = ec.ECDSA(hashes.SHA256())
+MAX_EVIDENCE_TTL = 30 * 86400
+
+
+class EvidenceError(ValueError):
+    """Evidence that does not prove what it must; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def hwkey_claims(props: KeyProperties) -> dict[str, Any]:
+    """The attribute summary; ``token`` is the redacted token URI (no PIN)."""
+    return {
+        "backend": props.backend,
+        "sensitive": props.sensitive,
+        "extractable": props.extractable,
+        "never_extractable": props.never_extractable,
+        "local": props.local,
+        **({"token": props.extra["token"]} if "token" in props.extra else {}),
+    }
+
+
+def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCurvePublicKey,
+                          props: KeyProperties, now: float, ttl_seconds: int,
+                          nonce: str | None = None,
+                          workload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    if not 0 < ttl_seconds <= MAX_EVIDENCE_TTL:
+        raise ValueError("evidence ttl out of range")
+    iat = int(now)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": subject,
+        "iat": iat,
+        "exp": iat + ttl_seconds,
+        "eat_profile": PKCS11_PROFILE,
+        "cnf": {"jwk": ec_public_jwk(attested)},
+        "hwkey": hwkey_claims(props),
+    }
+    if nonce:
+        claims["eat_nonce"] = nonce
+    if workload:
+        claims["workload"] = dict(workload)
+    return claims
+
+
+def sign_evidence(claims: Mapping[str, Any], *, device_key: KeyHandle,
+                  x5c: Sequence[str] = ()) -> str:
+    """JWS by the device key; ``x5c`` (base64 DER, leaf first) once enrolled."""
+    header: dict[str, Any] = {"alg": "ES256", "typ": EVIDENCE_TYP,
+                              "kid": jwk_thumbprint(ec_public_jwk(device_key.public_key()))}
+    if x5c:
+        header["x5c"] = list(x5c)
+    return encode_jws(header, claims, lambda data: device_key.sign(data, ES256))
+
+
+def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
+                   attested: ec.EllipticCurvePublicKey, now: float,
+                   skew: int = 60) -> dict[str, Any]:
+    """Verify evidence for a CA: signature, binding to ``attested``, attributes.
+
+    Used by ``badgectl ca sign`` before it signs anything. Raises
+    :class:`EvidenceError` with a stable reason: ``bad_signature``,
+    ``key_mismatch`` (evidence for another key), ``expired``,
+    ``not_sensitive`` / ``extractable`` / ``not_generated_in_token``, ...
+    """
+    import json
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > 16 * 1024:
+        raise EvidenceError("malformed", "not a compact JWS")
+    try:
+        header = json.loads(b64url_decode(parts[0]))
+        claims = json.loads(b64url_decode(parts[1]))
+        sig = b64url_decode(parts[2])
+    except ValueError:
+        raise EvidenceError("malformed", "bad base64url or JSON") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise EvidenceError("malformed", "header and claims must be objects")
+    if header.get("alg") != "ES256" or header.get("typ") != EVIDENCE_TYP:
+        raise EvidenceError("wrong_type", "alg must be ES256 and typ " + EVIDENCE_TYP)
+    if len(sig) != 64:
+        raise EvidenceError("bad_signature", "signature length")
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    try:
+        signer.verify(der, (parts[0] + "." + parts[1]).encode("ascii"), ES256)
+    except InvalidSignature:
+        raise EvidenceError("bad_signature", "evidence not signed by the expected key") from None
+    cnf = claims.get("cnf")
+    jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
+    if not isinstance(jwk, dict) or jwk_thumbprint(jwk) != jwk_thumbprint(ec_public_jwk(attested)):
+        raise EvidenceError("key_mismatch", "evidence is for another key")
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, int) or not isinstance(iat, int):
+        raise EvidenceError("malformed", "iat and exp are required integers")
+    if now > exp + skew:
+        raise EvidenceError("expired", "evidence has expired")
+    if iat > now + skew:
+        raise EvidenceError("not_yet_valid", "evidence issued in the future")
+    if claims.get("eat_profile") != PKCS11_PROFILE:
+        raise EvidenceError("unknown_profile", "unsupported eat_profile")
+    hw = claims.get("hwkey")
+    if not isinstance(hw, dict):
+        raise EvidenceError("malformed", "hwkey claim missing")
+    if hw.get("sensitive") is not True:
+        raise EvidenceError("not_sensitive", "key is not CKA_SENSITIVE")
+    if hw.get("extractable") is not False or hw.get("never_extractable") is not True:
+        raise EvidenceError("extractable", "key is or was extractable")
+    if hw.get("local") is not True:
+        raise EvidenceError("not_generated_in_token", "key was imported, not generated (CKA_LOCAL)")
+    return claims
