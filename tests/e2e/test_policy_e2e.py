@@ -141,7 +141,7 @@ def _fetch_async(pd: RunningDaemon, out: dict[str, object]) -> threading.Thread:
             with WorkloadClient(pd.workload) as w:
                 out["token"] = w.fetch_token(audience="https://prod.example",
                                              scopes=["prod:write"], reason="hotfix #7")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out["error"] = exc
 
     t = threading.Thread(target=run)

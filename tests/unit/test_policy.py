@@ -271,6 +271,11 @@ BAD = [
     ("approval not bool", '[bundle.x]\naudiences = ["a"]\napproval = "yes"', 4, "true or false"),
     ("unknown bundle key", '[bundle.x]\naudiences = ["a"]\nallow_all = true', 4, "allow_all"),
     ("unknown table", '[superuser]\nx = 1', 2, "unknown top-level table"),
+    ("bundle listed twice",
+     '[[agent]]\nname = "a"\nselectors = ["unix:uid:1"]\nbundles = ["b", "b"]', 5, "twice"),
+    ("contradictory rules: same selectors, two agents",
+     '[[agent]]\nname = "a"\nselectors = ["unix:uid:1"]\nbundles = ["b"]\n'
+     '[[agent]]\nname = "z"\nselectors = ["unix:uid:1"]\nbundles = ["b"]', 8, "ambiguous"),
 ]
 
 

@@ -211,6 +211,9 @@ class _Parser:
                 names = _strings(entry, "bundles", required=False)
             except ValueError as exc:
                 raise self.fail(self.where.key(start, "bundles"), f"{what}: {exc}") from None
+            if len(set(names)) != len(names):
+                raise self.fail(self.where.key(start, "bundles"),
+                                f"{what} ({name}): a bundle is listed twice")
             for b in names:
                 if b not in bundles:
                     raise self.fail(self.where.key(start, "bundles"),
@@ -218,6 +221,11 @@ class _Parser:
             if not names and baseline is None:
                 raise self.fail(self.where.key(start, "bundles"),
                                 f"{what} ({name}): grants nothing (no bundles and no baseline)")
+            for earlier in rules:
+                if earlier.selectors == sels and earlier.agent != name:
+                    raise self.fail(self.where.key(start, "selectors"),
+                                    f"{what} ({name}): same selectors as {earlier.agent!r} at "
+                                    f"{earlier.source}; every such caller would be ambiguous")
             rules.append(AgentRule(agent=name, selectors=sels, bundles=tuple(names),
                                    source=f"{self.short}:{start + 1}"))
         for idx, entry in enumerate(self._array(doc, "bind")):
