@@ -88,3 +88,23 @@ def test_parse_line_detects_edit_and_reencoding() -> None:
     with pytest.raises(RecordError) as exc:
         parse_line(b'{"seq":1')
     assert exc.value.code == "malformed"
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"agent": "a", "caller": {"hash": "x", "kind": 1}, "zeta": [1, {"a": None}]},
+    {"aaa": "hash", "hash_like": 1, "ha": 2, "hasi": 3},
+    {"z": "\u2603", "y": 1.5, "event": "e,\"hash\":x}"},
+])
+def test_seal_line_equals_full_canonical_encoding(fields: dict[str, object]) -> None:
+    rec = _record(**fields)
+    digest, line = seal(rec)
+    assert line == canonical(rec) + b"\n"
+    assert rec["hash"] == digest and parse_line(line) == rec
+
+
+def test_seal_without_keys_after_hash() -> None:
+    digest, line = seal({"a": 1})
+    assert line == canonical({"a": 1, "hash": digest}) + b"\n"
+    digest, line = seal({})
+    assert line == canonical({"hash": digest}) + b"\n"
