@@ -13,19 +13,18 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from badged.attest.process import ProcessAttestor
+from badged.audit.log import AuditConfig, AuditLog
 from badged.config import DaemonConfig
 from badged.core.clock import Clock, system_clock
 from badged.errors import ConfigError, KeyNotFoundError
-from badged.fsutil import check_dir_safe, ensure_private_dir
+from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
 from badged.identity.registry import AgentRegistry
 from badged.identity.store import AgentStore
 from badged.keystore.pkcs11.store import Pkcs11KeyStore
@@ -47,33 +46,6 @@ _logger = logging.getLogger(__name__)
 
 MAX_MESSAGE = 128 * 1024
 DEVICE_KEY = "badged/device/v1"
-
-
-class _InterimAudit:
-    """Durable JSONL until badged.audit lands (replaced by the hash-chained log)."""
-
-    def __init__(self, directory: Path) -> None:
-        ensure_private_dir(directory)
-        self._fd = os.open(directory / "audit.jsonl",
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-
-    async def append(self, event: Mapping[str, Any]) -> object:
-        import json
-
-        line = (json.dumps(event, sort_keys=True, default=str) + "\n").encode()
-        await asyncio.get_running_loop().run_in_executor(None, self._write, line)
-        return None
-
-    def _write(self, line: bytes) -> None:
-        os.write(self._fd, line)
-        os.fsync(self._fd)
-
-    async def close(self) -> None:
-        os.close(self._fd)
-
-
-def open_audit(directory: Path, *, clock: Clock) -> _InterimAudit:
-    return _InterimAudit(directory)
 
 
 def _new_jti() -> str:
@@ -104,7 +76,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
-        self._audit: object | None = None
+        self._audit: AuditLog | None = None
         self._lock_fd = -1
 
     # -- build -------------------------------------------------------------------
@@ -127,7 +99,10 @@ class Daemon:
                             extra={"policy": str(cfg.policy_file)})
         self.policy = PolicyHolder(policy, cfg.policy_file)
         device_key = self._device_key(self._keystore)
-        audit = open_audit(cfg.effective_audit_dir, clock=self._clock)
+        self._publish_device_key(device_key)
+        # Refuses to start (ConfigError) on an unusable audit dir: no unaudited service.
+        audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
+                              signer=device_key)
         self._audit = audit
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
@@ -140,6 +115,19 @@ class Daemon:
             approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
             trust_domain=cfg.trust_domain,
         )
+
+    def _publish_device_key(self, key: KeyHandle) -> None:
+        """Write the device public key for offline audit verification.
+
+        Convenience only: verifiers should pin this key out of band (e.g. from
+        the enrollment certificate), since whoever can write the state dir
+        could also replace this file.
+        """
+        from cryptography.hazmat.primitives import serialization
+
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        atomic_write(self.config.state_dir / "device-key.pem", pem, mode=0o644)
 
     @staticmethod
     def _device_key(keystore: KeyStore) -> KeyHandle:
@@ -215,9 +203,8 @@ class Daemon:
                                      "admin": str(cfg.admin_socket)})
 
     async def _append_audit(self, event: dict[str, object]) -> None:
-        audit = self._audit
-        if audit is not None:
-            await audit.append(event)  # type: ignore[attr-defined]
+        if self._audit is not None:
+            await self._audit.append(event)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -246,9 +233,8 @@ class Daemon:
         try:
             await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})
         finally:
-            audit = self._audit
-            if audit is not None:
-                await audit.close()  # type: ignore[attr-defined]
+            if self._audit is not None:
+                await self._audit.aclose()  # signs a final checkpoint
             if self._keystore is not None:
                 self._keystore.close()
             self._stopped.set()

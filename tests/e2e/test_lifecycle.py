@@ -132,7 +132,20 @@ def test_identities_persist_across_restart(fresh_state: Path) -> None:
 def test_sigterm_is_graceful_and_removes_sockets(fresh_state: Path) -> None:
     d = start_daemon(fresh_state)
     assert d.workload.exists() and d.admin.exists()
+    with WorkloadClient(d.workload) as w:
+        jti = w.fetch_token(audience="demo").jti
     assert d.stop(signal.SIGTERM) == 0
+    # The audit log verifies offline against the device key, final checkpoint included.
+    audit = fresh_state / "audit"
+    verify = subprocess.run(badgectl_cmd("audit", "verify", "--dir", str(audit), "--pubkey",
+                                         str(fresh_state / "device-key.pem"), "--strict", "--json"),
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    tail = subprocess.run(badgectl_cmd("audit", "tail", "--dir", str(audit), "--json"),
+                          capture_output=True, text=True, check=True).stdout
+    events = [json.loads(line) for line in tail.splitlines() if line.strip()]
+    assert any(e.get("jti") == jti and e.get("event") == "token.issued" for e in events)
+    assert any(e.get("event") == "daemon.stopped" for e in events)
     assert not d.workload.exists() and not d.admin.exists()
     log = d.log_text()
     assert "shutting down" in log and "Traceback" not in log

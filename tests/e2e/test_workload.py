@@ -218,3 +218,8 @@ def test_2000_concurrent_tokens_from_16_processes(daemon: RunningDaemon) -> None
     assert len(jtis) == 2000 and len(set(jtis)) == 2000
     growth = daemon.rss_kb() - rss_before
     assert growth < 20_000, f"daemon RSS grew {growth} kB over 2000 requests"
+    # Every credential a client received has its record on disk already.
+    exported = subprocess.run(badgectl_cmd("audit", "export", "--dir", str(daemon.state / "audit")),
+                              capture_output=True, text=True, check=True).stdout
+    logged = {json.loads(line).get("jti") for line in exported.splitlines() if line.strip()}
+    assert set(jtis) <= logged
