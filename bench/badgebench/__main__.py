@@ -84,7 +84,7 @@ def _versions() -> dict[str, str]:
            "openssl": _tool_version(["openssl", "version"]),
            "openssh": _tool_version(["ssh", "-V"]),
            "softhsm": _tool_version(["softhsm2-util", "--version"]),
-           "badged_commit": _git_rev()}
+           "badged_commit": _git_rev()}  # "+dirty": daemon/ or clients/ had local edits
     for pkg in ("grpcio", "python-pkcs11", "cryptography"):
         try:
             out[pkg] = md.version(pkg)
@@ -183,9 +183,10 @@ def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, p
             server.stop()
 
 
-def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None) -> None:
+def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
+                 src: Path) -> None:
     rows = rep.rows
-    daemon = Badged(state, REPO)
+    daemon = Badged(state, src)
     try:
         try:
             import badgeclient  # noqa: F401 -- the workers need it; fail early and clearly
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="seconds of measured load per row")
     ap.add_argument("--rss-requests", type=int, help="requests in the badged RSS soak")
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
+    ap.add_argument("--badged-src", type=Path, default=REPO,
+                    help="tree with daemon/ and clients/ to run badged from (default: this repo)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--json", type=Path, help="write the JSON here instead of --out-dir")
     ap.add_argument("--no-plot", action="store_true")
@@ -310,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown group(s) {sorted(unknown)}; choose from {GROUPS}")
 
+    src = args.badged_src.resolve()
+    for sub in ("clients", "daemon"):  # spawned workers inherit sys.path
+        sys.path.insert(0, str(src / sub))
     module = provision.find_first(provision.MODULE_GLOBS)
     if module is None or shutil.which("softhsm2-util") is None:
         print("SoftHSM2 is missing: apt-get install -y softhsm2", file=sys.stderr)
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = Report(meta={
         "timestamp": stamp, "mode": plan.mode, "plan": plan.__dict__, "cpus": os.cpu_count(),
         "host": platform.node(), "loadavg_before": procfs.loadavg(), "versions": _versions(),
-        "softhsm_module": module,
+        "softhsm_module": module, "badged_src": str(src),
     })
     t_start = time.monotonic()
     state = provision.make_state_dir()
@@ -333,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             if "badged" in groups:
                 # First start creates the demo agent's keys in *this* token; the
                 # peers then sign with the agent's Sign key: literally the same key.
-                first = Badged(state, REPO)
+                first = Badged(state, src)
                 try:
                     cold = first.start()
                     key = f"badged/agent/{BADGED_AGENT}/v1/sig"
                 except Unavailable as exc:
                     rep.badged["first_start_error"] = str(exc)
+                    _say(f"badged first start failed: {exc}")
                 finally:
                     first.stop()
             public = provision.key_public_der(token, key, create=key == provision.FALLBACK_KEY)
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"key {key} in token {token.label}")
             bench_peers(rep.rows, plan, token, key, public, groups)
             if "badged" in groups:
-                bench_badged(rep, plan, state, cold)
+                bench_badged(rep, plan, state, cold, src)
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130
@@ -379,11 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     if "unavailable" in b:
         print(f"\nbadged: not available ({b['unavailable']})")
     elif b:
-        print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s "
-              f"(first start, creating the agent's keys: {b.get('start_cold_s')}s)")
+        cold = b.get("start_cold_s")
+        print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s" + (
+            f" (first start, creating the agent's keys: {cold}s)" if cold else
+            f" (first start failed: {report.short_error(str(b.get('first_start_error')))})"))
         print(f"badged RSS: {b.get('rss_at_ready_kib')} KiB at ready, "
               f"{b.get('rss_before_kib')} KiB before and {b.get('rss_after_kib')} KiB after "
               f"{b.get('rss_requests'):,} requests ({b.get('rss_growth_pct')}%)")
+    noisy = report.noisy_rows(rep.rows)
+    if noisy or rep.meta["loadavg_before"][0] > (rep.meta["cpus"] or 1) / 2:
+        print(f"\nNOISY RUN: load average was {rep.meta['loadavg_before']} at the start; "
+              f"{len(noisy)} row(s) saw > 0.25 cores of other work ("
+              + ", ".join(f"{r.label}@{r.clients}" for r in noisy[:6])
+              + "). Compare ratios, or rerun on a quiet machine.")
     if rep.targets:
         print("\nissue #7 targets (information, not a pass/fail of this command):")
         for t in rep.targets:

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from badgebench import procfs
-from badgebench.ops import OpSpec, make
+from badgebench.ops import OpSpec, make, preload
 
 SETUP_RETRIES = 5
 
@@ -50,6 +50,20 @@ class LoadResult:
 
 
 def _worker(spec: OpSpec, conn: Connection) -> None:
+    try:
+        preload(spec)  # imports in parallel with the other workers
+    except Exception as exc:
+        _send(conn, ("error", f"{type(exc).__name__}: {exc}"))
+        return
+    # Set-up (log in, connect) one worker at a time: many processes logging in
+    # to one file-backed SoftHSM token at the same instant race on its files.
+    if not _send(conn, ("spawned", 0)):
+        return
+    try:
+        if conn.recv()[0] != "setup":
+            return
+    except EOFError:
+        return
     retries = 0
     while True:
         try:
@@ -154,7 +168,14 @@ def run_load(specs: list[OpSpec], clients: int, *, duration_s: float, slice_s: f
             procs.append(p)
             conns.append(parent)
         deadline = time.monotonic() + setup_timeout_s
-        for c in conns:
+        for c in conns:  # all spawned and imported
+            if not c.poll(max(0.1, deadline - time.monotonic())):
+                raise TimeoutError("a load-generator worker did not start in time")
+            msg = c.recv()
+            if msg[0] == "error":
+                raise RuntimeError(msg[1])
+        for c in conns:  # then set up one at a time
+            c.send(("setup",))
             if not c.poll(max(0.1, deadline - time.monotonic())):
                 raise TimeoutError("a load-generator worker did not get ready in time")
             msg = c.recv()

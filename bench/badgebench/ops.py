@@ -38,6 +38,16 @@ def make(spec: OpSpec) -> tuple[Op, Close]:
     return factory(spec.params)
 
 
+def preload(spec: OpSpec) -> None:
+    """Import what ``make`` will need, so that timed set-up is only set-up."""
+    import cryptography.hazmat.primitives.asymmetric.ec  # noqa: F401
+
+    if spec.kind == "pkcs11":
+        import pkcs11  # noqa: F401
+    elif spec.kind.startswith("badged-"):
+        import badgeclient  # noqa: F401
+
+
 # -- helpers ---------------------------------------------------------------------
 
 
@@ -65,7 +75,11 @@ def _pkcs11(params: dict[str, str]) -> tuple[Op, Close]:
     import pkcs11
 
     lib = pkcs11.lib(params["module"])
-    token = lib.get_token(token_label=params["token"])
+    try:
+        token = lib.get_token(token_label=params["token"])
+    except pkcs11.exceptions.NoSuchToken:
+        lib.reinitialize()  # rescan the slots before the caller's retry
+        raise
     with open(params["pin_file"]) as fh:
         pin = fh.read().strip()
     session = token.open(user_pin=pin)

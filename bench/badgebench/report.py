@@ -76,29 +76,46 @@ def compute_ratios(rows: list[Row]) -> None:
             r.ratio_vs_inprocess = rate / inproc
 
 
+def other_cpu(res: LoadResult | None) -> float | None:
+    """CPU the machine spent outside the load generator and the server: noise."""
+    if res is None or not res.machine_busy_cores:
+        return None
+    return max(0.0, res.machine_busy_cores - res.loadgen_cpu_cores - (res.server_cpu_cores or 0))
+
+
+def noisy_rows(rows: list[Row], threshold: float = 0.25) -> list[Row]:
+    return [r for r in rows if not r.error and (other_cpu(r.result) or 0.0) > threshold]
+
+
+def short_error(text: str) -> str:
+    """The first line of an error, for the table; the JSON keeps all of it."""
+    return text.split(" | ")[0].split("\n")[0][:160]
+
+
 def _fmt(v: float | None, nd: int = 0, suffix: str = "") -> str:
-    if not v:  # None, or 0 for a quantity a row did not measure
+    if v is None:
         return "-"
     return f"{v:,.{nd}f}{suffix}"
 
 
 def format_table(rows: list[Row]) -> str:
     head = ("path", "clients", "ops/s", "p50 µs", "p99 µs", "x ssh-agent", "x in-proc",
-            "loadgen CPU", "server CPU", "machine busy")
+            "loadgen CPU", "server CPU", "other CPU")
     lines: list[tuple[str, ...]] = [head]
     notes: list[str] = []
     for r in rows:
         if r.error:
-            notes.append(f"{r.label}: not available ({r.error})")
+            who = f" ({r.clients} client{'' if r.clients == 1 else 's'})" if r.clients else ""
+            notes.append(f"{r.label}{who}: not available ({short_error(r.error)})")
             continue
         res = r.result
         lines.append((
             r.label, str(r.clients), _fmt(r.rate),
-            _fmt(res.p50_us if res else None), _fmt(res.p99_us if res else None),
+            _fmt(res.p50_us if res else None), _fmt(res.p99_us or None if res else None),
             _fmt(r.ratio_vs_ssh_agent, 2, "x"), _fmt(r.ratio_vs_inprocess, 2, "x"),
             _fmt(res.loadgen_cpu_cores if res else None, 2),
             _fmt(res.server_cpu_cores if res else None, 2),
-            _fmt(res.machine_busy_cores if res else None, 2),
+            _fmt(other_cpu(res), 2),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
@@ -114,20 +131,21 @@ def format_table(rows: list[Row]) -> str:
 
 def format_markdown(rows: list[Row]) -> str:
     out = ["| path | clients | ops/s | p50 µs | p99 µs | x ssh-agent | x in-process | "
-           "load-gen CPU (cores) | server CPU (cores) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "load-gen CPU (cores) | server CPU (cores) | other CPU (cores) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.error:
-            out.append(f"| {r.label} | {r.clients} | not available ({r.error}) "
-                       "| | | | | | |")
+            out.append(f"| {r.label} | {r.clients} | not available ({short_error(r.error)}) "
+                       "| | | | | | | |")
             continue
         res = r.result
         out.append("| " + " | ".join([
             r.label, str(r.clients), _fmt(r.rate),
-            _fmt(res.p50_us if res else None), _fmt(res.p99_us if res else None),
+            _fmt(res.p50_us if res else None), _fmt(res.p99_us or None if res else None),
             _fmt(r.ratio_vs_ssh_agent, 2), _fmt(r.ratio_vs_inprocess, 2),
             _fmt(res.loadgen_cpu_cores if res else None, 2),
-            _fmt(res.server_cpu_cores if res else None, 2)]) + " |")
+            _fmt(res.server_cpu_cores if res else None, 2),
+            _fmt(other_cpu(res), 2)]) + " |")
     return "\n".join(out)
 
 

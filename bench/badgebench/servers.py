@@ -138,9 +138,8 @@ class Badged:
         self._log: IO[bytes] | None = None
 
     def command(self) -> list[str]:
-        script = Path(sys.executable).parent / "badged"
-        if script.exists():
-            return [str(script), "dev", "--state-dir", str(self.state_dir)]
+        # `python -m badged` with the source tree first on PYTHONPATH: the
+        # daemon measured is the one in ``repo``, whatever is installed.
         return [sys.executable, "-m", "badged", "dev", "--state-dir", str(self.state_dir)]
 
     def start(self, timeout: float = 90.0) -> float:
