@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ from badged.listener.peers import PeerCredentials
 _logger = logging.getLogger(__name__)
 
 PARENT_LEVELS = 4
+# Groups, cgroup and parent chain change rarely and cost ~8 /proc reads; they
+# are re-read at most this often per process. The executable is re-read on
+# every request (an exec must take effect at once).
+SLOW_ATTRS_TTL = 1.0
+_NAME_TTL = 60.0
 _CONTAINER_RE = re.compile(r"(?:docker|libpod|cri-containerd|crio|containerd)[-/]([0-9a-f]{64})")
 _BARE_ID_RE = re.compile(r"/([0-9a-f]{64})(?:\.scope)?$")
 
@@ -76,14 +82,12 @@ class ProcessAttributes:
         """SPIRE-style unix selectors; exe selectors only when readable."""
         sels = {f"unix:uid:{self.uid}", f"unix:gid:{self.gid}"}
         sels |= {f"unix:supplementary_gid:{g}" for g in self.groups}
-        try:
-            sels.add(f"unix:user:{pwd.getpwuid(self.uid).pw_name}")
-        except KeyError:
-            pass
-        try:
-            sels.add(f"unix:group:{grp.getgrgid(self.gid).gr_name}")
-        except KeyError:
-            pass
+        user = _user_name(self.uid)
+        if user:
+            sels.add(f"unix:user:{user}")
+        group = _group_name(self.gid)
+        if group:
+            sels.add(f"unix:group:{group}")
         if self.exe:
             sels.add(f"unix:path:{self.exe}")
         if self.exe_sha256:
@@ -113,14 +117,15 @@ class ProcessAttestor:
         self._hashes: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # (pid, start_time) -> (read_at, groups, cgroup, chain)
+        self._slow: OrderedDict[tuple[int, int], tuple[float, tuple[int, ...], str | None,
+                                                       tuple[str, ...]]] = OrderedDict()
 
     def attest(self, peer: PeerCredentials) -> ProcessAttributes:
         if not peer.is_alive():
             raise AttestationError(f"caller pid {peer.pid} exited before attestation")
-        groups = self._groups(peer.pid)
         exe, digest = self._exe(peer.pid)
-        cgroup = self._cgroup(peer.pid)
-        chain = self._chain(peer.pid)
+        groups, cgroup, chain = self._slow_attrs(peer)
         # Everything above was read by pid; only now do we know it was *this*
         # process and not a successor that inherited the pid.
         if not peer.is_alive():
@@ -137,6 +142,22 @@ class ProcessAttestor:
         except OSError:
             pass
         return ()
+
+    def _slow_attrs(self, peer: PeerCredentials) -> tuple[tuple[int, ...], str | None,
+                                                           tuple[str, ...]]:
+        key = (peer.pid, peer.start_time)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._slow.get(key)
+        if hit is not None and now - hit[0] < SLOW_ATTRS_TTL:
+            return hit[1], hit[2], hit[3]
+        value = (now, self._groups(peer.pid), self._cgroup(peer.pid), self._chain(peer.pid))
+        with self._lock:
+            self._slow[key] = value
+            self._slow.move_to_end(key)
+            while len(self._slow) > self._cache_size:
+                self._slow.popitem(last=False)
+        return value[1], value[2], value[3]
 
     def _chain(self, pid: int) -> tuple[str, ...]:
         chain: list[str] = []
@@ -200,3 +221,31 @@ def _ppid(pid: int) -> int:
     except OSError:
         return 0
     return int(data[data.rfind(b")") + 2:].split()[1])
+
+
+_names: dict[tuple[str, int], tuple[float, str | None]] = {}
+
+
+def _cached_name(kind: str, ident: int) -> str | None:
+    """NSS lookups read /etc/passwd (or LDAP) each time: cache for a minute."""
+    now = time.monotonic()
+    hit = _names.get((kind, ident))
+    if hit is not None and now - hit[0] < _NAME_TTL:
+        return hit[1]
+    try:
+        name: str | None = (pwd.getpwuid(ident).pw_name if kind == "user"
+                            else grp.getgrgid(ident).gr_name)
+    except KeyError:
+        name = None
+    if len(_names) > 4096:
+        _names.clear()
+    _names[(kind, ident)] = (now, name)
+    return name
+
+
+def _user_name(uid: int) -> str | None:
+    return _cached_name("user", uid)
+
+
+def _group_name(gid: int) -> str | None:
+    return _cached_name("group", gid)
