@@ -215,3 +215,27 @@ def test_second_daemon_on_same_socket_is_refused(fresh_state: Path) -> None:
     finally:
         d.stop()
     time.sleep(0)
+
+
+def test_sigterm_under_load_loses_no_acknowledged_credential(fresh_state: Path) -> None:
+    """Every token a client received is in the audit log, even across shutdown."""
+    d = start_daemon(fresh_state)
+    here = Path(__file__).parent
+    procs = [subprocess.Popen([sys.executable, str(here / "load_client.py"), str(d.workload),
+                               "400"], env=d.env(), stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    time.sleep(0.5)
+    assert d.stop(signal.SIGTERM) == 0
+    jtis: list[str] = []
+    errors: list[str] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        doc = json.loads(out)
+        jtis += doc["jtis"]
+        errors += doc["errors"]
+    assert jtis, "load should have received tokens before the shutdown"
+    assert all(e.startswith("UNAVAILABLE") for e in errors), errors[:3]
+    exported = subprocess.run(badgectl_cmd("audit", "export", "--dir", str(fresh_state / "audit")),
+                              capture_output=True, text=True, check=True).stdout
+    logged = {json.loads(line).get("jti") for line in exported.splitlines() if line.strip()}
+    assert set(jtis) <= logged
