@@ -17,7 +17,7 @@ from badged.audit import AuditConfig, AuditLog, verify
 from badged.audit.files import file_name, list_files
 from badged.audit.record import GENESIS
 from badged.errors import AuditError, ConfigError
-from tests.audit.helpers import T0, FakeClock, all_records, open_log, tmpfs
+from tests.audit.helpers import T0, FakeClock, all_records, log_lines, open_log, tmpfs
 
 
 def test_records_are_chained_and_receipts_match(audit_dir: Path) -> None:
@@ -356,3 +356,41 @@ def test_open_without_signer_works_and_checkpoints_are_noops(audit_dir: Path) ->
     assert log.checkpoint_sync() is None
     log.close()
     assert verify(audit_dir).ok
+
+
+def test_mirror_gets_every_durable_record_and_its_failures_do_not_matter(
+        audit_dir: Path) -> None:
+    from badged.audit import AuditConfig, AuditLog
+
+    copied: list[bytes] = []
+    calls = {"n": 0}
+
+    def mirror(batch: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("syslog down")
+        copied.extend(batch.splitlines(keepends=True))
+
+    log = AuditLog.open(AuditConfig(directory=audit_dir), mirror=mirror)
+    for i in range(5):
+        log.append_sync({"event": "x", "i": i})
+    log.close()
+    stored = [line for _p, lines in log_lines(audit_dir) for line in lines]
+    assert calls["n"] == 5
+    assert copied == stored[:1] + stored[2:]  # batch 2 was lost by the mirror only
+    assert verify(audit_dir).ok
+
+
+def test_syslog_mirror_sends_one_message_per_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    import syslog
+
+    from badged.audit.mirror import MAX_MESSAGE, syslog_mirror
+
+    sent: list[str] = []
+    monkeypatch.setattr(syslog, "openlog", lambda *a: None)
+    monkeypatch.setattr(syslog, "syslog", lambda prio, msg: sent.append(msg))
+    send = syslog_mirror()
+    send(b'{"seq":1}\n{"seq":2}\n')
+    send(b'{"x":"' + b"a" * (MAX_MESSAGE + 10) + b'"}\n')
+    assert sent[:2] == ['{"seq":1}', '{"seq":2}']
+    assert sent[2].endswith("...(truncated)") and len(sent[2]) < MAX_MESSAGE + 20

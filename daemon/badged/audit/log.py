@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -84,6 +85,8 @@ _CONFIG_ERRNOS: Final = frozenset(
 Clock = Callable[[], float]
 WriteFn = Callable[[int, bytes], int]
 FsyncFn = Callable[[int], None]
+MirrorFn = Callable[[bytes], None]
+"""Receives each durable batch (one or more complete lines) for a best-effort copy."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ class AuditLog:
         signer: KeyHandle | None,
         write: WriteFn,
         fsync: FsyncFn,
+        mirror: MirrorFn | None = None,
     ) -> None:
         self.config = config
         self.directory = Path(config.directory)
@@ -233,6 +237,11 @@ class AuditLog:
         self._cp_task: asyncio.Task[None] | None = None
         self._cp_timer: asyncio.TimerHandle | None = None
         self._sign_pool: ThreadPoolExecutor | None = None
+        # optional best-effort copy (syslog/journald), on its own thread so a
+        # slow or dead syslog can never delay or fail a durable append
+        self._mirror = mirror
+        self._mirror_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._mirror_thread: threading.Thread | None = None
 
     # -- construction ---------------------------------------------------------
 
@@ -245,15 +254,18 @@ class AuditLog:
         signer: KeyHandle | None = None,
         write: WriteFn = os.write,
         fsync: FsyncFn = os.fsync,
+        mirror: MirrorFn | None = None,
     ) -> AuditLog:
         """Open (creating, recovering) the log and start its writer thread.
 
         Raises :class:`~badged.errors.ConfigError` when the directory cannot be
         used (not a directory, read-only, no permission, locked by another
         process): the daemon must refuse to start rather than run unaudited.
-        ``write``/``fsync`` are seams for fault-injection tests.
+        ``write``/``fsync`` are seams for fault-injection tests. ``mirror``
+        (e.g. :func:`badged.audit.mirror.syslog_mirror`) gets a copy of every
+        durable batch, after the fact and best effort.
         """
-        log = cls(config, clock=clock, signer=signer, write=write, fsync=fsync)
+        log = cls(config, clock=clock, signer=signer, write=write, fsync=fsync, mirror=mirror)
         try:
             log._open_dir()
             log._recover_and_open_file()
@@ -273,6 +285,10 @@ class AuditLog:
         log._thread = threading.Thread(target=log._writer_main, name="badged-audit-writer",
                                        daemon=True)
         log._thread.start()
+        if mirror is not None:
+            log._mirror_thread = threading.Thread(target=log._mirror_main,
+                                                  name="badged-audit-mirror", daemon=True)
+            log._mirror_thread.start()
         return log
 
     def _open_dir(self) -> None:
@@ -504,6 +520,8 @@ class AuditLog:
             self._durable = _Head(last.receipt.seq, last.receipt.hash, last.dt, last.kind)
         self.stats.batches += 1
         self.stats.records += len(batch)
+        if self._mirror is not None:
+            self._mirror_q.put(data)  # after fsync: only durable records are copied
 
     def _rotation_due(self) -> bool:
         cfg = self.config
@@ -550,6 +568,15 @@ class AuditLog:
         for loop, entries in by_loop.items():
             with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(_resolve, entries, error)
+
+    def _mirror_main(self) -> None:
+        assert self._mirror is not None
+        while (data := self._mirror_q.get()) is not None:
+            try:
+                self._mirror(data)
+            except Exception:
+                # The file is the record of truth; a failing copy is only logged.
+                _logger.warning("audit mirror failed", exc_info=True)
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -672,6 +699,9 @@ class AuditLog:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._mirror_thread is not None:
+            self._mirror_q.put(None)
+            self._mirror_thread.join()
         if self._sign_pool is not None:
             self._sign_pool.shutdown(wait=True)
         self._release_lock()
