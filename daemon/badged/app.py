@@ -27,7 +27,7 @@ from badged.errors import ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
 from badged.identity.registry import AgentRegistry
 from badged.identity.store import AgentStore
-from badged.keystore.pkcs11.store import Pkcs11KeyStore
+from badged.keystore import open_keystore
 from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.front import SocketFront
 from badged.listener.peers import PeerRegistry
@@ -88,7 +88,7 @@ class Daemon:
         ensure_private_dir(cfg.private_dir)
         self._lock_state_dir()
         if self._keystore is None:
-            self._keystore = Pkcs11KeyStore.from_config(cfg.keystore)
+            self._keystore = open_keystore(cfg.backend, cfg.keystore)
         self.agents = AgentRegistry(
             store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
@@ -183,6 +183,9 @@ class Daemon:
         )
         workload_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
+        from badged.service import credentials, enroll
+        credentials.add_to_server(server, deps)
+        enroll.add_to_server(server, deps)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_insecure_port(f"unix:{private_sock}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from badged.errors import ConfigError
 from badged.keystore.pkcs11.store import Pkcs11Config
+from badged.keystore.tpm.store import TpmConfig
 from badged.keystore.uri import parse_pkcs11_uri
 from badged.policy.loader import parse_duration
 
@@ -40,8 +41,13 @@ class DaemonConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     log_error_details: bool = True
-    keystore: Pkcs11Config = field(default_factory=lambda: Pkcs11Config(uri="pkcs11:token=badged"))
+    keystore: Pkcs11Config | TpmConfig = field(
+        default_factory=lambda: Pkcs11Config(uri="pkcs11:token=badged"))
     source: str = "<defaults>"
+
+    @property
+    def backend(self) -> str:
+        return "tpm" if isinstance(self.keystore, TpmConfig) else "pkcs11"
 
     @property
     def private_dir(self) -> Path:
@@ -73,7 +79,8 @@ _KNOWN: dict[str, set[str]] = {
                "issuer", "policy_file", "default_ttl", "max_ttl", "max_connections_per_uid",
                "approval_timeout"},
     "log": {"format", "level", "error_details"},
-    "keystore": {"backend", "uri", "module_path"},
+    "keystore": {"backend", "uri", "module_path", "tcti", "key_dir", "parent_handle",
+                 "key_auth_file"},
     "audit": {"dir"},
 }
 
@@ -137,15 +144,40 @@ def load_config(path: Path) -> DaemonConfig:
             raise fail("daemon", key, str(exc)) from None
 
     backend = ks.get("backend", "pkcs11")
-    if backend != "pkcs11":
-        raise fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11)")
-    uri = ks.get("uri")
-    if not isinstance(uri, str):
-        raise fail("keystore", "uri" if "uri" in ks else None, "[keystore] uri is required")
-    try:
-        parse_pkcs11_uri(uri)
-    except ConfigError as exc:
-        raise fail("keystore", "uri", exc.detail) from None
+    keystore: Pkcs11Config | TpmConfig
+    if backend == "pkcs11":
+        uri = ks.get("uri")
+        if not isinstance(uri, str):
+            raise fail("keystore", "uri" if "uri" in ks else None, "[keystore] uri is required")
+        try:
+            parse_pkcs11_uri(uri)
+        except ConfigError as exc:
+            raise fail("keystore", "uri", exc.detail) from None
+        for key in ("tcti", "key_dir", "parent_handle", "key_auth_file"):
+            if key in ks:
+                raise fail("keystore", key, f"{key} is a tpm setting; backend is pkcs11")
+        keystore = Pkcs11Config(uri=uri, module_path=ks.get("module_path"))
+    elif backend == "tpm":
+        tcti = ks.get("tcti")
+        if not isinstance(tcti, str) or not tcti:
+            raise fail("keystore", "tcti" if "tcti" in ks else None,
+                       "[keystore] tcti is required for the tpm backend (e.g. device:/dev/tpmrm0)")
+        for key in ("uri", "module_path"):
+            if key in ks:
+                raise fail("keystore", key, f"{key} is a pkcs11 setting; backend is tpm")
+        parent = ks.get("parent_handle")
+        if parent is not None:
+            try:
+                parent = int(parent, 0) if isinstance(parent, str) else int(parent)
+            except ValueError:
+                raise fail("keystore", "parent_handle", "parent_handle must be like 0x81000001") from None
+        key_dir = path_opt("keystore", "key_dir", ks.get("key_dir"))
+        auth = path_opt("keystore", "key_auth_file", ks.get("key_auth_file"))
+        state = path_opt("daemon", "state_dir", d.get("state_dir")) or DEFAULT_STATE_DIR
+        keystore = TpmConfig(tcti=tcti, key_dir=str(key_dir or state / "private" / "tpm-keys"),
+                             parent_handle=parent, key_auth_file=str(auth) if auth else None)
+    else:
+        raise fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11, tpm)")
     fmt = log.get("format", "text")
     if fmt not in ("text", "json"):
         raise fail("log", "format", "log format must be 'text' or 'json'")
@@ -173,7 +205,7 @@ def load_config(path: Path) -> DaemonConfig:
         log_format=fmt,
         log_level=str(log.get("level", "INFO")).upper(),
         log_error_details=bool(log.get("error_details", True)),
-        keystore=Pkcs11Config(uri=uri, module_path=ks.get("module_path")),
+        keystore=keystore,
         source=src,
     )
     if cfg.default_ttl > cfg.max_ttl:

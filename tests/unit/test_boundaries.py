@@ -87,6 +87,10 @@ CONFIG_ERRORS = [
     ("[daemon]\ndefault_ttl = 600\nmax_ttl = 60\n[keystore]\nuri = \"pkcs11:token=a\"\n", 2,
      "exceed"),
     ("[nope]\n", 1, "unknown section"),
+    ("[keystore]\nbackend = \"tpm\"\n", 1, "tcti is required"),
+    ("[keystore]\nbackend = \"tpm\"\ntcti = \"device:/dev/tpmrm0\"\nuri = \"pkcs11:token=a\"\n", 4,
+     "pkcs11 setting"),
+    ("[keystore]\nuri = \"pkcs11:token=a\"\ntcti = \"device:/dev/tpmrm0\"\n", 3, "tpm setting"),
     ("[daemon\n", 1, "TOML syntax"),
 ]
 
@@ -133,3 +137,15 @@ def test_shipped_example_policy_loads() -> None:
     assert [r.agent for r in policy.agents] == ["deploy-bot", "ci-runner"]
     assert set(policy.bundles) == {"deploy", "prod-write", "artifacts"}
     assert policy.bundles["prod-write"].approval and policy.baseline is not None
+
+
+def test_tpm_backend_config(tmp_path: Path) -> None:
+    from badged.keystore.tpm.store import TpmConfig
+
+    path = tmp_path / "badged.toml"
+    path.write_text('[daemon]\nstate_dir = "/var/lib/b"\n[keystore]\nbackend = "tpm"\n'
+                    'tcti = "device:/dev/tpmrm0"\nparent_handle = "0x81000001"\n')
+    cfg = load_config(path)
+    assert cfg.backend == "tpm" and isinstance(cfg.keystore, TpmConfig)
+    assert cfg.keystore.parent_handle == 0x81000001
+    assert cfg.keystore.key_dir == "/var/lib/b/private/tpm-keys"
