@@ -57,7 +57,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from badged.errors import (
+    AttestationError,
     ConfigError,
+    InvalidRequestError,
     KeyExistsError,
     KeyNotFoundError,
     KeyStoreAuthError,
@@ -65,6 +67,7 @@ from badged.errors import (
     KeyStoreUnavailableError,
 )
 from badged.fsutil import atomic_write, ensure_private_dir
+from badged.keystore.attest import FORMAT_TPM2_CERTIFY, KeyAttestation
 from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
 from badged.secrets import read_secret_file
 
@@ -300,6 +303,64 @@ class _TpmKey:
         return self._store._sign_digest(self._name, digest, hash_name, self._public)
 
 
+# -- attestation ---------------------------------------------------------------------------
+
+EK_CERT_RSA_INDEX = 0x01C00002
+EK_CERT_ECC_INDEX = 0x01C00016  # swtpm 0.7: ECC P-384 EK (0x01c0000a is absent)
+EK_RSA_PERSISTENT = 0x81010001
+_NONCE_MIN, _NONCE_MAX = 8, 64
+
+
+def ak_template() -> Any:
+    """The attestation key: a *restricted* ECC P-256 signing key.
+
+    Restricted means the TPM signs with it only digests it computed itself
+    (TPMS_ATTEST it generated, or data that carries no TPM magic), so nobody
+    can make it sign a forged attestation. It is a primary of the endorsement
+    hierarchy: derived from the same seed as the EK, re-created identically on
+    every call, so a verifier that pinned its Name once keeps recognising it
+    and nothing has to be stored.
+    """
+    from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+    from tpm2_pytss.types import (
+        TPM2B_PUBLIC,
+        TPMS_ECC_PARMS,
+        TPMS_SCHEME_HASH,
+        TPMT_ECC_SCHEME,
+        TPMT_KDF_SCHEME,
+        TPMT_PUBLIC,
+        TPMT_SYM_DEF_OBJECT,
+        TPMU_ASYM_SCHEME,
+        TPMU_PUBLIC_PARMS,
+    )
+
+    attrs = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
+             | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
+             | TPMA_OBJECT.NODA)
+    return TPM2B_PUBLIC(publicArea=TPMT_PUBLIC(
+        type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=attrs, authPolicy=b"",
+        parameters=TPMU_PUBLIC_PARMS(eccDetail=TPMS_ECC_PARMS(
+            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+            scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA,
+                                   details=TPMU_ASYM_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256))),
+            curveID=TPM2_ECC.NIST_P256,
+            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+        )),
+    ))
+
+
+def _nv_read_all(ectx: Any, index: int) -> bytes:
+    """Read a whole NV index in chunks (TPMs cap one read at ~1 KB)."""
+    nv = ectx.tr_from_tpmpublic(index)
+    pub, _ = ectx.nv_read_public(nv)
+    size = int(pub.nvPublic.dataSize)
+    out = bytearray()
+    while len(out) < size:
+        chunk = ectx.nv_read(nv, min(768, size - len(out)), len(out), auth_handle=nv)
+        out += bytes(chunk)
+    return bytes(out)
+
+
 class TpmKeyStore:
     """Agent keys as TPM child keys of one storage primary, behind one lock."""
 
@@ -322,6 +383,8 @@ class TpmKeyStore:
         # TPM again: each attempt would count towards dictionary-attack lockout.
         self._auth_latch: KeyStoreAuthError | None = None
         self._lockout_warned = False
+        self._ek_cert_cache: bytes | None = None
+        self._ek_cert_read = False
         self.generation = 0
         with self._lock:
             self._connect()
@@ -733,3 +796,156 @@ class TpmKeyStore:
             return encode_dss_signature(r, s)
 
         return self._call(f"signing with key {name}", op)
+
+    # -- attestation (optional capability: KeyAttester) ------------------------------
+
+    def ak_public(self) -> bytes:
+        """Marshaled TPMT_PUBLIC of the AK: what a verifier needs for MakeCredential."""
+
+        def op(ectx: Any) -> bytes:
+            self._evict(ectx)
+            with self._ak(ectx) as (_, public):
+                return bytes(public.publicArea.marshal())
+
+        return self._call("reading the attestation key", op)
+
+    @contextmanager
+    def _ak(self, ectx: Any) -> Iterator[tuple[Any, Any]]:
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+
+        handle, public, _, _, _ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), ak_template(),
+                                                      ESYS_TR.ENDORSEMENT)
+        try:
+            yield handle, public
+        finally:
+            ectx.flush_context(handle)
+
+    def attest(self, name: str, nonce: bytes) -> KeyAttestation:
+        """TPM2_Certify of key ``name`` by the AK over the verifier's nonce."""
+
+        check_key_name(name)
+        if not _NONCE_MIN <= len(nonce) <= _NONCE_MAX:
+            raise InvalidRequestError(f"nonce must be {_NONCE_MIN}..{_NONCE_MAX} bytes")
+        from tpm2_pytss.constants import TPM2_ALG
+        from tpm2_pytss.types import TPM2B_DATA, TPMT_SIG_SCHEME
+
+        def op(ectx: Any) -> KeyAttestation:
+            blob = self._read_blob(name)
+            # Certify needs primary + key + AK: exactly swtpm's 3 slots.
+            self._evict(ectx, keep=name)
+            with self._using(ectx, blob) as key, self._ak(ectx) as (ak, ak_pub):
+                info, sig = ectx.certify(key, ak, TPM2B_DATA(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+            if int(sig.sigAlg) != int(TPM2_ALG.ECDSA):
+                raise KeyStoreError("AK signed with an unexpected scheme", backend=BACKEND)
+            r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+            s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+            return KeyAttestation(
+                format=FORMAT_TPM2_CERTIFY, key_name=name, nonce=bytes(nonce),
+                attest=bytes(info),
+                signature=encode_dss_signature(r, s),
+                ak_public=bytes(ak_pub.publicArea.marshal()),
+                key_public=bytes(blob.public.publicArea.marshal()),
+                ek_certificate=self._ek_cert(ectx),
+            )
+
+        with self._lock:
+            self._read_blob(name)  # not-found / corrupt without touching the TPM
+        return self._call(f"attesting key {name}", op)
+
+    def ek_certificate(self) -> bytes | None:
+        """DER EK certificate (RSA 2048 first, the one activation uses), or None."""
+        return self._call("reading the EK certificate", self._ek_cert)
+
+    def _ek_cert(self, ectx: Any) -> bytes | None:
+        if self._ek_cert_read:
+            return self._ek_cert_cache
+        from tpm2_pytss import TSS2_Exception
+
+        cert = None
+        for index in (EK_CERT_RSA_INDEX, EK_CERT_ECC_INDEX):
+            try:
+                cert = _nv_read_all(ectx, index)
+                break
+            except TSS2_Exception as exc:
+                if _rc_parts(int(exc.rc))[0] != _LAYER_TPM:
+                    raise
+                _logger.debug("no EK certificate at 0x%08x (rc 0x%x)", index, int(exc.rc))
+        if cert is None:
+            _logger.warning("TPM has no EK certificate in NV: attestation cannot be chained to a CA")
+        self._ek_cert_cache, self._ek_cert_read = cert, True
+        return cert
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential with the AK and the RSA EK.
+
+        The verifier made (credential_blob, encrypted_secret) with
+        ``tpm_evidence.make_credential`` for the EK of the certificate and the
+        AK's Name; only the TPM holding that EK *and* that AK can return the
+        secret, which ties the AK to the EK certificate.
+        """
+        from tpm2_pytss import TSS2_Exception
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+        from tpm2_pytss.types import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT, TPMT_SYM_DEF
+
+        try:
+            blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+            secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        except Exception:
+
+            raise InvalidRequestError("malformed credential challenge") from None
+
+        def op(ectx: Any) -> bytes:
+            self._evict(ectx)
+            ek = self._ek_handle(ectx)
+            created_ek = not isinstance(ek, tuple)
+            ek_handle = ek if created_ek else ek[0]
+            try:
+                with self._ak(ectx) as (ak, _):
+                    session = ectx.start_auth_session(
+                        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+                    try:
+                        # The standard EK policy: PolicySecret(endorsement hierarchy).
+                        ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, expiration=0)
+                        out = ectx.activate_credential(ak, ek_handle, blob, secret,
+                                                       session1=ESYS_TR.PASSWORD, session2=session)
+                    finally:
+                        try:
+                            ectx.flush_context(session)
+                        except TSS2_Exception:
+                            pass  # a policy session used by a command may already be gone
+            finally:
+                if created_ek:
+                    ectx.flush_context(ek_handle)
+            return bytes(out)
+
+        try:
+            return self._call("activating a credential", op)
+        except KeyStoreError as exc:
+            if isinstance(exc, KeyStoreUnavailableError | KeyStoreAuthError):
+                raise
+            raise AttestationError(f"credential activation failed: {exc.detail}", raw=exc.raw) from None
+
+    def _ek_handle(self, ectx: Any) -> Any:
+        """The RSA EK: persistent at 0x81010001 if provisioned, else re-created
+        from the TCG EK template (which reproduces the certified key)."""
+        from tpm2_pytss import TSS2_Exception
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+
+        try:
+            return (ectx.tr_from_tpmpublic(EK_RSA_PERSISTENT),)
+        except TSS2_Exception as exc:
+            if _rc_parts(int(exc.rc))[0] != _LAYER_TPM:
+                raise
+
+        def nv_read(index: int) -> bytes:
+            try:
+                return _nv_read_all(ectx, int(index))
+            except TSS2_Exception as exc:
+                raise NoSuchIndex(index) from exc
+
+        _, template = create_ek_template("EK-RSA2048", nv_read)
+        handle, _, _, _, _ = ectx.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle
