@@ -632,8 +632,9 @@ class AuditLog:
     async def _checkpoint_async(self, reason: str) -> None:
         try:
             await self.checkpoint(reason)
-        except (BadgedError, OSError, ValueError) as exc:
+        except (BadgedError, OSError, ValueError, RuntimeError) as exc:
             # The chain is intact without it; the next trigger or close() seals.
+            # (RuntimeError: the sign pool was shut down by a concurrent close.)
             _logger.warning("audit checkpoint skipped: %s", exc)
         finally:
             self._cp_task = None
