@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from badged.audit import key_id, verify
-from badged.errors import KeyStoreUnavailableError
+from badged.errors import AuditError, KeyStoreUnavailableError
 from badged.keystore.port import KeyHandle
 from tests.audit.helpers import (
     FakeClock,
@@ -187,3 +190,60 @@ def test_reopen_after_clean_close_adds_no_checkpoint(audit_dir: Path, mem_key: K
     open_log(audit_dir, signer=mem_key).close()
     assert len(all_records(audit_dir)) == n
     assert len(log_lines(audit_dir)) == 1
+
+
+class _GatedSigner:
+    """Signs only when the test says so, to interleave a write failure."""
+
+    def __init__(self, real: KeyHandle) -> None:
+        self._real = real
+        self.gate = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return "gated"
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._real.public_key()
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        self.gate.wait(30)  # deadlock guard only
+        return self._real.sign(data, signature_algorithm)
+
+
+def test_checkpoint_over_a_record_lost_to_a_write_failure_is_dropped(
+        audit_dir: Path, mem_key: KeyHandle) -> None:
+    signer = _GatedSigner(mem_key)
+    write_gate = threading.Event()
+    state = {"fail": False}
+
+    def write(fd: int, data: bytes) -> int:
+        if state["fail"]:
+            write_gate.wait(30)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    log = open_log(audit_dir, signer=signer, write=write)
+
+    async def go() -> None:
+        await log.append({"event": "a"})
+        state["fail"] = True
+        b = asyncio.create_task(log.append({"event": "b"}))  # seq 2, stuck in write
+        while log.stats.assigned < 2:
+            await asyncio.sleep(0)
+        cp = asyncio.create_task(log.checkpoint())  # captures head = b, then waits to sign
+        await asyncio.sleep(0)
+        write_gate.set()  # b's write fails: the chain rewinds to seq 1
+        with pytest.raises(AuditError):
+            await b
+        state["fail"] = False
+        assert (await log.append({"event": "c"})).seq == 2  # a different record 2
+        signer.gate.set()
+        with pytest.raises(AuditError, match="rewound"):
+            await cp
+        await log.aclose()
+
+    asyncio.run(go())
+    report = verify(audit_dir, mem_key.public_key(), strict=True)
+    assert report.ok, report.first_bad
+    assert [r["event"] for r in all_records(audit_dir)] == ["a", "c", "audit.checkpoint"]
