@@ -41,16 +41,17 @@ class Plan:
     ssh_agent: tuple[int, ...]
     p11kit: tuple[int, ...]
     badged: tuple[int, ...]
+    badgeclient: tuple[int, ...]
     rss_requests: int
     rss_clients: int
 
 
 FULL = Plan(mode="full", duration_s=5.0, slice_s=1.0, warmup_s=1.0, openssl_seconds=3,
             inprocess=(1, 2), ssh_agent=(1, 4, 16, 64), p11kit=(1, 4, 16),
-            badged=(1, 4, 16, 64), rss_requests=100_000, rss_clients=16)
+            badged=(1, 4, 16, 64), badgeclient=(1, 16), rss_requests=100_000, rss_clients=16)
 QUICK = Plan(mode="quick", duration_s=1.0, slice_s=0.5, warmup_s=0.3, openssl_seconds=1,
              inprocess=(1, 2), ssh_agent=(1, 16), p11kit=(1, 16), badged=(1, 4, 16),
-             rss_requests=2_000, rss_clients=4)
+             badgeclient=(1,), rss_requests=2_000, rss_clients=4)
 
 
 def _say(msg: str) -> None:
@@ -189,9 +190,9 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
     daemon = Badged(state, src)
     try:
         try:
-            import badgeclient  # noqa: F401 -- the workers need it; fail early and clearly
+            import badged_proto.v1.workload_pb2  # noqa: F401 -- the workers need it
         except ImportError as exc:
-            raise Unavailable(f"badgeclient not importable: {exc}") from None
+            raise Unavailable(f"badged_proto not importable: {exc}") from None
         warm = daemon.start()
         pid = daemon.pid
         assert pid is not None
@@ -201,14 +202,29 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
         _say(f"badged ready in {warm:.2f}s (cold start {cold_start or 0:.2f}s), "
              f"RSS {rep.badged['rss_at_ready_kib']} KiB")
         sock = str(daemon.socket)
-        fetch = OpSpec("badged-fetch", {"socket": sock, "audience": AUDIENCE, "scopes": "read",
-                                        "ttl": "60"})
+        fparams = {"socket": sock, "audience": AUDIENCE, "scopes": "read", "ttl": "60"}
+        fetch = OpSpec("badged-fetch", fparams)
         sign = OpSpec("badged-sign", {"socket": sock})
         for n in plan.badged:
             _load_row(rows, "badged-fetch", "badged FetchToken", n, [fetch], plan, server_pid=pid,
-                      note="fresh ES256 JWT per call; attestation, policy, durable audit on")
+                      note="fresh ES256 JWT per call; attestation, policy, durable audit on; "
+                           "lean HTTP/2 client")
         for n in plan.badged:
-            _load_row(rows, "badged-sign", "badged Sign", n, [sign], plan, server_pid=pid)
+            _load_row(rows, "badged-sign", "badged Sign", n, [sign], plan, server_pid=pid,
+                      note="lean HTTP/2 client")
+        try:
+            import badgeclient  # noqa: F401
+        except ImportError as exc:
+            _unavailable(rows, "badgeclient-fetch", "badged via badgeclient",
+                         f"badgeclient not importable: {exc}")
+        else:
+            for kind, label in (("fetch", "FetchToken"), ("sign", "Sign")):
+                spec = OpSpec(f"badgeclient-{kind}", fparams if kind == "fetch" else
+                              {"socket": sock})
+                for n in plan.badgeclient:
+                    _load_row(rows, f"badgeclient-{kind}", f"badged {label} via badgeclient", n,
+                              [spec], plan, server_pid=pid,
+                              note="the Python client library (grpcio)")
         if daemon.proc is None or daemon.proc.poll() is not None:
             raise Unavailable("daemon died during the run")
         before = procfs.tree_rss_kib(pid)
@@ -305,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients:
         cl = tuple(int(x) for x in args.clients.split(","))
         over.update(inprocess=tuple(c for c in cl if c <= 2) or (1,), ssh_agent=cl, p11kit=cl,
-                    badged=cl)
+                    badged=cl, badgeclient=cl)
     if over:
         plan = Plan(**{**plan.__dict__, **over})
     groups = {g.strip() for g in args.only.split(",") if g.strip()}

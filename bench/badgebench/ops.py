@@ -45,6 +45,8 @@ def preload(spec: OpSpec) -> None:
     if spec.kind == "pkcs11":
         import pkcs11  # noqa: F401
     elif spec.kind.startswith("badged-"):
+        import badged_proto.v1.workload_pb2  # noqa: F401
+    elif spec.kind.startswith("badgeclient-"):
         import badgeclient  # noqa: F401
 
 
@@ -234,44 +236,92 @@ def _ssh_agent(params: dict[str, str]) -> tuple[Op, Close]:
 
 # -- badged ----------------------------------------------------------------------------------
 
+FETCH_PATH = "/badged.v1.WorkloadService/FetchToken"
+SIGN_PATH = "/badged.v1.WorkloadService/Sign"
 
-def _badged_client(params: dict[str, str]) -> Any:
+
+def _check_token(token: str) -> None:
+    import base64
+    import json
+
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise RuntimeError("badged returned something that is not a JWS")
+    header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    if header.get("alg") != "ES256":
+        raise RuntimeError(f"unexpected token alg {header.get('alg')!r}")
+
+
+def _check_signature(signature: bytes, message: bytes, public_pem: str) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    pub = serialization.load_pem_public_key(public_pem.encode())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    if len(signature) == 64:  # raw r||s (JOSE style)
+        signature = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                                         int.from_bytes(signature[32:], "big"))
+    pub.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+
+
+def _badged_h2(params: dict[str, str], kind: str) -> tuple[Op, Close]:
+    """badged over the lean HTTP/2 client (see h2grpc): the daemon's own capacity."""
+    from badgebench.h2grpc import H2GrpcChannel
+    from badged_proto.v1 import workload_pb2
+
+    ch = H2GrpcChannel(params["socket"])
+    unary = ch.unary
+    if kind == "fetch":
+        path = FETCH_PATH
+        request = workload_pb2.FetchTokenRequest(
+            audience=params["audience"], scopes=params["scopes"].split(","),
+            ttl_seconds=int(params.get("ttl", "60"))).SerializeToString()
+        _check_token(workload_pb2.FetchTokenResponse.FromString(unary(path, request)).token)
+    else:
+        path = SIGN_PATH
+        request = workload_pb2.SignRequest(data=DATA).SerializeToString()
+        r = workload_pb2.SignResponse.FromString(unary(path, request))
+        _check_signature(r.signature, r.signed_message, r.public_key_pem)
+
+    def op() -> object:
+        return unary(path, request)
+
+    return op, ch.close
+
+
+def _badgeclient(params: dict[str, str], kind: str) -> tuple[Op, Close]:
+    """badged through the official client library (grpcio): what an agent sees."""
     from badgeclient import WorkloadClient
 
-    return WorkloadClient(params["socket"])
+    client = WorkloadClient(params["socket"])
+    if kind == "fetch":
+        audience = params["audience"]
+        scopes = params["scopes"].split(",")
+        ttl = int(params.get("ttl", "60"))
+        _check_token(client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl).token)
+        fetch = client.fetch_token
 
+        def op() -> object:
+            return fetch(audience=audience, scopes=scopes, ttl_seconds=ttl)
 
-def _badged_fetch(params: dict[str, str]) -> tuple[Op, Close]:
-    client = _badged_client(params)
-    audience = params["audience"]
-    scopes = params["scopes"].split(",")
-    ttl = int(params.get("ttl", "60"))
-    if not client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl).token:
-        raise RuntimeError("badged returned an empty token")
-    fetch = client.fetch_token
-
-    def op() -> object:
-        return fetch(audience=audience, scopes=scopes, ttl_seconds=ttl)
-
-    return op, client.close
-
-
-def _badged_sign(params: dict[str, str]) -> tuple[Op, Close]:
-    client = _badged_client(params)
-    if not client.sign(DATA).signature:
-        raise RuntimeError("badged returned an empty signature")
+        return op, client.close
+    r = client.sign(DATA)
+    _check_signature(r.signature, r.signed_message, r.public_key_pem)
     sign = client.sign
 
-    def op() -> object:
+    def op_sign() -> object:
         return sign(DATA)
 
-    return op, client.close
+    return op_sign, client.close
 
 
 _FACTORIES: dict[str, Callable[[dict[str, str]], tuple[Op, Close]]] = {
     "pkcs11": _pkcs11,
     "crypto": _crypto,
     "ssh-agent": _ssh_agent,
-    "badged-fetch": _badged_fetch,
-    "badged-sign": _badged_sign,
+    "badged-fetch": lambda p: _badged_h2(p, "fetch"),
+    "badged-sign": lambda p: _badged_h2(p, "sign"),
+    "badgeclient-fetch": lambda p: _badgeclient(p, "fetch"),
+    "badgeclient-sign": lambda p: _badgeclient(p, "sign"),
 }

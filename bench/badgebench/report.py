@@ -156,7 +156,8 @@ def write_json(report: Report, path: Path) -> None:
 
 _COLORS = {"openssl": "#999999", "crypto": "#bbbbbb", "inprocess": "#4c72b0",
            "ssh-agent": "#dd8452", "p11-kit": "#937860", "badged-fetch": "#55a868",
-           "badged-sign": "#2a7a3a"}
+           "badged-sign": "#2a7a3a", "badgeclient-fetch": "#8fd19e",
+           "badgeclient-sign": "#6fbf7f"}
 
 
 def plot(report: Report, path: Path) -> str | None:
