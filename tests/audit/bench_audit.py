@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from badged.audit import AuditConfig, AuditLog  # noqa: E402
+from badged.audit.log import unsafe_no_fsync  # noqa: E402
 
 EVENT = {"event": "token.issued", "agent": "deploy-bot",
          "caller": {"uid": 1000, "pid": 4242, "exe_sha256": "ab" * 32,
@@ -32,10 +33,6 @@ EVENT = {"event": "token.issued", "agent": "deploy-bot",
          "request": {"audience": "https://api.example", "scopes": ["read", "write"],
                      "ttl": 300},
          "decision": "allow", "rule": "bind#3", "credential_sha256": "cd" * 32}
-
-
-def _noop_fsync(fd: int) -> None:
-    return None
 
 
 async def _appends(log: AuditLog | None, n: int, conc: int, sign: bool,
@@ -62,7 +59,7 @@ def run(base: Path, n: int) -> None:
     rows = []
     for label, fsync, sign, use_log in [
         ("append, fsync", None, False, True),
-        ("append, no fsync", _noop_fsync, False, True),
+        ("append, no fsync", unsafe_no_fsync, False, True),
         ("sign+append, fsync", None, True, True),
         ("sign only (audit disabled)", None, True, False),
     ]:

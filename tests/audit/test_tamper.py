@@ -160,3 +160,10 @@ def test_torn_line_inside_the_log_is_a_failure(audit_dir: Path, rotated: list[Pa
     rewrite(rotated[0], [*lines[:-1], lines[-1][:-1]])  # drop one newline in an old file
     name, line, _seq, code = _bad(audit_dir)
     assert (name, line, code) == (rotated[0].name, len(lines), "torn")
+
+
+def test_checkpoint_beyond_the_verify_window_is_unchecked_not_trusted(
+        log30: Path, mem_key: KeyHandle) -> None:
+    report = verify(log30, mem_key.public_key(), window=0)  # remembers no heads
+    assert report.ok and report.unchecked_checkpoints == 3 and report.sealed_seq == 0
+    assert not verify(log30, mem_key.public_key(), window=0, strict=True).ok

@@ -89,6 +89,15 @@ MirrorFn = Callable[[bytes], None]
 """Receives each durable batch (one or more complete lines) for a best-effort copy."""
 
 
+def unsafe_no_fsync(fd: int) -> None:
+    """An ``fsync`` that does nothing: ONLY for benchmarks measuring fsync's cost.
+
+    Passing it to :meth:`AuditLog.open` means an acknowledged record can be
+    lost in a power failure, which breaks the promise the daemon makes. The
+    name is meant to stand out in a code review.
+    """
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """Where the log lives and when it rotates and seals.
