@@ -46,14 +46,14 @@ class EvidenceError(ValueError):
 
 
 def hwkey_claims(props: KeyProperties) -> dict[str, Any]:
-    """The attribute summary; ``token`` is the redacted token URI (no PIN)."""
+    """The attribute summary; ``token_uri`` is the redacted PKCS#11 URI (no PIN)."""
     return {
         "backend": props.backend,
         "sensitive": props.sensitive,
         "extractable": props.extractable,
         "never_extractable": props.never_extractable,
         "local": props.local,
-        **({"token": props.extra["token"]} if "token" in props.extra else {}),
+        **({"token_uri": props.extra["token"]} if "token" in props.extra else {}),
     }
 
 

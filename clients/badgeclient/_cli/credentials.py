@@ -1,0 +1,156 @@
+"""``badgectl assertion|attestation|dpop|csr|cert|trust-bundle``: attested
+credential requests and proofs of possession, for agent processes.
+
+Each command prints the credential (or JSON with ``--json``) and nothing
+else on stdout, so it composes with curl::
+
+    curl -H "DPoP: $(badgectl dpop --htm GET --htu https://api/x --access-token-file tok)" ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from badgeclient.credentials import CredentialClient
+
+_logger = logging.getLogger(__name__)
+
+socket_option = click.option(
+    "--socket", "socket_path", envvar="BADGED_SOCKET", default=None,
+    help="Workload socket [env BADGED_SOCKET; default /run/badged/agent.sock].")
+agent_option = click.option("--agent", default=None,
+                            help="Agent to act as, if the caller maps to several.")
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+@click.command("assertion")
+@click.option("--audience", "-a", required=True, help="Token endpoint (aud) of the OAuth server.")
+@click.option("--client-id", default="", help="OAuth client id (default: the agent's SPIFFE ID).")
+@click.option("--ttl", type=int, default=0, help="Lifetime in seconds, 1..300 (0 = 60).")
+@click.option("--json", "as_json", is_flag=True)
+@agent_option
+@socket_option
+def assertion_command(audience: str, client_id: str, ttl: int, as_json: bool, agent: str | None,
+                      socket_path: str | None) -> None:
+    """RFC 7523 client assertion for private_key_jwt client authentication."""
+    with CredentialClient(socket_path) as c:
+        a = c.client_assertion(audience=audience, client_id=client_id, ttl_seconds=ttl, agent=agent)
+    if as_json:
+        _emit({"assertion": a.assertion, "agent": a.agent, "spiffe_id": a.spiffe_id,
+               "client_id": a.client_id, "jti": a.jti, "expires_at": a.expires_at,
+               "kid": a.key_id})
+    else:
+        click.echo(a.assertion)
+
+
+@click.command("attestation")
+@click.option("--audience", "-a", required=True, help="The authorization server (PoP aud).")
+@click.option("--client-id", default="")
+@click.option("--challenge", default="", help="Server-provided challenge for the PoP.")
+@click.option("--ttl", type=int, default=0, help="Attestation lifetime (0 = 3600 s).")
+@agent_option
+@socket_option
+def attestation_command(audience: str, client_id: str, challenge: str, ttl: int,
+                        agent: str | None, socket_path: str | None) -> None:
+    """OAuth client attestation + PoP (attestation-based client auth), as JSON."""
+    with CredentialClient(socket_path) as c:
+        a = c.client_attestation(audience=audience, client_id=client_id, challenge=challenge,
+                                 ttl_seconds=ttl, agent=agent)
+    _emit({"client_attestation": a.attestation, "client_attestation_pop": a.pop,
+           "agent": a.agent, "spiffe_id": a.spiffe_id, "client_id": a.client_id,
+           "expires_at": a.expires_at, "pop_jti": a.pop_jti})
+
+
+@click.command("dpop")
+@click.option("--htm", required=True, help="HTTP method of the request.")
+@click.option("--htu", required=True, help="Target URI (query and fragment are dropped).")
+@click.option("--access-token-file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="File holding the access token to bind (ath); '-' = stdin.")
+@click.option("--nonce", default="", help="The server's DPoP-Nonce.")
+@click.option("--json", "as_json", is_flag=True)
+@agent_option
+@socket_option
+def dpop_command(htm: str, htu: str, access_token_file: Path | None, nonce: str, as_json: bool,
+                 agent: str | None, socket_path: str | None) -> None:
+    """RFC 9449 DPoP proof for one HTTP request, signed by the agent's key.
+
+    The access token is read from a file, never from argv (process listings).
+    """
+    token = ""
+    if access_token_file is not None:
+        if str(access_token_file) == "-":
+            token = sys.stdin.read().strip()
+        else:
+            token = access_token_file.read_text().strip()
+    with CredentialClient(socket_path) as c:
+        p = c.dpop_proof(htm=htm, htu=htu, access_token=token, nonce=nonce, agent=agent)
+    if as_json:
+        _emit({"proof": p.proof, "jkt": p.jkt, "jti": p.jti, "iat": p.issued_at, "agent": p.agent})
+    else:
+        click.echo(p.proof)
+
+
+@click.command("csr")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the PEM CSR here (default: stdout).")
+@agent_option
+@socket_option
+def csr_command(out: Path | None, agent: str | None, socket_path: str | None) -> None:
+    """PKCS#10 CSR for the agent key, with badged attestation evidence inside."""
+    with CredentialClient(socket_path) as c:
+        csr = c.create_csr(agent=agent)
+    if out is None:
+        click.echo(csr.csr_pem, nl=False)
+    else:
+        out.write_text(csr.csr_pem)
+        click.echo(f"wrote {out} for {csr.spiffe_id}", err=True)
+
+
+@click.command("cert")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Agent certificate (PEM).")
+@click.option("--chain-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Device chain without the root (PEM), for -untrusted.")
+@agent_option
+@socket_option
+def cert_command(out: Path, chain_out: Path | None, agent: str | None,
+                 socket_path: str | None) -> None:
+    """The agent's X.509 certificate from the enrolled device (renewed at half life)."""
+    with CredentialClient(socket_path) as c:
+        cert = c.agent_certificate(agent=agent)
+    out.write_text(cert.certificate_pem)
+    if chain_out is not None:
+        chain_out.write_text(cert.chain_pem)
+    _emit({"agent": cert.agent, "spiffe_id": cert.spiffe_id, "serial": cert.serial_hex,
+           "not_before": cert.not_before, "not_after": cert.not_after})
+
+
+@click.command("trust-bundle")
+@click.option("--chain-out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--crl-out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@socket_option
+def trust_bundle_command(chain_out: Path | None, crl_out: Path | None,
+                         socket_path: str | None) -> None:
+    """Public material for relying parties: the device chain and the agent CRL."""
+    with CredentialClient(socket_path) as c:
+        b = c.trust_bundle()
+    if chain_out is not None and b.device_chain_pem:
+        chain_out.write_text(b.device_chain_pem)
+    if crl_out is not None and b.crl_pem:
+        crl_out.write_text(b.crl_pem)
+    _emit({"enrolled": b.enrolled, "device_id": b.device_id, "device_jwk": b.device_jwk})
+
+
+credential_commands: tuple[click.Command, ...] = (
+    assertion_command, attestation_command, dpop_command, csr_command, cert_command,
+    trust_bundle_command,
+)

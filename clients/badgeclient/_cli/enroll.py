@@ -1,0 +1,66 @@
+"""``badgectl enroll``: get the device a certificate from the operator's CA.
+
+    badgectl enroll -o device.req.json           # CSR + evidence, for the CA
+    badgectl ca sign device.req.json -o chain.pem --dir CA   # at the CA
+    badgectl enroll import chain.pem             # install the device chain
+    badgectl enroll status
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from badgeclient.credentials import EnrollmentClient
+
+_logger = logging.getLogger(__name__)
+
+admin_socket_option = click.option(
+    "--admin-socket", "admin_socket", envvar="BADGED_ADMIN_SOCKET", default=None,
+    help="Admin socket [env BADGED_ADMIN_SOCKET; default /run/badged/admin.sock].")
+
+
+@click.group("enroll", invoke_without_command=True)
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("device-enroll.json"), show_default=True,
+              help="Where to write the enrollment request.")
+@click.option("--nonce", default="", help="Nonce from the CA, echoed in the evidence.")
+@admin_socket_option
+@click.pass_context
+def enroll_group(ctx: click.Context, out: Path, nonce: str, admin_socket: str | None) -> None:
+    """Write this device's enrollment request (CSR + key evidence) for the CA."""
+    ctx.ensure_object(dict)
+    ctx.obj["admin_socket"] = admin_socket
+    if ctx.invoked_subcommand is not None:
+        return
+    with EnrollmentClient(admin_socket) as c:
+        request = c.request(nonce)
+    out.write_text(request)
+    device = json.loads(request)["device_id"]
+    click.echo(f"wrote {out} for device {device}; take it to the CA "
+               f"(badgectl ca sign {out} -o chain.pem)")
+
+
+@enroll_group.command("import")
+@click.argument("chain", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@admin_socket_option
+@click.pass_context
+def enroll_import(ctx: click.Context, chain: Path, admin_socket: str | None) -> None:
+    """Install CHAIN (PEM: device certificate first, then its issuers)."""
+    with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
+        status = c.import_chain(chain.read_text())
+    click.echo(json.dumps(asdict(status), indent=2, sort_keys=True))
+
+
+@enroll_group.command("status")
+@admin_socket_option
+@click.pass_context
+def enroll_status(ctx: click.Context, admin_socket: str | None) -> None:
+    """Is the device enrolled, by whom, until when."""
+    with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
+        status = c.status()
+    click.echo(json.dumps(asdict(status), indent=2, sort_keys=True))

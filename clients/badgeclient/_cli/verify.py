@@ -1,0 +1,120 @@
+"""``badgectl verify``: check a badged credential offline, as a relying party would.
+
+Uses :mod:`badgeclient.verify` only (no daemon): trust comes from files the
+operator gives -- a JWKS (``badgectl jwks``) or the org root certificate
+(``badgectl ca init``), plus optionally the device CRL.
+
+    badgectl verify --jwks jwks.json --audience https://api < token
+    badgectl verify --kind assertion --jwks jwks.json --audience https://as/token ASSERTION
+    badgectl verify --kind dpop --htm GET --htu https://api/x PROOF
+    badgectl verify --root root.pem --crl crl.pem --device-chain chain.pem --kind attestation \\
+        --pop POP --audience https://as ATTESTATION
+
+Exit codes: 0 verified (result as JSON on stdout), 1 refused (reason on
+stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from badgeclient.verify import DpopRequest, Revocations, VerificationError, Verifier, load_roots
+
+_logger = logging.getLogger(__name__)
+
+_FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
+
+
+def _read_credential(value: str) -> str:
+    if value == "-":
+        return sys.stdin.read().strip()
+    return value.strip()
+
+
+def _result(r: Any) -> dict[str, Any]:
+    doc = {k: getattr(r, k) for k in ("agent", "user", "issuer", "audience", "scopes", "jti",
+                                      "expires_at", "key_id", "dpop_jkt")
+           if hasattr(r, k)}
+    if getattr(r, "chain", ()):
+        doc["chain"] = [c.subject.rfc4514_string() for c in r.chain]
+    att = getattr(r, "attestation", None)
+    if att is not None:
+        doc["attestation"] = {"attester": att.attester, "key_thumbprint": att.key_thumbprint,
+                              "profile": att.profile, "hwkey": dict(att.hwkey),
+                              "workload": dict(att.workload)}
+    return doc
+
+
+@click.command("verify")
+@click.argument("credential", default="-")
+@click.option("--kind", type=click.Choice(["token", "assertion", "attestation", "dpop"]),
+              default="token", show_default=True)
+@click.option("--audience", "-a", default=None, help="Expected aud (required except for dpop).")
+@click.option("--issuer", default=None, help="Expected iss (tokens).")
+@click.option("--client-id", default=None, help="Expected client id (assertions).")
+@click.option("--jwks", type=_FILE, default=None, help="Trusted JWK Set (JSON).")
+@click.option("--root", type=_FILE, default=None, help="Trusted root certificate(s), PEM.")
+@click.option("--crl", type=_FILE, default=None, help="Agent CRL from the device (PEM).")
+@click.option("--device-chain", type=_FILE, default=None, help="Device chain that signed --crl.")
+@click.option("--pop", default=None, help="Client attestation PoP (kind attestation).")
+@click.option("--challenge", default=None)
+@click.option("--dpop", "dpop_proof", default=None, help="DPoP proof presented with the token.")
+@click.option("--htm", default=None)
+@click.option("--htu", default=None)
+@click.option("--nonce", default=None)
+@click.option("--skew", type=click.IntRange(0, 300), default=30, show_default=True)
+def verify_command(credential: str, kind: str, audience: str | None, issuer: str | None,
+                   client_id: str | None, jwks: Path | None, root: Path | None, crl: Path | None,
+                   device_chain: Path | None, pop: str | None, challenge: str | None,
+                   dpop_proof: str | None, htm: str | None, htu: str | None, nonce: str | None,
+                   skew: int) -> None:
+    """Verify CREDENTIAL (or stdin) and print the typed result as JSON."""
+    now = time.time()
+    if kind != "dpop" and audience is None:
+        raise click.UsageError("--audience is required")
+    if (kind == "dpop" or dpop_proof) and not (htm and htu):
+        raise click.UsageError("DPoP checks need --htm and --htu")
+    roots = load_roots(root.read_bytes()) if root else []
+    revocations = None
+    if crl is not None:
+        if device_chain is None:
+            raise click.UsageError("--crl needs --device-chain (the CRL's issuer)")
+        issuer_cert = load_roots(device_chain.read_bytes())[0]
+        try:
+            revocations = Revocations.from_crl(crl.read_bytes(), issuer_cert, now=now)
+        except VerificationError as exc:
+            click.echo(f"badgectl: refused: {exc.reason}", err=True)
+            sys.exit(1)
+    verifier = Verifier(jwks=json.loads(jwks.read_text()) if jwks else None, roots=roots,
+                        skew=skew, revocations=revocations)
+    cred = _read_credential(credential)
+    try:
+        result: Any
+        if kind == "token":
+            req = DpopRequest(dpop_proof, htm or "", htu or "", nonce) if dpop_proof else None
+            result = verifier.verify_token(cred, audience=audience or "", issuer=issuer, dpop=req)
+        elif kind == "assertion":
+            result = verifier.verify_client_assertion(cred, audience=audience or "",
+                                                      client_id=client_id)
+        elif kind == "attestation":
+            if pop is None:
+                raise click.UsageError("--pop is required for attestations")
+            result = verifier.verify_client_attestation(cred, pop, audience=audience or "",
+                                                        challenge=challenge)
+        else:
+            d = verifier.verify_dpop(cred, htm=htm or "", htu=htu or "", nonce=nonce)
+            result = None
+            click.echo(json.dumps({"jkt": d.jkt, "htm": d.htm, "htu": d.htu, "jti": d.jti,
+                                   "iat": d.iat}, indent=2, sort_keys=True))
+    except VerificationError as exc:
+        click.echo(f"badgectl: refused: {exc}", err=True)
+        sys.exit(1)
+    if result is not None:
+        click.echo(json.dumps(_result(result), indent=2, sort_keys=True, default=list))

@@ -1,0 +1,269 @@
+"""Credential service: attested credential requests and proofs of possession.
+
+Same request path as the workload service -- caller from the kernel
+(``resolve_caller``), decision by policy (the shared :class:`PolicyGate`,
+kinds ``assertion``, ``dpop`` and ``csr``), signing in the token, durable
+audit record, then the answer. The audit record names the credential by
+``jti``/serial and SHA-256, never by its bytes.
+
+Keys: everything an agent presents is signed with its *token key* (the key
+published in the JWKS and certified in its X.509 certificate), so one key
+identifies the agent everywhere; the *device key* signs only what the device
+vouches for (client attestations, evidence, agent certificates, the CRL).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+from urllib.parse import urlsplit
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from badged.attest.process import ProcessAttributes
+from badged.core import assertions, dpop, evidence
+from badged.core.x509 import build_csr, to_pem
+from badged.enroll.agentca import AgentCertificateAuthority
+from badged.enroll.device import device_id, device_spiffe_id, jwk_json
+from badged.enroll.store import EnrollmentStore
+from badged.errors import FailedPreconditionError, InvalidRequestError
+from badged.identity.registry import SigningKey
+from badged.policy.model import Request
+from badged.service import validate
+from badged.service.auth import resolve_caller
+from badged.service.deps import ServiceDeps
+from badged.service.errors import Ctx
+from badged.service.workload import PolicyGate
+from badged_proto.v1 import credentials_pb2, credentials_pb2_grpc
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_ASSERTION_TTL = 60
+DEFAULT_ATTESTATION_TTL = 3600
+POP_TTL = 60
+MAX_CLIENT_ID = 256
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _client_id(value: str, default: str) -> str:
+    if not value:
+        return default
+    if len(value) > MAX_CLIENT_ID or not _PRINTABLE.match(value):
+        raise InvalidRequestError("bad client_id",
+                                  public=f"client_id must be 1-{MAX_CLIENT_ID} printable ASCII chars")
+    return value
+
+
+def _ttl(value: int, default: int, cap: int, what: str) -> int:
+    if value == 0:
+        return default
+    if value > cap:
+        raise InvalidRequestError(f"{what} ttl {value}", public=f"ttl_seconds must be 0..{cap}")
+    return value
+
+
+def _bad(exc: ValueError) -> InvalidRequestError:
+    # core ValueErrors carry fixed phrases about the caller's own input.
+    return InvalidRequestError(str(exc), public=str(exc))
+
+
+def _origin(htu: str) -> str:
+    parts = urlsplit(htu)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._d = deps
+        self._gate = PolicyGate(deps)
+        self._enroll = EnrollmentStore(deps.state_dir)
+        self._ca = AgentCertificateAuthority(self._enroll, device_key=deps.device_key)
+
+    # -- shared steps ------------------------------------------------------------------
+
+    async def _authorize(self, context: Ctx, req: Request) -> tuple[ProcessAttributes, SigningKey,
+                                                                     str]:
+        peer, proc = resolve_caller(self._d, context, "workload")
+        decision, _ = await self._gate.enforce(proc, peer, req)
+        key = self._gate.key(decision, self._d.agents.token_key)
+        return proc, key, decision.rule
+
+    def _device_x5c(self) -> list[str]:
+        chain = self._enroll.device_chain() or []
+        return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
+                for c in chain if c.issuer != c.subject]
+
+    def _device_spiffe(self) -> str:
+        return device_spiffe_id(self._d.trust_domain, device_id(self._d.device_key))
+
+    def _evidence_claims(self, key: SigningKey, proc: ProcessAttributes, now: float,
+                         ttl: int, nonce: str | None = None) -> dict[str, object]:
+        props = self._d.keystore.properties(key.handle.name)
+        claims = evidence.build_evidence_claims(
+            issuer=self._device_spiffe(), subject=key.spiffe_id, attested=key.handle.public_key(),
+            props=props, now=now, ttl_seconds=ttl, nonce=nonce,
+            workload={"uid": proc.uid, "exe_sha256": proc.exe_sha256})
+        claims["agent"] = key.spiffe_id
+        return claims
+
+    # -- RPCs ---------------------------------------------------------------------------
+
+    async def ClientAssertion(self, request: credentials_pb2.ClientAssertionRequest,
+                              context: Ctx) -> credentials_pb2.ClientAssertionResponse:
+        d = self._d
+        audience = validate.audience(request.audience)
+        agent = validate.agent_name(request.agent)
+        ttl = _ttl(request.ttl_seconds, DEFAULT_ASSERTION_TTL, assertions.MAX_ASSERTION_TTL,
+                   "assertion")
+        proc, key, rule = await self._authorize(
+            context, Request(kind="assertion", agent=agent, audience=audience, ttl=ttl))
+        client_id = _client_id(request.client_id, key.spiffe_id)
+        claims = assertions.client_assertion_claims(client_id=client_id, audience=audience,
+                                                    now=d.clock(), ttl_seconds=ttl, jti=d.new_jti())
+        token = assertions.mint_client_assertion(claims, key.handle, key.kid)
+        await d.audit.append({
+            "event": "assertion.issued", "agent": key.agent, "caller": proc.summary(),
+            "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
+            "decision": "allow", "rule": rule, "jti": claims["jti"], "kid": key.kid,
+            "exp": claims["exp"], "credential_sha256": _sha256(token),
+        })
+        return credentials_pb2.ClientAssertionResponse(
+            assertion=token, agent=key.agent, spiffe_id=key.spiffe_id, client_id=client_id,
+            jti=claims["jti"], expires_at=claims["exp"], key_id=key.kid)
+
+    async def ClientAttestation(self, request: credentials_pb2.ClientAttestationRequest,
+                                context: Ctx) -> credentials_pb2.ClientAttestationResponse:
+        d = self._d
+        audience = validate.audience(request.audience)
+        agent = validate.agent_name(request.agent)
+        ttl = _ttl(request.ttl_seconds, DEFAULT_ATTESTATION_TTL, assertions.MAX_ATTESTATION_TTL,
+                   "attestation")
+        challenge = request.challenge or None
+        if challenge is not None and (len(challenge) > 512 or not _PRINTABLE.match(challenge)):
+            raise InvalidRequestError("bad challenge",
+                                      public="challenge must be 1-512 printable ASCII chars")
+        proc, key, rule = await self._authorize(
+            context, Request(kind="assertion", agent=agent, audience=audience))
+        client_id = _client_id(request.client_id, key.spiffe_id)
+        now = d.clock()
+        ev = self._evidence_claims(key, proc, now, ttl)
+        att_claims = assertions.client_attestation_claims(
+            attester=self._device_spiffe(), client_id=client_id, agent_key=key.handle.public_key(),
+            now=now, ttl_seconds=ttl, evidence=ev)
+        attestation = assertions.mint_client_attestation(att_claims, d.device_key,
+                                                         x5c=self._device_x5c())
+        pop_claims = assertions.attestation_pop_claims(
+            client_id=client_id, audience=audience, now=now, ttl_seconds=POP_TTL, jti=d.new_jti(),
+            challenge=challenge)
+        pop = assertions.mint_attestation_pop(pop_claims, key.handle)
+        await d.audit.append({
+            "event": "attestation.issued", "agent": key.agent, "caller": proc.summary(),
+            "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
+            "decision": "allow", "rule": rule, "jti": pop_claims["jti"], "kid": key.kid,
+            "exp": att_claims["exp"], "credential_sha256": _sha256(attestation),
+            "pop_sha256": _sha256(pop), "hwkey": ev.get("hwkey"),
+        })
+        return credentials_pb2.ClientAttestationResponse(
+            client_attestation=attestation, client_attestation_pop=pop, agent=key.agent,
+            spiffe_id=key.spiffe_id, client_id=client_id, expires_at=att_claims["exp"],
+            pop_jti=pop_claims["jti"])
+
+    async def DpopProof(self, request: credentials_pb2.DpopProofRequest,
+                        context: Ctx) -> credentials_pb2.DpopProofResponse:
+        d = self._d
+        agent = validate.agent_name(request.agent)
+        try:
+            htm = dpop.check_method(request.htm)
+            htu = dpop.normalize_htu(request.htu)
+        except ValueError as exc:
+            raise _bad(exc) from None
+        proc, key, rule = await self._authorize(
+            context, Request(kind="dpop", agent=agent, audience=_origin(htu)))
+        try:
+            claims = dpop.proof_claims(htm=htm, htu=htu, now=d.clock(), jti=d.new_jti(),
+                                       access_token=request.access_token or None,
+                                       nonce=request.nonce or None)
+        except ValueError as exc:
+            raise _bad(exc) from None
+        proof = dpop.mint_proof(claims, key.handle)
+        await d.audit.append({
+            "event": "dpop.issued", "agent": key.agent, "caller": proc.summary(),
+            "request": {"htm": htm, "htu": htu, "bound_token": "ath" in claims,
+                        "nonce": bool(request.nonce)},
+            "decision": "allow", "rule": rule, "jti": claims["jti"], "kid": key.kid,
+            "credential_sha256": _sha256(proof),
+        })
+        return credentials_pb2.DpopProofResponse(proof=proof, jkt=key.kid, jti=claims["jti"],
+                                                 issued_at=claims["iat"], agent=key.agent)
+
+    async def CreateCsr(self, request: credentials_pb2.CreateCsrRequest,
+                        context: Ctx) -> credentials_pb2.CreateCsrResponse:
+        d = self._d
+        agent = validate.agent_name(request.agent)
+        proc, key, rule = await self._authorize(context, Request(kind="csr", agent=agent))
+        now = d.clock()
+        ev = evidence.sign_evidence(self._evidence_claims(key, proc, now, 3600),
+                                    device_key=d.device_key, x5c=self._device_x5c())
+        csr = build_csr(key.handle, common_name=key.agent, uris=[key.spiffe_id],
+                        evidence=ev.encode("ascii"))
+        pem = to_pem(csr)
+        await d.audit.append({
+            "event": "csr.issued", "agent": key.agent, "caller": proc.summary(),
+            "decision": "allow", "rule": rule, "kid": key.kid, "credential_sha256": _sha256(pem),
+        })
+        return credentials_pb2.CreateCsrResponse(csr_pem=pem, evidence=ev, agent=key.agent,
+                                                 spiffe_id=key.spiffe_id)
+
+    async def GetAgentCertificate(self, request: credentials_pb2.GetAgentCertificateRequest,
+                                  context: Ctx) -> credentials_pb2.GetAgentCertificateResponse:
+        d = self._d
+        agent = validate.agent_name(request.agent)
+        proc, key, rule = await self._authorize(context, Request(kind="csr", agent=agent))
+        chain = self._enroll.device_chain()
+        if not chain:
+            raise FailedPreconditionError("device not enrolled",
+                                          public="device is not enrolled (badgectl enroll)")
+        now = d.clock()
+        issued = self._ca.current(key, now)
+        if issued is None:
+            try:
+                issued = self._ca.issue(key, chain, now)
+            except ValueError as exc:
+                raise FailedPreconditionError(f"cannot issue: {exc}",
+                                              public="device certificate has expired") from None
+            await d.audit.append({
+                "event": "certificate.issued", "agent": key.agent, "caller": proc.summary(),
+                "decision": "allow", "rule": rule, "kid": key.kid,
+                "serial": f"{issued.serial:x}", "exp": issued.not_after,
+                "credential_sha256": _sha256(issued.pem),
+            })
+        return credentials_pb2.GetAgentCertificateResponse(
+            certificate_pem=issued.pem,
+            chain_pem="".join(to_pem(c) for c in chain if c.issuer != c.subject),
+            not_before=issued.not_before, not_after=issued.not_after,
+            serial_hex=f"{issued.serial:x}", agent=key.agent, spiffe_id=key.spiffe_id)
+
+    async def GetTrustBundle(self, request: credentials_pb2.GetTrustBundleRequest,
+                             context: Ctx) -> credentials_pb2.GetTrustBundleResponse:
+        # Public material only: served to any caller, attested or not (like JWKS).
+        d = self._d
+        chain = self._enroll.device_chain()
+        resp = credentials_pb2.GetTrustBundleResponse(
+            enrolled=bool(chain), device_id=device_id(d.device_key),
+            device_jwk_json=jwk_json(d.device_key.public_key()))
+        if chain:
+            resp.device_chain_pem = "".join(to_pem(c) for c in chain)
+            resp.crl_pem = self._ca.crl(d.agents, chain, d.clock())
+        return resp
+
+
+def add_to_server(server: grpc.aio.Server, deps: ServiceDeps) -> None:
+    credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(deps), server)
+
