@@ -394,3 +394,17 @@ def test_syslog_mirror_sends_one_message_per_record(monkeypatch: pytest.MonkeyPa
     send(b'{"x":"' + b"a" * (MAX_MESSAGE + 10) + b'"}\n')
     assert sent[:2] == ['{"seq":1}', '{"seq":2}']
     assert sent[2].endswith("...(truncated)") and len(sent[2]) < MAX_MESSAGE + 20
+
+
+def test_unserializable_value_is_refused_before_it_takes_a_seq(audit_dir: Path) -> None:
+    import datetime as dt
+
+    log = open_log(audit_dir)
+    with pytest.raises(TypeError):
+        log.append_sync({"event": "x", "when": dt.datetime.now(dt.UTC)})
+    with pytest.raises(ValueError):
+        log.append_sync({"event": "x", "ratio": float("inf")})
+    r = log.append_sync({"event": "ok"})
+    assert r.seq == 1 and log.head == r
+    log.close()
+    assert verify(audit_dir).ok
