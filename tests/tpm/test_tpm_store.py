@@ -436,3 +436,88 @@ def test_destroyed_then_regenerated_name_does_not_revive_old_handle(tpm_store: T
     tpm_store.generate("agent/re")
     with pytest.raises(KeyNotFoundError):
         old.sign(b"x", ES256)
+
+
+def test_owner_password_needs_a_persistent_parent(swtpm_instance: SwtpmInstance) -> None:
+    """With an owner password the SRK cannot be re-created by the daemon: a
+    clear message, and the documented fix (persistent SRK + parent_handle) works."""
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+
+    from badged.keystore.tpm.store import srk_template
+
+    ectx = swtpm_instance.esapi()
+    ectx.hierarchy_change_auth(ESYS_TR.OWNER, b"owner-pw")
+    ectx.close()
+    with pytest.raises(KeyStoreAuthError, match="parent_handle"):
+        _store(swtpm_instance)
+    ectx = swtpm_instance.esapi()
+    ectx.tr_set_auth(ESYS_TR.OWNER, b"owner-pw")
+    srk, _, _, _, _ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), srk_template(), ESYS_TR.OWNER)
+    ectx.evict_control(ESYS_TR.OWNER, srk, 0x81000001)
+    ectx.flush_context(srk)
+    ectx.close()
+    store = _store(swtpm_instance, parent_handle=0x81000001)
+    try:
+        key = store.generate("agent/under-persistent")
+        key.public_key().verify(key.sign(b"x", ES256), b"x", ES256)
+        assert store.properties("agent/under-persistent").extra["parent"] == "0x81000001"
+    finally:
+        store.close()
+    assert _transient_handles(swtpm_instance) == []  # a persistent parent is never flushed
+    with pytest.raises(ConfigError, match="persistent"):
+        _store(swtpm_instance, parent_handle=0x80000001)
+    regen = _store(swtpm_instance, parent_handle=0x81000001)
+    try:  # files made under the persistent parent still load after a reconnect
+        regen.get("agent/under-persistent").sign(b"y", ES256)
+    finally:
+        regen.close()
+
+
+def test_endorsement_password_blocks_attestation_not_signing(swtpm_instance: SwtpmInstance) -> None:
+    """An auth failure on a hierarchy is reported but not latched: it is not
+    the agent key's auth and costs no DA try."""
+    from tpm2_pytss.constants import ESYS_TR
+
+    ectx = swtpm_instance.esapi()
+    ectx.hierarchy_change_auth(ESYS_TR.ENDORSEMENT, b"endorsement-pw")
+    ectx.close()
+    store = _store(swtpm_instance)
+    try:
+        key = store.generate("agent/e")
+        with pytest.raises(KeyStoreAuthError):
+            store.attest("agent/e", os.urandom(16))
+        key.public_key().verify(key.sign(b"x", ES256), b"x", ES256)
+        store.ping()
+    finally:
+        store.close()
+
+
+class _FakeTss(Exception):
+    def __init__(self, rc: int) -> None:
+        super().__init__(f"rc 0x{rc:x}")
+        self.rc = rc
+
+
+@pytest.mark.parametrize(("rc", "expected"), [
+    (0xA000A, KeyStoreUnavailableError),  # TCTI IO error: TPM gone
+    (0xA0008, KeyStoreUnavailableError),  # TCTI no connection
+    (0x7000A, KeyStoreUnavailableError),  # ESAPI: bad sequence after a broken command
+    (0x80005, KeyStoreUnavailableError),  # SYS layer
+    (0x922, KeyStoreUnavailableError),  # TPM_RC_RETRY
+    (0x90A, KeyStoreUnavailableError),  # TPM_RC_TESTING
+    (0x100, KeyStoreUnavailableError),  # TPM_RC_INITIALIZE
+    (0x902, KeyStoreUnavailableError),  # object memory
+    (0x921, KeyStoreAuthError),  # lockout
+    (0x98E, KeyStoreAuthError),  # AUTH_FAIL, session 1
+    (0x9A2, KeyStoreAuthError),  # BAD_AUTH, session 1
+    (0x1DF, KeyStoreError),  # INTEGRITY on parameter 1: not transient
+    (0xA0015, KeyStoreError),  # TCTI not supported: config, not unavailable
+])
+def test_rc_translation_table(rc: int, expected: type[KeyStoreError]) -> None:
+    """Pure check of the rc mapping (the fake is only an rc carrier)."""
+    from badged.keystore.tpm.store import translate
+
+    err = translate(_FakeTss(rc), "op")
+    assert type(err) is expected
+    assert err.raw == f"0x{rc:x}"

@@ -177,7 +177,8 @@ def translate(exc: BaseException, what: str) -> KeyStoreError:
                 "lockout recovery time, or the owner resets it (tpm2_dictionarylockout -c)",
                 backend=BACKEND, raw=raw)
         if code in (_RC_AUTH_FAIL, _RC_BAD_AUTH):
-            return KeyStoreAuthError(f"{what}: wrong key auth value", backend=BACKEND, raw=raw)
+            return KeyStoreAuthError(f"{what}: authorization failed (wrong auth value)",
+                                     backend=BACKEND, raw=raw)
         if code == _RC_INITIALIZE or code in _TRANSIENT_WARNINGS:
             return KeyStoreUnavailableError(f"{what}: TPM busy or not started ({exc})",
                                             backend=BACKEND, raw=raw)
@@ -457,7 +458,13 @@ class TpmKeyStore:
                 ectx.close()
             except Exception:
                 _logger.debug("closing ESAPI after a failed connect failed", exc_info=True)
-            raise translate(exc, "creating the storage primary") from None
+            err = translate(exc, "creating the storage primary")
+            if isinstance(err, KeyStoreAuthError) and "lockout" not in err.detail:
+                err = KeyStoreAuthError(
+                    "the owner hierarchy has a password: provision a persistent storage key "
+                    "(tpm2_createprimary + tpm2_evictcontrol) and set parent_handle", backend=BACKEND,
+                    raw=err.raw)
+            raise err from None
         self._ectx, self._primary, self._primary_name = ectx, primary, name
         self._loaded.clear()
         self.generation += 1
@@ -520,13 +527,33 @@ class TpmKeyStore:
                 err = translate(exc, what)
                 if isinstance(err, KeyStoreUnavailableError):
                     self._drop_context()
-                elif isinstance(err, KeyStoreAuthError) and err.raw is not None \
-                        and _rc_parts(int(err.raw, 16))[1] in (_RC_AUTH_FAIL, _RC_BAD_AUTH):
-                    self._auth_latch = err
-                    _logger.error("tpm key auth failed; refusing further attempts until restart",
-                                  extra={"rc": err.raw})
                 _logger.warning("tpm operation failed", extra={"op": what, "rc": err.raw})
                 raise err from None
+
+    def _key_auth_call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one TPM command whose session 1 is the agent key's auth value.
+
+        A wrong value there latches the store: the error is reported now and
+        every later call is refused without asking the TPM, so a bad
+        ``key_auth_file`` costs one DA try, not one per request. Auth failures
+        of other entities (a hierarchy password) are not latched: they do
+        not count towards lockout and may be fixed by the operator any time.
+        """
+        from tpm2_pytss import TSS2_Exception
+
+        try:
+            return fn()
+        except TSS2_Exception as exc:
+            rc = int(exc.rc)
+            layer, code = _rc_parts(rc)
+            session = (rc >> 8) & 0x7 if rc & 0x800 and not rc & 0x40 else 0
+            if layer == _LAYER_TPM and code in (_RC_AUTH_FAIL, _RC_BAD_AUTH) and session == 1:
+                self._auth_latch = KeyStoreAuthError(
+                    f"{what}: the TPM refused the configured key auth value; not retrying until the "
+                    "daemon restarts with the right key_auth_file", backend=BACKEND, raw=f"0x{rc:x}")
+                _logger.error("tpm key auth failed; refusing further attempts", extra={"rc": f"0x{rc:x}"})
+                raise self._auth_latch from None
+            raise
 
     # -- key files ---------------------------------------------------------------------
 
@@ -790,7 +817,8 @@ class TpmKeyStore:
                 # The name was destroyed and re-generated: this handle's key is gone.
                 raise KeyNotFoundError(f"key {name} was replaced", backend=BACKEND)
             with self._using(ectx, blob) as handle:
-                sig = ectx.sign(handle, TPM2B_DIGEST(digest), scheme)
+                sig = self._key_auth_call(f"signing with key {name}",
+                                          lambda: ectx.sign(handle, TPM2B_DIGEST(digest), scheme))
             r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
             s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
             return encode_dss_signature(r, s)
@@ -835,7 +863,8 @@ class TpmKeyStore:
             # Certify needs primary + key + AK: exactly swtpm's 3 slots.
             self._evict(ectx, keep=name)
             with self._using(ectx, blob) as key, self._ak(ectx) as (ak, ak_pub):
-                info, sig = ectx.certify(key, ak, TPM2B_DATA(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+                info, sig = self._key_auth_call(f"attesting key {name}", lambda: ectx.certify(
+                    key, ak, TPM2B_DATA(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)))
             if int(sig.sigAlg) != int(TPM2_ALG.ECDSA):
                 raise KeyStoreError("AK signed with an unexpected scheme", backend=BACKEND)
             r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
