@@ -407,8 +407,9 @@ class AuditLog:
                       epoch: int | None = None) -> _Entry:
         """Give ``fields`` the next seq/time/prev, hash it and return its entry.
 
-        Caller holds ``_cond``, so seq order == time order == chain order even
-        with appenders on several threads.
+        Caller holds ``_cond``, so seq order is chain order even with
+        appenders on several threads, and the clock is read inside the same
+        critical section: ``time`` never goes backwards unless the clock does.
         """
         if self._poisoned is not None:
             raise AuditError(f"audit log failed earlier, restart required: {self._poisoned}")
@@ -553,6 +554,7 @@ class AuditLog:
             self._queue = []
             self._epoch += 1
             self._head = self._durable
+            self._last_event_seq = min(self._last_event_seq, self._durable.seq)
             try:
                 os.ftruncate(self._fd, self._size)
                 self._fsync(self._fd)
