@@ -53,3 +53,28 @@ def test_full_tmpfs_fails_appends_and_recovers_when_space_returns(
         report = verify(mnt / "audit", mem_key.public_key(), strict=True)
         assert report.ok, report.first_bad
         assert r.seq == max(acked) + 1
+
+
+def test_file_size_limit_in_a_subprocess_refuses_appends_and_keeps_acked(
+        audit_dir: Path) -> None:
+    """EFBIG via RLIMIT_FSIZE: the unprivileged stand-in for a full disk."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    child = Path(__file__).with_name("fsize_child.py")
+    proc = subprocess.run([sys.executable, str(child), str(audit_dir)], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    assert lines[-2:] == ["refused", "3"]
+    acked = [int(x) for x in lines[:-2]]
+    assert acked == list(range(1, len(acked) + 1)) and len(acked) > 10
+    # The half-written batch was cut back: exactly the acknowledged records.
+    assert [r["seq"] for r in all_records(audit_dir)] == acked
+    assert verify(audit_dir).ok
