@@ -131,8 +131,9 @@ def _provision(base: Path) -> ProvisionedTpm:
     state, ca = base / "tmpl", base / "ca"
     state.mkdir()
     ca.mkdir()
+    localca = shutil.which("swtpm_localca") or "/usr/bin/swtpm_localca"
     (base / "swtpm_setup.conf").write_text(
-        "create_certs_tool = /usr/bin/swtpm_localca\n"
+        f"create_certs_tool = {localca}\n"
         f"create_certs_tool_config = {base}/swtpm-localca.conf\n"
         f"create_certs_tool_options = {base}/swtpm-localca.options\n"
         "active_pcr_banks = sha256\n")

@@ -520,3 +520,40 @@ def test_our_evidence_checked_by_tpm2_print_and_openssl(
         check=False,
     )
     assert out.returncode != 0
+
+
+@pytest.mark.tpm
+def test_attest_and_sign_from_many_threads(tpm_store: TpmKeyStore) -> None:
+    """Certify needs all 3 swtpm slots; interleaved with signing on other keys
+    from other threads it must neither run out of slots nor mix up keys."""
+    import threading
+
+    keys = [tpm_store.generate(f"agent/m{i}") for i in range(4)]
+    errors: list[BaseException] = []
+
+    def signer(i: int) -> None:
+        try:
+            for j in range(60):
+                key = keys[(i + j) % len(keys)]
+                key.public_key().verify(key.sign(b"m%d" % j, ES256), b"m%d" % j, ES256)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def attester() -> None:
+        try:
+            for j in range(20):
+                key = keys[j % len(keys)]
+                nonce = os.urandom(16)
+                ev = tpm_store.attest(key.name, nonce)
+                te.verify_certify(ev, nonce, expected_public_key=key.public_key())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=signer, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=attester))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert all(not t.is_alive() for t in threads)
