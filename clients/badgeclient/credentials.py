@@ -119,9 +119,10 @@ class CredentialClient(_Base):
         self._stub = credentials_pb2_grpc.CredentialServiceStub(self._channel)
 
     def client_assertion(self, *, audience: str, client_id: str = "", ttl_seconds: int = 0,
-                         agent: str | None = None) -> ClientAssertion:
+                         agent: str | None = None, include_x5c: bool = False) -> ClientAssertion:
         r = self._call(self._stub.ClientAssertion, credentials_pb2.ClientAssertionRequest(
-            agent=agent or "", audience=audience, client_id=client_id, ttl_seconds=ttl_seconds))
+            agent=agent or "", audience=audience, client_id=client_id, ttl_seconds=ttl_seconds,
+            include_x5c=include_x5c))
         return ClientAssertion(r.assertion, r.agent, r.spiffe_id, r.client_id, r.jti,
                                r.expires_at, r.key_id)
 

@@ -359,6 +359,13 @@ def test_enrollment_chain_openssl_and_revocation(cred_daemon: RunningDaemon, ca_
     ctl("ca", "ca_group", "init", "--dir", str(other_ca), env=env)
     assert _openssl(other_ca / "root.pem", untrusted, leaf).returncode != 0
 
+    # an assertion carrying the agent chain verifies with only the org root
+    with CredentialClient(cred_daemon.workload) as c:
+        xa = c.client_assertion(audience=AS_TOKEN, agent=REV_AGENT, include_x5c=True)
+    roots = load_roots(root.read_bytes())
+    r = Verifier(roots=roots).verify_client_assertion(xa.assertion, audience=AS_TOKEN)
+    assert r.agent == f"spiffe://example.org/agent/{REV_AGENT}" and len(r.chain) == 2
+
     # revoke: no new certificate, and the published CRL revokes the old one
     with AdminClient(cred_daemon.admin) as admin:
         admin.revoke_agent(REV_AGENT, "e2e")
@@ -373,10 +380,25 @@ def test_enrollment_chain_openssl_and_revocation(cred_daemon: RunningDaemon, ca_
     device_cert = load_roots(untrusted.read_bytes())[0]
     revs = Revocations.from_crl(crl.read_bytes(), device_cert, now=time.time())
     assert int(first["serial"], 16) in revs.serials
+    with pytest.raises(RevokedError) as info:
+        Verifier(roots=roots, revocations=revs).verify_client_assertion(xa.assertion,
+                                                                        audience=AS_TOKEN)
+    assert info.value.reason == "revoked"
     # the agent that was not revoked still verifies under the same CRL
     good = tmp_path / "good.pem"
     ctl("credentials", "cert_command", "-o", str(good), "--agent", AGENT, env=env)
     assert _openssl(root, untrusted, good, "-crl_check", "-CRLfile", str(crl)).returncode == 0
+    # rotation supersedes the old key's certificate; the new key gets a new one
+    with AdminClient(cred_daemon.admin) as admin:
+        admin.rotate_agent(AGENT)
+    with CredentialClient(cred_daemon.workload) as c:
+        crl.write_text(c.trust_bundle().crl_pem)
+        renewed = c.agent_certificate(agent=AGENT)
+    superseded = _openssl(root, untrusted, good, "-crl_check", "-CRLfile", str(crl))
+    assert superseded.returncode != 0 and "revoked" in superseded.stderr
+    fresh = tmp_path / "fresh.pem"
+    fresh.write_text(renewed.certificate_pem)
+    assert _openssl(root, untrusted, fresh, "-crl_check", "-CRLfile", str(crl)).returncode == 0
 
 
 def test_attestation_after_enrollment_chains_to_root(cred_daemon: RunningDaemon, ca_dir: Path,

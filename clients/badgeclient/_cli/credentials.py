@@ -36,14 +36,17 @@ def _emit(doc: dict[str, Any]) -> None:
 @click.option("--audience", "-a", required=True, help="Token endpoint (aud) of the OAuth server.")
 @click.option("--client-id", default="", help="OAuth client id (default: the agent's SPIFFE ID).")
 @click.option("--ttl", type=int, default=0, help="Lifetime in seconds, 1..300 (0 = 60).")
+@click.option("--x5c", "include_x5c", is_flag=True,
+              help="Carry the agent's certificate chain (enrolled devices).")
 @click.option("--json", "as_json", is_flag=True)
 @agent_option
 @socket_option
-def assertion_command(audience: str, client_id: str, ttl: int, as_json: bool, agent: str | None,
-                      socket_path: str | None) -> None:
+def assertion_command(audience: str, client_id: str, ttl: int, include_x5c: bool, as_json: bool,
+                      agent: str | None, socket_path: str | None) -> None:
     """RFC 7523 client assertion for private_key_jwt client authentication."""
     with CredentialClient(socket_path) as c:
-        a = c.client_assertion(audience=audience, client_id=client_id, ttl_seconds=ttl, agent=agent)
+        a = c.client_assertion(audience=audience, client_id=client_id, ttl_seconds=ttl, agent=agent,
+                               include_x5c=include_x5c)
     if as_json:
         _emit({"assertion": a.assertion, "agent": a.agent, "spiffe_id": a.spiffe_id,
                "client_id": a.client_id, "jti": a.jti, "expires_at": a.expires_at,

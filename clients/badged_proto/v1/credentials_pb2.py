@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!badged_proto/v1/credentials.proto\x12\tbadged.v1\"a\n\x16\x43lientAssertionRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"\x92\x01\n\x17\x43lientAssertionResponse\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0b\n\x03jti\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06key_id\x18\x07 \x01(\t\"v\n\x18\x43lientAttestationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x11\n\tchallenge\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\xb1\x01\n\x19\x43lientAttestationResponse\x12\x1a\n\x12\x63lient_attestation\x18\x01 \x01(\t\x12\x1e\n\x16\x63lient_attestation_pop\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07pop_jti\x18\x07 \x01(\t\"`\n\x10\x44popProofRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0b\n\x03htm\x18\x02 \x01(\t\x12\x0b\n\x03htu\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\t\"^\n\x11\x44popProofResponse\x12\r\n\x05proof\x18\x01 \x01(\t\x12\x0b\n\x03jkt\x18\x02 \x01(\t\x12\x0b\n\x03jti\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"!\n\x10\x43reateCsrRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"X\n\x11\x43reateCsrResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"+\n\x1aGetAgentCertificateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"\xa6\x01\n\x1bGetAgentCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x12\n\nnot_before\x18\x03 \x01(\x03\x12\x11\n\tnot_after\x18\x04 \x01(\x03\x12\x12\n\nserial_hex\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\x12\x11\n\tspiffe_id\x18\x07 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x81\x01\n\x16GetTrustBundleResponse\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\x08\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65vice_chain_pem\x18\x03 \x01(\t\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65vice_jwk_json\x18\x05 \x01(\t2\x9a\x04\n\x11\x43redentialService\x12X\n\x0f\x43lientAssertion\x12!.badged.v1.ClientAssertionRequest\x1a\".badged.v1.ClientAssertionResponse\x12^\n\x11\x43lientAttestation\x12#.badged.v1.ClientAttestationRequest\x1a$.badged.v1.ClientAttestationResponse\x12\x46\n\tDpopProof\x12\x1b.badged.v1.DpopProofRequest\x1a\x1c.badged.v1.DpopProofResponse\x12\x46\n\tCreateCsr\x12\x1b.badged.v1.CreateCsrRequest\x1a\x1c.badged.v1.CreateCsrResponse\x12\x64\n\x13GetAgentCertificate\x12%.badged.v1.GetAgentCertificateRequest\x1a&.badged.v1.GetAgentCertificateResponse\x12U\n\x0eGetTrustBundle\x12 .badged.v1.GetTrustBundleRequest\x1a!.badged.v1.GetTrustBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!badged_proto/v1/credentials.proto\x12\tbadged.v1\"v\n\x16\x43lientAssertionRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x13\n\x0binclude_x5c\x18\x05 \x01(\x08\"\x92\x01\n\x17\x43lientAssertionResponse\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0b\n\x03jti\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06key_id\x18\x07 \x01(\t\"v\n\x18\x43lientAttestationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x11\n\tchallenge\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\xb1\x01\n\x19\x43lientAttestationResponse\x12\x1a\n\x12\x63lient_attestation\x18\x01 \x01(\t\x12\x1e\n\x16\x63lient_attestation_pop\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07pop_jti\x18\x07 \x01(\t\"`\n\x10\x44popProofRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0b\n\x03htm\x18\x02 \x01(\t\x12\x0b\n\x03htu\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\t\"^\n\x11\x44popProofResponse\x12\r\n\x05proof\x18\x01 \x01(\t\x12\x0b\n\x03jkt\x18\x02 \x01(\t\x12\x0b\n\x03jti\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"!\n\x10\x43reateCsrRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"X\n\x11\x43reateCsrResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"+\n\x1aGetAgentCertificateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"\xa6\x01\n\x1bGetAgentCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x12\n\nnot_before\x18\x03 \x01(\x03\x12\x11\n\tnot_after\x18\x04 \x01(\x03\x12\x12\n\nserial_hex\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\x12\x11\n\tspiffe_id\x18\x07 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x81\x01\n\x16GetTrustBundleResponse\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\x08\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65vice_chain_pem\x18\x03 \x01(\t\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65vice_jwk_json\x18\x05 \x01(\t2\x9a\x04\n\x11\x43redentialService\x12X\n\x0f\x43lientAssertion\x12!.badged.v1.ClientAssertionRequest\x1a\".badged.v1.ClientAssertionResponse\x12^\n\x11\x43lientAttestation\x12#.badged.v1.ClientAttestationRequest\x1a$.badged.v1.ClientAttestationResponse\x12\x46\n\tDpopProof\x12\x1b.badged.v1.DpopProofRequest\x1a\x1c.badged.v1.DpopProofResponse\x12\x46\n\tCreateCsr\x12\x1b.badged.v1.CreateCsrRequest\x1a\x1c.badged.v1.CreateCsrResponse\x12\x64\n\x13GetAgentCertificate\x12%.badged.v1.GetAgentCertificateRequest\x1a&.badged.v1.GetAgentCertificateResponse\x12U\n\x0eGetTrustBundle\x12 .badged.v1.GetTrustBundleRequest\x1a!.badged.v1.GetTrustBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'badged_proto.v1.credentials
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLIENTASSERTIONREQUEST']._serialized_start=48
-  _globals['_CLIENTASSERTIONREQUEST']._serialized_end=145
-  _globals['_CLIENTASSERTIONRESPONSE']._serialized_start=148
-  _globals['_CLIENTASSERTIONRESPONSE']._serialized_end=294
-  _globals['_CLIENTATTESTATIONREQUEST']._serialized_start=296
-  _globals['_CLIENTATTESTATIONREQUEST']._serialized_end=414
-  _globals['_CLIENTATTESTATIONRESPONSE']._serialized_start=417
-  _globals['_CLIENTATTESTATIONRESPONSE']._serialized_end=594
-  _globals['_DPOPPROOFREQUEST']._serialized_start=596
-  _globals['_DPOPPROOFREQUEST']._serialized_end=692
-  _globals['_DPOPPROOFRESPONSE']._serialized_start=694
-  _globals['_DPOPPROOFRESPONSE']._serialized_end=788
-  _globals['_CREATECSRREQUEST']._serialized_start=790
-  _globals['_CREATECSRREQUEST']._serialized_end=823
-  _globals['_CREATECSRRESPONSE']._serialized_start=825
-  _globals['_CREATECSRRESPONSE']._serialized_end=913
-  _globals['_GETAGENTCERTIFICATEREQUEST']._serialized_start=915
-  _globals['_GETAGENTCERTIFICATEREQUEST']._serialized_end=958
-  _globals['_GETAGENTCERTIFICATERESPONSE']._serialized_start=961
-  _globals['_GETAGENTCERTIFICATERESPONSE']._serialized_end=1127
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=1129
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=1152
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=1155
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=1284
-  _globals['_CREDENTIALSERVICE']._serialized_start=1287
-  _globals['_CREDENTIALSERVICE']._serialized_end=1825
+  _globals['_CLIENTASSERTIONREQUEST']._serialized_end=166
+  _globals['_CLIENTASSERTIONRESPONSE']._serialized_start=169
+  _globals['_CLIENTASSERTIONRESPONSE']._serialized_end=315
+  _globals['_CLIENTATTESTATIONREQUEST']._serialized_start=317
+  _globals['_CLIENTATTESTATIONREQUEST']._serialized_end=435
+  _globals['_CLIENTATTESTATIONRESPONSE']._serialized_start=438
+  _globals['_CLIENTATTESTATIONRESPONSE']._serialized_end=615
+  _globals['_DPOPPROOFREQUEST']._serialized_start=617
+  _globals['_DPOPPROOFREQUEST']._serialized_end=713
+  _globals['_DPOPPROOFRESPONSE']._serialized_start=715
+  _globals['_DPOPPROOFRESPONSE']._serialized_end=809
+  _globals['_CREATECSRREQUEST']._serialized_start=811
+  _globals['_CREATECSRREQUEST']._serialized_end=844
+  _globals['_CREATECSRRESPONSE']._serialized_start=846
+  _globals['_CREATECSRRESPONSE']._serialized_end=934
+  _globals['_GETAGENTCERTIFICATEREQUEST']._serialized_start=936
+  _globals['_GETAGENTCERTIFICATEREQUEST']._serialized_end=979
+  _globals['_GETAGENTCERTIFICATERESPONSE']._serialized_start=982
+  _globals['_GETAGENTCERTIFICATERESPONSE']._serialized_end=1148
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=1150
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=1173
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=1176
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=1305
+  _globals['_CREDENTIALSERVICE']._serialized_start=1308
+  _globals['_CREDENTIALSERVICE']._serialized_end=1846
 # @@protoc_insertion_point(module_scope)

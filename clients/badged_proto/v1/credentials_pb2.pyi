@@ -28,6 +28,7 @@ class ClientAssertionRequest(_message.Message):
     AUDIENCE_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    INCLUDE_X5C_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     audience: _builtins.str
     """The token endpoint (or AS issuer) the assertion is for; must be an
@@ -37,6 +38,10 @@ class ClientAssertionRequest(_message.Message):
     """OAuth client id; empty means the agent's SPIFFE ID."""
     ttl_seconds: _builtins.int
     """Lifetime, 1..300 s; 0 means 60 s."""
+    include_x5c: _builtins.bool
+    """Put the agent's certificate chain in the x5c header (enrolled devices
+    only), so a server trusting just the org root can verify the assertion.
+    """
     def __init__(
         self,
         *,
@@ -44,10 +49,11 @@ class ClientAssertionRequest(_message.Message):
         audience: _builtins.str = ...,
         client_id: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        include_x5c: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "client_id", b"client_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "client_id", b"client_id", "include_x5c", b"include_x5c", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

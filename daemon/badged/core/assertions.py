@@ -48,8 +48,13 @@ def client_assertion_claims(*, client_id: str, audience: str, now: float, ttl_se
             "exp": exp, "jti": jti}
 
 
-def mint_client_assertion(claims: Mapping[str, Any], key: KeyHandle, key_id: str) -> str:
-    header = {"alg": "ES256", "kid": key_id, "typ": "JWT"}
+def mint_client_assertion(claims: Mapping[str, Any], key: KeyHandle, key_id: str,
+                          x5c: Sequence[str] = ()) -> str:
+    """``x5c`` (agent certificate first) lets a server that trusts only the
+    organization's root verify the assertion without a registered JWKS."""
+    header: dict[str, Any] = {"alg": "ES256", "kid": key_id, "typ": "JWT"}
+    if x5c:
+        header["x5c"] = list(x5c)
     return encode_jws(header, claims, lambda data: key.sign(data, ES256))
 
 

@@ -21,6 +21,7 @@ import re
 from urllib.parse import urlsplit
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from badged.attest.process import ProcessAttributes
@@ -28,7 +29,7 @@ from badged.core import assertions, dpop, evidence
 from badged.core.x509 import build_csr, to_pem
 from badged.enroll.agentca import AgentCertificateAuthority
 from badged.enroll.device import device_id, device_spiffe_id, jwk_json
-from badged.enroll.store import EnrollmentStore
+from badged.enroll.store import EnrollmentStore, IssuedCert
 from badged.errors import FailedPreconditionError, InvalidRequestError
 from badged.identity.registry import SigningKey
 from badged.policy.model import Request
@@ -50,6 +51,10 @@ _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _der_b64(cert: x509.Certificate) -> str:
+    return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")
 
 
 def _client_id(value: str, default: str) -> str:
@@ -97,8 +102,34 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
 
     def _device_x5c(self) -> list[str]:
         chain = self._enroll.device_chain() or []
-        return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
-                for c in chain if c.issuer != c.subject]
+        return [_der_b64(c) for c in chain if c.issuer != c.subject]
+
+    def _chain(self) -> list[x509.Certificate]:
+        chain = self._enroll.device_chain()
+        if not chain:
+            raise FailedPreconditionError("device not enrolled",
+                                          public="device is not enrolled (badgectl enroll)")
+        return chain
+
+    async def _agent_cert(self, key: SigningKey, chain: list[x509.Certificate],
+                          proc: ProcessAttributes, rule: str) -> IssuedCert:
+        """The agent's current certificate, issued (and audited) when it has
+        less than half its life left."""
+        now = self._d.clock()
+        issued = self._ca.current(key, now)
+        if issued is not None:
+            return issued
+        try:
+            issued = self._ca.issue(key, chain, now)
+        except ValueError as exc:
+            raise FailedPreconditionError(f"cannot issue: {exc}",
+                                          public="device certificate has expired") from None
+        await self._d.audit.append({
+            "event": "certificate.issued", "agent": key.agent, "caller": proc.summary(),
+            "decision": "allow", "rule": rule, "kid": key.kid, "serial": f"{issued.serial:x}",
+            "exp": issued.not_after, "credential_sha256": _sha256(issued.pem),
+        })
+        return issued
 
     def _device_spiffe(self) -> str:
         return device_spiffe_id(self._d.trust_domain, device_id(self._d.device_key))
@@ -125,9 +156,15 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         proc, key, rule = await self._authorize(
             context, Request(kind="assertion", agent=agent, audience=audience, ttl=ttl))
         client_id = _client_id(request.client_id, key.spiffe_id)
+        x5c: list[str] = []
+        if request.include_x5c:
+            chain = self._chain()
+            issued = await self._agent_cert(key, chain, proc, rule)
+            x5c = [_der_b64(x509.load_pem_x509_certificate(issued.pem.encode("ascii")))]
+            x5c += [_der_b64(c) for c in chain if c.issuer != c.subject]
         claims = assertions.client_assertion_claims(client_id=client_id, audience=audience,
                                                     now=d.clock(), ttl_seconds=ttl, jti=d.new_jti())
-        token = assertions.mint_client_assertion(claims, key.handle, key.kid)
+        token = assertions.mint_client_assertion(claims, key.handle, key.kid, x5c=x5c)
         await d.audit.append({
             "event": "assertion.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
@@ -223,27 +260,10 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
 
     async def GetAgentCertificate(self, request: credentials_pb2.GetAgentCertificateRequest,
                                   context: Ctx) -> credentials_pb2.GetAgentCertificateResponse:
-        d = self._d
         agent = validate.agent_name(request.agent)
         proc, key, rule = await self._authorize(context, Request(kind="csr", agent=agent))
-        chain = self._enroll.device_chain()
-        if not chain:
-            raise FailedPreconditionError("device not enrolled",
-                                          public="device is not enrolled (badgectl enroll)")
-        now = d.clock()
-        issued = self._ca.current(key, now)
-        if issued is None:
-            try:
-                issued = self._ca.issue(key, chain, now)
-            except ValueError as exc:
-                raise FailedPreconditionError(f"cannot issue: {exc}",
-                                              public="device certificate has expired") from None
-            await d.audit.append({
-                "event": "certificate.issued", "agent": key.agent, "caller": proc.summary(),
-                "decision": "allow", "rule": rule, "kid": key.kid,
-                "serial": f"{issued.serial:x}", "exp": issued.not_after,
-                "credential_sha256": _sha256(issued.pem),
-            })
+        chain = self._chain()
+        issued = await self._agent_cert(key, chain, proc, rule)
         return credentials_pb2.GetAgentCertificateResponse(
             certificate_pem=issued.pem,
             chain_pem="".join(to_pem(c) for c in chain if c.issuer != c.subject),
