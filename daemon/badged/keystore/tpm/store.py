@@ -386,6 +386,7 @@ class TpmKeyStore:
         self._lockout_warned = False
         self._ek_cert_cache: bytes | None = None
         self._ek_cert_read = False
+        # Bumped at every (re)connect: lets health checks and tests see recoveries.
         self.generation = 0
         with self._lock:
             self._connect()
