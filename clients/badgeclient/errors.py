@@ -69,6 +69,8 @@ _BY_STATUS: dict[grpc.StatusCode, type[BadgeError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    # The daemon shutting down cancels calls it had not started: retryable.
+    grpc.StatusCode.CANCELLED: UnavailableError,
 }
 
 

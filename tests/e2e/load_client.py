@@ -14,6 +14,8 @@ with WorkloadClient(sock) as client:
     for _ in range(count):
         try:
             jtis.append(client.fetch_token(audience="demo", scopes=["read"]).jti)
+            if len(jtis) == 1:
+                print("first", file=sys.stderr, flush=True)  # lets a test sync on progress
         except BadgeError as exc:
             errors.append(f"{exc.status}: {exc.message}")
 print(json.dumps({"jtis": jtis, "errors": errors}))
