@@ -85,7 +85,8 @@ class UnauthenticatedError(BadgedError):
 
 
 class AttestationError(BadgedError):
-    """The caller's process could not be attested (exited, pid reused, unreadable)."""
+    """Attestation failed: the caller's process (exited, pid reused, unreadable),
+    or key evidence that does not check out (stale nonce, wrong key, bad AK)."""
 
     code = ErrorCode.ATTESTATION_FAILED
     public_message = "caller attestation failed"

@@ -20,12 +20,15 @@ from badged.keystore.port import KeyStore
 @pytest.fixture(params=[
     "memory",
     pytest.param("softhsm", marks=pytest.mark.softhsm),
+    pytest.param("tpm", marks=pytest.mark.tpm),
 ])
 def keystore(request: pytest.FixtureRequest) -> Iterator[KeyStore]:
     if request.param == "memory":
         store: KeyStore = MemoryKeyStore()
     elif request.param == "softhsm":
         store = request.getfixturevalue("pkcs11_store")
+    elif request.param == "tpm":
+        store = request.getfixturevalue("tpm_store")
     else:  # pragma: no cover
         raise AssertionError(request.param)
     yield store
