@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -78,6 +79,7 @@ class Daemon:
         self.policy: PolicyHolder | None = None
         self._audit: AuditLog | None = None
         self._lock_fd = -1
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- build -------------------------------------------------------------------
 
@@ -101,8 +103,13 @@ class Daemon:
         device_key = self._device_key(self._keystore)
         self._publish_device_key(device_key)
         # Refuses to start (ConfigError) on an unusable audit dir: no unaudited service.
+        mirror = None
+        if cfg.audit_syslog:
+            from badged.audit.mirror import syslog_mirror
+
+            mirror = syslog_mirror()
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
-                              signer=device_key)
+                              signer=device_key, mirror=mirror)
         self._audit = audit
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
@@ -176,7 +183,7 @@ class Daemon:
         if private_sock.exists():
             private_sock.unlink()
         server = grpc.aio.server(
-            interceptors=[ErrorBoundary(log_details=cfg.log_error_details)],
+            interceptors=[ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", 4 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)],
@@ -205,7 +212,7 @@ class Daemon:
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
                                      "admin": str(cfg.admin_socket)})
 
-    async def _append_audit(self, event: dict[str, object]) -> None:
+    async def _append_audit(self, event: Mapping[str, object]) -> None:
         if self._audit is not None:
             await self._audit.append(event)
 
@@ -216,8 +223,16 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
 
     def reload_policy(self) -> None:
-        if self.policy is not None:
-            self.policy.try_reload()
+        """SIGHUP: reload, and audit the outcome like `badgectl policy reload`."""
+        if self.policy is None:
+            return
+        error = self.policy.try_reload()
+        event = {"event": "policy.reloaded" if error is None else "policy.rejected",
+                 "trigger": "SIGHUP", "policy": str(self.policy.path),
+                 "error": str(error) if error else None}
+        task = asyncio.get_running_loop().create_task(self._append_audit(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopping:  # SIGTERM and SIGINT may both arrive

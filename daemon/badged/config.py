@@ -34,6 +34,7 @@ class DaemonConfig:
     issuer: str | None = None
     policy_file: Path | None = None
     audit_dir: Path | None = None
+    audit_syslog: bool = False
     default_ttl: int = 300
     max_ttl: int = 3600
     max_connections_per_uid: int = 256
@@ -81,7 +82,7 @@ _KNOWN: dict[str, set[str]] = {
     "log": {"format", "level", "error_details"},
     "keystore": {"backend", "uri", "module_path", "tcti", "key_dir", "parent_handle",
                  "key_auth_file"},
-    "audit": {"dir"},
+    "audit": {"dir", "syslog"},
 }
 
 
@@ -198,6 +199,7 @@ def load_config(path: Path) -> DaemonConfig:
         issuer=d.get("issuer"),
         policy_file=path_opt("daemon", "policy_file", d.get("policy_file")),
         audit_dir=path_opt("audit", "dir", audit.get("dir")),
+        audit_syslog=bool(audit.get("syslog", False)),
         default_ttl=duration("default_ttl", 300),
         max_ttl=duration("max_ttl", 3600),
         max_connections_per_uid=max_conn,

@@ -278,8 +278,15 @@ def test_broken_policy_never_takes_down_the_daemon(pd: RunningDaemon) -> None:
                            capture_output=True, text=True)
     assert check.returncode == 1 and f"policy.toml:{line}:" in check.stderr
     pd.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.3)
+    from badged.audit import tail
+
+    for _ in range(50):
+        time.sleep(0.1)
+        if any(r.get("trigger") == "SIGHUP" for r in tail(pd.state / "audit", 20)):
+            break
     assert pd.proc.poll() is None
+    hup = [r for r in tail(pd.state / "audit", 20) if r.get("trigger") == "SIGHUP"]
+    assert hup and hup[-1]["event"] == "policy.rejected" and "unknown selector" in hup[-1]["error"]
     with WorkloadClient(pd.workload) as w:
         assert w.fetch_token(audience="demo").agent == "demo-agent"
     path.write_text(good.replace('audiences = ["demo"]', 'audiences = ["demo", "new"]', 1))

@@ -86,3 +86,22 @@ def test_connection_of_exited_process_is_refused(daemon: RunningDaemon) -> None:
     with WorkloadClient(daemon.workload) as c:
         assert c.fetch_token(audience="demo").agent == "demo-agent"
     os.unlink(bridge_path)
+
+
+def test_refusals_before_policy_are_audited(daemon: RunningDaemon) -> None:
+    """A direct dial of the private socket is refused *and* leaves a record."""
+    import grpc
+
+    from badged_proto.v1 import workload_pb2, workload_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{daemon.private_socket}") as ch:
+        stub = workload_pb2_grpc.WorkloadServiceStub(ch)
+        try:
+            stub.FetchToken(workload_pb2.FetchTokenRequest(audience="audit-probe"), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    from badged.audit import tail
+
+    records = tail(daemon.state / "audit", 50)
+    assert any(r.get("event") == "request.refused" and r.get("code") == "unauthenticated"
+               for r in records), records[-3:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import grpc
 
@@ -45,12 +45,22 @@ else:
 
 Behavior = Callable[[Any, Ctx], Awaitable[Any]]
 
+_AUDITED_HERE = frozenset({ErrorCode.UNAUTHENTICATED, ErrorCode.ATTESTATION_FAILED,
+                           ErrorCode.INVALID_REQUEST})
+
+
+class AuditSink(Protocol):
+    async def append(self, event: Mapping[str, Any]) -> object: ...
+
 
 class ErrorBoundary(grpc.aio.ServerInterceptor):
     """Wraps every unary handler: BadgedError → status; anything else → INTERNAL."""
 
-    def __init__(self, *, log_details: bool = True) -> None:
+    def __init__(self, *, log_details: bool = True, audit: AuditSink | None = None) -> None:
         self._log_details = log_details
+        # Refusals that happen before the policy gate (no identity, caller
+        # gone, malformed request) are audited here; the gate audits its own.
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -83,6 +93,11 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
                 if retry_after:
                     trailers.append((RETRY_TRAILER, str(retry_after)))
                 context.set_trailing_metadata(tuple(trailers))
+                if self._audit is not None and exc.code in _AUDITED_HERE:
+                    await self._audit.append({"event": "request.refused", "method": method,
+                                              "decision": "deny", "code": exc.code.value,
+                                              "reason": str(exc)[:300],
+                                              "peer": context.peer()[:120]})
                 await context.abort(status, exc.caller_message)
             except grpc.aio.AbortError:
                 raise
