@@ -72,9 +72,11 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None) ->
 @click.option("--trust-domain", default="example.org", show_default=True)
 @click.option("--approval-timeout", type=click.IntRange(1, 3600), default=120, show_default=True,
               help="Seconds a request waits for a human approval before it is denied.")
+@click.option("--unsafe-audit-no-fsync", is_flag=True, hidden=True,
+              help="Benchmarks only: do not fsync audit records.")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
-        approval_timeout: int) -> None:
+        approval_timeout: int, unsafe_audit_no_fsync: bool) -> None:
     """Run on a throwaway SoftHSM token under STATE_DIR (development mode)."""
     from badged.dev import prepare
 
@@ -84,7 +86,8 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
         click.echo(f"badged: {exc}", err=True)
         sys.exit(2)
     config = config.with_overrides(log_format=ctx.obj.get("log_format"),
-                                   approval_timeout=approval_timeout)
+                                   approval_timeout=approval_timeout,
+                                   unsafe_audit_no_fsync=unsafe_audit_no_fsync or None)
     _run(config, ensure_agent=agent)
 
 

@@ -108,8 +108,15 @@ class Daemon:
             from badged.audit.mirror import syslog_mirror
 
             mirror = syslog_mirror()
+        fsync = os.fsync
+        if cfg.unsafe_audit_no_fsync:
+            from badged.audit.log import unsafe_no_fsync
+
+            _logger.warning("UNSAFE: audit records are not fsync'd (benchmark mode); "
+                            "acknowledged credentials may be unaudited after a power loss")
+            fsync = unsafe_no_fsync
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
-                              signer=device_key, mirror=mirror)
+                              signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),

@@ -35,6 +35,9 @@ class DaemonConfig:
     policy_file: Path | None = None
     audit_dir: Path | None = None
     audit_syslog: bool = False
+    # Benchmarks only (set by `badged dev --unsafe-audit-no-fsync`, never from
+    # a config file): acknowledged records may be lost on power failure.
+    unsafe_audit_no_fsync: bool = False
     default_ttl: int = 300
     max_ttl: int = 3600
     max_connections_per_uid: int = 256
