@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -108,7 +108,7 @@ class Daemon:
             from badged.audit.mirror import syslog_mirror
 
             mirror = syslog_mirror()
-        fsync = os.fsync
+        fsync: Callable[[int], None] = os.fsync
         if cfg.unsafe_audit_no_fsync:
             from badged.audit.log import unsafe_no_fsync
 
