@@ -101,7 +101,7 @@ class AlgorithmError(VerificationError):
     """``alg``/``typ``/``crit`` not acceptable (none, HS256, confusion)."""
 
 
-class KeyError_(VerificationError):
+class UntrustedKeyError(VerificationError):
     """No trusted key for this credential (unknown kid, bad jwk, no trust anchor)."""
 
 
@@ -313,7 +313,7 @@ def _parse(token: str, *, max_bytes: int, typs: Iterable[str | None]) -> _Jws:
 
 def _check_signature(jws: _Jws, key: ec.EllipticCurvePublicKey) -> None:
     if not isinstance(key.curve, ec.SECP256R1):
-        raise KeyError_("bad_key", "ES256 needs a P-256 key")
+        raise UntrustedKeyError("bad_key", "ES256 needs a P-256 key")
     sig = jws.signature
     if len(sig) != 64:
         raise SignatureError("bad_signature", "ES256 signatures are 64 bytes")
@@ -330,26 +330,26 @@ def _check_signature(jws: _Jws, key: ec.EllipticCurvePublicKey) -> None:
 def _jwk_b64_int(jwk: Mapping[str, Any], name: str) -> int:
     value = jwk.get(name)
     if not isinstance(value, str):
-        raise KeyError_("bad_jwk", f"jwk member {name} missing")
+        raise UntrustedKeyError("bad_jwk", f"jwk member {name} missing")
     raw = _b64url(value, f"jwk.{name}")
     if len(raw) != 32:
-        raise KeyError_("bad_jwk", f"jwk member {name} must be 32 bytes")
+        raise UntrustedKeyError("bad_jwk", f"jwk member {name} must be 32 bytes")
     return int.from_bytes(raw, "big")
 
 
 def public_key_from_jwk(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
     """A P-256 public key from a JWK; private members are refused outright."""
     if not isinstance(jwk, Mapping):
-        raise KeyError_("bad_jwk", "jwk must be an object")
+        raise UntrustedKeyError("bad_jwk", "jwk must be an object")
     if "d" in jwk:
-        raise KeyError_("bad_jwk", "jwk contains private key material")
+        raise UntrustedKeyError("bad_jwk", "jwk contains private key material")
     if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
-        raise KeyError_("bad_jwk", "only EC P-256 keys are accepted")
+        raise UntrustedKeyError("bad_jwk", "only EC P-256 keys are accepted")
     try:
         return ec.EllipticCurvePublicNumbers(
             _jwk_b64_int(jwk, "x"), _jwk_b64_int(jwk, "y"), ec.SECP256R1()).public_key()
     except ValueError:
-        raise KeyError_("bad_jwk", "point is not on the curve") from None
+        raise UntrustedKeyError("bad_jwk", "point is not on the curve") from None
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
@@ -524,6 +524,10 @@ class Verifier:
         if not isinstance(jwk, Mapping):
             raise ClaimsError("missing_claim", "cnf.jwk is required")
         agent_key = public_key_from_jwk(jwk)
+        # badged names its attester after its key (spiffe://TD/device/<thumbprint>):
+        # an agent key that a relying party also trusts can never pose as a device.
+        if not attester.endswith("/device/" + jwk_thumbprint(_public_jwk(key))):
+            raise ClaimsError("wrong_issuer", "attestation not signed by the device it names")
         p = _parse(pop, max_bytes=self._max_bytes, typs=(ATTESTATION_POP_TYP,))
         _check_signature(p, agent_key)
         pc = p.claims
@@ -563,7 +567,7 @@ class Verifier:
         jws = _parse(proof, max_bytes=self._max_bytes, typs=(DPOP_TYP,))
         jwk = jws.header.get("jwk")
         if not isinstance(jwk, Mapping):
-            raise KeyError_("bad_jwk", "DPoP proofs carry their public key in jwk")
+            raise UntrustedKeyError("bad_jwk", "DPoP proofs carry their public key in jwk")
         key = public_key_from_jwk(jwk)
         _check_signature(jws, key)
         c = jws.claims
@@ -602,13 +606,13 @@ class Verifier:
             chain = self._verify_chain(h["x5c"], now, allow_ca_leaf=allow_ca_leaf)
             pub = chain[0].public_key()
             if not isinstance(pub, ec.EllipticCurvePublicKey):
-                raise KeyError_("bad_key", "leaf key is not EC")
+                raise UntrustedKeyError("bad_key", "leaf key is not EC")
             return pub, kid, chain
         if kid is not None and kid in self._keys:
             return self._keys[kid], kid, []
         if kid is None:
-            raise KeyError_("no_key", "no kid and no trusted x5c")
-        raise KeyError_("unknown_kid", "kid not in the trusted key set")
+            raise UntrustedKeyError("no_key", "no kid and no trusted x5c")
+        raise UntrustedKeyError("unknown_kid", "kid not in the trusted key set")
 
     def _verify_chain(self, x5c: Any, now: float, *, allow_ca_leaf: bool
                       ) -> list[x509.Certificate]:

@@ -22,20 +22,27 @@ from badgeclient.verify import (
     ClaimsError,
     DpopError,
     DpopRequest,
-    KeyError_,
     MalformedError,
     ReplayCache,
     ReplayError,
     Revocations,
     RevokedError,
     SignatureError,
+    UntrustedKeyError,
     VerificationError,
     Verifier,
 )
 from badged.core import assertions, dpop
 from badged.core import x509 as bx
 from badged.core.clock import FixedClock
-from badged.core.jose import b64url, canonical_json, ec_public_jwk, encode_jws, jwk_thumbprint
+from badged.core.jose import (
+    b64url,
+    canonical_json,
+    der_to_jose,
+    ec_public_jwk,
+    encode_jws,
+    jwk_thumbprint,
+)
 from badged.core.tokens import ES256, build_claims, mint_token
 from badged.keystore.memory import MemoryKeyStore
 from badged.keystore.port import KeyHandle
@@ -133,7 +140,7 @@ MUTATIONS: list[tuple[str, Callable[[Env], str], type[VerificationError], str]] 
     ("duplicate claim", lambda e: _dup_claims(e), MalformedError, "bad_json"),
     ("payload is a list", lambda e: e.token().split(".")[0] + "." + b64url(b"[1]") + "."
      + e.token().split(".")[2], MalformedError, "bad_json"),
-    ("unknown kid", lambda e: e.token(kid="nope"), KeyError_, "unknown_kid"),
+    ("unknown kid", lambda e: e.token(kid="nope"), UntrustedKeyError, "unknown_kid"),
     ("other key same kid", lambda e: e.token(key=e.other), SignatureError, "bad_signature"),
     ("tampered claims", lambda e: _tamper(e.token()), SignatureError, "bad_signature"),
     ("short signature", lambda e: e.token().rsplit(".", 1)[0] + "." + b64url(b"\x01" * 10),
@@ -320,7 +327,7 @@ def test_dpop_jwk_header_rules(env: Env, case: str, header: dict[str, str] | Non
     if jwk is not None:
         h["jwk"] = jwk
     proof = raw_jws(h, {"htm": "GET", "htu": HTU, "iat": NOW, "jti": "z"}, env.agent)
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(UntrustedKeyError) as info:
         env.verifier().verify_dpop(proof, htm="GET", htu=HTU)
     assert info.value.reason == reason, case
 
@@ -441,8 +448,9 @@ def test_client_attestation_via_device_chain(env: Env) -> None:
     pki = Pki(env)
     ev = {"eat_profile": "urn:badged:eat:pkcs11-key:v1", "agent": AGENT,
           "hwkey": {"sensitive": True, "never_extractable": True}, "workload": {"uid": 1}}
+    dev_id = jwk_thumbprint(ec_public_jwk(pki.dev.public_key()))
     att = assertions.mint_client_attestation(assertions.client_attestation_claims(
-        attester="spiffe://example.org/device/d1", client_id="client-1",
+        attester=f"spiffe://example.org/device/{dev_id}", client_id="client-1",
         agent_key=env.agent.public_key(), now=NOW, ttl_seconds=600, evidence=ev),
         pki.dev, x5c=pki.x5c(pki.device))
 
@@ -468,3 +476,23 @@ def test_client_attestation_via_device_chain(env: Env) -> None:
     with pytest.raises(ChainError):
         Verifier(roots=[bx.root_certificate(env.other, name="R", now=NOW, days=1, serial=5)],
                  clock=env.clock).verify_client_attestation(att, pop("p4"), audience="https://as")
+
+
+def test_agent_key_cannot_pose_as_attester(env: Env) -> None:
+    """Even a relying party that puts agent keys and the device key in one JWKS
+    cannot be fooled by an attestation an agent key signed about itself."""
+    forged = assertions.mint_client_attestation(assertions.client_attestation_claims(
+        attester="spiffe://example.org/device/some-device", client_id="c",
+        agent_key=env.agent.public_key(), now=NOW, ttl_seconds=600,
+        evidence={"hwkey": {"sensitive": True}}), env.agent)
+    forged = _swap_header(forged, {"alg": "ES256", "typ": "oauth-client-attestation+jwt",
+                                   "kid": env.kid})
+    # re-sign with the new header so only the attester binding is wrong
+    h, p, _ = forged.split(".")
+    sig = der_to_jose(env.agent.sign(f"{h}.{p}".encode(), ES256))
+    forged = f"{h}.{p}.{b64url(sig)}"
+    pop = assertions.mint_attestation_pop(assertions.attestation_pop_claims(
+        client_id="c", audience="https://as", now=NOW, ttl_seconds=60, jti="f"), env.agent)
+    with pytest.raises(ClaimsError) as info:
+        env.verifier().verify_client_attestation(forged, pop, audience="https://as")
+    assert info.value.reason == "wrong_issuer"

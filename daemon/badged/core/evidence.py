@@ -33,6 +33,11 @@ _logger = logging.getLogger(__name__)
 
 EVIDENCE_TYP = "badged-key-attestation+jwt"
 PKCS11_PROFILE = "urn:badged:eat:pkcs11-key:v1"
+# A TPM key's attributes as the TPM reports them (ReadPublic), signed by the
+# device key. TPM2_Certify evidence (KeyAttester) is a stronger, separate
+# profile once the TPM attester lands.
+TPM_ATTRIBUTES_PROFILE = "urn:badged:eat:tpm-key-attributes:v1"
+PROFILES = {"pkcs11": PKCS11_PROFILE, "tpm": TPM_ATTRIBUTES_PROFILE}
 ES256 = ec.ECDSA(hashes.SHA256())
 MAX_EVIDENCE_TTL = 30 * 86400
 
@@ -46,14 +51,17 @@ class EvidenceError(ValueError):
 
 
 def hwkey_claims(props: KeyProperties) -> dict[str, Any]:
-    """The attribute summary; ``token_uri`` is the redacted PKCS#11 URI (no PIN)."""
+    """The attribute summary plus the backend's public extras (PKCS#11: the
+    redacted token URI as ``token_uri``, never a PIN; TPM: the key's Name and
+    object attributes)."""
+    extra = {("token_uri" if k == "token" else k): v for k, v in sorted(props.extra.items())}
     return {
+        **extra,
         "backend": props.backend,
         "sensitive": props.sensitive,
         "extractable": props.extractable,
         "never_extractable": props.never_extractable,
         "local": props.local,
-        **({"token_uri": props.extra["token"]} if "token" in props.extra else {}),
     }
 
 
@@ -69,7 +77,7 @@ def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCur
         "sub": subject,
         "iat": iat,
         "exp": iat + ttl_seconds,
-        "eat_profile": PKCS11_PROFILE,
+        "eat_profile": PROFILES.get(props.backend, f"urn:badged:eat:{props.backend}-key:v1"),
         "cnf": {"jwk": ec_public_jwk(attested)},
         "hwkey": hwkey_claims(props),
     }
@@ -136,7 +144,7 @@ def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
         raise EvidenceError("expired", "evidence has expired")
     if iat > now + skew:
         raise EvidenceError("not_yet_valid", "evidence issued in the future")
-    if claims.get("eat_profile") != PKCS11_PROFILE:
+    if claims.get("eat_profile") not in PROFILES.values():
         raise EvidenceError("unknown_profile", "unsupported eat_profile")
     hw = claims.get("hwkey")
     if not isinstance(hw, dict):
