@@ -267,3 +267,40 @@ def test_csr_carries_evidence_and_proves_possession(keys: MemoryKeyStore) -> Non
     r = subprocess.run(["openssl", "req", "-verify", "-noout"], input=bx.to_pem(csr),
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "OK" in (r.stdout + r.stderr)
+
+
+@pytest.mark.softhsm
+def test_builders_sign_with_a_softhsm_key(pkcs11_store: object, tmp_path: Path) -> None:
+    """The adapter over a real token key: CSR, root, device and agent
+    certificates and a CRL, checked by openssl -- no private key in Python."""
+    import uuid
+
+    from badged.keystore.port import KeyStore
+
+    assert isinstance(pkcs11_store, KeyStore)
+    names = [f"test/cred/{uuid.uuid4().hex[:12]}/{n}" for n in ("ca", "dev", "agent")]
+    ca, dev, agent = (pkcs11_store.generate(n) for n in names)
+    try:
+        csr = bx.build_csr(dev, common_name="d", uris=["spiffe://example.org/device/d"])
+        assert csr.is_signature_valid
+        pki = {
+            "root": bx.root_certificate(ca, name="HSM Root", now=NOW, days=30, serial=11),
+        }
+        pki["device"] = bx.device_certificate(
+            ca_key=ca, ca_cert=pki["root"], device_public=dev.public_key(), device_id="d",
+            trust_domain="example.org", now=NOW, days=10, serial=12)
+        pki["agent"] = bx.agent_certificate(
+            device_key=dev, device_cert=pki["device"], now=NOW, request=bx.AgentCertRequest(
+                "spiffe://example.org/agent/a", "a", agent.public_key(), 13, 600))
+        r = _openssl_verify(tmp_path, pki["root"], pki["device"], pki["agent"], "-attime",
+                            str(NOW + 10))
+        assert r.returncode == 0, r.stderr
+        props = pkcs11_store.properties(names[2])
+        token = _evidence(dev, agent, props=props)
+        claims = evidence.check_evidence(token, signer=dev.public_key(),
+                                         attested=agent.public_key(), now=NOW)
+        assert claims["hwkey"]["never_extractable"] is True and "token_uri" in claims["hwkey"]
+        assert "pin" not in json.dumps(claims).lower()
+    finally:
+        for n in names:
+            pkcs11_store.destroy(n)
