@@ -157,3 +157,4 @@ credential_commands: tuple[click.Command, ...] = (
     assertion_command, attestation_command, dpop_command, csr_command, cert_command,
     trust_bundle_command,
 )
+COMMANDS = credential_commands  # same shape as badgeclient._cli.policy.COMMANDS
