@@ -500,6 +500,8 @@ class Verifier:
         agent = sub
         if chain:
             agent = self._leaf_spiffe_id(chain[0])
+            if sub.startswith("spiffe://") and sub != agent:
+                raise ChainError("san_mismatch", "client id names another SPIFFE ID than the certificate")
         self._check_revoked(agent, kid, chain)
         jti = _str(c, "jti")
         self._replay.check_and_add(f"ca\x00{iss}\x00{jti}",

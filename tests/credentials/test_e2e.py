@@ -274,8 +274,14 @@ def test_audit_records_jti_and_hash_never_the_credential(cred_daemon: RunningDae
     with CredentialClient(cred_daemon.workload) as c:
         a = c.client_assertion(audience=AS_TOKEN, agent=AGENT)
         p = c.dpop_proof(htm="GET", htu=RS, agent=AGENT)
+        with pytest.raises(PermissionDeniedError):
+            c.client_assertion(audience="https://audited-denial.example/token", agent=AGENT)
     text = "".join(f.read_text() for f in sorted((cred_daemon.state / "audit").rglob("*"))
                    if f.is_file() and f.suffix in (".jsonl", ".json", ""))
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    denied = [e for e in events if e.get("event") == "assertion.denied"
+              and "audited-denial" in json.dumps(e)]
+    assert denied and denied[0]["decision"] == "deny"
     assert a.jti in text and p.jti in text
     assert hashlib.sha256(a.assertion.encode()).hexdigest() in text
     assert a.assertion.split(".")[2] not in text and p.proof.split(".")[2] not in text

@@ -496,3 +496,25 @@ def test_agent_key_cannot_pose_as_attester(env: Env) -> None:
     with pytest.raises(ClaimsError) as info:
         env.verifier().verify_client_attestation(forged, pop, audience="https://as")
     assert info.value.reason == "wrong_issuer"
+
+
+def test_device_key_cannot_mint_agent_tokens_or_assertions(env: Env) -> None:
+    """A CA certificate (the device's) is not an agent leaf: tokens it signs are refused."""
+    pki = Pki(env)
+    claims = build_claims(issuer="i", subject="spiffe://example.org/device/d1", audience=AUD,
+                          scopes=(), ttl_seconds=60, now=NOW, jti="dv")
+    token = raw_jws({"alg": "ES256", "typ": "JWT", "x5c": pki.x5c(pki.device)}, claims, pki.dev)
+    with pytest.raises(ChainError) as info:
+        Verifier(roots=[pki.root], clock=env.clock).verify_token(token, audience=AUD)
+    assert info.value.reason == "chain_untrusted"
+
+
+def test_assertion_sub_must_match_certificate_san(env: Env) -> None:
+    pki = Pki(env)
+    claims = assertions.client_assertion_claims(client_id="spiffe://example.org/agent/b",
+                                                audience=AUD, now=NOW, ttl_seconds=60, jti="s1")
+    a = raw_jws({"alg": "ES256", "typ": "JWT", "x5c": pki.x5c(pki.leaf, pki.device)}, claims,
+                env.agent)
+    with pytest.raises(ChainError) as info:
+        Verifier(roots=[pki.root], clock=env.clock).verify_client_assertion(a, audience=AUD)
+    assert info.value.reason == "san_mismatch"
