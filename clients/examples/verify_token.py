@@ -18,8 +18,10 @@ from joserfc.jwk import KeySet
 
 
 def main() -> int:
-    token = json.load(open(sys.argv[1]))["token"]
-    jwks = KeySet.import_key_set(json.load(open(sys.argv[2])))
+    with open(sys.argv[1]) as fh:
+        token = json.load(fh)["token"]
+    with open(sys.argv[2]) as fh:
+        jwks = KeySet.import_key_set(json.load(fh))
     audience = sys.argv[3] if len(sys.argv) > 3 else None
     try:
         decoded = jwt.decode(token, jwks, algorithms=["ES256"])
