@@ -19,14 +19,17 @@ Pure: no I/O; ``now`` is an argument.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from badged.core.jose import b64url_decode, ec_public_jwk, encode_jws, jwk_thumbprint
+from badged.keystore.attest import FORMAT_TPM2_CERTIFY, KeyAttestation
 from badged.keystore.port import KeyHandle, KeyProperties
 
 _logger = logging.getLogger(__name__)
@@ -37,7 +40,28 @@ PKCS11_PROFILE = "urn:badged:eat:pkcs11-key:v1"
 # device key. TPM2_Certify evidence (KeyAttester) is a stronger, separate
 # profile once the TPM attester lands.
 TPM_ATTRIBUTES_PROFILE = "urn:badged:eat:tpm-key-attributes:v1"
+# The TPM's own word: a TPM2_Certify of the attested key by an attestation
+# key, over a nonce derived from this evidence (so it cannot be lifted into
+# another one). Checked with badged.core.tpm_evidence.
+TPM2_CERTIFY_PROFILE = "urn:badged:eat:tpm2-certify:v1"
 PROFILES = {"pkcs11": PKCS11_PROFILE, "tpm": TPM_ATTRIBUTES_PROFILE}
+KNOWN_PROFILES = frozenset({*PROFILES.values(), TPM2_CERTIFY_PROFILE})
+_CERTIFY_FIELDS = ("attest", "signature", "ak_public", "key_public", "ek_certificate")
+
+Certifier = Callable[[bytes], KeyAttestation]
+"""Given the nonce, certify the attested key in the TPM (KeyAttester.attest)."""
+
+
+def certify_nonce(*, attested: ec.EllipticCurvePublicKey, iat: int, eat_nonce: str | None) -> bytes:
+    """TPM2_Certify ``extraData`` for one evidence: a verifier recomputes it
+    from the claims, so a certify made for other evidence does not verify."""
+    thumb = jwk_thumbprint(ec_public_jwk(attested))
+    data = b"badged-evidence-v1\x00" + f"{thumb}\x00{iat}\x00{eat_nonce or ''}".encode()
+    return hashlib.sha256(data).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 ES256 = ec.ECDSA(hashes.SHA256())
 MAX_EVIDENCE_TTL = 30 * 86400
 
@@ -68,7 +92,10 @@ def hwkey_claims(props: KeyProperties) -> dict[str, Any]:
 def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCurvePublicKey,
                           props: KeyProperties, now: float, ttl_seconds: int,
                           nonce: str | None = None,
-                          workload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                          workload: Mapping[str, Any] | None = None,
+                          certify: Certifier | None = None) -> dict[str, Any]:
+    """``certify``: present when the key store is a KeyAttester (TPM); the
+    evidence then carries the TPM2_Certify and says so in ``eat_profile``."""
     if not 0 < ttl_seconds <= MAX_EVIDENCE_TTL:
         raise ValueError("evidence ttl out of range")
     iat = int(now)
@@ -85,6 +112,11 @@ def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCur
         claims["eat_nonce"] = nonce
     if workload:
         claims["workload"] = dict(workload)
+    if certify is not None:
+        att = certify(certify_nonce(attested=attested, iat=iat, eat_nonce=nonce))
+        claims["eat_profile"] = TPM2_CERTIFY_PROFILE
+        claims["tpm2_certify"] = {f: _b64(getattr(att, f)) for f in _CERTIFY_FIELDS
+                                  if getattr(att, f) is not None}
     return claims
 
 
@@ -99,14 +131,17 @@ def sign_evidence(claims: Mapping[str, Any], *, device_key: KeyHandle,
 
 
 def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
-                   attested: ec.EllipticCurvePublicKey, now: float,
-                   skew: int = 60) -> dict[str, Any]:
+                   attested: ec.EllipticCurvePublicKey, now: float, skew: int = 60,
+                   trusted_ak_names: Collection[bytes] | None = None,
+                   ek_ca_keys: Sequence[Any] | None = None) -> dict[str, Any]:
     """Verify evidence for a CA: signature, binding to ``attested``, attributes.
 
     Used by ``badgectl ca sign`` before it signs anything. Raises
     :class:`EvidenceError` with a stable reason: ``bad_signature``,
     ``key_mismatch`` (evidence for another key), ``expired``,
-    ``not_sensitive`` / ``extractable`` / ``not_generated_in_token``, ...
+    ``not_sensitive`` / ``extractable`` / ``not_generated_in_token``,
+    ``tpm_certify_invalid`` (TPM profile: see badged.core.tpm_evidence;
+    ``trusted_ak_names`` / ``ek_ca_keys`` are passed through to it), ...
     """
     import json
 
@@ -144,8 +179,11 @@ def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
         raise EvidenceError("expired", "evidence has expired")
     if iat > now + skew:
         raise EvidenceError("not_yet_valid", "evidence issued in the future")
-    if claims.get("eat_profile") not in PROFILES.values():
+    if claims.get("eat_profile") not in KNOWN_PROFILES:
         raise EvidenceError("unknown_profile", "unsupported eat_profile")
+    if claims["eat_profile"] == TPM2_CERTIFY_PROFILE:
+        _check_certify(claims, attested=attested, iat=iat, trusted_ak_names=trusted_ak_names,
+                       ek_ca_keys=ek_ca_keys)
     hw = claims.get("hwkey")
     if not isinstance(hw, dict):
         raise EvidenceError("malformed", "hwkey claim missing")
@@ -156,3 +194,31 @@ def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
     if hw.get("local") is not True:
         raise EvidenceError("not_generated_in_token", "key was imported, not generated (CKA_LOCAL)")
     return claims
+
+
+def _check_certify(claims: Mapping[str, Any], *, attested: ec.EllipticCurvePublicKey, iat: int,
+                   trusted_ak_names: Collection[bytes] | None,
+                   ek_ca_keys: Sequence[Any] | None) -> None:
+    from badged.core import tpm_evidence
+    from badged.errors import AttestationError
+
+    raw = claims.get("tpm2_certify")
+    if not isinstance(raw, dict):
+        raise EvidenceError("malformed", "tpm2_certify claim missing")
+    try:
+        fields = {f: b64url_decode(raw[f]) if raw.get(f) is not None else None
+                  for f in _CERTIFY_FIELDS}
+    except (TypeError, ValueError):
+        raise EvidenceError("malformed", "tpm2_certify fields are not base64url") from None
+    if any(fields[f] is None for f in _CERTIFY_FIELDS[:4]):
+        raise EvidenceError("malformed", "tpm2_certify is incomplete")
+    nonce = certify_nonce(attested=attested, iat=iat, eat_nonce=claims.get("eat_nonce"))
+    att = KeyAttestation(format=FORMAT_TPM2_CERTIFY, key_name="", nonce=nonce,
+                         attest=fields["attest"] or b"", signature=fields["signature"] or b"",
+                         ak_public=fields["ak_public"] or b"", key_public=fields["key_public"] or b"",
+                         ek_certificate=fields["ek_certificate"])
+    try:
+        tpm_evidence.verify_certify(att, nonce, trusted_ak_names=trusted_ak_names,
+                                    expected_public_key=attested, ek_ca_keys=ek_ca_keys)
+    except AttestationError as exc:
+        raise EvidenceError("tpm_certify_invalid", str(exc)) from None

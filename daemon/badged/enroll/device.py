@@ -46,7 +46,8 @@ def device_spiffe_id(trust_domain: str, dev_id: str) -> str:
 
 
 def enrollment_request(*, device_key: KeyHandle, props: KeyProperties, trust_domain: str,
-                       now: float, nonce: str | None = None) -> dict[str, Any]:
+                       now: float, nonce: str | None = None,
+                       certify: evidence.Certifier | None = None) -> dict[str, Any]:
     """The one file an operator carries to the CA.
 
     The CSR proves possession of the device key and names the device's
@@ -58,7 +59,7 @@ def enrollment_request(*, device_key: KeyHandle, props: KeyProperties, trust_dom
     spiffe = device_spiffe_id(trust_domain, dev_id)
     ev_claims = evidence.build_evidence_claims(
         issuer=spiffe, subject=spiffe, attested=device_key.public_key(), props=props, now=now,
-        ttl_seconds=EVIDENCE_TTL, nonce=nonce)
+        ttl_seconds=EVIDENCE_TTL, nonce=nonce, certify=certify)
     ev = evidence.sign_evidence(ev_claims, device_key=device_key)
     csr = build_csr(device_key, common_name=dev_id, uris=[spiffe], evidence=ev.encode("ascii"))
     return {"format": REQUEST_FORMAT, "device_id": dev_id, "trust_domain": trust_domain,

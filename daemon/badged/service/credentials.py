@@ -32,6 +32,7 @@ from badged.enroll.device import device_id, device_spiffe_id, jwk_json
 from badged.enroll.store import EnrollmentStore, IssuedCert
 from badged.errors import FailedPreconditionError, InvalidRequestError
 from badged.identity.registry import SigningKey
+from badged.keystore.attest import KeyAttestation, KeyAttester
 from badged.policy.model import Request
 from badged.service import validate
 from badged.service.auth import resolve_caller
@@ -136,11 +137,17 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
 
     def _evidence_claims(self, key: SigningKey, proc: ProcessAttributes, now: float,
                          ttl: int, nonce: str | None = None) -> dict[str, object]:
-        props = self._d.keystore.properties(key.handle.name)
+        store = self._d.keystore
+        props = store.properties(key.handle.name)
+        certify = None
+        if isinstance(store, KeyAttester):
+            # The TPM's own word, in addition to the attributes the store reports.
+            def certify(nonce_bytes: bytes) -> KeyAttestation:
+                return store.attest(key.handle.name, nonce_bytes)
         claims = evidence.build_evidence_claims(
             issuer=self._device_spiffe(), subject=key.spiffe_id, attested=key.handle.public_key(),
             props=props, now=now, ttl_seconds=ttl, nonce=nonce,
-            workload={"uid": proc.uid, "exe_sha256": proc.exe_sha256})
+            workload={"uid": proc.uid, "exe_sha256": proc.exe_sha256}, certify=certify)
         claims["agent"] = key.spiffe_id
         return claims
 

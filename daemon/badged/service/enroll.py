@@ -26,6 +26,7 @@ from badged.enroll.device import (
 )
 from badged.enroll.store import EnrollmentStore
 from badged.errors import InvalidRequestError
+from badged.keystore.attest import KeyAttestation, KeyAttester
 from badged.service.auth import require_operator, resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
@@ -69,9 +70,15 @@ class EnrollmentServicer(enroll_pb2_grpc.EnrollmentServiceServicer):
         if nonce is not None and (len(nonce) > MAX_NONCE or not nonce.isprintable()):
             raise InvalidRequestError("bad nonce", public=f"nonce: at most {MAX_NONCE} printable chars")
         proc = self._operator(context)
-        props = d.keystore.properties(d.device_key.name)
+        store = d.keystore
+        props = store.properties(d.device_key.name)
+        certify = None
+        if isinstance(store, KeyAttester):
+            def certify(nonce_bytes: bytes) -> KeyAttestation:
+                return store.attest(d.device_key.name, nonce_bytes)
         doc = enrollment_request(device_key=d.device_key, props=props,
-                                 trust_domain=d.trust_domain, now=d.clock(), nonce=nonce)
+                                 trust_domain=d.trust_domain, now=d.clock(), nonce=nonce,
+                                 certify=certify)
         await d.audit.append({"event": "enrollment.requested", "caller": proc.summary(),
                               "decision": "allow", "device_id": doc["device_id"]})
         return enroll_pb2.RequestEnrollmentResponse(

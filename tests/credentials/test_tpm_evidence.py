@@ -1,0 +1,76 @@
+"""Key evidence with the TPM's own word: a TPM2_Certify (real swtpm) inside
+the device-signed evidence, bound to it by a nonce derived from its claims."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from badged.core import evidence
+from badged.core.jose import b64url, b64url_decode, canonical_json
+from badged.keystore.attest import KeyAttester
+from badged.keystore.memory import MemoryKeyStore
+
+pytestmark = [pytest.mark.tpm]
+NOW = 1_800_000_000
+
+
+def _build(tpm_store: Any, name: str, device: Any, *, nonce: str | None = "n1") -> str:
+    handle = tpm_store.get(name)
+    claims = evidence.build_evidence_claims(
+        issuer="spiffe://example.org/device/d", subject="spiffe://example.org/agent/a",
+        attested=handle.public_key(), props=tpm_store.properties(name), now=NOW,
+        ttl_seconds=600, nonce=nonce, certify=lambda n: tpm_store.attest(name, n))
+    return evidence.sign_evidence(claims, device_key=device)
+
+
+def _resign(token: str, device: Any, mutate: Any) -> str:
+    from badged.core.jose import encode_jws
+    from badged.core.tokens import ES256
+
+    h, p, _ = token.split(".")
+    claims = json.loads(b64url_decode(p))
+    mutate(claims)
+    return encode_jws(json.loads(b64url_decode(h)), claims, lambda d: device.sign(d, ES256))
+
+
+def test_tpm_certify_in_evidence(tpm_store: Any) -> None:
+    assert isinstance(tpm_store, KeyAttester)
+    device = MemoryKeyStore().generate("device")
+    tpm_store.generate("agent-a")
+    tpm_store.generate("agent-b")
+    a, b = tpm_store.get("agent-a"), tpm_store.get("agent-b")
+    token = _build(tpm_store, "agent-a", device)
+    claims = evidence.check_evidence(token, signer=device.public_key(), attested=a.public_key(),
+                                     now=NOW)
+    assert claims["eat_profile"] == evidence.TPM2_CERTIFY_PROFILE
+    assert claims["hwkey"]["backend"] == "tpm" and claims["hwkey"]["never_extractable"] is True
+    # the certify of key b lifted into evidence about key a: another key, refused
+    other = json.loads(b64url_decode(_build(tpm_store, "agent-b", device).split(".")[1]))
+    cases = {
+        "lifted certify": (lambda c: c.update(tpm2_certify=other["tpm2_certify"]),
+                           "tpm_certify_invalid"),
+        "other eat_nonce": (lambda c: c.update(eat_nonce="n2"), "tpm_certify_invalid"),
+        "other iat": (lambda c: c.update(iat=c["iat"] - 1), "tpm_certify_invalid"),
+        "no certify": (lambda c: c.pop("tpm2_certify"), "malformed"),
+        "garbled attest": (lambda c: c["tpm2_certify"].update(attest=b64url(b"x" * 40)),
+                           "tpm_certify_invalid"),
+    }
+    for case, (mutate, reason) in cases.items():
+        forged = _resign(token, device, mutate)
+        with pytest.raises(evidence.EvidenceError) as info:
+            evidence.check_evidence(forged, signer=device.public_key(), attested=a.public_key(),
+                                    now=NOW)
+        assert info.value.reason == reason, case
+    with pytest.raises(evidence.EvidenceError) as mismatch:
+        evidence.check_evidence(token, signer=device.public_key(), attested=b.public_key(),
+                                now=NOW)
+    assert mismatch.value.reason == "key_mismatch"
+    # pinning an AK that is not this TPM's refuses it
+    with pytest.raises(evidence.EvidenceError) as pinned:
+        evidence.check_evidence(token, signer=device.public_key(), attested=a.public_key(),
+                                now=NOW, trusted_ak_names=[b"\x00\x0b" + b"\x00" * 32])
+    assert pinned.value.reason == "tpm_certify_invalid"
+    assert canonical_json(claims)  # serializable as is
