@@ -92,3 +92,20 @@ def test_concurrent_signing_from_many_threads(keystore: KeyStore, key_prefix: st
 
 def test_ping_succeeds_on_live_store(keystore: KeyStore) -> None:
     keystore.ping()
+
+
+def test_prehashed_and_bad_hashes(keystore: KeyStore, key_prefix: str) -> None:
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from badged.errors import KeyStoreError
+
+    key = keystore.generate(f"{key_prefix}/ph")
+    digest = hashlib.sha256(b"msg").digest()
+    prehashed = ec.ECDSA(Prehashed(hashes.SHA256()))
+    key.public_key().verify(key.sign(digest, prehashed), b"msg", ES256)
+    with pytest.raises(KeyStoreError):
+        key.sign(digest[:20], prehashed)
+    with pytest.raises(KeyStoreError):
+        key.sign(b"msg", ec.ECDSA(hashes.SHA1()))

@@ -10,10 +10,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from badged.errors import KeyExistsError, KeyNotFoundError
-from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
+from badged.keystore.port import (
+    KeyAlgorithm,
+    KeyHandle,
+    KeyProperties,
+    check_key_name,
+    digest_for,
+)
 
 
 class _MemoryKey:
@@ -33,7 +41,10 @@ class _MemoryKey:
         key = self._key
         if key is None:  # destroyed, like a token object handle that went invalid
             raise KeyNotFoundError(f"key {self._name} was destroyed", backend="memory")
-        return key.sign(data, signature_algorithm)
+        # Same hashing rules as the hardware adapters, so the contract is uniform.
+        name, digest = digest_for(data, signature_algorithm, backend="memory")
+        algo = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}[name]
+        return key.sign(digest, ec.ECDSA(Prehashed(algo)))
 
 
 class MemoryKeyStore:

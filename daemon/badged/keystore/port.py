@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,96}$")
 
@@ -45,6 +46,30 @@ def check_key_name(name: str) -> str:
 
         raise InvalidRequestError(f"invalid key name {name!r}")
     return name
+
+
+_DIGEST_NAMES = {32: "sha256", 48: "sha384", 64: "sha512"}
+
+
+def digest_for(data: bytes, signature_algorithm: ec.ECDSA, *, backend: str) -> tuple[str, bytes]:
+    """(hash name, digest) to sign, for hardware that signs digests only.
+
+    SoftHSM has no CKM_ECDSA_SHA256 and a TPM signs a digest, so every adapter
+    hashes in software -- the same way, including ``Prehashed`` input.
+    """
+    import hashlib
+
+    from badged.errors import KeyStoreError
+
+    algo = signature_algorithm.algorithm
+    if isinstance(algo, Prehashed):
+        name = _DIGEST_NAMES.get(algo.digest_size)
+        if name is None or len(data) != algo.digest_size:
+            raise KeyStoreError("prehashed digest has the wrong length", backend=backend)
+        return name, data
+    if algo.name not in _DIGEST_NAMES.values():
+        raise KeyStoreError(f"unsupported hash {algo.name}", backend=backend)
+    return algo.name, hashlib.new(algo.name, data).digest()
 
 
 @dataclass(frozen=True)

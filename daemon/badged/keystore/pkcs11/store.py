@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from badged.errors import (
     ConfigError,
@@ -36,18 +36,19 @@ from badged.errors import (
     KeyStoreError,
     KeyStoreUnavailableError,
 )
-from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
+from badged.keystore.port import (
+    KeyAlgorithm,
+    KeyHandle,
+    KeyProperties,
+    check_key_name,
+    digest_for,
+)
 from badged.keystore.uri import Pkcs11Uri, parse_pkcs11_uri
 from badged.secrets import Secret, read_secret_file
 
 _logger = logging.getLogger(__name__)
 
 _P256_OID = "1.2.840.10045.3.1.7"
-_HASHES: dict[str, Callable[[bytes], Any]] = {
-    "sha256": hashlib.sha256,
-    "sha384": hashlib.sha384,
-    "sha512": hashlib.sha512,
-}
 T = TypeVar("T")
 
 
@@ -100,14 +101,7 @@ class _Pkcs11Key:
         return self._public
 
     def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
-        algo = signature_algorithm.algorithm
-        if isinstance(algo, Prehashed):
-            digest = data
-        else:
-            hash_fn = _HASHES.get(algo.name)
-            if hash_fn is None:
-                raise KeyStoreError(f"unsupported hash {algo.name}", backend="pkcs11")
-            digest = hash_fn(data).digest()
+        _, digest = digest_for(data, signature_algorithm, backend="pkcs11")
         raw = self._store._sign_digest(self, digest)
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))

@@ -32,7 +32,6 @@ file is refused with a reason instead of a bare TPM error code.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -52,7 +51,6 @@ os.environ.setdefault("TSS2_LOG", "all+none")
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
-    Prehashed,
     encode_dss_signature,
 )
 
@@ -68,7 +66,13 @@ from badged.errors import (
 )
 from badged.fsutil import atomic_write, ensure_private_dir
 from badged.keystore.attest import FORMAT_TPM2_CERTIFY, KeyAttestation
-from badged.keystore.port import KeyAlgorithm, KeyHandle, KeyProperties, check_key_name
+from badged.keystore.port import (
+    KeyAlgorithm,
+    KeyHandle,
+    KeyProperties,
+    check_key_name,
+    digest_for,
+)
 from badged.secrets import read_secret_file
 
 _logger = logging.getLogger(__name__)
@@ -290,17 +294,7 @@ class _TpmKey:
         return self._public
 
     def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
-        algo = signature_algorithm.algorithm
-        if isinstance(algo, Prehashed):
-            digest = data
-            hash_name = {32: "sha256", 48: "sha384", 64: "sha512"}.get(algo.digest_size, "?")
-            if len(digest) != algo.digest_size:
-                raise KeyStoreError("prehashed digest has the wrong length", backend=BACKEND)
-        else:
-            hash_name = algo.name
-            if hash_name not in ("sha256", "sha384", "sha512"):
-                raise KeyStoreError(f"unsupported hash {hash_name}", backend=BACKEND)
-            digest = hashlib.new(hash_name, data).digest()
+        hash_name, digest = digest_for(data, signature_algorithm, backend=BACKEND)
         return self._store._sign_digest(self._name, digest, hash_name, self._public)
 
 
