@@ -74,3 +74,43 @@ def test_tpm_certify_in_evidence(tpm_store: Any) -> None:
                                 now=NOW, trusted_ak_names=[b"\x00\x0b" + b"\x00" * 32])
     assert pinned.value.reason == "tpm_certify_invalid"
     assert canonical_json(claims)  # serializable as is
+
+
+def test_ca_requires_tpm_evidence_chained_to_the_ek_ca(tpm_store: Any, swtpm_instance: Any) -> None:
+    """`badgectl ca sign --ek-ca`: a TPM-held device key whose EK chains to the
+    pinned manufacturer key is accepted; PKCS#11 evidence and other EK CAs are not."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from badged.enroll.ca import RequestRejected, check_request
+    from badged.enroll.device import enrollment_request
+
+    tpm_store.generate("badged/device/v1")
+    dev = tpm_store.get("badged/device/v1")
+
+    def request(store: Any, key: Any, name: str | None) -> bytes:
+        certify = (lambda n: store.attest(name, n)) if name else None
+        doc = enrollment_request(device_key=key, props=store.properties(key.name),
+                                 trust_domain="example.org", now=NOW, nonce="ca-1",
+                                 certify=certify)
+        return json.dumps(doc).encode()
+
+    issuer = x509.load_pem_x509_certificate(swtpm_instance.provisioned.issuer_cert.read_bytes())
+    tpm_req = request(tpm_store, dev, "badged/device/v1")
+    _, td, _ = check_request(tpm_req, now=NOW, ek_ca_keys=[issuer.public_key()])
+    assert td == "example.org"
+    wrong_ca = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(RequestRejected) as other:
+        check_request(tpm_req, now=NOW, ek_ca_keys=[wrong_ca])
+    assert other.value.reason == "evidence_tpm_certify_invalid"
+    soft = MemoryKeyStore()
+    soft_key = soft.generate("dev")
+    from badged.keystore.port import KeyProperties
+
+    class _Props:
+        def properties(self, name: str) -> KeyProperties:
+            return KeyProperties("pkcs11", True, False, True, True)
+
+    with pytest.raises(RequestRejected) as not_tpm:
+        check_request(request(_Props(), soft_key, None), now=NOW, ek_ca_keys=[issuer.public_key()])
+    assert not_tpm.value.reason == "evidence_not_tpm"

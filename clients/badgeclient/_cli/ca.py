@@ -54,13 +54,21 @@ def ca_init(ca_dir: Path, name: str, days: int) -> None:
 @click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True)
 @click.option("--trust-domain", "trust_domains", multiple=True,
               help="Only sign for these trust domains (repeatable; default any).")
+@click.option("--ek-ca", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="TPM manufacturer CA certificate(s), PEM: require TPM evidence "
+                                 "whose EK certificate chains to one of them.")
 def ca_sign(request: Path, ca_dir: Path, out: Path, days: int,
-            trust_domains: tuple[str, ...]) -> None:
+            trust_domains: tuple[str, ...], ek_ca: Path | None) -> None:
     """Verify REQUEST (CSR signature, key evidence, identity) and issue the device chain."""
+    from cryptography import x509
+
     from badged.core.x509 import to_pem
     from badged.enroll.ca import OperatorCA, RequestRejected
     from badged.errors import BadgedError
 
+    ek_ca_keys = None
+    if ek_ca is not None:
+        ek_ca_keys = [c.public_key() for c in x509.load_pem_x509_certificates(ek_ca.read_bytes())]
     try:
         ca = OperatorCA.open(ca_dir)
     except BadgedError as exc:
@@ -68,7 +76,7 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int,
         sys.exit(2)
     try:
         chain = ca.sign_request(request.read_bytes(), days=days, now=time.time(),
-                                trust_domains=frozenset(trust_domains))
+                                trust_domains=frozenset(trust_domains), ek_ca_keys=ek_ca_keys)
     except RequestRejected as exc:
         click.echo(f"badgectl: refused: {exc.reason}", err=True)
         sys.exit(1)

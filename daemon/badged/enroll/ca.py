@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -106,9 +108,11 @@ class OperatorCA:
         self._store.close()
 
     def sign_request(self, request: bytes, *, days: int, now: float,
-                     trust_domains: frozenset[str] = frozenset()) -> list[x509.Certificate]:
+                     trust_domains: frozenset[str] = frozenset(),
+                     ek_ca_keys: Sequence[Any] | None = None) -> list[x509.Certificate]:
         """Check an enrollment request and issue the device chain [device, root]."""
-        csr, trust_domain, dev_id = check_request(request, now=now, trust_domains=trust_domains)
+        csr, trust_domain, dev_id = check_request(request, now=now, trust_domains=trust_domains,
+                                                  ek_ca_keys=ek_ca_keys)
         public = csr.public_key()
         assert isinstance(public, ec.EllipticCurvePublicKey)
         cert = device_certificate(ca_key=self._key, ca_cert=self.root, device_public=public,
@@ -119,9 +123,14 @@ class OperatorCA:
         return [cert, self.root]
 
 
-def check_request(request: bytes, *, now: float, trust_domains: frozenset[str] = frozenset()
+def check_request(request: bytes, *, now: float, trust_domains: frozenset[str] = frozenset(),
+                  ek_ca_keys: Sequence[Any] | None = None
                   ) -> tuple[x509.CertificateSigningRequest, str, str]:
-    """Everything the CA verifies before signing; RequestRejected with a reason."""
+    """Everything the CA verifies before signing; RequestRejected with a reason.
+
+    ``ek_ca_keys``: TPM manufacturer CA keys; when given, only TPM evidence
+    (TPM2_Certify) whose EK certificate chains to one of them is accepted.
+    """
     from badged.core.jose import ec_public_jwk, jwk_thumbprint
 
     if len(request) > MAX_REQUEST:
@@ -146,10 +155,13 @@ def check_request(request: bytes, *, now: float, trust_domains: frozenset[str] =
     if ev is None:
         raise RequestRejected("no_evidence", "CSR carries no attestation evidence")
     try:
-        claims = evidence.check_evidence(ev.decode("ascii"), signer=public, attested=public, now=now)
+        claims = evidence.check_evidence(ev.decode("ascii"), signer=public, attested=public, now=now,
+                                         ek_ca_keys=ek_ca_keys)
     except (evidence.EvidenceError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "reason", "malformed")
         raise RequestRejected(f"evidence_{reason}", str(exc)) from None
+    if ek_ca_keys is not None and claims.get("eat_profile") != evidence.TPM2_CERTIFY_PROFILE:
+        raise RequestRejected("evidence_not_tpm", "this CA requires TPM2_Certify evidence")
     dev_id = jwk_thumbprint(ec_public_jwk(public))
     uris = csr_uris(csr)
     if len(uris) != 1 or not uris[0].startswith("spiffe://"):
