@@ -511,3 +511,22 @@ def test_enrollment_is_admin_only(cred_daemon: RunningDaemon) -> None:
     with EnrollmentClient(cred_daemon.workload) as e, pytest.raises(PermissionDeniedError) as info:
         e.status()
     assert "admin socket" in str(info.value)
+
+
+def test_cli_dpop_reads_token_from_stdin_and_attestation_json(cred_daemon: RunningDaemon) -> None:
+    env = cred_daemon.env()
+    with WorkloadClient(cred_daemon.workload) as w:
+        tok = w.fetch_token(audience="demo", agent=AGENT)
+    out = ctl("credentials", "dpop_command", "--htm", "GET", "--htu", RS + "/x",
+              "--access-token-file", "-", "--agent", AGENT, "--json", env=env,
+              input=tok.token + "\n")
+    doc = json.loads(out.stdout)
+    _, claims = _segments(doc["proof"])
+    assert claims["ath"] == base64.urlsafe_b64encode(
+        hashlib.sha256(tok.token.encode()).digest()).rstrip(b"=").decode()
+    assert doc["jkt"] == tok.key_id and tok.token not in out.stderr
+    att = json.loads(ctl("credentials", "attestation_command", "--audience", AS_ISSUER,
+                         "--challenge", "c-9", "--agent", AGENT, env=env).stdout)
+    assert _segments(att["client_attestation_pop"])[1]["challenge"] == "c-9"
+    bundle = json.loads(ctl("credentials", "trust_bundle_command", env=env).stdout)
+    assert bundle["device_jwk"]["kid"] == _segments(att["client_attestation"])[0]["kid"]
