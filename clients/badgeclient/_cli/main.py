@@ -15,15 +15,9 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.options import admin_socket_option, socket_option
 from badgeclient.client import AdminClient, AgentInfo, WorkloadClient
 from badgeclient.errors import BadgeError, InvalidRequestError, UnavailableError
-
-socket_option = click.option(
-    "--socket", "socket_path", envvar="BADGED_SOCKET", default=None,
-    help="Workload socket [env BADGED_SOCKET; default /run/badged/agent.sock].")
-admin_socket_option = click.option(
-    "--admin-socket", "admin_socket", envvar="BADGED_ADMIN_SOCKET", default=None,
-    help="Admin socket [env BADGED_ADMIN_SOCKET; default /run/badged/admin.sock].")
 
 
 def _ts(epoch: int) -> str:

@@ -13,15 +13,9 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.options import admin_socket_option, json_option, socket_option
 from badgeclient.client import AdminClient, ApprovalInfo, DelegationInfo, GrantInfo, WorkloadClient
 
-admin_socket_option = click.option(
-    "--admin-socket", "admin_socket", envvar="BADGED_ADMIN_SOCKET", default=None,
-    help="Admin socket [env BADGED_ADMIN_SOCKET; default /run/badged/admin.sock].")
-socket_option = click.option(
-    "--socket", "socket_path", envvar="BADGED_SOCKET", default=None,
-    help="Workload socket [env BADGED_SOCKET; default /run/badged/agent.sock].")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)?$")
 
 
