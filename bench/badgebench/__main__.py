@@ -399,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.format_table(rep.rows))
     b = rep.badged
-    if "unavailable" in b:
-        print(f"\nbadged: not available ({b['unavailable']})")
-    elif b:
+    if b and "unavailable" not in b:
         cold = b.get("start_cold_s")
         print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s" + (
             f" (first start, creating the agent's keys: {cold}s)" if cold else
@@ -420,12 +418,36 @@ def main(argv: list[str] | None = None) -> int:
         for t in rep.targets:
             mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
             print(f"  {t['target']}: {t['value']} (goal {t['goal']}) — {mark}")
-    print(f"\nJSON: {out_json}")
+    out_md = out_json.with_suffix(".md")
+    out_md.write_text(_markdown(rep))
+    print(f"\nJSON: {out_json}\nMarkdown table: {out_md}")
     if not args.no_plot:
         png = out_json.with_suffix(".png")
         why = report.plot(rep, png)
         print(f"plot: {png}" if why is None else f"plot: not written ({why})")
     return 0
+
+
+def _markdown(rep: Report) -> str:
+    """The same results as a Markdown section, to paste into docs/performance.md."""
+    m, b = rep.meta, rep.badged
+    v = m.get("versions", {})
+    lines = [f"Run {m['timestamp']} ({m['mode']} mode), {m['cpus']} CPUs, kernel "
+             f"{v.get('kernel')}, badged {v.get('badged_commit')}, {v.get('openssl')}, "
+             f"{v.get('openssh')}, SoftHSM {v.get('softhsm')}, grpcio {v.get('grpcio')}; "
+             f"load average {m['loadavg_before']} before, {m.get('loadavg_after')} after; "
+             f"key `{m['key']['label']}`.", "", report.format_markdown(rep.rows), ""]
+    if b and "unavailable" not in b:
+        lines.append(f"- badged start-up to ready: {b.get('start_warm_s')} s (first start, "
+                     f"creating the agent's keys: {b.get('start_cold_s')} s)")
+        lines.append(f"- badged RSS: {b.get('rss_at_ready_kib')} KiB at ready; "
+                     f"{b.get('rss_before_kib')} KiB before and {b.get('rss_after_kib')} KiB "
+                     f"after {b.get('rss_requests'):,} requests ({b.get('rss_growth_pct')} %), "
+                     f"{b.get('soak_ops_per_s')} ops/s during the soak")
+    for t in rep.targets:
+        mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
+        lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")
+    return "\n".join(lines) + "\n"
 
 
 def _fingerprint(public_der_hex: str) -> str:

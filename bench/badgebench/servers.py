@@ -168,8 +168,8 @@ class Badged:
                 chunk = os.read(out.fileno(), 4096)
                 if not chunk:
                     self.proc.wait(5)
-                    raise Unavailable(
-                        f"daemon exited with status {self.proc.returncode}: {_tail(log)}")
+                    raise Unavailable(  # the last log line is the exception, if any
+                        f"daemon exited with status {self.proc.returncode}: {_tail(log, 1)}")
                 buf += chunk
         elapsed = time.monotonic() - t0
         # Drain stdout so the daemon can never block on a full pipe.
