@@ -112,7 +112,9 @@ class ClientAttestationRequest(_message.Message):
     challenge: _builtins.str
     """Server-provided challenge to put in the PoP, if any."""
     ttl_seconds: _builtins.int
-    """Attestation lifetime, 1..86400 s; 0 means 3600 s. The PoP lives 60 s."""
+    """Attestation lifetime, up to the policy cap (at most 86400 s); 0 means
+    the policy default, as for tokens. The PoP lives 60 s.
+    """
     def __init__(
         self,
         *,

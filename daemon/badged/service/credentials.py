@@ -33,7 +33,7 @@ from badged.enroll.store import EnrollmentStore, IssuedCert
 from badged.errors import FailedPreconditionError, InvalidRequestError
 from badged.identity.registry import SigningKey
 from badged.keystore.attest import KeyAttestation, KeyAttester
-from badged.policy.model import Request
+from badged.policy.model import Decision, Request
 from badged.service import validate
 from badged.service.auth import resolve_caller
 from badged.service.deps import ServiceDeps
@@ -44,7 +44,6 @@ from badged_proto.v1 import credentials_pb2, credentials_pb2_grpc
 _logger = logging.getLogger(__name__)
 
 DEFAULT_ASSERTION_TTL = 60
-DEFAULT_ATTESTATION_TTL = 3600
 POP_TTL = 60
 MAX_CLIENT_ID = 256
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
@@ -94,12 +93,12 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
 
     # -- shared steps ------------------------------------------------------------------
 
-    async def _authorize(self, context: Ctx, req: Request) -> tuple[ProcessAttributes, SigningKey,
-                                                                     str]:
+    async def _authorize(self, context: Ctx, req: Request
+                         ) -> tuple[ProcessAttributes, SigningKey, Decision]:
         peer, proc = resolve_caller(self._d, context, "workload")
         decision, _ = await self._gate.enforce(proc, peer, req)
         key = self._gate.key(decision, self._d.agents.token_key)
-        return proc, key, decision.rule
+        return proc, key, decision
 
     def _device_x5c(self) -> list[str]:
         chain = self._enroll.device_chain() or []
@@ -160,8 +159,9 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         agent = validate.agent_name(request.agent)
         ttl = _ttl(request.ttl_seconds, DEFAULT_ASSERTION_TTL, assertions.MAX_ASSERTION_TTL,
                    "assertion")
-        proc, key, rule = await self._authorize(
+        proc, key, decision = await self._authorize(
             context, Request(kind="assertion", agent=agent, audience=audience, ttl=ttl))
+        rule = decision.rule
         client_id = _client_id(request.client_id, key.spiffe_id)
         x5c: list[str] = []
         if request.include_x5c:
@@ -187,14 +187,17 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         d = self._d
         audience = validate.audience(request.audience)
         agent = validate.agent_name(request.agent)
-        ttl = _ttl(request.ttl_seconds, DEFAULT_ATTESTATION_TTL, assertions.MAX_ATTESTATION_TTL,
-                   "attestation")
+        # 0: the policy's default lifetime (the daemon default capped by the
+        # bundle), like tokens; an explicit ttl is checked against the cap.
+        requested = _ttl(request.ttl_seconds, 0, assertions.MAX_ATTESTATION_TTL, "attestation")
         challenge = request.challenge or None
         if challenge is not None and (len(challenge) > 512 or not _PRINTABLE.match(challenge)):
             raise InvalidRequestError("bad challenge",
                                       public="challenge must be 1-512 printable ASCII chars")
-        proc, key, rule = await self._authorize(
-            context, Request(kind="assertion", agent=agent, audience=audience))
+        proc, key, decision = await self._authorize(
+            context, Request(kind="assertion", agent=agent, audience=audience, ttl=requested))
+        rule = decision.rule
+        ttl = requested or decision.ttl
         client_id = _client_id(request.client_id, key.spiffe_id)
         now = d.clock()
         ev = self._evidence_claims(key, proc, now, ttl)
@@ -228,7 +231,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
             htu = dpop.normalize_htu(request.htu)
         except ValueError as exc:
             raise _bad(exc) from None
-        proc, key, rule = await self._authorize(
+        proc, key, decision = await self._authorize(
             context, Request(kind="dpop", agent=agent, audience=_origin(htu)))
         try:
             claims = dpop.proof_claims(htm=htm, htu=htu, now=d.clock(), jti=d.new_jti(),
@@ -241,7 +244,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
             "event": "dpop.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"htm": htm, "htu": htu, "bound_token": "ath" in claims,
                         "nonce": bool(request.nonce)},
-            "decision": "allow", "rule": rule, "jti": claims["jti"], "kid": key.kid,
+            "decision": "allow", "rule": decision.rule, "jti": claims["jti"], "kid": key.kid,
             "credential_sha256": _sha256(proof),
         })
         return credentials_pb2.DpopProofResponse(proof=proof, jkt=key.kid, jti=claims["jti"],
@@ -251,7 +254,8 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
                         context: Ctx) -> credentials_pb2.CreateCsrResponse:
         d = self._d
         agent = validate.agent_name(request.agent)
-        proc, key, rule = await self._authorize(context, Request(kind="csr", agent=agent))
+        proc, key, decision = await self._authorize(context, Request(kind="csr", agent=agent))
+        rule = decision.rule
         now = d.clock()
         ev = evidence.sign_evidence(self._evidence_claims(key, proc, now, 3600),
                                     device_key=d.device_key, x5c=self._device_x5c())
@@ -268,7 +272,8 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
     async def GetAgentCertificate(self, request: credentials_pb2.GetAgentCertificateRequest,
                                   context: Ctx) -> credentials_pb2.GetAgentCertificateResponse:
         agent = validate.agent_name(request.agent)
-        proc, key, rule = await self._authorize(context, Request(kind="csr", agent=agent))
+        proc, key, decision = await self._authorize(context, Request(kind="csr", agent=agent))
+        rule = decision.rule
         chain = self._chain()
         issued = await self._agent_cert(key, chain, proc, rule)
         return credentials_pb2.GetAgentCertificateResponse(
