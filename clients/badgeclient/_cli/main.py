@@ -88,7 +88,7 @@ def whoami(as_json: bool, socket_path: str | None) -> None:
         click.echo("agents:  none -- no policy binding matches this process (deny by default)")
     for a in me.agents:
         click.echo(f"agent:   {a.agent} ({a.spiffe_id})")
-        click.echo(f"  because {a.rule} matched; kinds={','.join(a.kinds)} "
+        click.echo(f"  because {a.rule}; kinds={','.join(a.kinds)} "
                    f"audiences={','.join(a.audiences)} scopes={','.join(a.scopes) or '-'} "
                    f"max_ttl={a.max_ttl_seconds}s")
     for m in me.misses:

@@ -213,7 +213,7 @@ def bundles_in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
     for name in rule.bundles:
         b = policy.bundles.get(name)
         if b is not None:
-            out.append((b, f"bundle {name} of {rule.source}"))
+            out.append((b, f"bundle {name}"))
     for g in grants:
         if g.agent == rule.agent and g.active(now):
             b = policy.bundles.get(g.bundle)
