@@ -185,7 +185,8 @@ def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, p
 
 
 def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
-                 src: Path) -> None:
+                 src: Path, external: Path | None = None, external_pid: int | None = None
+                 ) -> None:
     rows = rep.rows
     daemon = Badged(state, src)
     try:
@@ -193,15 +194,25 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
             import badged_proto.v1.workload_pb2  # noqa: F401 -- the workers need it
         except ImportError as exc:
             raise Unavailable(f"badged_proto not importable: {exc}") from None
-        warm = daemon.start()
-        pid = daemon.pid
-        assert pid is not None
-        rep.badged.update(start_cold_s=round(cold_start, 3) if cold_start else None,
-                          start_warm_s=round(warm, 3), rss_at_ready_kib=procfs.tree_rss_kib(pid),
-                          command=" ".join(daemon.command()))
-        _say(f"badged ready in {warm:.2f}s (cold start {cold_start or 0:.2f}s), "
-             f"RSS {rep.badged['rss_at_ready_kib']} KiB")
-        sock = str(daemon.socket)
+        pid: int | None
+        if external is not None:  # a daemon someone else runs (e.g. under a profiler)
+            if not external.exists():
+                raise Unavailable(f"no socket at {external}")
+            sock, pid = str(external), external_pid
+            rep.badged.update(external_socket=sock, external_pid=pid)
+            if pid:
+                rep.badged["rss_at_ready_kib"] = procfs.tree_rss_kib(pid)
+        else:
+            warm = daemon.start()
+            pid = daemon.pid
+            assert pid is not None
+            rep.badged.update(start_cold_s=round(cold_start, 3) if cold_start else None,
+                              start_warm_s=round(warm, 3),
+                              rss_at_ready_kib=procfs.tree_rss_kib(pid),
+                              command=" ".join(daemon.command()))
+            _say(f"badged ready in {warm:.2f}s (cold start {cold_start or 0:.2f}s), "
+                 f"RSS {rep.badged['rss_at_ready_kib']} KiB")
+            sock = str(daemon.socket)
         fparams = {"socket": sock, "audience": AUDIENCE, "scopes": "read", "ttl": "60"}
         fetch = OpSpec("badged-fetch", fparams)
         sign = OpSpec("badged-sign", {"socket": sock})
@@ -225,15 +236,15 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
                     _load_row(rows, f"badgeclient-{kind}", f"badged {label} via badgeclient", n,
                               [spec], plan, server_pid=pid,
                               note="the Python client library (grpcio)")
-        if daemon.proc is None or daemon.proc.poll() is not None:
+        if external is None and (daemon.proc is None or daemon.proc.poll() is not None):
             raise Unavailable("daemon died during the run")
-        before = procfs.tree_rss_kib(pid)
+        before = procfs.tree_rss_kib(pid) if pid else 0
         per = max(1, plan.rss_requests // plan.rss_clients)
         _say(f"badged RSS soak: {per * plan.rss_clients:,} requests "
              f"(FetchToken and Sign), {plan.rss_clients} clients; RSS before {before} KiB")
         soak = run_load([fetch, sign], plan.rss_clients, duration_s=0, warmup_s=0.2,
                         count_per_client=per, server_pid=pid)
-        after = procfs.tree_rss_kib(pid)
+        after = procfs.tree_rss_kib(pid) if pid else 0
         rep.badged.update(
             rss_before_kib=before, rss_after_kib=after, rss_requests=soak.ops,
             rss_growth_pct=round((after - before) * 100 / before, 2) if before else None,
@@ -303,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
     ap.add_argument("--badged-src", type=Path, default=REPO,
                     help="tree with daemon/ and clients/ to run badged from (default: this repo)")
+    ap.add_argument("--badged-socket", type=Path,
+                    help="measure an already running badged at this workload socket instead "
+                         "of starting one (its policy must grant the caller audience "
+                         f"{AUDIENCE} scope read, and sign)")
+    ap.add_argument("--badged-pid", type=int,
+                    help="with --badged-socket: the daemon's pid, for server CPU and RSS")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--json", type=Path, help="write the JSON here instead of --out-dir")
     ap.add_argument("--no-plot", action="store_true")
@@ -352,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(token.env)
             cold: float | None = None
             key = provision.FALLBACK_KEY
-            if "badged" in groups:
+            if "badged" in groups and args.badged_socket is None:
                 # First start creates the demo agent's keys in *this* token; the
                 # peers then sign with the agent's Sign key: literally the same key.
                 first = Badged(state, src)
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"key {key} in token {token.label}")
             bench_peers(rep.rows, plan, token, key, public, groups)
             if "badged" in groups:
-                bench_badged(rep, plan, state, cold, src)
+                bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid)
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130
@@ -399,11 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.format_table(rep.rows))
     b = rep.badged
-    if b and "unavailable" not in b:
+    if b.get("external_socket"):
+        print(f"\nbadged: external daemon at {b['external_socket']} (pid {b.get('external_pid')});"
+              f" start-up not measured")
+    if b and "unavailable" not in b and not b.get("external_socket"):
         cold = b.get("start_cold_s")
         print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s" + (
             f" (first start, creating the agent's keys: {cold}s)" if cold else
             f" (first start failed: {report.short_error(str(b.get('first_start_error')))})"))
+    if b and "unavailable" not in b and b.get("rss_before_kib"):
         print(f"badged RSS: {b.get('rss_at_ready_kib')} KiB at ready, "
               f"{b.get('rss_before_kib')} KiB before and {b.get('rss_after_kib')} KiB after "
               f"{b.get('rss_requests'):,} requests ({b.get('rss_growth_pct')}%)")
@@ -437,7 +458,7 @@ def _markdown(rep: Report) -> str:
              f"{v.get('openssh')}, SoftHSM {v.get('softhsm')}, grpcio {v.get('grpcio')}; "
              f"load average {m['loadavg_before']} before, {m.get('loadavg_after')} after; "
              f"key `{m['key']['label']}`.", "", report.format_markdown(rep.rows), ""]
-    if b and "unavailable" not in b:
+    if b and "unavailable" not in b and not b.get("external_socket"):
         lines.append(f"- badged start-up to ready: {b.get('start_warm_s')} s (first start, "
                      f"creating the agent's keys: {b.get('start_cold_s')} s)")
         lines.append(f"- badged RSS: {b.get('rss_at_ready_kib')} KiB at ready; "
