@@ -24,9 +24,11 @@ from badged.attest.process import ProcessAttestor
 from badged.audit.log import AuditConfig, AuditLog
 from badged.config import DaemonConfig
 from badged.core.clock import Clock, system_clock
+from badged.core.session_keys import Schedule
 from badged.errors import ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
 from badged.identity.registry import AgentRegistry
+from badged.identity.session import SessionKeyManager
 from badged.identity.store import AgentStore
 from badged.keystore import open_keystore
 from badged.keystore.port import KeyHandle, KeyStore
@@ -95,6 +97,14 @@ class Daemon:
             store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
         self.agents.reconcile()
+        self.session_keys: SessionKeyManager | None = None
+        if cfg.effective_signing_mode == "session":
+            # Tokens are signed by in-memory keys the hardware key certifies.
+            self.session_keys = SessionKeyManager(
+                self.agents, clock=self._clock, issuer=cfg.effective_issuer,
+                schedule=Schedule(period=cfg.session_key_period, max_ttl=cfg.max_ttl),
+                persist_path=cfg.private_dir / "session-keys.json",
+                scheduler=asyncio.get_running_loop().call_later)
         policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
         if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
@@ -127,7 +137,7 @@ class Daemon:
             grants=GrantStore(cfg.private_dir / "grants.json", self._clock),
             limiter=RateLimiter(),
             approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
-            trust_domain=cfg.trust_domain,
+            trust_domain=cfg.trust_domain, token_keys=self.session_keys,
         )
 
     def _publish_device_key(self, key: KeyHandle) -> None:

@@ -22,6 +22,10 @@ from badged.policy.loader import parse_duration
 
 DEFAULT_SOCKET_DIR = Path("/run/badged")
 DEFAULT_STATE_DIR = Path("/var/lib/badged")
+SIGNING_MODES = ("direct", "session")
+# A session key signs for at most this long; 1 s exists for tests of rotation.
+MIN_SESSION_PERIOD = 1
+MAX_SESSION_PERIOD = 3600
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,22 @@ class DaemonConfig:
     log_error_details: bool = True
     keystore: Pkcs11Config | TpmConfig = field(
         default_factory=lambda: Pkcs11Config(uri="pkcs11:token=badged"))
+    # "direct": the hardware key signs every token; "session": it certifies a
+    # short-lived in-memory key that does (docs/tpm.md). None: per backend.
+    signing_mode: str | None = None
+    session_key_period: int = 300
     source: str = "<defaults>"
 
     @property
     def backend(self) -> str:
         return "tpm" if isinstance(self.keystore, TpmConfig) else "pkcs11"
+
+    @property
+    def effective_signing_mode(self) -> str:
+        """Session mode by default on a TPM (a real one signs ~5/s), direct on PKCS#11."""
+        if self.signing_mode is not None:
+            return self.signing_mode
+        return "session" if self.backend == "tpm" else "direct"
 
     @property
     def private_dir(self) -> Path:
@@ -84,7 +99,7 @@ _KNOWN: dict[str, set[str]] = {
                "approval_timeout"},
     "log": {"format", "level", "error_details"},
     "keystore": {"backend", "uri", "module_path", "tcti", "key_dir", "parent_handle",
-                 "key_auth_file"},
+                 "key_auth_file", "signing_mode", "session_key_period"},
     "audit": {"dir", "syslog"},
 }
 
@@ -182,6 +197,16 @@ def load_config(path: Path) -> DaemonConfig:
                              parent_handle=parent, key_auth_file=str(auth) if auth else None)
     else:
         raise fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11, tpm)")
+    signing_mode = ks.get("signing_mode")
+    if signing_mode is not None and signing_mode not in SIGNING_MODES:
+        raise fail("keystore", "signing_mode", "signing_mode must be 'direct' or 'session'")
+    try:
+        session_period = parse_duration(ks.get("session_key_period", 300), what="session_key_period")
+    except ValueError as exc:
+        raise fail("keystore", "session_key_period", str(exc)) from None
+    if not MIN_SESSION_PERIOD <= session_period <= MAX_SESSION_PERIOD:
+        raise fail("keystore", "session_key_period",
+                   f"session_key_period must be {MIN_SESSION_PERIOD}s..{MAX_SESSION_PERIOD}s")
     fmt = log.get("format", "text")
     if fmt not in ("text", "json"):
         raise fail("log", "format", "log format must be 'text' or 'json'")
@@ -211,6 +236,8 @@ def load_config(path: Path) -> DaemonConfig:
         log_level=str(log.get("level", "INFO")).upper(),
         log_error_details=bool(log.get("error_details", True)),
         keystore=keystore,
+        signing_mode=signing_mode,
+        session_key_period=session_period,
         source=src,
     )
     if cfg.default_ttl > cfg.max_ttl:

@@ -18,6 +18,7 @@ import builtins
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from badged.core.clock import Clock
@@ -77,6 +78,16 @@ class AgentRegistry:
         self._max_token_ttl = max_token_ttl
         self._lock = threading.RLock()
         self._agents = store.load()
+        self._listeners: builtins.list[Callable[[str, str], None]] = []
+
+    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(agent, "rotated" | "revoked")`` once that change is saved.
+
+        Whatever derives from an agent's current key (session keys, see
+        badged.identity.session) must be dropped the moment it changes.
+        Called with this registry's lock held: listeners must not call back.
+        """
+        self._listeners.append(listener)
 
     # -- queries ----------------------------------------------------------------
 
@@ -154,6 +165,7 @@ class AgentRegistry:
             old.publish_until = now + self._max_token_ttl
             rec.versions.append(new)
             self._save()
+            self._notify(name, "rotated")
             # Metadata first, then destroy: a crash here leaves a doomed key
             # that reconcile() removes, never a retired key that still signs.
             self._destroy_quietly(old.token_key)
@@ -175,6 +187,7 @@ class AgentRegistry:
                     v.retired_at = rec.revoked_at
                 v.publish_until = 0
             self._save()
+            self._notify(name, "revoked")  # before the hardware calls, which may fail
             for v in rec.versions:
                 self._destroy_quietly(v.token_key)
                 self._destroy_quietly(v.sign_key)
@@ -223,6 +236,10 @@ class AgentRegistry:
             self._keystore.destroy(key_name)
         except KeyNotFoundError:
             pass
+
+    def _notify(self, name: str, event: str) -> None:
+        for listener in self._listeners:
+            listener(name, event)
 
     def _save(self) -> None:
         self._store.save(self._agents)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from badged.attest.process import ProcessAttestor
 from badged.core.clock import Clock
 from badged.errors import BadgedError
-from badged.identity.registry import AgentRegistry
+from badged.identity.registry import AgentRegistry, SigningKey
 from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
@@ -76,6 +76,15 @@ class PolicyHolder:
         return None
 
 
+class TokenKeys(Protocol):
+    """Where token signing keys and the JWKS come from: the registry itself
+    (direct mode) or a SessionKeyManager (session mode, docs/tpm.md)."""
+
+    def token_key(self, name: str) -> SigningKey: ...
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]: ...
+
+
 @dataclass(frozen=True)
 class ServiceDeps:
     agents: AgentRegistry
@@ -99,3 +108,9 @@ class ServiceDeps:
     limiter: RateLimiter
     approvals: ApprovalBoard
     trust_domain: str
+    # Access tokens and the JWKS; None means the registry (direct mode).
+    token_keys: TokenKeys | None = None
+
+    @property
+    def tokens(self) -> TokenKeys:
+        return self.token_keys if self.token_keys is not None else self.agents

@@ -162,7 +162,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         req = Request(kind="token", agent=agent, audience=audience, scopes=scopes, ttl=ttl,
                       delegation=delegation_id)
         decision, approval = await self._gate.enforce(proc, peer, req, reason)
-        key = self._gate.key(decision, d.agents.token_key)
+        key = self._gate.key(decision, d.tokens.token_key)
         extra: dict[str, Any] = {}
         subject = key.spiffe_id
         if decision.delegation is not None:
@@ -219,7 +219,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
     async def GetJwks(self, request: workload_pb2.GetJwksRequest,
                       context: Ctx) -> workload_pb2.GetJwksResponse:
         # Public keys are public: served to any caller, attested or not.
-        return workload_pb2.GetJwksResponse(jwks_json=json.dumps(self._d.agents.jwks()))
+        return workload_pb2.GetJwksResponse(jwks_json=json.dumps(self._d.tokens.jwks()))
 
     async def WhoAmI(self, request: workload_pb2.WhoAmIRequest,
                      context: Ctx) -> workload_pb2.WhoAmIResponse:

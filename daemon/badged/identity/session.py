@@ -1,0 +1,346 @@
+"""Session-key mode: tokens signed by short-lived in-memory keys the hardware certified.
+
+Why: a real TPM signs about 5 times a second (FINDINGS §3). In session mode
+the agent's hardware token key signs one certification per agent every
+``period/2`` seconds (docs/tpm.md, "Session-key mode") and a P-256 key held
+only in this process signs the tokens, at OpenSSL speed.
+
+:class:`SessionKeyManager` offers the same ``token_key(name)`` / ``jwks()``
+pair as :class:`~badged.identity.registry.AgentRegistry`, so the workload
+service does not know which mode it runs in. Lifecycle of one session key
+(times from :class:`~badged.core.session_keys.Schedule`):
+
+* made on the first token request for the agent: generated with
+  ``ec.generate_private_key`` (never serialized, never written anywhere),
+  certified by the hardware key, its *public* entry persisted, then used;
+* from ``rotate_at`` (half the period) each request tries to make the next
+  key; if the hardware fails, the current key keeps signing until
+  ``use_until`` and the attempt is retried after ``retry_seconds``; only a
+  key past ``use_until`` and a dead TPM fail the request (UNAVAILABLE);
+* at ``use_until``, or when the agent's hardware key rotates, the private
+  key is dropped (a timer does it even with no traffic), while the public key
+  and its certification stay in the JWKS until ``exp``, after the last token
+  it signed has expired;
+* on revocation everything of the agent goes at once: private keys are
+  wiped (a handle still held by an in-flight request refuses to sign) and the
+  JWKS entries disappear.
+
+Public entries are kept in ``private/session-keys.json`` (public keys and
+certifications only) so a daemon restart does not unpublish keys whose
+tokens are still valid.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.core.clock import Clock
+from badged.core.jose import ec_public_jwk, jwk_thumbprint
+from badged.core.session_keys import (
+    ES256,
+    JWKS_MEMBER,
+    CertificationError,
+    Schedule,
+    certification_claims,
+    mint_certification,
+    verify_certification,
+)
+from badged.errors import FailedPreconditionError, KeyStoreError, KeyStoreUnavailableError
+from badged.fsutil import atomic_write
+from badged.identity.registry import AgentRegistry, SigningKey
+
+_logger = logging.getLogger(__name__)
+
+Scheduler = Callable[[float, Callable[[], None]], object]
+"""``schedule(delay_seconds, callback)``, e.g. ``loop.call_later``."""
+
+
+class SessionKeyHandle:
+    """A :class:`~badged.keystore.port.KeyHandle` over an in-memory private key.
+
+    ``wipe()`` removes the only reference the daemon keeps; once wiped the
+    handle refuses to sign, so a request racing a revocation cannot use it.
+    """
+
+    def __init__(self, name: str, private: ec.EllipticCurvePrivateKey) -> None:
+        self._name = name
+        self._private: ec.EllipticCurvePrivateKey | None = private
+        self._public = private.public_key()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def wiped(self) -> bool:
+        return self._private is None
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        private = self._private
+        if private is None:
+            raise FailedPreconditionError(f"session key {self._name} was wiped")
+        return private.sign(data, signature_algorithm)
+
+    def wipe(self) -> None:
+        # OpenSSL clears the scalar when the key is freed (BN_clear_free);
+        # Python cannot do better than dropping the last reference.
+        self._private = None
+
+
+@dataclass
+class _Published:
+    """One session key as relying parties see it (public only)."""
+
+    agent: str
+    kid: str
+    jwk: dict[str, str]
+    cert: str
+    hw_version: int
+    created_at: int
+    use_until: int
+    rotate_at: int
+    expires_at: int
+    handle: SessionKeyHandle | None = field(default=None, repr=False)
+
+    def entry(self) -> dict[str, str]:
+        return {**self.jwk, "kid": self.kid, "use": "sig", "alg": "ES256", JWKS_MEMBER: self.cert}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent": self.agent, "kid": self.kid, "jwk": self.jwk, "cert": self.cert,
+                "hw_version": self.hw_version, "created_at": self.created_at,
+                "use_until": self.use_until, "rotate_at": self.rotate_at,
+                "expires_at": self.expires_at}
+
+
+class SessionKeyManager:
+    """Hands out session keys per agent; same ``token_key``/``jwks`` as the registry.
+
+    Thread-safe. Locks: ``_mint_lock`` serializes certifications (one hardware
+    sign at a time) and may be held while calling the registry; ``_lock``
+    guards the tables and is never held while calling the registry, whose
+    listener takes it -- so the two can never wait for each other.
+    """
+
+    def __init__(self, registry: AgentRegistry, *, clock: Clock, issuer: str, schedule: Schedule,
+                 persist_path: Path | None = None, scheduler: Scheduler | None = None,
+                 retry_seconds: float = 5.0) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._issuer = issuer
+        self._schedule = schedule
+        self._persist_path = persist_path
+        self._scheduler = scheduler
+        self._retry_seconds = retry_seconds
+        self._lock = threading.Lock()
+        self._mint_lock = threading.Lock()
+        self._current: dict[str, _Published] = {}
+        self._published: dict[str, builtins.list[_Published]] = {}
+        self._generation: dict[str, int] = {}
+        self._retry_after: dict[str, float] = {}
+        self.certifications = 0  # hardware signs made: for tests and the bench
+        self._load()
+        registry.add_listener(self._on_agent_change)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    # -- the registry-compatible surface ----------------------------------------------
+
+    def token_key(self, name: str) -> SigningKey:
+        rec = self._registry.active(name)  # FailedPreconditionError once revoked
+        now = self._clock()
+        with self._lock:
+            cur = self._current.get(name)
+            if cur is not None and (cur.hw_version != rec.current.version or now >= cur.use_until
+                                    or cur.handle is None):
+                self._retire(cur)
+                cur = None
+            early = (cur is not None and now >= cur.rotate_at
+                     and now >= self._retry_after.get(name, 0.0))
+        if cur is None:
+            cur = self._make(name)
+        elif early:
+            try:
+                cur = self._make(name)
+            except KeyStoreError as exc:
+                # The current key is still good until use_until: keep serving.
+                with self._lock:
+                    self._retry_after[name] = now + self._retry_seconds
+                _logger.warning("session key rotation failed; current key still valid",
+                                extra={"agent": name, "error": str(exc),
+                                       "use_until": cur.use_until})
+        handle = cur.handle
+        if handle is None:  # retired between the lookups: rotated or revoked just now
+            raise KeyStoreUnavailableError(f"session key of {name} was retired during the request")
+        return SigningKey(name, rec.spiffe_id, cur.kid, handle, cur.hw_version)
+
+    def sign_key(self, name: str) -> SigningKey:
+        """``Sign`` stays on the hardware key: its output is not a JWT a JWKS covers."""
+        return self._registry.sign_key(name)
+
+    def jwks(self) -> dict[str, builtins.list[dict[str, str]]]:
+        """The hardware keys (which verify certifications and client assertions)
+        plus every session key whose certification has not expired."""
+        now = self._clock()
+        keys = list(self._registry.jwks()["keys"])
+        active = {a.name for a in self._registry.list()}
+        with self._lock:
+            self._expire(now)
+            for agent in sorted(self._published):
+                if agent in active:
+                    keys.extend(p.entry() for p in self._published[agent])
+        return {"keys": keys}
+
+    def sweep(self) -> None:
+        """Drop private keys past ``use_until`` and unpublish expired ones."""
+        now = self._clock()
+        with self._lock:
+            for cur in list(self._current.values()):
+                if now >= cur.use_until:
+                    self._retire(cur)
+            self._expire(now)
+
+    def active_private_keys(self) -> int:
+        """How many private session keys the daemon holds now (tests, metrics)."""
+        with self._lock:
+            return sum(1 for c in self._current.values() if c.handle is not None)
+
+    # -- making a key ----------------------------------------------------------------
+
+    def _make(self, name: str) -> _Published:
+        with self._mint_lock:
+            version = self._registry.active(name).current.version
+            with self._lock:
+                generation = self._generation.get(name, 0)
+                cur = self._current.get(name)
+                now = self._clock()
+                if (cur is not None and cur.handle is not None and now < cur.rotate_at
+                        and cur.hw_version == version):
+                    return cur  # another request rotated while we waited
+            hw = self._registry.token_key(name)  # raises if revoked meanwhile
+            created = int(now)
+            private = ec.generate_private_key(ec.SECP256R1())
+            public = private.public_key()
+            jwk = ec_public_jwk(public)
+            kid = jwk_thumbprint(jwk)
+            claims = certification_claims(issuer=self._issuer, subject=hw.spiffe_id,
+                                          session_key=public, created=created,
+                                          schedule=self._schedule)
+            cert = mint_certification(claims, hardware_kid=hw.kid,
+                                      sign_der=lambda data: hw.handle.sign(data, ES256))
+            try:
+                # Catches a backend that returns garbage: one verify per rotation.
+                verify_certification(cert, hardware_key=hw.handle.public_key(), session_jwk=jwk,
+                                     now=now, expected_subject=hw.spiffe_id,
+                                     expected_hardware_kid=hw.kid, leeway=0)
+            except CertificationError as exc:
+                raise KeyStoreError(f"certification by {hw.kid} does not verify: {exc}") from None
+            self.certifications += 1
+            new = _Published(
+                agent=name, kid=kid, jwk=jwk, cert=cert, hw_version=hw.version,
+                created_at=created, use_until=self._schedule.use_until(created),
+                rotate_at=self._schedule.rotate_at(created),
+                expires_at=self._schedule.expires_at(created),
+                handle=SessionKeyHandle(f"session/{name}/{kid[:16]}", private))
+            with self._lock:
+                if self._generation.get(name, 0) != generation:
+                    # Revoked or rotated while we signed: the new key is never used.
+                    raise KeyStoreUnavailableError(f"agent {name} changed during certification")
+                old = self._current.get(name)
+                if old is not None:
+                    self._retire(old)
+                self._current[name] = new
+                self._published.setdefault(name, []).append(new)
+                self._retry_after.pop(name, None)
+                self._expire(now)
+                snapshot = self._snapshot()
+            # Published (durably) before the first token it signs leaves the daemon.
+            self._persist(snapshot)
+            if self._scheduler is not None:
+                self._scheduler(max(0.0, new.use_until - now), self.sweep)
+            _logger.info("session key certified", extra={"agent": name, "kid": kid,
+                                                         "hardware_kid": hw.kid,
+                                                         "use_until": new.use_until,
+                                                         "exp": new.expires_at})
+            return new
+
+    # -- lifecycle (lock held) -------------------------------------------------------
+
+    def _retire(self, cur: _Published) -> None:
+        """Stop signing with ``cur``; its public entry stays until it expires."""
+        cur.handle = None  # in-flight requests keep their own reference for milliseconds
+        if self._current.get(cur.agent) is cur:
+            del self._current[cur.agent]
+
+    def _expire(self, now: float) -> None:
+        for agent in list(self._published):
+            keep = [p for p in self._published[agent] if p.expires_at > now]
+            if keep:
+                self._published[agent] = keep
+            else:
+                del self._published[agent]
+
+    def _on_agent_change(self, name: str, event: str) -> None:
+        """Registry listener: hardware key rotated or agent revoked."""
+        with self._lock:
+            self._generation[name] = self._generation.get(name, 0) + 1
+            cur = self._current.pop(name, None)
+            if event == "revoked":
+                for p in self._published.pop(name, []):
+                    if p.handle is not None:
+                        p.handle.wipe()
+                    p.handle = None
+                if cur is not None and cur.handle is not None:
+                    cur.handle.wipe()
+            elif cur is not None:
+                self._retire(cur)
+            snapshot = self._snapshot()
+        self._persist(snapshot)
+        _logger.info("session keys dropped", extra={"agent": name, "event": event})
+
+    # -- persistence of the public half ------------------------------------------------
+
+    def _snapshot(self) -> bytes:
+        entries = [p.to_json() for agent in sorted(self._published) for p in self._published[agent]]
+        return json.dumps({"version": 1, "keys": entries}, sort_keys=True).encode()
+
+    def _persist(self, snapshot: bytes) -> None:
+        if self._persist_path is not None:
+            atomic_write(self._persist_path, snapshot, mode=0o600)
+
+    def _load(self) -> None:
+        """Republish still-valid public entries after a restart; never a private key."""
+        if self._persist_path is None or not self._persist_path.exists():
+            return
+        now = self._clock()
+        try:
+            doc = json.loads(self._persist_path.read_text())
+            entries = doc["keys"]
+            active = {a.name for a in self._registry.list()}
+            for e in entries:
+                p = _Published(agent=str(e["agent"]), kid=str(e["kid"]),
+                               jwk={k: str(v) for k, v in e["jwk"].items()}, cert=str(e["cert"]),
+                               hw_version=int(e["hw_version"]), created_at=int(e["created_at"]),
+                               use_until=int(e["use_until"]), rotate_at=int(e["rotate_at"]),
+                               expires_at=int(e["expires_at"]))
+                if p.expires_at > now and p.agent in active and jwk_thumbprint(p.jwk) == p.kid:
+                    self._published.setdefault(p.agent, []).append(p)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Public data only: losing it unpublishes keys early (relying
+            # parties then refuse some live tokens), it cannot grant anything.
+            _logger.error("cannot read published session keys; starting without them",
+                          extra={"path": str(self._persist_path), "error": str(exc)})
+            self._published.clear()
