@@ -267,9 +267,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constants(name: str) -> Any:
+    raise MalformedError("bad_json", f"{name} is not JSON (RFC 8259)")
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise MalformedError("bad_json", f"{what} is not JSON") from None
     if not isinstance(obj, dict):
@@ -303,8 +308,7 @@ def _parse(token: str, *, max_bytes: int, typs: Iterable[str | None]) -> _Jws:
         if forbidden in header:
             raise AlgorithmError("header_not_allowed", f"header {forbidden!r} is not accepted")
     typ = header.get("typ")
-    allowed = set(typs)
-    if typ not in allowed:
+    if not (typ is None or isinstance(typ, str)) or typ not in set(typs):
         raise AlgorithmError("wrong_typ", "unexpected typ for this credential")
     claims = _json_object(_b64url(parts[1], "payload"), "payload")
     signature = _b64url(parts[2], "signature")
@@ -396,11 +400,15 @@ def normalize_htu(url: str) -> str:
     host, default port dropped, empty path as ``/``."""
     if len(url) > 2048 or not url.isascii():
         raise DpopError("htu_mismatch", "htu is not a usable URI")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        raise DpopError("htu_mismatch", "htu is not a usable URI") from None
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    if scheme not in ("http", "https") or not hostname:
         raise DpopError("htu_mismatch", "htu is not an absolute http(s) URI")
-    host = parts.hostname.lower()
+    host = hostname.lower()
     if ":" in host:
         host = f"[{host}]"
     try:

@@ -47,6 +47,7 @@ def test_htu_normalization(url: str, expect: str) -> None:
 @pytest.mark.parametrize("url", [
     "ftp://example.com/", "/relative", "https://user:pw@example.com/", "https:///nohost",
     "https://example.com/" + "a" * 3000, "https://exa mple.com/", "https://example.com:99999/",
+    "https://[::1/x",
 ])
 def test_htu_refused(url: str) -> None:
     with pytest.raises(ValueError):

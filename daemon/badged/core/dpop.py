@@ -46,7 +46,11 @@ def normalize_htu(url: str) -> str:
     """
     if len(url) > MAX_HTU or not url.isascii() or any(c in url for c in " \t\r\n"):
         raise ValueError("htu must be at most 2048 printable ASCII chars")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.hostname
+    except ValueError:
+        raise ValueError("htu is not a valid URI") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise ValueError("htu must be an http or https URI")
