@@ -267,7 +267,7 @@ def _check_signature(signature: bytes, message: bytes, public_pem: str) -> None:
 
 def _badged_h2(params: dict[str, str], kind: str) -> tuple[Op, Close]:
     """badged over the lean HTTP/2 client (see h2grpc): the daemon's own capacity."""
-    from badgebench.h2grpc import H2GrpcChannel
+    from badgebench.h2grpc import GrpcCallError, H2GrpcChannel
     from badged_proto.v1 import workload_pb2
 
     ch = H2GrpcChannel(params["socket"])
@@ -277,17 +277,36 @@ def _badged_h2(params: dict[str, str], kind: str) -> tuple[Op, Close]:
         request = workload_pb2.FetchTokenRequest(
             audience=params["audience"], scopes=params["scopes"].split(","),
             ttl_seconds=int(params.get("ttl", "60"))).SerializeToString()
-        _check_token(workload_pb2.FetchTokenResponse.FromString(unary(path, request)).token)
     else:
         path = SIGN_PATH
         request = workload_pb2.SignRequest(data=DATA).SerializeToString()
-        r = workload_pb2.SignResponse.FromString(unary(path, request))
+    try:
+        first = unary(path, request)
+    except GrpcCallError as exc:
+        raise RuntimeError(f"{exc}; {_explain(params['socket'], path, request)}") from None
+    if kind == "fetch":
+        _check_token(workload_pb2.FetchTokenResponse.FromString(first).token)
+    else:
+        r = workload_pb2.SignResponse.FromString(first)
         _check_signature(r.signature, r.signed_message, r.public_key_pem)
 
     def op() -> object:
         return unary(path, request)
 
     return op, ch.close
+
+
+def _explain(socket_path: str, path: str, request: bytes) -> str:
+    """Repeat a failed call through grpcio, which decodes the status for us."""
+    import grpc
+
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        call: Any = channel.unary_unary(path)
+        try:
+            call(request, timeout=10)
+        except grpc.RpcError as err:
+            return f"grpcio says {err.code().name}: {err.details()}"
+    return "grpcio got an answer"
 
 
 def _badgeclient(params: dict[str, str], kind: str) -> tuple[Op, Close]:
