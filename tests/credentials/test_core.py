@@ -16,7 +16,7 @@ from joserfc.jwk import ECKey
 
 from badged.core import assertions, dpop, evidence
 from badged.core import x509 as bx
-from badged.core.jose import b64url_decode, ec_public_jwk, jwk_thumbprint
+from badged.core.jose import b64url, b64url_decode, ec_public_jwk, jwk_thumbprint
 from badged.keystore.memory import MemoryKeyStore
 from badged.keystore.port import KeyHandle, KeyProperties
 
@@ -305,3 +305,40 @@ def test_builders_sign_with_a_softhsm_key(pkcs11_store: object, tmp_path: Path) 
     finally:
         for n in names:
             pkcs11_store.destroy(n)
+
+
+def test_evidence_checker_only_raises_evidence_errors(keys: MemoryKeyStore) -> None:
+    """The CA runs this on files from outside: odd claims give EvidenceError."""
+    import random
+
+    from badged.core.jose import encode_jws
+    from badged.core.tokens import ES256
+
+    device, agent = keys.generate("dev"), keys.generate("agent")
+    base = json.loads(b64url_decode(_evidence(device, agent).split(".")[1]))
+    weird: list[object] = [None, True, 1.5, "", [], {}, {"jwk": {"kty": "EC"}}, {"jwk": 3},
+                           {"sensitive": "yes"}, 2**80, "urn:badged:eat:tpm2-certify:v1",
+                           {"attest": "%%"}, {"attest": "AA", "signature": "AA", "ak_public": "AA",
+                                              "key_public": "AA"}]
+    rng = random.Random(5)
+    for _ in range(300):
+        claims = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            claims[rng.choice([*claims, "tpm2_certify"])] = rng.choice(weird)
+        token = encode_jws({"alg": "ES256", "typ": evidence.EVIDENCE_TYP}, claims,
+                           lambda d: device.sign(d, ES256))
+        try:
+            evidence.check_evidence(token, signer=device.public_key(),
+                                    attested=agent.public_key(), now=NOW)
+        except evidence.EvidenceError:
+            pass
+    garbage = [{"attest": b64url(bytes(rng.randrange(256) for _ in range(n))), "signature": "AA",
+                "ak_public": b64url(b"\x00\x23" + bytes(n)), "key_public": b64url(bytes(n))}
+               for n in (0, 1, 2, 8, 40, 200)]
+    for certify in garbage:
+        claims = {**base, "eat_profile": evidence.TPM2_CERTIFY_PROFILE, "tpm2_certify": certify}
+        token = encode_jws({"alg": "ES256", "typ": evidence.EVIDENCE_TYP}, claims,
+                           lambda d: device.sign(d, ES256))
+        with pytest.raises(evidence.EvidenceError):
+            evidence.check_evidence(token, signer=device.public_key(),
+                                    attested=agent.public_key(), now=NOW)

@@ -170,18 +170,23 @@ def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
         raise EvidenceError("bad_signature", "evidence not signed by the expected key") from None
     cnf = claims.get("cnf")
     jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
-    if not isinstance(jwk, dict) or jwk_thumbprint(jwk) != jwk_thumbprint(ec_public_jwk(attested)):
+    try:
+        same = isinstance(jwk, dict) and jwk_thumbprint(jwk) == jwk_thumbprint(ec_public_jwk(attested))
+    except (KeyError, TypeError):
+        same = False
+    if not same:
         raise EvidenceError("key_mismatch", "evidence is for another key")
     exp, iat = claims.get("exp"), claims.get("iat")
-    if not isinstance(exp, int) or not isinstance(iat, int):
+    if type(exp) is not int or type(iat) is not int:  # bool is an int subclass
         raise EvidenceError("malformed", "iat and exp are required integers")
     if now > exp + skew:
         raise EvidenceError("expired", "evidence has expired")
     if iat > now + skew:
         raise EvidenceError("not_yet_valid", "evidence issued in the future")
-    if claims.get("eat_profile") not in KNOWN_PROFILES:
+    profile = claims.get("eat_profile")
+    if not isinstance(profile, str) or profile not in KNOWN_PROFILES:
         raise EvidenceError("unknown_profile", "unsupported eat_profile")
-    if claims["eat_profile"] == TPM2_CERTIFY_PROFILE:
+    if profile == TPM2_CERTIFY_PROFILE:
         _check_certify(claims, attested=attested, iat=iat, trusted_ak_names=trusted_ak_names,
                        ek_ca_keys=ek_ca_keys)
     hw = claims.get("hwkey")
@@ -212,7 +217,10 @@ def _check_certify(claims: Mapping[str, Any], *, attested: ec.EllipticCurvePubli
         raise EvidenceError("malformed", "tpm2_certify fields are not base64url") from None
     if any(fields[f] is None for f in _CERTIFY_FIELDS[:4]):
         raise EvidenceError("malformed", "tpm2_certify is incomplete")
-    nonce = certify_nonce(attested=attested, iat=iat, eat_nonce=claims.get("eat_nonce"))
+    eat_nonce = claims.get("eat_nonce")
+    if eat_nonce is not None and not isinstance(eat_nonce, str):
+        raise EvidenceError("malformed", "eat_nonce must be a string")
+    nonce = certify_nonce(attested=attested, iat=iat, eat_nonce=eat_nonce)
     att = KeyAttestation(format=FORMAT_TPM2_CERTIFY, key_name="", nonce=nonce,
                          attest=fields["attest"] or b"", signature=fields["signature"] or b"",
                          ak_public=fields["ak_public"] or b"", key_public=fields["key_public"] or b"",
