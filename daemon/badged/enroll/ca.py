@@ -142,7 +142,8 @@ def check_request(request: bytes, *, now: float, trust_domains: frozenset[str] =
     if not isinstance(doc, dict) or doc.get("format") != REQUEST_FORMAT:
         raise RequestRejected("malformed", f"not a {REQUEST_FORMAT} file")
     try:
-        csr = x509.load_pem_x509_csr(str(doc.get("csr", "")).encode("ascii"))
+        csr = x509.load_pem_x509_csr(str(doc.get("csr", "")).encode("ascii", "replace"))
+        _ = csr.extensions  # parsed lazily by cryptography: fail here, not later
     except ValueError:
         raise RequestRejected("malformed", "csr is not a PEM CSR") from None
     if not csr.is_signature_valid:
