@@ -552,9 +552,14 @@ class Verifier:
         spiffe = a.get("agent")
         if isinstance(spiffe, str) and _SPIFFE_RE.match(spiffe):
             agent = spiffe
-        if chain:
-            self._check_same_trust_domain(chain[0], agent)
-        self._check_revoked(agent, thumb, ())
+        if agent.startswith("spiffe://"):
+            # A device attests only for agents of its own trust domain.
+            if not attester.startswith("spiffe://") or \
+                    _spiffe_trust_domain(attester) != _spiffe_trust_domain(agent):
+                raise ChainError("san_mismatch", "device attests for another trust domain")
+            if chain:
+                self._check_same_trust_domain(chain[0], agent)
+        self._check_revoked(agent, thumb, chain)
         if kid is not None and kid in self.revocations.key_ids:
             raise RevokedError("revoked", "the attesting device key is revoked")
         jti = _str(pc, "jti")

@@ -518,3 +518,30 @@ def test_assertion_sub_must_match_certificate_san(env: Env) -> None:
     with pytest.raises(ChainError) as info:
         Verifier(roots=[pki.root], clock=env.clock).verify_client_assertion(a, audience=AUD)
     assert info.value.reason == "san_mismatch"
+
+
+def test_attestation_for_another_trust_domain_or_by_revoked_device(env: Env) -> None:
+    pki = Pki(env)
+    dev_id = jwk_thumbprint(ec_public_jwk(pki.dev.public_key()))
+
+    def attestation(agent: str) -> str:
+        return assertions.mint_client_attestation(assertions.client_attestation_claims(
+            attester=f"spiffe://example.org/device/{dev_id}", client_id="c",
+            agent_key=env.agent.public_key(), now=NOW, ttl_seconds=600,
+            evidence={"agent": agent}), pki.dev, x5c=pki.x5c(pki.device))
+
+    def pop(jti: str) -> str:
+        return assertions.mint_attestation_pop(assertions.attestation_pop_claims(
+            client_id="c", audience="https://as", now=NOW, ttl_seconds=60, jti=jti), env.agent)
+
+    v = Verifier(roots=[pki.root], clock=env.clock)
+    with pytest.raises(ChainError) as td:
+        v.verify_client_attestation(attestation("spiffe://other.org/agent/a"), pop("1"),
+                                    audience="https://as")
+    assert td.value.reason == "san_mismatch"
+    revoked = Verifier(roots=[pki.root], clock=env.clock,
+                       revocations=Revocations(serials=frozenset({pki.device.serial_number})))
+    with pytest.raises(RevokedError):
+        revoked.verify_client_attestation(attestation(AGENT), pop("2"), audience="https://as")
+    assert v.verify_client_attestation(attestation(AGENT), pop("3"),
+                                       audience="https://as").agent == AGENT
