@@ -17,12 +17,15 @@ Operator side (admin socket): :class:`EnrollmentClient`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from badgeclient.client import DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET, _Base
 from badged_proto.v1 import credentials_pb2, credentials_pb2_grpc, enroll_pb2, enroll_pb2_grpc
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
