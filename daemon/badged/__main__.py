@@ -2,6 +2,7 @@
 
     badged --config /etc/badged/badged.toml     # production
     badged dev --state-dir /tmp/badged-demo     # embedded default (SoftHSM)
+    badged dev --state-dir /tmp/b --backend tpm # throwaway swtpm, session-key mode
     badged check --config FILE                  # validate config + policy, exit
 """
 
@@ -74,21 +75,31 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None) ->
               help="Seconds a request waits for a human approval before it is denied.")
 @click.option("--unsafe-audit-no-fsync", is_flag=True, hidden=True,
               help="Benchmarks only: do not fsync audit records.")
+@click.option("--backend", type=click.Choice(["softhsm", "tpm"]), default="softhsm",
+              show_default=True,
+              help="Throwaway SoftHSM token, or a throwaway swtpm run for the daemon's lifetime.")
+@click.option("--signing-mode", type=click.Choice(["direct", "session"]), default=None,
+              help="Default: direct on softhsm, session on tpm (docs/tpm.md).")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
-        approval_timeout: int, unsafe_audit_no_fsync: bool) -> None:
-    """Run on a throwaway SoftHSM token under STATE_DIR (development mode)."""
+        approval_timeout: int, unsafe_audit_no_fsync: bool, backend: str,
+        signing_mode: str | None) -> None:
+    """Run on a throwaway SoftHSM token or swtpm under STATE_DIR (development mode)."""
     from badged.dev import prepare
 
     try:
-        config = prepare(state_dir, agent=agent, trust_domain=trust_domain)
+        setup = prepare(state_dir, agent=agent, trust_domain=trust_domain, backend=backend,
+                        signing_mode=signing_mode)
     except BadgedError as exc:
         click.echo(f"badged: {exc}", err=True)
         sys.exit(2)
-    config = config.with_overrides(log_format=ctx.obj.get("log_format"),
-                                   approval_timeout=approval_timeout,
-                                   unsafe_audit_no_fsync=unsafe_audit_no_fsync or None)
-    _run(config, ensure_agent=agent)
+    try:
+        config = setup.config.with_overrides(log_format=ctx.obj.get("log_format"),
+                                             approval_timeout=approval_timeout,
+                                             unsafe_audit_no_fsync=unsafe_audit_no_fsync or None)
+        _run(config, ensure_agent=agent)
+    finally:
+        setup.close()  # the dev swtpm lives exactly as long as the daemon
 
 
 @cli.command()

@@ -1,21 +1,31 @@
 """``badged dev``: the embedded default, so a newcomer sees it work at once.
 
-Creates, under one state directory, a throwaway SoftHSM token, a config, a
-policy binding a demo agent to the invoking user, and the demo agent itself,
-then serves both sockets under ``DIR/run``. Everything is explicit config that
-a production deployment would write too: there is no hidden test switch.
+Creates, under one state directory, a throwaway SoftHSM token (or, with
+``--backend tpm``, a throwaway swtpm that runs as long as the daemon), a
+config, a policy binding a demo agent to the invoking user, and the demo agent
+itself, then serves both sockets under ``DIR/run``. Everything is explicit
+config that a production deployment would write too: there is no hidden test
+switch.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from badged.config import DaemonConfig
 from badged.errors import ConfigError
 from badged.fsutil import check_dir_safe, ensure_private_dir
 from badged.keystore.pkcs11.store import Pkcs11Config
+from badged.keystore.tpm.store import TpmConfig
 from badged.softhsm import provision
+from badged.swtpm import MAX_SOCKET_PATH, SwtpmProcess
+from badged.swtpm import provision as provision_tpm
+
+BACKENDS = ("softhsm", "tpm")
 
 DEV_AUDIENCES = ("https://api.example.com", "demo")
 DEV_SCOPES = ("read", "write")
@@ -53,8 +63,60 @@ allow = ["unix:uid:{uid}"]
 """
 
 
-def prepare(state_dir: Path, *, agent: str, trust_domain: str) -> DaemonConfig:
-    """Create or reuse the dev state; return the config to run with."""
+@dataclass
+class DevSetup:
+    """The config to run with, and what must be stopped when the daemon stops."""
+
+    config: DaemonConfig
+    swtpm: SwtpmProcess | None = None
+    temp_dirs: list[Path] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.swtpm is not None:
+            self.swtpm.stop()
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_backend_marker(private: Path, backend: str) -> None:
+    """One state dir, one backend: agent keys made in SoftHSM are not in the TPM."""
+    marker = private / "dev-backend"
+    was = marker.read_text().strip() if marker.exists() else None
+    if was is None and (private / "softhsm").exists():
+        was = "softhsm"  # a state dir from before --backend existed
+    if was is not None and was != backend:
+        raise ConfigError(f"this state dir was created with --backend {was}; "
+                          f"use another --state-dir for --backend {backend}",
+                          path=str(private.parent))
+    if not marker.exists():
+        marker.write_text(backend + "\n")
+
+
+def _start_swtpm(private: Path) -> tuple[SwtpmProcess, list[Path]]:
+    """Manufacture (once) and start the dev TPM; its state lives in the state dir.
+
+    The socket goes next to the state when that path is short enough for a
+    Unix socket, else into a fresh 0700 dir under /tmp removed at stop.
+    """
+    base = private / "swtpm"
+    provisioned = provision_tpm(base)
+    temp: list[Path] = []
+    sock = base / "sock"
+    if len(str(sock).encode()) + len(".ctrl") >= MAX_SOCKET_PATH or "," in str(sock):
+        short = Path(tempfile.mkdtemp(prefix="badged-swtpm-", dir="/tmp"))
+        temp.append(short)
+        sock = short / "s"
+    swtpm = SwtpmProcess(provisioned.state_dir, sock, base / "swtpm.log", die_with_parent=True)
+    swtpm.start()
+    return swtpm, temp
+
+
+def prepare(state_dir: Path, *, agent: str, trust_domain: str, backend: str = "softhsm",
+            signing_mode: str | None = None) -> DevSetup:
+    """Create or reuse the dev state; for ``tpm``, start its swtpm. Call
+    ``close()`` on the result when the daemon has stopped."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown dev backend {backend!r} (known: {', '.join(BACKENDS)})")
     state_dir = state_dir.absolute()
     if state_dir.exists():
         check_dir_safe(state_dir, private=False)
@@ -63,9 +125,7 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str) -> DaemonConfig:
         os.chmod(state_dir, 0o755)  # noqa: S103 -- holds run/ for other users
     private = state_dir / "private"
     ensure_private_dir(private)
-    token = provision(private / "softhsm", label="badged-dev")
-    # SoftHSM reads its config only at C_Initialize: set it before any load.
-    os.environ["SOFTHSM2_CONF"] = str(token.conf_path)
+    _check_backend_marker(private, backend)
     policy = state_dir / "policy.toml"
     if not policy.exists():
         policy.write_text(dev_policy(agent, os.getuid()))
@@ -73,7 +133,17 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str) -> DaemonConfig:
     if len(str(run / "admin.sock").encode()) >= 100:
         raise ConfigError("state dir path too long for Unix sockets; use a shorter one",
                           path=str(state_dir))
-    return DaemonConfig(
+    setup = DevSetup(config=DaemonConfig())
+    keystore: Pkcs11Config | TpmConfig
+    if backend == "tpm":
+        setup.swtpm, setup.temp_dirs = _start_swtpm(private)
+        keystore = TpmConfig(tcti=setup.swtpm.tcti, key_dir=str(private / "tpm-keys"))
+    else:
+        token = provision(private / "softhsm", label="badged-dev")
+        # SoftHSM reads its config only at C_Initialize: set it before any load.
+        os.environ["SOFTHSM2_CONF"] = str(token.conf_path)
+        keystore = Pkcs11Config(uri=token.uri(), module_path=token.module_path)
+    setup.config = DaemonConfig(
         state_dir=state_dir,
         workload_socket=run / "agent.sock",
         admin_socket=run / "admin.sock",
@@ -81,6 +151,8 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str) -> DaemonConfig:
         policy_file=policy,
         audit_dir=state_dir / "audit",
         max_ttl=3600,
-        keystore=Pkcs11Config(uri=token.uri(), module_path=token.module_path),
-        source=f"badged dev --state-dir {state_dir}",
+        keystore=keystore,
+        signing_mode=signing_mode,
+        source=f"badged dev --state-dir {state_dir} --backend {backend}",
     )
+    return setup
