@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -271,7 +272,8 @@ def test_csr_carries_evidence_and_proves_possession(keys: MemoryKeyStore) -> Non
 
 
 @pytest.mark.softhsm
-def test_builders_sign_with_a_softhsm_key(pkcs11_store: object, tmp_path: Path) -> None:
+def test_builders_sign_with_a_softhsm_key(pkcs11_store: object, softhsm_token: Any,
+                                          tmp_path: Path) -> None:
     """The adapter over a real token key: CSR, root, device and agent
     certificates and a CRL, checked by openssl -- no private key in Python."""
     import uuid
@@ -301,7 +303,10 @@ def test_builders_sign_with_a_softhsm_key(pkcs11_store: object, tmp_path: Path) 
         claims = evidence.check_evidence(token, signer=dev.public_key(),
                                          attested=agent.public_key(), now=NOW)
         assert claims["hwkey"]["never_extractable"] is True and "token_uri" in claims["hwkey"]
-        assert "pin" not in json.dumps(claims).lower()
+        uri = claims["hwkey"]["token_uri"]
+        assert "pin-source" not in uri and "pin-value" not in uri
+        pin = softhsm_token.pin_file.read_text().strip()
+        assert len(pin) >= 8 and pin not in json.dumps(claims)
     finally:
         for n in names:
             pkcs11_store.destroy(n)
