@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 from badgebench import procfs, provision, report
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
+from badgebench.paired import run_paired
 from badgebench.report import Report, Row
 from badgebench.servers import Badged, P11KitServer, SshAgent, Unavailable
 
@@ -44,14 +45,17 @@ class Plan:
     badgeclient: tuple[int, ...]
     rss_requests: int
     rss_clients: int
+    pair_rounds: int = 0
+    pair_duration_s: float = 3.0
 
 
 FULL = Plan(mode="full", duration_s=5.0, slice_s=1.0, warmup_s=1.0, openssl_seconds=3,
             inprocess=(1, 2), ssh_agent=(1, 4, 16, 64), p11kit=(1, 4, 16),
-            badged=(1, 4, 16, 64), badgeclient=(1, 16), rss_requests=100_000, rss_clients=16)
+            badged=(1, 4, 16, 64), badgeclient=(1, 16), rss_requests=100_000, rss_clients=16,
+            pair_rounds=5, pair_duration_s=2.0)
 QUICK = Plan(mode="quick", duration_s=1.0, slice_s=0.5, warmup_s=0.3, openssl_seconds=1,
              inprocess=(1, 2), ssh_agent=(1, 16), p11kit=(1, 16), badged=(1, 4, 16),
-             badgeclient=(1,), rss_requests=2_000, rss_clients=4)
+             badgeclient=(1,), rss_requests=2_000, rss_clients=4, pair_rounds=0)
 
 
 def _say(msg: str) -> None:
@@ -185,8 +189,8 @@ def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, p
 
 
 def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
-                 src: Path, external: Path | None = None, external_pid: int | None = None
-                 ) -> None:
+                 src: Path, external: Path | None = None, external_pid: int | None = None,
+                 paired: Callable[[OpSpec, OpSpec, int | None], None] | None = None) -> None:
     rows = rep.rows
     daemon = Badged(state, src)
     try:
@@ -252,12 +256,36 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
             soak_error=soak.error)
         _say(f"  -> RSS after {after} KiB ({rep.badged['rss_growth_pct']}%), "
              f"{soak.ops_per_s:,.0f} ops/s" + (f", error: {soak.error}" if soak.error else ""))
+        if paired is not None:
+            paired(fetch, sign, pid)
     except Unavailable as exc:
         reason = str(exc)
         rep.badged["unavailable"] = reason
         _unavailable(rows, "badged-fetch", "badged", reason)
     finally:
         daemon.stop()
+
+
+def _paired(rep: Report, plan: Plan, token: provision.Token, public: str, fetch: OpSpec,
+            sign: OpSpec, badged_pid: int | None) -> None:
+    """ssh-agent restarted beside the running badged; the target runs alternate."""
+    agent = SshAgent(token, name="ssh-agent-paired")
+    _say(f"paired rounds: ssh-agent and badged alternating, {plan.pair_rounds} rounds of "
+         f"{plan.pair_duration_s:g}s runs")
+    try:
+        agent.start()
+        want = ecdsa_blob(public)
+        ssh = OpSpec("ssh-agent", {"socket": str(agent.socket), "blob": want.hex(),
+                                   "public_der": public})
+        rep.paired = run_paired(rounds=plan.pair_rounds, duration_s=plan.pair_duration_s,
+                                warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh,
+                                ssh_pid=agent.pid, fetch=fetch, sign=sign,
+                                badged_pid=badged_pid, say=_say)
+    except (Unavailable, RuntimeError) as exc:
+        rep.paired = {"error": str(exc)[:500]}
+        _say(f"paired rounds failed: {exc}")
+    finally:
+        agent.stop()
 
 
 def _targets(rep: Report) -> list[dict[str, Any]]:
@@ -285,6 +313,21 @@ def _targets(rep: Report) -> list[dict[str, Any]]:
     for row in (f16, s16):
         if row and row.result:
             add(f"{row.label}@16 p99 (ms)", row.result.p99_us / 1000, "< 10", row.result.p99_us < 1e4)
+    med = rep.paired.get("median")
+    if med:  # the alternating runs: more robust on a noisy machine
+        n = len(rep.paired["rounds"])
+        checks: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+                ("fetch16_vs_ssh16", "FetchToken@16 / ssh-agent@16 throughput", ">= 1.5",
+                 lambda v: v >= 1.5),
+                ("sign16_vs_ssh16", "Sign@16 / ssh-agent@16 throughput", ">= 2.0",
+                 lambda v: v >= 2.0),
+                ("fetch1_p50_vs_ssh1_p50", "FetchToken@1 p50 / ssh-agent@1 p50", "<= 1.5",
+                 lambda v: v <= 1.5),
+                ("fetch16_p99_ms", "badged FetchToken@16 p99 (ms)", "< 10", lambda v: v < 10),
+                ("sign16_p99_ms", "badged Sign@16 p99 (ms)", "< 10", lambda v: v < 10))
+        for key, name, goal, ok in checks:
+            v = med.get(key)
+            add(f"{name} [paired, median of {n}]", v, goal, None if v is None else ok(v))
     g = rep.badged.get("rss_growth_pct")
     if g is not None:
         add(f"RSS growth over {rep.badged.get('rss_requests')} requests (%)", g, "< 5", g < 5)
@@ -311,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of: {','.join(GROUPS)}")
     ap.add_argument("--duration", type=float, help="seconds of measured load per row")
     ap.add_argument("--rss-requests", type=int, help="requests in the badged RSS soak")
+    ap.add_argument("--pair-rounds", type=int,
+                    help="alternating ssh-agent/badged rounds for the targets (full: 5, quick: 0)")
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
     ap.add_argument("--badged-src", type=Path, default=REPO,
                     help="tree with daemon/ and clients/ to run badged from (default: this repo)")
@@ -333,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         over["duration_s"] = args.duration
         over["slice_s"] = min(plan.slice_s, args.duration)
         over["warmup_s"] = min(plan.warmup_s, max(0.1, args.duration / 2))
+    if args.pair_rounds is not None:
+        over["pair_rounds"] = args.pair_rounds
+        if args.duration:
+            over["pair_duration_s"] = args.duration
     if args.rss_requests is not None:
         over["rss_requests"] = args.rss_requests
     if args.clients:
@@ -391,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"key {key} in token {token.label}")
             bench_peers(rep.rows, plan, token, key, public, groups)
             if "badged" in groups:
-                bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid)
+                pair = None
+                if plan.pair_rounds and "ssh-agent" in groups:
+                    def pair(fetch: OpSpec, sign: OpSpec, pid: int | None) -> None:
+                        _paired(rep, plan, token, public, fetch, sign, pid)
+                bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid,
+                             pair)
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130
@@ -434,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(noisy)} row(s) saw > 0.25 cores of other work ("
               + ", ".join(f"{r.label}@{r.clients}" for r in noisy[:6])
               + "). Compare ratios, or rerun on a quiet machine.")
+    if rep.paired.get("rounds"):
+        print(f"\npaired rounds (ssh-agent and badged alternating, "
+              f"{rep.paired['duration_s']:g}s per run):")
+        for i, rnd in enumerate(rep.paired["rounds"], 1):
+            print(f"  round {i}: " + ", ".join(
+                f"{k} {v['ops_per_s']:,.0f}/s p50 {v['p50_us']:,.0f} p99 {v['p99_us']:,.0f} µs"
+                for k, v in rnd["runs"].items()))
+    elif rep.paired.get("error"):
+        print(f"\npaired rounds: not available ({report.short_error(rep.paired['error'])})")
     if rep.targets:
         print("\nissue #7 targets (information, not a pass/fail of this command):")
         for t in rep.targets:

@@ -53,9 +53,10 @@ def _tail(path: Path, n: int = 3) -> str:
 class SshAgent:
     """OpenSSH's agent with the token loaded through its PKCS#11 provider."""
 
-    def __init__(self, token: Token) -> None:
+    def __init__(self, token: Token, name: str = "ssh-agent") -> None:
         self.token = token
-        self.socket = token.state_dir / "ssh-agent.sock"
+        self.name = name
+        self.socket = token.state_dir / f"{name}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -64,10 +65,11 @@ class SshAgent:
                 raise Unavailable(f"{tool} not installed (apt-get install -y openssh-client)")
         state = self.token.state_dir
         askpass = state / "askpass.sh"
-        fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
-        with os.fdopen(fd, "w") as fh:  # prints the PIN from its 0600 file, never holds it
-            fh.write(f"#!/bin/sh\nexec cat '{self.token.pin_file}'\n")
-        log = state / "ssh-agent.log"
+        if not askpass.exists():
+            fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+            with os.fdopen(fd, "w") as fh:  # prints the PIN from its 0600 file, never holds it
+                fh.write(f"#!/bin/sh\nexec cat '{self.token.pin_file}'\n")
+        log = state / f"{self.name}.log"
         env = dict(os.environ, **self.token.env)
         # -P needs the resolved directory of the module (ssh-agent realpath()s it).
         allow = os.path.dirname(os.path.realpath(self.token.module)) + "/*"
