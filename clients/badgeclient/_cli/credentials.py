@@ -17,13 +17,11 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.options import json_option, socket_option
 from badgeclient.credentials import CredentialClient
 
 _logger = logging.getLogger(__name__)
 
-socket_option = click.option(
-    "--socket", "socket_path", envvar="BADGED_SOCKET", default=None,
-    help="Workload socket [env BADGED_SOCKET; default /run/badged/agent.sock].")
 agent_option = click.option("--agent", default=None,
                             help="Agent to act as, if the caller maps to several.")
 
@@ -38,7 +36,7 @@ def _emit(doc: dict[str, Any]) -> None:
 @click.option("--ttl", type=int, default=0, help="Lifetime in seconds, 1..300 (0 = 60).")
 @click.option("--x5c", "include_x5c", is_flag=True,
               help="Carry the agent's certificate chain (enrolled devices).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @agent_option
 @socket_option
 def assertion_command(audience: str, client_id: str, ttl: int, include_x5c: bool, as_json: bool,
@@ -79,7 +77,7 @@ def attestation_command(audience: str, client_id: str, challenge: str, ttl: int,
 @click.option("--access-token-file", type=click.Path(path_type=Path, dir_okay=False),
               default=None, help="File holding the access token to bind (ath); '-' = stdin.")
 @click.option("--nonce", default="", help="The server's DPoP-Nonce.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @agent_option
 @socket_option
 def dpop_command(htm: str, htu: str, access_token_file: Path | None, nonce: str, as_json: bool,

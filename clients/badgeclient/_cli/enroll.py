@@ -15,13 +15,11 @@ from pathlib import Path
 
 import click
 
+from badgeclient._cli.options import admin_socket_option
 from badgeclient.credentials import EnrollmentClient
 
 _logger = logging.getLogger(__name__)
 
-admin_socket_option = click.option(
-    "--admin-socket", "admin_socket", envvar="BADGED_ADMIN_SOCKET", default=None,
-    help="Admin socket [env BADGED_ADMIN_SOCKET; default /run/badged/admin.sock].")
 
 
 @click.group("enroll", invoke_without_command=True)
