@@ -1,0 +1,320 @@
+"""Session-key mode on real daemons, over SoftHSM and swtpm.
+
+Each test starts ``badged`` as its own process (``badged dev`` with
+``--signing-mode session``, or ``badged --config`` on a swtpm the test owns so
+it can kill it) and checks what a relying party sees: tokens verified by
+joserfc against the JWKS, plus the documented chain check
+(badgeclient.session_verify) with the hardware key pinned from the admin API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from badgeclient import AdminClient, PermissionDeniedError, UnavailableError, WorkloadClient
+from badgeclient.session_verify import JWKS_MEMBER, jwk_to_key, verify_session_chain
+from tests.conftest import ROOT, require_or_skip, short_tmpdir
+from tests.e2e.conftest import RunningDaemon, _pythonpath, badgectl_cmd, start_daemon
+from tests.tpm_fixtures import SwtpmInstance
+
+pytestmark = pytest.mark.slow
+
+
+def _joserfc(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
+    """A stock JOSE library, knowing nothing of session keys."""
+    decoded = jwt.decode(token, KeySet.import_key_set(jwks), algorithms=["ES256"])  # type: ignore[arg-type]
+    jwt.JWTClaimsRegistry(now=int(time.time()), leeway=30, exp={"essential": True}).validate(
+        decoded.claims)
+    return dict(decoded.claims)
+
+
+def _pinned(admin: AdminClient, jwks: dict[str, Any], agent: str) -> dict[str, Any]:
+    """The hardware keys of ``agent``, named by the operator channel, not the JWKS."""
+    kids = {k.token_kid for k in admin.get_agent(agent).keys}
+    return {e["kid"]: jwk_to_key(e) for e in jwks["keys"] if e["kid"] in kids}
+
+
+def _session_kids(jwks: dict[str, Any]) -> set[str]:
+    return {e["kid"] for e in jwks["keys"] if JWKS_MEMBER in e}
+
+
+@pytest.fixture(params=["softhsm", pytest.param("tpm", marks=pytest.mark.tpm)])
+def session_daemon(request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
+    """``badged dev --signing-mode session`` on SoftHSM, ``--backend tpm`` on a dev swtpm."""
+    if request.param == "softhsm":
+        if shutil.which("softhsm2-util") is None:
+            require_or_skip(request.config, "softhsm2-util not installed")
+        args: tuple[str, ...] = ("--signing-mode", "session")
+    else:
+        from badged.swtpm import missing_tooling
+
+        missing = missing_tooling()
+        if missing:
+            require_or_skip(request.config, missing)
+        args = ("--backend", "tpm")  # session mode is the tpm default
+    base = short_tmpdir("bss")
+    d = start_daemon(base / "s", *args)
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tokens_verify_with_joserfc_and_chain_to_the_hardware_key(session_daemon: RunningDaemon) -> None:
+    d = session_daemon
+    with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+        tokens = [wl.fetch_token(audience="demo", scopes=["read"]) for _ in range(20)]
+        jwks = wl.jwks()
+        pinned = _pinned(admin, jwks, "demo-agent")
+    assert len({t.key_id for t in tokens}) == 1  # one session key, certified once
+    assert tokens[0].key_id in _session_kids(jwks)
+    assert tokens[0].key_id not in pinned  # not signed by the hardware key itself
+    for t in tokens:
+        claims = _joserfc(t.token, jwks)
+        chain = verify_session_chain(t.token, jwks, now=time.time(), hardware_keys=pinned)
+        assert chain.agent == claims["sub"] == t.spiffe_id
+    # The certification costs one hardware signature, not one per token.
+    assert d.log_text().count("session key certified") == 1
+
+
+def test_revocation_drops_the_session_key_at_once(session_daemon: RunningDaemon) -> None:
+    d = session_daemon
+    with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+        tok = wl.fetch_token(audience="demo", scopes=["read"])
+        assert tok.key_id in _session_kids(wl.jwks())
+        admin.revoke_agent("demo-agent", "test")
+        jwks = wl.jwks()
+        assert _session_kids(jwks) == set() and jwks["keys"] == []
+        with pytest.raises(PermissionDeniedError):
+            wl.fetch_token(audience="demo", scopes=["read"])
+    assert "session keys dropped" in d.log_text()
+    persisted = json.loads((d.state / "private" / "session-keys.json").read_text())
+    assert persisted["keys"] == []
+
+
+def test_rotation_publishes_new_key_and_keeps_the_old(session_daemon: RunningDaemon) -> None:
+    d = session_daemon
+    with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+        old = wl.fetch_token(audience="demo", scopes=["read"])
+        subprocess.run(badgectl_cmd("agent", "rotate", "demo-agent"), env=d.env(), check=True,
+                       capture_output=True)
+        new = wl.fetch_token(audience="demo", scopes=["read"])
+        jwks = wl.jwks()
+        pinned = _pinned(admin, jwks, "demo-agent")  # both hardware versions
+    assert new.key_id != old.key_id
+    assert {old.key_id, new.key_id} <= _session_kids(jwks)
+    for t in (old, new):
+        _joserfc(t.token, jwks)
+        verify_session_chain(t.token, jwks, now=time.time(), hardware_keys=pinned)
+    # A restarted daemon republishes the old public key (its tokens still live),
+    # but never gets the private key back.
+    d.stop()
+    again = start_daemon(d.state, *_dev_args(d))
+    try:
+        with WorkloadClient(again.workload) as wl:
+            jwks2 = wl.jwks()
+            assert {old.key_id, new.key_id} <= _session_kids(jwks2)
+            _joserfc(old.token, jwks2)
+            assert wl.fetch_token(audience="demo", scopes=["read"]).key_id not in {old.key_id,
+                                                                                   new.key_id}
+    finally:
+        again.stop()
+
+
+def _dev_args(d: RunningDaemon) -> tuple[str, ...]:
+    backend = (d.state / "private" / "dev-backend").read_text().strip()
+    return ("--backend", "tpm") if backend == "tpm" else ("--signing-mode", "session")
+
+
+def test_time_based_rotation_on_softhsm_config(request: pytest.FixtureRequest) -> None:
+    """A 1 s period from the config file: keys change by themselves, every
+    token verifies, old keys stay published while their tokens live."""
+    from badged.softhsm import provision
+
+    if shutil.which("softhsm2-util") is None:
+        require_or_skip(request.config, "softhsm2-util not installed")
+
+    base = short_tmpdir("bsr")
+    try:
+        state = base / "s"
+        state.mkdir(mode=0o755)
+        token = provision(base / "hsm", label="badged-rot")
+        cfg = _write_config(state, keystore=f"""backend = "pkcs11"
+uri = "{token.uri()}"
+module_path = "{token.module_path}"
+signing_mode = "session"
+session_key_period = 1
+""")
+        d = _start_config_daemon(state, cfg, extra_env={"SOFTHSM2_CONF": str(token.conf_path)})
+        try:
+            _create_agent(d)
+            seen: dict[str, list[str]] = {}
+            deadline = time.monotonic() + 30
+            with WorkloadClient(d.workload) as wl:
+                while len(seen) < 3 and time.monotonic() < deadline:
+                    t = wl.fetch_token(audience="demo", scopes=["read"])
+                    seen.setdefault(t.key_id, []).append(t.token)
+                    time.sleep(0.05)
+                jwks = wl.jwks()
+            assert len(seen) >= 3, "session key never rotated"
+            assert set(seen) <= _session_kids(jwks)
+            for tokens in seen.values():
+                for tok in tokens:
+                    _joserfc(tok, jwks)
+                    verify_session_chain(tok, jwks, now=time.time())
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- killing swtpm under load ------------------------------------------------------------
+
+def _write_config(state: Path, *, keystore: str) -> Path:
+    from badged.dev import dev_policy
+
+    (state / "policy.toml").write_text(dev_policy("demo-agent", os.getuid()))
+    cfg = state / "badged.toml"
+    cfg.write_text(f"""[daemon]
+state_dir = "{state}"
+workload_socket = "{state}/run/agent.sock"
+admin_socket = "{state}/run/admin.sock"
+policy_file = "{state}/policy.toml"
+default_ttl = "60s"
+max_ttl = "60s"
+
+[keystore]
+{keystore}
+""")
+    return cfg
+
+
+def _start_config_daemon(state: Path, cfg: Path, extra_env: dict[str, str] | None = None,
+                         timeout: float = 30) -> RunningDaemon:
+    log = state.parent / f"{state.name}.log"
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), **(extra_env or {}))
+    with open(log, "ab") as log_fh:
+        proc = subprocess.Popen([sys.executable, "-m", "badged", "--config", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=log_fh, env=env)
+    assert proc.stdout is not None
+    deadline, buf = time.monotonic() + timeout, b""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            buf += os.read(proc.stdout.fileno(), 4096)
+            if b"badged ready" in buf:
+                return RunningDaemon(state, proc, log)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"daemon did not start: {buf!r}\n{log.read_text(errors='replace')}")
+
+
+def _create_agent(d: RunningDaemon) -> None:
+    with AdminClient(d.admin) as admin:
+        admin.create_agent("demo-agent")
+
+
+def _fetch_until_ok(sock: Path, deadline_s: float = 20) -> Any:
+    """Recovery without a restart: the first calls after swtpm returns may
+    still see the old connection fail; a deadline, not a sleep, bounds it."""
+    deadline = time.monotonic() + deadline_s
+    with WorkloadClient(sock) as wl:
+        while True:
+            try:
+                return wl.fetch_token(audience="demo", scopes=["read"])
+            except UnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _wait_first(procs: list[subprocess.Popen[bytes]], deadline_s: float = 30) -> None:
+    deadline = time.monotonic() + deadline_s
+    for p in procs:
+        assert p.stderr is not None
+        buf = b""
+        while b"first" not in buf:
+            assert time.monotonic() < deadline, "a loader never got a token"
+            if select.select([p.stderr], [], [], 0.2)[0]:
+                chunk = os.read(p.stderr.fileno(), 4096)
+                assert chunk, f"loader exited: {buf!r}"
+                buf += chunk
+
+
+@pytest.mark.tpm
+@pytest.mark.parametrize("mode", ["direct", "session"])
+def test_killing_swtpm_under_load_loses_no_acknowledged_credential(
+        mode: str, swtpm_instance: SwtpmInstance) -> None:
+    """Every jti a client received is in the audit log, through a TPM power cut.
+
+    In direct mode requests during the cut fail with UNAVAILABLE; in session
+    mode they keep being served from the in-memory key. Either way, after
+    swtpm returns the same daemon serves again and the audit log holds every
+    acknowledged credential.
+    """
+    base = swtpm_instance.base
+    state = base / "d"
+    state.mkdir(mode=0o755)
+    cfg = _write_config(state, keystore=f"""backend = "tpm"
+tcti = "{swtpm_instance.tcti}"
+key_dir = "{swtpm_instance.key_dir}"
+signing_mode = "{mode}"
+""")
+    d = _start_config_daemon(state, cfg)
+    received: list[str] = []
+    loaders: list[subprocess.Popen[bytes]] = []
+    stop_file = base / "stop"
+    try:
+        _create_agent(d)
+        env = dict(os.environ, PYTHONPATH=_pythonpath())
+        loaders = [subprocess.Popen([sys.executable, str(ROOT / "tests/session/loader.py"),
+                                     str(d.workload), str(stop_file)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                   for _ in range(4)]
+        _wait_first(loaders)
+        swtpm_instance.kill()
+        with WorkloadClient(d.workload) as wl:
+            if mode == "direct":
+                with pytest.raises(UnavailableError):  # fails closed while the TPM is gone
+                    wl.fetch_token(audience="demo", scopes=["read"])
+            else:  # the certified in-memory key keeps serving
+                tok = wl.fetch_token(audience="demo", scopes=["read"])
+                received.append(tok.jti)
+                verify_session_chain(tok.token, wl.jwks(), now=time.time())
+        time.sleep(0.3)  # let the load run against the dead TPM (not an assertion)
+        swtpm_instance.start()
+        received.append(_fetch_until_ok(d.workload).jti)
+        stop_file.touch()
+        errors: list[str] = []
+        for p in loaders:
+            out, _ = p.communicate(timeout=60)
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            received += result["jtis"]
+            errors += result["errors"]
+        assert all(e.startswith("UNAVAILABLE") for e in errors), errors[:5]
+        print(f"{mode}: {len(received)} tokens received, {len(errors)} UNAVAILABLE during the cut")
+    finally:
+        stop_file.touch()
+        for p in loaders:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert d.stop() == 0, d.log_text()[-2000:]
+    out = subprocess.run(badgectl_cmd("audit", "export", "--dir", str(state / "audit")),
+                         env=d.env(), capture_output=True, check=True).stdout
+    audited = {json.loads(line).get("jti") for line in out.decode().splitlines() if line.strip()}
+    missing = set(received) - audited
+    assert received and not missing, f"{len(missing)} acknowledged tokens not audited"
