@@ -63,11 +63,12 @@ def client_attestation_claims(*, attester: str, client_id: str,
                               evidence: Mapping[str, Any]) -> dict[str, Any]:
     """The attestation: who attests (``iss``), for which client (``sub``),
     which key (``cnf.jwk``), and the evidence summary (``hwkey``, ``workload``,
-    ``eat_profile``) copied from the device-signed evidence claims."""
+    ``eat_profile``, and on a TPM the ``tpm2_certify`` itself) copied from the
+    device-signed evidence claims."""
     iat, exp = _window(now, ttl_seconds, MAX_ATTESTATION_TTL)
     claims: dict[str, Any] = {"iss": attester, "sub": client_id, "iat": iat, "nbf": iat,
                               "exp": exp, "cnf": {"jwk": ec_public_jwk(agent_key)}}
-    for name in ("eat_profile", "hwkey", "workload", "agent"):
+    for name in ("eat_profile", "hwkey", "workload", "agent", "tpm2_certify"):
         if name in evidence:
             claims[name] = evidence[name]
     return claims
