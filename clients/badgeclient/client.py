@@ -241,7 +241,7 @@ class WorkloadClient(_Base):
 
     def fetch_token(self, *, audience: str, scopes: Sequence[str] = (), ttl_seconds: int = 0,
                     agent: str | None = None, delegation: str | None = None,
-                    reason: str = "") -> Token:
+                    reason: str = "", dpop_bound: bool = False) -> Token:
         """A short-lived JWT. With ``delegation``, sub = the user and act.sub = the agent.
 
         If the policy requires approval this call blocks until an operator
@@ -249,7 +249,7 @@ class WorkloadClient(_Base):
         """
         r = self._call(self._stub.FetchToken, workload_pb2.FetchTokenRequest(
             agent=agent or "", audience=audience, scopes=list(scopes), ttl_seconds=ttl_seconds,
-            delegation=delegation or "", reason=reason))
+            delegation=delegation or "", reason=reason, dpop_bound=dpop_bound))
         return Token(r.token, r.agent, r.spiffe_id, r.issued_at, r.expires_at, r.jti, r.key_id)
 
     def sign(self, data: bytes, *, context: str = "", agent: str | None = None) -> Signature:

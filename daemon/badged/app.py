@@ -222,7 +222,8 @@ class Daemon:
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
-        for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService"):
+        for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService",
+                    "badged.v1.CredentialService", "badged.v1.EnrollmentService"):
             await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})

@@ -46,14 +46,17 @@ def cli() -> None:
 @click.option("--agent", default=None, help="Agent to act as, if the caller maps to several.")
 @click.option("--delegation", default=None, help="Act for a user under this delegation id.")
 @click.option("--reason", default="", help="Why; shown to the operator if approval is needed.")
+@click.option("--dpop", "dpop_bound", is_flag=True,
+              help="Bind the token to the agent's DPoP key (cnf.jkt, RFC 9449).")
 @click.option("--json", "as_json", is_flag=True, help="Print the token and its metadata as JSON.")
 @socket_option
 def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None,
-          delegation: str | None, reason: str, as_json: bool, socket_path: str | None) -> None:
+          delegation: str | None, reason: str, dpop_bound: bool, as_json: bool,
+          socket_path: str | None) -> None:
     """Fetch a short-lived access token (JWT) for this process's agent identity."""
     with WorkloadClient(socket_path) as client:
         tok = client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl, agent=agent,
-                                 delegation=delegation, reason=reason)
+                                 delegation=delegation, reason=reason, dpop_bound=dpop_bound)
     if as_json:
         _emit_json({"token": tok.token, "agent": tok.agent, "spiffe_id": tok.spiffe_id,
                     "jti": tok.jti, "kid": tok.key_id, "issued_at": tok.issued_at,
@@ -195,20 +198,24 @@ def agent_revoke(name: str, reason: str, as_json: bool, admin_socket: str | None
         _print_agent(client.revoke_agent(name, reason), as_json)
 
 
-def _register_optional() -> None:
+def _register_commands() -> None:
     """Command groups that live in their own modules, registered in one place."""
+    from badgeclient._cli.audit import audit_group
+    from badgeclient._cli.ca import ca_group
+    from badgeclient._cli.credentials import COMMANDS as CREDENTIAL_COMMANDS
+    from badgeclient._cli.enroll import enroll_group
     from badgeclient._cli.policy import COMMANDS as POLICY_COMMANDS
+    from badgeclient._cli.verify import verify_command
 
-    for command in POLICY_COMMANDS:
+    for command in (*POLICY_COMMANDS, *CREDENTIAL_COMMANDS):
         cli.add_command(command)
-    try:
-        from badgeclient._cli.audit import audit_group
-    except ImportError:
-        return
     cli.add_command(audit_group, "audit")
+    cli.add_command(enroll_group, "enroll")
+    cli.add_command(ca_group, "ca")
+    cli.add_command(verify_command, "verify")
 
 
-_register_optional()
+_register_commands()
 
 
 def main() -> None:

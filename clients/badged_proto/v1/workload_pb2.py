@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x64ged_proto/v1/workload.proto\x12\tbadged.v1\"}\n\x11\x46\x65tchTokenRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x12\n\ndelegation\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x89\x01\n\x12\x46\x65tchTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0b\n\x03jti\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\";\n\x0bSignRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\"\x83\x01\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0esigned_message\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x0f\n\rWhoAmIRequest\"\x88\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x0e\n\x06groups\x18\x04 \x03(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x12\n\nexe_sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12\x11\n\tselectors\x18\x08 \x03(\t\"\x87\x01\n\nAgentMatch\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x17\n\x0fmax_ttl_seconds\x18\x06 \x01(\r\x12\r\n\x05kinds\x18\x07 \x03(\t\"7\n\x08RuleMiss\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x85\x01\n\x0eWhoAmIResponse\x12\'\n\x07process\x18\x01 \x01(\x0b\x32\x16.badged.v1.ProcessInfo\x12%\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x15.badged.v1.AgentMatch\x12#\n\x06misses\x18\x03 \x03(\x0b\x32\x13.badged.v1.RuleMiss\"h\n\x0f\x44\x65legateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xae\x01\n\nDelegation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\taudiences\x18\x05 \x03(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t2\xd5\x02\n\x0fWorkloadService\x12I\n\nFetchToken\x12\x1c.badged.v1.FetchTokenRequest\x1a\x1d.badged.v1.FetchTokenResponse\x12\x37\n\x04Sign\x12\x16.badged.v1.SignRequest\x1a\x17.badged.v1.SignResponse\x12@\n\x07GetJwks\x12\x19.badged.v1.GetJwksRequest\x1a\x1a.badged.v1.GetJwksResponse\x12=\n\x06WhoAmI\x12\x18.badged.v1.WhoAmIRequest\x1a\x19.badged.v1.WhoAmIResponse\x12=\n\x08\x44\x65legate\x12\x1a.badged.v1.DelegateRequest\x1a\x15.badged.v1.Delegationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x64ged_proto/v1/workload.proto\x12\tbadged.v1\"\x91\x01\n\x11\x46\x65tchTokenRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x12\n\ndelegation\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndpop_bound\x18\x07 \x01(\x08\"\x89\x01\n\x12\x46\x65tchTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0b\n\x03jti\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\";\n\x0bSignRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\"\x83\x01\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0esigned_message\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x0f\n\rWhoAmIRequest\"\x88\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x0e\n\x06groups\x18\x04 \x03(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x12\n\nexe_sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12\x11\n\tselectors\x18\x08 \x03(\t\"\x87\x01\n\nAgentMatch\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x17\n\x0fmax_ttl_seconds\x18\x06 \x01(\r\x12\r\n\x05kinds\x18\x07 \x03(\t\"7\n\x08RuleMiss\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x85\x01\n\x0eWhoAmIResponse\x12\'\n\x07process\x18\x01 \x01(\x0b\x32\x16.badged.v1.ProcessInfo\x12%\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x15.badged.v1.AgentMatch\x12#\n\x06misses\x18\x03 \x03(\x0b\x32\x13.badged.v1.RuleMiss\"h\n\x0f\x44\x65legateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xae\x01\n\nDelegation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\taudiences\x18\x05 \x03(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t2\xd5\x02\n\x0fWorkloadService\x12I\n\nFetchToken\x12\x1c.badged.v1.FetchTokenRequest\x1a\x1d.badged.v1.FetchTokenResponse\x12\x37\n\x04Sign\x12\x16.badged.v1.SignRequest\x1a\x17.badged.v1.SignResponse\x12@\n\x07GetJwks\x12\x19.badged.v1.GetJwksRequest\x1a\x1a.badged.v1.GetJwksResponse\x12=\n\x06WhoAmI\x12\x18.badged.v1.WhoAmIRequest\x1a\x19.badged.v1.WhoAmIResponse\x12=\n\x08\x44\x65legate\x12\x1a.badged.v1.DelegateRequest\x1a\x15.badged.v1.Delegationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'badged_proto.v1.workload_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FETCHTOKENREQUEST']._serialized_start=45
-  _globals['_FETCHTOKENREQUEST']._serialized_end=170
-  _globals['_FETCHTOKENRESPONSE']._serialized_start=173
-  _globals['_FETCHTOKENRESPONSE']._serialized_end=310
-  _globals['_SIGNREQUEST']._serialized_start=312
-  _globals['_SIGNREQUEST']._serialized_end=371
-  _globals['_SIGNRESPONSE']._serialized_start=374
-  _globals['_SIGNRESPONSE']._serialized_end=505
-  _globals['_GETJWKSREQUEST']._serialized_start=507
-  _globals['_GETJWKSREQUEST']._serialized_end=523
-  _globals['_GETJWKSRESPONSE']._serialized_start=525
-  _globals['_GETJWKSRESPONSE']._serialized_end=561
-  _globals['_WHOAMIREQUEST']._serialized_start=563
-  _globals['_WHOAMIREQUEST']._serialized_end=578
-  _globals['_PROCESSINFO']._serialized_start=581
-  _globals['_PROCESSINFO']._serialized_end=717
-  _globals['_AGENTMATCH']._serialized_start=720
-  _globals['_AGENTMATCH']._serialized_end=855
-  _globals['_RULEMISS']._serialized_start=857
-  _globals['_RULEMISS']._serialized_end=912
-  _globals['_WHOAMIRESPONSE']._serialized_start=915
-  _globals['_WHOAMIRESPONSE']._serialized_end=1048
-  _globals['_DELEGATEREQUEST']._serialized_start=1050
-  _globals['_DELEGATEREQUEST']._serialized_end=1154
-  _globals['_DELEGATION']._serialized_start=1157
-  _globals['_DELEGATION']._serialized_end=1331
-  _globals['_WORKLOADSERVICE']._serialized_start=1334
-  _globals['_WORKLOADSERVICE']._serialized_end=1675
+  _globals['_FETCHTOKENREQUEST']._serialized_start=46
+  _globals['_FETCHTOKENREQUEST']._serialized_end=191
+  _globals['_FETCHTOKENRESPONSE']._serialized_start=194
+  _globals['_FETCHTOKENRESPONSE']._serialized_end=331
+  _globals['_SIGNREQUEST']._serialized_start=333
+  _globals['_SIGNREQUEST']._serialized_end=392
+  _globals['_SIGNRESPONSE']._serialized_start=395
+  _globals['_SIGNRESPONSE']._serialized_end=526
+  _globals['_GETJWKSREQUEST']._serialized_start=528
+  _globals['_GETJWKSREQUEST']._serialized_end=544
+  _globals['_GETJWKSRESPONSE']._serialized_start=546
+  _globals['_GETJWKSRESPONSE']._serialized_end=582
+  _globals['_WHOAMIREQUEST']._serialized_start=584
+  _globals['_WHOAMIREQUEST']._serialized_end=599
+  _globals['_PROCESSINFO']._serialized_start=602
+  _globals['_PROCESSINFO']._serialized_end=738
+  _globals['_AGENTMATCH']._serialized_start=741
+  _globals['_AGENTMATCH']._serialized_end=876
+  _globals['_RULEMISS']._serialized_start=878
+  _globals['_RULEMISS']._serialized_end=933
+  _globals['_WHOAMIRESPONSE']._serialized_start=936
+  _globals['_WHOAMIRESPONSE']._serialized_end=1069
+  _globals['_DELEGATEREQUEST']._serialized_start=1071
+  _globals['_DELEGATEREQUEST']._serialized_end=1175
+  _globals['_DELEGATION']._serialized_start=1178
+  _globals['_DELEGATION']._serialized_end=1352
+  _globals['_WORKLOADSERVICE']._serialized_start=1355
+  _globals['_WORKLOADSERVICE']._serialized_end=1696
 # @@protoc_insertion_point(module_scope)

@@ -31,6 +31,7 @@ class FetchTokenRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     DELEGATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DPOP_BOUND_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Agent name to act as; may be empty when the caller maps to exactly one."""
     audience: _builtins.str
@@ -40,6 +41,10 @@ class FetchTokenRequest(_message.Message):
     """Act for a user under this delegation grant: sub = the user, act.sub = the agent."""
     reason: _builtins.str
     """Why the agent asks; shown to the operator when approval is required."""
+    dpop_bound: _builtins.bool
+    """Bind the token to the agent's DPoP key (RFC 9449 cnf.jkt): useless
+    without a proof from `badgectl dpop` / CredentialService.DpopProof.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -51,10 +56,11 @@ class FetchTokenRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         delegation: _builtins.str = ...,
         reason: _builtins.str = ...,
+        dpop_bound: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "delegation", b"delegation", "reason", b"reason", "scopes", b"scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "delegation", b"delegation", "dpop_bound", b"dpop_bound", "reason", b"reason", "scopes", b"scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -169,6 +169,10 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
             # RFC 8693: the token is about the user, acted on by the agent.
             subject = f"spiffe://{d.trust_domain}/user/{decision.delegation.user}"
             extra["act"] = {"sub": key.spiffe_id}
+        if request.dpop_bound:
+            # Proofs are signed by the hardware token key (also in session
+            # mode), so the binding names that key's RFC 7638 thumbprint.
+            extra["cnf"] = {"jkt": d.agents.token_key(key.agent).kid}
         if approval is not None:
             extra["approval"] = {"id": approval.id, "by": approval.decided_by,
                                  "at": int(approval.decided_at)}
