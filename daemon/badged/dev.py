@@ -27,7 +27,10 @@ from badged.swtpm import provision as provision_tpm
 
 BACKENDS = ("softhsm", "tpm")
 
-DEV_AUDIENCES = ("https://api.example.com", "demo")
+# The demo agent's audiences: an API, the demo, and an OAuth server plus a
+# resource server for trying client assertions, attestations and DPoP.
+DEV_AUDIENCES = ("https://api.example.com", "demo", "https://as.example.com/token",
+                 "https://as.example.com", "https://rs.example.com")
 DEV_SCOPES = ("read", "write")
 
 
@@ -40,7 +43,7 @@ def dev_policy(agent: str, uid: int) -> str:
 [bundle.demo]
 audiences = [{audiences}]
 scopes = [{scopes}]
-kinds = ["token", "sign"]
+kinds = ["token", "sign", "assertion", "dpop", "csr"]
 max_ttl = "1h"
 
 # Not bound to anyone: an operator adds it for a while with
