@@ -166,7 +166,7 @@ def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, p
             for n in plan.ssh_agent:
                 _load_row(rows, "ssh-agent", "ssh-agent + PKCS#11 sign", n, [spec], plan,
                           server_pid=agent.pid)
-        except Unavailable as exc:
+        except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             _unavailable(rows, "ssh-agent", "ssh-agent + PKCS#11 sign", str(exc))
         finally:
             agent.stop()
@@ -182,7 +182,7 @@ def bench_peers(rows: list[Row], plan: Plan, token: provision.Token, key: str, p
             for n in plan.p11kit:
                 _load_row(rows, "p11-kit", "p11-kit server remoting", n, [spec], plan,
                           server_pid=server.pid)
-        except Unavailable as exc:
+        except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             _unavailable(rows, "p11-kit", "p11-kit server remoting", str(exc))
         finally:
             server.stop()
@@ -258,7 +258,7 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
              f"{soak.ops_per_s:,.0f} ops/s" + (f", error: {soak.error}" if soak.error else ""))
         if paired is not None:
             paired(fetch, sign, pid)
-    except Unavailable as exc:
+    except (Unavailable, OSError, subprocess.TimeoutExpired) as exc:
         reason = str(exc)
         rep.badged["unavailable"] = reason
         _unavailable(rows, "badged-fetch", "badged", reason)
@@ -281,7 +281,7 @@ def _paired(rep: Report, plan: Plan, token: provision.Token, public: str, fetch:
                                 warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh,
                                 ssh_pid=agent.pid, fetch=fetch, sign=sign,
                                 badged_pid=badged_pid, say=_say)
-    except (Unavailable, RuntimeError) as exc:
+    except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         rep.paired = {"error": str(exc)[:500]}
         _say(f"paired rounds failed: {exc}")
     finally:
