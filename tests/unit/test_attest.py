@@ -108,3 +108,31 @@ def test_read_peer_on_real_socketpair() -> None:
         assert reg.connections_of(os.getuid()) == 1
         reg.release("badged-x")
         assert reg.connections_of(os.getuid()) == 0 and len(reg) == 0
+
+
+def test_exec_is_noticed_on_the_next_request() -> None:
+    """Caching must not hide an exec: same pid (same pidfd), new executable."""
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, sys; os.read(int(sys.argv[1]), 1); os.execv('/bin/sleep', ['sleep', '30'])",
+         str(r)], pass_fds=[r])
+    try:
+        peer = PeerCredentials(child.pid, os.getuid(), os.getgid(), _pidfd(child.pid),
+                               proc_start_time(child.pid), "workload")
+        attestor = ProcessAttestor()
+        before = attestor.attest(peer)
+        assert before.exe == os.path.realpath(sys.executable)
+        os.write(w, b"x")
+        for _ in range(100):
+            after = attestor.attest(peer)
+            if after.exe != before.exe:
+                break
+            time.sleep(0.02)
+        assert after.exe == os.path.realpath("/bin/sleep")
+        assert after.exe_sha256 != before.exe_sha256
+    finally:
+        child.kill()
+        child.wait()
+        os.close(r)
+        os.close(w)

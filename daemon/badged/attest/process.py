@@ -115,6 +115,7 @@ class ProcessAttestor:
 
     def __init__(self, *, cache_size: int = 1024) -> None:
         self._hashes: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self._paths: OrderedDict[tuple[int, tuple[int, int, int, int]], str] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # (pid, start_time) -> (read_at, groups, cgroup, chain)
@@ -184,34 +185,53 @@ class ProcessAttestor:
         return None
 
     def _exe(self, pid: int) -> tuple[str | None, str | None]:
+        # Hot path: one stat() through the magic link identifies the mapped
+        # file (dev, inode, size, mtime); when that file was seen before, its
+        # hash and this process's path are known and nothing else is read.
+        # An exec changes the inode, so it is still noticed on the next call.
         try:
-            path = os.readlink(f"/proc/{pid}/exe")
-            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+            st = os.stat(f"/proc/{pid}/exe")
         except OSError:
             # Another user's process without CAP_SYS_PTRACE: exe unknown, and
             # every exe-based selector fails closed.
             return None, None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            digest = self._hashes.get(key)
+            path = self._paths.get((pid, key)) if digest is not None else None
+        if digest is not None and path is not None:
+            return path, digest
+        try:
+            path = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+            if digest is None:
+                digest = self._hash_exe(pid, key)
+        except OSError:
+            return None, None
+        if digest is None:  # the file changed under us: no identity
+            return None, None
+        with self._lock:
+            self._paths[(pid, key)] = path
+            while len(self._paths) > self._cache_size:
+                self._paths.popitem(last=False)
+        return path, digest
+
+    def _hash_exe(self, pid: int, key: tuple[int, int, int, int]) -> str | None:
+        fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            with self._lock:
-                digest = self._hashes.get(key)
-                if digest is not None:
-                    self._hashes.move_to_end(key)
-            if digest is None:
-                h = hashlib.sha256()
-                while chunk := os.read(fd, 1 << 20):
-                    h.update(chunk)
-                digest = h.hexdigest()
-                with self._lock:
-                    self._hashes[key] = digest
-                    while len(self._hashes) > self._cache_size:
-                        self._hashes.popitem(last=False)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != key:
+                return None
+            h = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            digest = h.hexdigest()
         finally:
             os.close(fd)
-        if path.endswith(" (deleted)"):
-            path = path[: -len(" (deleted)")]
-        return path, digest
+        with self._lock:
+            self._hashes[key] = digest
+            while len(self._hashes) > self._cache_size:
+                self._hashes.popitem(last=False)
+        return digest
 
 
 def _ppid(pid: int) -> int:
