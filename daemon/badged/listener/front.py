@@ -25,6 +25,7 @@ import secrets
 import socket
 import stat
 from pathlib import Path
+from typing import cast
 
 from badged.errors import ConfigError
 from badged.listener.peers import PeerCredentials, PeerRegistry, read_peer
@@ -60,7 +61,8 @@ class _ClientSide(asyncio.Protocol):
         self.link = link
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses but have its API.
+        transport = cast(asyncio.Transport, transport)
         link = self.link
         link.client = transport
         link.front.links.add(link)
