@@ -97,14 +97,6 @@ class Daemon:
             store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
         self.agents.reconcile()
-        self.session_keys: SessionKeyManager | None = None
-        if cfg.effective_signing_mode == "session":
-            # Tokens are signed by in-memory keys the hardware key certifies.
-            self.session_keys = SessionKeyManager(
-                self.agents, clock=self._clock, issuer=cfg.effective_issuer,
-                schedule=Schedule(period=cfg.session_key_period, max_ttl=cfg.max_ttl),
-                persist_path=cfg.private_dir / "session-keys.json",
-                scheduler=asyncio.get_running_loop().call_later)
         policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
         if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
@@ -128,6 +120,14 @@ class Daemon:
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
+        self.session_keys: SessionKeyManager | None = None
+        if cfg.effective_signing_mode == "session":
+            # Tokens are signed by in-memory keys the hardware key certifies.
+            self.session_keys = SessionKeyManager(
+                self.agents, clock=self._clock, issuer=cfg.effective_issuer,
+                schedule=Schedule(period=cfg.session_key_period, max_ttl=cfg.max_ttl),
+                persist_path=cfg.private_dir / "session-keys.json",
+                scheduler=asyncio.get_running_loop().call_later, audit=audit.append_sync)
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
             attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,

@@ -315,6 +315,14 @@ signing_mode = "{mode}"
         assert d.stop() == 0, d.log_text()[-2000:]
     out = subprocess.run(badgectl_cmd("audit", "export", "--dir", str(state / "audit")),
                          env=d.env(), capture_output=True, check=True).stdout
-    audited = {json.loads(line).get("jti") for line in out.decode().splitlines() if line.strip()}
+    records = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    audited = {r.get("jti") for r in records}
     missing = set(received) - audited
     assert received and not missing, f"{len(missing)} acknowledged tokens not audited"
+    # Every token's kid resolves, in the same log, to a hardware-certified key.
+    certified = {r["kid"] for r in records if r["event"] == "session_key.certified"}
+    token_kids = {r["kid"] for r in records if r["event"] == "token.issued"}
+    if mode == "session":
+        assert certified and token_kids <= certified
+    else:
+        assert not certified

@@ -439,3 +439,29 @@ def test_sweep_drops_private_key_without_traffic(tmp_path: Path) -> None:
 def test_sign_stays_on_the_hardware_key(tmp_path: Path) -> None:
     reg, mgr, _, _, _ = _setup(tmp_path)
     assert mgr.sign_key("bot").kid == reg.get("bot").current.sign_kid
+
+
+def test_certifications_are_audited_before_use_and_audit_failure_fails_closed(tmp_path: Path) -> None:
+    clock = FixedClock(T0)
+    reg = AgentRegistry(store=AgentStore(tmp_path / "agents.json"), keystore=MemoryKeyStore(),
+                        clock=clock, trust_domain="example.org", max_token_ttl=600)
+    reg.create("bot")
+    events: list[dict[str, Any]] = []
+    broken = [False]
+
+    def audit(event: dict[str, Any]) -> None:
+        if broken[0]:
+            raise OSError("disk full")
+        events.append(event)
+
+    mgr = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, audit=audit)
+    key = mgr.token_key("bot")
+    assert [(e["event"], e["kid"], e["hardware_kid"]) for e in events] == [
+        ("session_key.certified", key.kid, reg.get("bot").current.token_kid)]
+    assert events[0]["exp"] == SCHED.expires_at(T0)
+    assert "cert" not in events[0] and "d" not in events[0]  # a hash, never key material
+    broken[0] = True
+    clock.now = T0 + 300  # must rotate, and cannot audit: no key is used
+    with pytest.raises(OSError):
+        mgr.token_key("bot")
+    assert mgr.active_private_keys() == 0 and _kids(mgr) == {key.kid}

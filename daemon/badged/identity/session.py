@@ -33,6 +33,7 @@ tokens are still valid.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import logging
 import threading
@@ -62,6 +63,9 @@ _logger = logging.getLogger(__name__)
 
 Scheduler = Callable[[float, Callable[[], None]], object]
 """``schedule(delay_seconds, callback)``, e.g. ``loop.call_later``."""
+
+AuditHook = Callable[[dict[str, Any]], object]
+"""Makes one audit event durable before returning (``AuditLog.append_sync``)."""
 
 
 class SessionKeyHandle:
@@ -135,13 +139,14 @@ class SessionKeyManager:
 
     def __init__(self, registry: AgentRegistry, *, clock: Clock, issuer: str, schedule: Schedule,
                  persist_path: Path | None = None, scheduler: Scheduler | None = None,
-                 retry_seconds: float = 5.0) -> None:
+                 audit: AuditHook | None = None, retry_seconds: float = 5.0) -> None:
         self._registry = registry
         self._clock = clock
         self._issuer = issuer
         self._schedule = schedule
         self._persist_path = persist_path
         self._scheduler = scheduler
+        self._audit = audit
         self._retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._mint_lock = threading.Lock()
@@ -249,6 +254,14 @@ class SessionKeyManager:
             except CertificationError as exc:
                 raise KeyStoreError(f"certification by {hw.kid} does not verify: {exc}") from None
             self.certifications += 1
+            if self._audit is not None:
+                # Durable before the key signs anything, so every token.issued
+                # record's kid resolves to a hardware key in the same log.
+                self._audit({"event": "session_key.certified", "agent": name, "kid": kid,
+                             "hardware_kid": hw.kid, "version": hw.version,
+                             "use_until": self._schedule.use_until(created),
+                             "exp": self._schedule.expires_at(created),
+                             "credential_sha256": hashlib.sha256(cert.encode()).hexdigest()})
             new = _Published(
                 agent=name, kid=kid, jwk=jwk, cert=cert, hw_version=hw.version,
                 created_at=created, use_until=self._schedule.use_until(created),
