@@ -123,11 +123,13 @@ class Daemon:
         self.session_keys: SessionKeyManager | None = None
         if cfg.effective_signing_mode == "session":
             # Tokens are signed by in-memory keys the hardware key certifies.
+            loop = asyncio.get_running_loop()
             self.session_keys = SessionKeyManager(
                 self.agents, clock=self._clock, issuer=cfg.effective_issuer,
                 schedule=Schedule(period=cfg.session_key_period, max_ttl=cfg.max_ttl),
                 persist_path=cfg.private_dir / "session-keys.json",
-                scheduler=asyncio.get_running_loop().call_later, audit=audit.append_sync)
+                scheduler=loop.call_later, audit=audit.append_sync,
+                background=lambda fn: loop.run_in_executor(None, fn))
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
             attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,

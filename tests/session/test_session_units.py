@@ -286,11 +286,15 @@ class FlakyKeyStore(MemoryKeyStore):
 
 
 class Scheduled:
+    """Records what the manager asks the event loop to run later."""
+
     def __init__(self) -> None:
         self.calls: list[float] = []
+        self.callbacks: list[tuple[float, Any]] = []
 
     def __call__(self, delay: float, callback: Any) -> None:
         self.calls.append(delay)
+        self.callbacks.append((delay, callback))
 
 
 def _setup(tmp_path: Path, *, persist: bool = True) -> tuple[AgentRegistry, SessionKeyManager,
@@ -326,7 +330,7 @@ def _mint(key: Any, now: float, ttl: int = 600) -> str:
 def test_rotation_schedule(tmp_path: Path) -> None:
     reg, mgr, store, clock, sched = _setup(tmp_path)
     k1 = mgr.token_key("bot")
-    assert store.signs == 1 and sched.calls == [300.0]
+    assert store.signs == 1 and sched.calls == [300.0]  # the sweep at use_until
     assert k1.kid not in {reg.get("bot").current.token_kid}  # not the hardware key
     clock.advance(149)
     assert mgr.token_key("bot").kid == k1.kid and store.signs == 1  # no hardware use
@@ -465,3 +469,66 @@ def test_certifications_are_audited_before_use_and_audit_failure_fails_closed(tm
     with pytest.raises(OSError):
         mgr.token_key("bot")
     assert mgr.active_private_keys() == 0 and _kids(mgr) == {key.kid}
+
+
+def _with_background(tmp_path: Path) -> tuple[AgentRegistry, SessionKeyManager, FlakyKeyStore,
+                                              FixedClock, Scheduled, list[Any]]:
+    clock = FixedClock(T0)
+    store = FlakyKeyStore()
+    reg = AgentRegistry(store=AgentStore(tmp_path / "agents.json"), keystore=store, clock=clock,
+                        trust_domain="example.org", max_token_ttl=600)
+    reg.create("bot")
+    sched = Scheduled()
+    jobs: list[Any] = []
+    mgr = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, scheduler=sched,
+                            background=jobs.append)
+    return reg, mgr, store, clock, sched, jobs
+
+
+def _fire(sched: Scheduled, delay: float) -> None:
+    for d, cb in list(sched.callbacks):
+        if d == delay:
+            cb()
+
+
+def test_background_rotation_at_half_life_only_for_used_keys(tmp_path: Path) -> None:
+    _, mgr, store, clock, sched, jobs = _with_background(tmp_path)
+    k1 = mgr.token_key("bot")
+    assert sorted(sched.calls) == [150.0, 300.0]  # rotation, then the sweep
+    clock.now = T0 + 150
+    _fire(sched, 150.0)
+    assert len(jobs) == 1
+    jobs.pop()()  # what the executor thread runs
+    assert store.signs == 2
+    # The new key is unused: its half-life passes without a certification.
+    clock.now = T0 + 150 + 149
+    _fire(sched, 150.0)
+    for job in jobs:
+        job()
+    assert store.signs == 2
+    k2 = mgr.token_key("bot")  # ready before anyone asked: no hardware on this request
+    assert k2.kid != k1.kid and store.signs == 2
+
+
+def test_background_rotation_of_a_revoked_agent_does_nothing(tmp_path: Path) -> None:
+    reg, mgr, store, clock, sched, jobs = _with_background(tmp_path)
+    mgr.token_key("bot")
+    reg.revoke("bot", "test")
+    clock.now = T0 + 150
+    _fire(sched, 150.0)
+    for job in jobs:
+        job()
+    assert store.signs == 1 and mgr.active_private_keys() == 0
+
+
+def test_requests_never_wait_for_a_certification_under_way(tmp_path: Path) -> None:
+    _, mgr, store, clock, _, _ = _with_background(tmp_path)
+    k1 = mgr.token_key("bot")
+    clock.now = T0 + 200  # past half-life, a certification is running elsewhere
+    assert mgr._mint_lock.acquire()
+    try:
+        assert mgr.token_key("bot").kid == k1.kid  # served at once with the current key
+    finally:
+        mgr._mint_lock.release()
+    assert store.signs == 1
+    assert mgr.token_key("bot").kid != k1.kid  # and the request after it rotates

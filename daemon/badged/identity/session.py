@@ -13,10 +13,13 @@ service does not know which mode it runs in. Lifecycle of one session key
 * made on the first token request for the agent: generated with
   ``ec.generate_private_key`` (never serialized, never written anywhere),
   certified by the hardware key, its *public* entry persisted, then used;
-* from ``rotate_at`` (half the period) each request tries to make the next
-  key; if the hardware fails, the current key keeps signing until
-  ``use_until`` and the attempt is retried after ``retry_seconds``; only a
-  key past ``use_until`` and a dead TPM fail the request (UNAVAILABLE);
+* at ``rotate_at`` (half the period) the next key is certified in the
+  background (executor thread), if the current one was used at all, so no
+  request waits for the hardware; requests after ``rotate_at`` try too, but
+  never wait for a certification already running. If the hardware fails, the
+  current key keeps signing until ``use_until`` and requests retry every
+  ``retry_seconds``; only a key past ``use_until`` and a dead TPM fail the
+  request (UNAVAILABLE);
 * at ``use_until``, or when the agent's hardware key rotates, the private
   key is dropped (a timer does it even with no traffic), while the public key
   and its certification stay in the JWKS until ``exp``, after the last token
@@ -63,6 +66,9 @@ _logger = logging.getLogger(__name__)
 
 Scheduler = Callable[[float, Callable[[], None]], object]
 """``schedule(delay_seconds, callback)``, e.g. ``loop.call_later``."""
+
+Background = Callable[[Callable[[], None]], object]
+"""Runs a callable off the event loop, e.g. ``loop.run_in_executor(None, fn)``."""
 
 AuditHook = Callable[[dict[str, Any]], object]
 """Makes one audit event durable before returning (``AuditLog.append_sync``)."""
@@ -117,6 +123,7 @@ class _Published:
     rotate_at: int
     expires_at: int
     handle: SessionKeyHandle | None = field(default=None, repr=False)
+    used: bool = False
 
     def entry(self) -> dict[str, str]:
         return {**self.jwk, "kid": self.kid, "use": "sig", "alg": "ES256", JWKS_MEMBER: self.cert}
@@ -139,7 +146,9 @@ class SessionKeyManager:
 
     def __init__(self, registry: AgentRegistry, *, clock: Clock, issuer: str, schedule: Schedule,
                  persist_path: Path | None = None, scheduler: Scheduler | None = None,
-                 audit: AuditHook | None = None, retry_seconds: float = 5.0) -> None:
+                 audit: AuditHook | None = None,
+                 background: Background | None = None,
+                 retry_seconds: float = 5.0) -> None:
         self._registry = registry
         self._clock = clock
         self._issuer = issuer
@@ -147,6 +156,7 @@ class SessionKeyManager:
         self._persist_path = persist_path
         self._scheduler = scheduler
         self._audit = audit
+        self._background = background
         self._retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._mint_lock = threading.Lock()
@@ -176,10 +186,15 @@ class SessionKeyManager:
             early = (cur is not None and now >= cur.rotate_at
                      and now >= self._retry_after.get(name, 0.0))
         if cur is None:
-            cur = self._make(name)
+            made = self._make(name, blocking=True)
+            assert made is not None
+            cur = made
         elif early:
+            cur.used = True
             try:
-                cur = self._make(name)
+                # Never wait here for a rotation already running (in the
+                # background or another request): the current key is fine.
+                cur = self._make(name, blocking=False) or cur
             except KeyStoreError as exc:
                 # The current key is still good until use_until: keep serving.
                 with self._lock:
@@ -187,6 +202,7 @@ class SessionKeyManager:
                 _logger.warning("session key rotation failed; current key still valid",
                                 extra={"agent": name, "error": str(exc),
                                        "use_until": cur.use_until})
+        cur.used = True
         handle = cur.handle
         if handle is None:  # retired between the lookups: rotated or revoked just now
             raise KeyStoreUnavailableError(f"session key of {name} was retired during the request")
@@ -225,70 +241,100 @@ class SessionKeyManager:
 
     # -- making a key ----------------------------------------------------------------
 
-    def _make(self, name: str) -> _Published:
-        with self._mint_lock:
-            version = self._registry.active(name).current.version
-            with self._lock:
-                generation = self._generation.get(name, 0)
-                cur = self._current.get(name)
-                now = self._clock()
-                if (cur is not None and cur.handle is not None and now < cur.rotate_at
-                        and cur.hw_version == version):
-                    return cur  # another request rotated while we waited
-            hw = self._registry.token_key(name)  # raises if revoked meanwhile
-            created = int(now)
-            private = ec.generate_private_key(ec.SECP256R1())
-            public = private.public_key()
-            jwk = ec_public_jwk(public)
-            kid = jwk_thumbprint(jwk)
-            claims = certification_claims(issuer=self._issuer, subject=hw.spiffe_id,
-                                          session_key=public, created=created,
-                                          schedule=self._schedule)
-            cert = mint_certification(claims, hardware_kid=hw.kid,
-                                      sign_der=lambda data: hw.handle.sign(data, ES256))
-            try:
-                # Catches a backend that returns garbage: one verify per rotation.
-                verify_certification(cert, hardware_key=hw.handle.public_key(), session_jwk=jwk,
-                                     now=now, expected_subject=hw.spiffe_id,
-                                     expected_hardware_kid=hw.kid, leeway=0)
-            except CertificationError as exc:
-                raise KeyStoreError(f"certification by {hw.kid} does not verify: {exc}") from None
-            self.certifications += 1
-            if self._audit is not None:
-                # Durable before the key signs anything, so every token.issued
-                # record's kid resolves to a hardware key in the same log.
-                self._audit({"event": "session_key.certified", "agent": name, "kid": kid,
-                             "hardware_kid": hw.kid, "version": hw.version,
-                             "use_until": self._schedule.use_until(created),
-                             "exp": self._schedule.expires_at(created),
-                             "credential_sha256": hashlib.sha256(cert.encode()).hexdigest()})
-            new = _Published(
-                agent=name, kid=kid, jwk=jwk, cert=cert, hw_version=hw.version,
-                created_at=created, use_until=self._schedule.use_until(created),
-                rotate_at=self._schedule.rotate_at(created),
-                expires_at=self._schedule.expires_at(created),
-                handle=SessionKeyHandle(f"session/{name}/{kid[:16]}", private))
-            with self._lock:
-                if self._generation.get(name, 0) != generation:
-                    # Revoked or rotated while we signed: the new key is never used.
-                    raise KeyStoreUnavailableError(f"agent {name} changed during certification")
-                old = self._current.get(name)
-                if old is not None:
-                    self._retire(old)
-                self._current[name] = new
-                self._published.setdefault(name, []).append(new)
-                self._retry_after.pop(name, None)
-                self._expire(now)
-                snapshot = self._snapshot()
-            # Published (durably) before the first token it signs leaves the daemon.
-            self._persist(snapshot)
-            if self._scheduler is not None:
-                self._scheduler(max(0.0, new.use_until - now), self.sweep)
-            _logger.info("session key certified", extra={"agent": name, "kid": kid,
-                                                         "hardware_kid": hw.kid,
-                                                         "use_until": new.use_until,
-                                                         "exp": new.expires_at})
-            return new
+    def _make(self, name: str, *, blocking: bool) -> _Published | None:
+        """Certify a new key for ``name``; None if not ``blocking`` and a
+        certification is already under way."""
+        if not self._mint_lock.acquire(blocking=blocking):
+            return None
+        try:
+            return self._make_locked(name)
+        finally:
+            self._mint_lock.release()
+
+    def _rotate_in_background(self, name: str, kid: str) -> None:
+        """At ``rotate_at``, off the request path: the next key is ready before
+        anyone asks, so no request waits for the hardware (~200 ms on a real
+        TPM). Only keys that were used are rotated: idle agents cost nothing."""
+        with self._lock:
+            cur = self._current.get(name)
+            if cur is None or cur.kid != kid or not cur.used:
+                return
+        try:
+            self._make(name, blocking=True)
+        except Exception as exc:  # runs in an executor: log, the request path retries
+            _logger.warning("background session key rotation failed",
+                            extra={"agent": name, "error": str(exc)})
+
+    def _make_locked(self, name: str) -> _Published:
+        version = self._registry.active(name).current.version
+        with self._lock:
+            generation = self._generation.get(name, 0)
+            cur = self._current.get(name)
+            now = self._clock()
+            if (cur is not None and cur.handle is not None and now < cur.rotate_at
+                    and cur.hw_version == version):
+                return cur  # another request rotated while we waited
+        hw = self._registry.token_key(name)  # raises if revoked meanwhile
+        created = int(now)
+        private = ec.generate_private_key(ec.SECP256R1())
+        public = private.public_key()
+        jwk = ec_public_jwk(public)
+        kid = jwk_thumbprint(jwk)
+        claims = certification_claims(issuer=self._issuer, subject=hw.spiffe_id,
+                                      session_key=public, created=created,
+                                      schedule=self._schedule)
+        cert = mint_certification(claims, hardware_kid=hw.kid,
+                                  sign_der=lambda data: hw.handle.sign(data, ES256))
+        try:
+            # Catches a backend that returns garbage: one verify per rotation.
+            verify_certification(cert, hardware_key=hw.handle.public_key(), session_jwk=jwk,
+                                 now=now, expected_subject=hw.spiffe_id,
+                                 expected_hardware_kid=hw.kid, leeway=0)
+        except CertificationError as exc:
+            raise KeyStoreError(f"certification by {hw.kid} does not verify: {exc}") from None
+        self.certifications += 1
+        if self._audit is not None:
+            # Durable before the key signs anything, so every token.issued
+            # record's kid resolves to a hardware key in the same log.
+            self._audit({"event": "session_key.certified", "agent": name, "kid": kid,
+                         "hardware_kid": hw.kid, "version": hw.version,
+                         "use_until": self._schedule.use_until(created),
+                         "exp": self._schedule.expires_at(created),
+                         "credential_sha256": hashlib.sha256(cert.encode()).hexdigest()})
+        new = _Published(
+            agent=name, kid=kid, jwk=jwk, cert=cert, hw_version=hw.version,
+            created_at=created, use_until=self._schedule.use_until(created),
+            rotate_at=self._schedule.rotate_at(created),
+            expires_at=self._schedule.expires_at(created),
+            handle=SessionKeyHandle(f"session/{name}/{kid[:16]}", private))
+        # Published (durably) before any request can pick the key up.
+        with self._lock:
+            self._check_generation(name, generation)
+            self._expire(now)
+            snapshot = self._snapshot(also=new)
+        self._persist(snapshot)
+        with self._lock:
+            self._check_generation(name, generation)
+            old = self._current.get(name)
+            if old is not None:
+                self._retire(old)
+            self._current[name] = new
+            self._published.setdefault(name, []).append(new)
+            self._retry_after.pop(name, None)
+        if self._scheduler is not None:
+            self._scheduler(max(0.0, new.use_until - now), self.sweep)
+            if self._background is not None:
+                background = self._background
+
+                def rotate_later() -> None:
+                    background(lambda: self._rotate_in_background(name, kid))
+
+                self._scheduler(max(0.0, new.rotate_at - now), rotate_later)
+        _logger.info("session key certified", extra={"agent": name, "kid": kid,
+                                                     "hardware_kid": hw.kid,
+                                                     "use_until": new.use_until,
+                                                     "exp": new.expires_at})
+        return new
 
     # -- lifecycle (lock held) -------------------------------------------------------
 
@@ -326,8 +372,15 @@ class SessionKeyManager:
 
     # -- persistence of the public half ------------------------------------------------
 
-    def _snapshot(self) -> bytes:
+    def _check_generation(self, name: str, generation: int) -> None:
+        if self._generation.get(name, 0) != generation:
+            # Revoked or rotated while we signed: the new key is never used.
+            raise KeyStoreUnavailableError(f"agent {name} changed during certification")
+
+    def _snapshot(self, also: _Published | None = None) -> bytes:
         entries = [p.to_json() for agent in sorted(self._published) for p in self._published[agent]]
+        if also is not None:
+            entries.append(also.to_json())
         return json.dumps({"version": 1, "keys": entries}, sort_keys=True).encode()
 
     def _persist(self, snapshot: bytes) -> None:
