@@ -70,7 +70,10 @@ def _tool_version(cmd: list[str]) -> str:
     return (p.stdout or p.stderr).strip().splitlines()[0][:100] if (p.stdout or p.stderr) else "?"
 
 
-def _git_rev() -> str:
+def _git_rev(src: Path = REPO) -> str:
+    if src != REPO:  # e.g. a `git archive` export: no git metadata of its own
+        head = _git_rev()
+        return f"{head.removesuffix('+dirty')} (this repo's HEAD at run time; daemon from {src})"
     try:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10, check=False).stdout
@@ -82,14 +85,14 @@ def _git_rev() -> str:
     return rev.strip() + ("+dirty" if dirty.strip() else "")
 
 
-def _versions() -> dict[str, str]:
+def _versions(src: Path = REPO) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "kernel": platform.release(),
            "openssl": _tool_version(["openssl", "version"]),
            "openssh": _tool_version(["ssh", "-V"]),
            "softhsm": _tool_version(["softhsm2-util", "--version"]),
-           "badged_commit": _git_rev()}  # "+dirty": daemon/ or clients/ had local edits
+           "badged_commit": _git_rev(src)}  # "+dirty": daemon/ or clients/ had local edits
     for pkg in ("grpcio", "python-pkcs11", "cryptography"):
         try:
             out[pkg] = md.version(pkg)
@@ -406,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     rep = Report(meta={
         "timestamp": stamp, "mode": plan.mode, "plan": plan.__dict__, "cpus": os.cpu_count(),
-        "host": platform.node(), "loadavg_before": procfs.loadavg(), "versions": _versions(),
+        "host": platform.node(), "loadavg_before": procfs.loadavg(), "versions": _versions(src),
         "softhsm_module": module, "badged_src": str(src),
     })
     t_start = time.monotonic()
@@ -528,6 +531,12 @@ def _markdown(rep: Report) -> str:
                      f"{b.get('rss_before_kib')} KiB before and {b.get('rss_after_kib')} KiB "
                      f"after {b.get('rss_requests'):,} requests ({b.get('rss_growth_pct')} %), "
                      f"{b.get('soak_ops_per_s')} ops/s during the soak")
+    if rep.paired.get("rounds"):
+        rounds = rep.paired["rounds"]
+        lines.append(f"- paired rounds ({len(rounds)} rounds, {rep.paired['duration_s']:g} s per run, "
+                     "ABBA): " + "; ".join(
+                         f"{k} " + " / ".join(f"{r['ratios'][k]:.2f}" for r in rounds)
+                         for k in rounds[0]["ratios"]))
     for t in rep.targets:
         mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")
