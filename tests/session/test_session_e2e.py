@@ -330,3 +330,78 @@ session_key_period = {period}
         assert certified and token_kids <= certified
     else:
         assert not certified
+
+
+@pytest.mark.tpm
+def test_session_token_chains_to_a_tpm_attested_key(swtpm_instance: SwtpmInstance) -> None:
+    """The whole chain on a real TPM, each link checked by code badged does not run:
+    EK certificate → (credential activation) AK → TPM2_Certify of the agent's
+    token key → certification JWS → session key → token (joserfc).
+
+    The relying party pins the hardware key only after the TPM proved it
+    resident; the JWKS alone is not trusted for it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from badged.core import tpm_evidence as te
+    from badged.keystore.tpm.store import TpmConfig, TpmKeyStore
+
+    state = swtpm_instance.base / "d"
+    state.mkdir(mode=0o755)
+    cfg = _write_config(state, keystore=f"""backend = "tpm"
+tcti = "{swtpm_instance.tcti}"
+key_dir = "{swtpm_instance.key_dir}"
+""")  # session mode: the tpm default
+    d = _start_config_daemon(state, cfg)
+    try:
+        _create_agent(d)
+        with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+            tok = wl.fetch_token(audience="demo", scopes=["read"])
+            jwks = wl.jwks()
+            version = admin.get_agent("demo-agent").current_version
+    finally:
+        assert d.stop() == 0
+    # The verifier's side, on the same TPM (the daemon has released it).
+    store = TpmKeyStore.from_config(TpmConfig(tcti=swtpm_instance.tcti,
+                                              key_dir=str(swtpm_instance.key_dir)))
+    try:
+        ek_der = store.ek_certificate()
+        assert ek_der is not None
+        ek_key = x509.load_der_x509_certificate(ek_der).public_key()
+        assert isinstance(ek_key, rsa.RSAPublicKey)
+        ak_name = te.tpm_name(store.ak_public())
+        challenge = te.make_credential(ek_key, ak_name)
+        assert store.activate_credential(challenge.credential_blob,
+                                         challenge.encrypted_secret) == challenge.secret
+        nonce = os.urandom(32)
+        evidence = store.attest(f"badged/agent/demo-agent/v{version}/tok", nonce)
+    finally:
+        store.close()
+    ca = x509.load_pem_x509_certificate(swtpm_instance.provisioned.root_ca_cert.read_bytes())
+    issuer = x509.load_pem_x509_certificate(swtpm_instance.provisioned.issuer_cert.read_bytes())
+    verified = te.verify_certify(evidence, nonce, trusted_ak_names={ak_name},
+                                 ek_ca_keys=[ca.public_key()],  # type: ignore[list-item]
+                                 ek_intermediates=[issuer])
+    from badged.core.jose import ec_public_jwk, jwk_thumbprint
+
+    attested = {jwk_thumbprint(ec_public_jwk(verified.public_key)): verified.public_key}
+    claims = _joserfc(tok.token, jwks)
+    chain = verify_session_chain(tok.token, jwks, now=time.time(), hardware_keys=attested)
+    assert chain.hardware_kid in attested and chain.agent == claims["sub"]
+    # A token whose certification chains to any other key is refused.
+    from badgeclient.session_verify import SessionChainError
+
+    other = _pinned_other()
+    with pytest.raises(SessionChainError) as err:
+        verify_session_chain(tok.token, jwks, now=time.time(), hardware_keys=other)
+    assert err.value.reason == "untrusted_hardware_key"
+
+
+def _pinned_other() -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from badged.core.jose import ec_public_jwk, jwk_thumbprint
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return {jwk_thumbprint(ec_public_jwk(key)): key}
