@@ -13,7 +13,7 @@ adds the check that ties the token back to the hardware:
    named by its ``kid`` (then the chain adds binding, not independent trust);
 3. its ``cnf.jwk`` is exactly the session key, and the token verifies with it;
 4. the token's agent (``act.sub`` when delegated, else ``sub``) is the
-   certification's ``sub``: a session key certified for one agent cannot
+   certification's ``agent``: a session key certified for one agent cannot
    speak for another;
 5. the token was issued while the key was allowed to sign
    (``nbf <= iat <= use_until``) and expires before the certification
@@ -212,9 +212,11 @@ def verify_session_chain(
     if not _verify(parts, session_key):
         raise SessionChainError("bad_signature", "token does not verify with the session key")
 
-    subject, issuer = cclaims.get("sub"), cclaims.get("iss")
+    if any(name in cclaims for name in ("sub", "aud", "jti", "scope")):
+        raise SessionChainError("bad_certification", "a certification carries no token claims")
+    subject, issuer = cclaims.get("agent"), cclaims.get("iss")
     if not isinstance(subject, str) or not isinstance(issuer, str):
-        raise SessionChainError("malformed", "certification sub/iss")
+        raise SessionChainError("malformed", "certification agent/iss")
     act = claims.get("act")
     agent = act.get("sub") if isinstance(act, dict) else claims.get("sub")
     if agent != subject:

@@ -532,3 +532,36 @@ def test_requests_never_wait_for_a_certification_under_way(tmp_path: Path) -> No
         mgr._mint_lock.release()
     assert store.signs == 1
     assert mgr.token_key("bot").kid != k1.kid  # and the request after it rotates
+
+
+def test_a_published_certification_never_passes_as_an_access_token(tmp_path: Path) -> None:
+    """Certifications sit in the public JWKS, signed by a key trusted for
+    tokens: replaying one as a bearer token must fail at any sane relying party."""
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
+
+    from badgeclient.verify import VerificationError, Verifier
+
+    reg, mgr, _, clock, _ = _setup(tmp_path)
+    mgr.token_key("bot")
+    jwks = mgr.jwks()
+    cert = next(k[sk.JWKS_MEMBER] for k in jwks["keys"] if sk.JWKS_MEMBER in k)
+    decoded = jwt.decode(cert, KeySet.import_key_set(jwks), algorithms=["ES256"])  # type: ignore[arg-type]
+    assert "sub" not in decoded.claims and "aud" not in decoded.claims  # signature alone is fine...
+    with pytest.raises(JoseError):  # ...but no audience: refused
+        jwt.JWTClaimsRegistry(now=int(clock()), aud={"essential": True, "value": "demo"}).validate(
+            decoded.claims)
+    with pytest.raises(VerificationError):
+        Verifier(jwks=jwks, clock=clock).verify_token(cert, audience="demo")
+    # And a "certification" carrying token claims is not a certification.
+    hw = reg.token_key("bot")
+    forged = sk.mint_certification(
+        {**json.loads(b64url_decode(cert.split(".")[1])), "sub": SUB, "aud": "demo"},
+        hardware_kid=hw.kid, sign_der=lambda d: hw.handle.sign(d, sk.ES256))
+    entry = next(k for k in jwks["keys"] if sk.JWKS_MEMBER in k)
+    entry[sk.JWKS_MEMBER] = forged
+    token = _mint(mgr.token_key("bot"), clock())
+    with pytest.raises(SessionChainError) as err:
+        verify_session_chain(token, jwks, now=clock())
+    assert err.value.reason == "bad_certification"

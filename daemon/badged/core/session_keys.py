@@ -10,7 +10,7 @@ The statement is a compact JWS, so it is JOSE-native and needs no X.509::
 
     header  {"alg": "ES256", "kid": <RFC 7638 thumbprint of the hardware key>,
              "typ": "badged-session-key+jwt"}
-    payload {"iss": <badged issuer>, "sub": <agent SPIFFE ID>,
+    payload {"iss": <badged issuer>, "agent": <agent SPIFFE ID>,
              "cnf": {"jwk": <session public JWK>},          (RFC 7800)
              "iat": t, "nbf": t, "use_until": t + period, "exp": t + period + max_ttl + leeway}
 
@@ -22,7 +22,11 @@ against the JWKS unchanged, and a relying party that pinned the hardware key
 
 ``typ`` is the domain separation: the hardware token key signs tokens (typ
 ``JWT``), client assertions and these statements, and only these carry
-``badged-session-key+jwt``, which the verifier requires.
+``badged-session-key+jwt``, which the verifier requires. The other way round,
+a certification is public (it is in the JWKS) and signed by a key relying
+parties trust for tokens, so it must never pass as a token even where ``typ``
+is not checked: it has no ``sub``, ``aud``, ``jti`` or ``scope`` (the agent
+is in ``agent``, not ``sub``).
 
 Pure: no files, sockets or clock reads; ``now`` and the signer are arguments.
 """
@@ -109,7 +113,7 @@ def certification_claims(*, issuer: str, subject: str, session_key: ec.EllipticC
     """The payload the hardware key signs (see the module docstring)."""
     return {
         "iss": issuer,
-        "sub": subject,
+        "agent": subject,
         "cnf": {"jwk": ec_public_jwk(session_key)},
         "iat": created,
         "nbf": created,
@@ -187,9 +191,9 @@ def verify_certification(cert: str, *, hardware_key: ec.EllipticCurvePublicKey,
         raise CertificationError("malformed", "cnf.jwk missing")
     if any(certified.get(m) != session_jwk.get(m) for m in _JWK_MEMBERS):
         raise CertificationError("jwk_mismatch", "certifies another key")
-    subject, issuer = claims.get("sub"), claims.get("iss")
+    subject, issuer = claims.get("agent"), claims.get("iss")
     if not isinstance(subject, str) or not isinstance(issuer, str):
-        raise CertificationError("malformed", "sub and iss must be strings")
+        raise CertificationError("malformed", "agent and iss must be strings")
     if expected_subject is not None and subject != expected_subject:
         raise CertificationError("wrong_subject", "certified for another agent")
     iat, nbf = _int_claim(claims, "iat"), _int_claim(claims, "nbf")
