@@ -121,15 +121,20 @@ class Daemon:
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
         self.session_keys: SessionKeyManager | None = None
-        if cfg.effective_signing_mode == "session":
-            # Tokens are signed by in-memory keys the hardware key certifies.
+        session_file = cfg.private_dir / "session-keys.json"
+        session_mode = cfg.effective_signing_mode == "session"
+        if session_mode or session_file.exists():
+            # Session mode: tokens are signed by in-memory keys the hardware key
+            # certifies. Direct mode after session mode: keep publishing the
+            # session keys whose tokens are still live, sign with the hardware.
             loop = asyncio.get_running_loop()
             self.session_keys = SessionKeyManager(
                 self.agents, clock=self._clock, issuer=cfg.effective_issuer,
                 schedule=Schedule(period=cfg.session_key_period, max_ttl=cfg.max_ttl),
-                persist_path=cfg.private_dir / "session-keys.json",
-                scheduler=loop.call_later, audit=audit.append_sync,
-                background=lambda fn: loop.run_in_executor(None, fn))
+                persist_path=session_file, scheduler=loop.call_later, audit=audit.append_sync,
+                background=lambda fn: loop.run_in_executor(None, fn), signing=session_mode)
+            if not session_mode and not self.session_keys.publishes_any:
+                self.session_keys = None
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
             attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,

@@ -405,3 +405,35 @@ def _pinned_other() -> dict[str, Any]:
 
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     return {jwk_thumbprint(ec_public_jwk(key)): key}
+
+
+def test_switching_back_to_direct_mode_keeps_live_session_tokens_verifiable(
+        request: pytest.FixtureRequest) -> None:
+    if shutil.which("softhsm2-util") is None:
+        require_or_skip(request.config, "softhsm2-util not installed")
+    base = short_tmpdir("bsw")
+    try:
+        d = start_daemon(base / "s", "--signing-mode", "session")
+        with WorkloadClient(d.workload) as wl:
+            old = wl.fetch_token(audience="demo", scopes=["read"])
+        d.stop()
+        d = start_daemon(base / "s")  # direct: the softhsm default
+        try:
+            with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+                new = wl.fetch_token(audience="demo", scopes=["read"])
+                jwks = wl.jwks()
+                hw_kid = admin.get_agent("demo-agent").keys[-1].token_kid
+            assert new.key_id == hw_kid  # the hardware key signs again
+            assert _session_kids(jwks) == {old.key_id}  # still published: its token lives
+            _joserfc(old.token, jwks)
+            verify_session_chain(old.token, jwks, now=time.time(),
+                                 hardware_keys=_pinned_from(jwks, hw_kid))
+            _joserfc(new.token, jwks)
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pinned_from(jwks: dict[str, Any], kid: str) -> dict[str, Any]:
+    return {e["kid"]: jwk_to_key(e) for e in jwks["keys"] if e["kid"] == kid}

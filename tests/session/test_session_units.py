@@ -565,3 +565,37 @@ def test_a_published_certification_never_passes_as_an_access_token(tmp_path: Pat
     with pytest.raises(SessionChainError) as err:
         verify_session_chain(token, jwks, now=clock())
     assert err.value.reason == "bad_certification"
+
+
+def test_edited_persisted_file_cannot_publish_a_foreign_key(tmp_path: Path) -> None:
+    reg, mgr, _, clock, _ = _setup(tmp_path)
+    genuine = mgr.token_key("bot")
+    path = tmp_path / "session-keys.json"
+    doc = json.loads(path.read_text())
+    # An attacker's key with a "certification" from their own key, and the
+    # genuine entry with a longer window written into the file.
+    foreign = ec.generate_private_key(ec.SECP256R1())
+    fjwk = ec_public_jwk(foreign.public_key())
+    fake = dict(doc["keys"][0], kid=jwk_thumbprint(fjwk), jwk=fjwk,
+                cert=_cert(OTHER_HW, foreign.public_key(), subject=reg.spiffe_id("bot")))
+    doc["keys"][0]["expires_at"] += 10**6
+    doc["keys"].append(fake)
+    path.write_text(json.dumps(doc))
+    mgr2 = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, persist_path=path)
+    assert _kids(mgr2) == {genuine.kid}
+    clock.now = SCHED.expires_at(T0)  # the certification's exp wins over the file's
+    assert _kids(mgr2) == set()
+
+
+def test_direct_mode_after_session_mode_keeps_live_session_keys_published(tmp_path: Path) -> None:
+    reg, mgr, _, clock, _ = _setup(tmp_path)
+    old = mgr.token_key("bot")
+    token = _mint(old, clock())
+    direct = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED,
+                               persist_path=tmp_path / "session-keys.json", signing=False)
+    assert direct.publishes_any
+    key = direct.token_key("bot")
+    assert key.kid == reg.get("bot").current.token_kid  # the hardware key signs again
+    assert old.kid in _kids(direct)
+    assert _verify(direct, token, clock(), reg) == reg.spiffe_id("bot")
+    assert direct.active_private_keys() == 0

@@ -108,6 +108,18 @@ class Certification:
     expires_at: int
 
 
+def public_key_from_jwk(jwk: Mapping[str, str]) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key of a JWK this daemon published (``ec_public_jwk``)."""
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+        raise CertificationError("malformed", "only EC P-256 keys")
+    try:
+        x, y = b64url_decode(jwk["x"]), b64url_decode(jwk["y"])
+        return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                             ec.SECP256R1()).public_key()
+    except (KeyError, ValueError, binascii.Error):
+        raise CertificationError("malformed", "bad P-256 JWK") from None
+
+
 def certification_claims(*, issuer: str, subject: str, session_key: ec.EllipticCurvePublicKey,
                          created: int, schedule: Schedule) -> dict[str, Any]:
     """The payload the hardware key signs (see the module docstring)."""

@@ -56,6 +56,7 @@ from badged.core.session_keys import (
     Schedule,
     certification_claims,
     mint_certification,
+    public_key_from_jwk,
     verify_certification,
 )
 from badged.errors import FailedPreconditionError, KeyStoreError, KeyStoreUnavailableError
@@ -148,7 +149,7 @@ class SessionKeyManager:
                  persist_path: Path | None = None, scheduler: Scheduler | None = None,
                  audit: AuditHook | None = None,
                  background: Background | None = None,
-                 retry_seconds: float = 5.0) -> None:
+                 retry_seconds: float = 5.0, signing: bool = True) -> None:
         self._registry = registry
         self._clock = clock
         self._issuer = issuer
@@ -157,6 +158,7 @@ class SessionKeyManager:
         self._scheduler = scheduler
         self._audit = audit
         self._background = background
+        self._signing = signing
         self._retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._mint_lock = threading.Lock()
@@ -169,12 +171,20 @@ class SessionKeyManager:
         registry.add_listener(self._on_agent_change)
 
     @property
+    def publishes_any(self) -> bool:
+        """Whether any session key is still published (after a switch to direct mode)."""
+        with self._lock:
+            return bool(self._published)
+
+    @property
     def schedule(self) -> Schedule:
         return self._schedule
 
     # -- the registry-compatible surface ----------------------------------------------
 
     def token_key(self, name: str) -> SigningKey:
+        if not self._signing:
+            return self._registry.token_key(name)
         rec = self._registry.active(name)  # FailedPreconditionError once revoked
         now = self._clock()
         with self._lock:
@@ -387,6 +397,26 @@ class SessionKeyManager:
         if self._persist_path is not None:
             atomic_write(self._persist_path, snapshot, mode=0o600)
 
+    def _genuine(self, p: _Published, now: float) -> bool:
+        """Republish only what the agent's hardware key really certified, with
+        the window the certification itself states (not the file's copy):
+        an edited file must not put a foreign key into the JWKS."""
+        rec = self._registry.get(p.agent)
+        version = next((v for v in rec.versions if v.version == p.hw_version), None)
+        if version is None or jwk_thumbprint(p.jwk) != p.kid:
+            return False
+        try:
+            cert = verify_certification(
+                p.cert, hardware_key=public_key_from_jwk(version.token_jwk), session_jwk=p.jwk,
+                now=now, expected_subject=rec.spiffe_id, expected_hardware_kid=version.token_kid,
+                leeway=0)
+        except CertificationError as exc:
+            _logger.warning("dropping a published session key that does not verify",
+                            extra={"agent": p.agent, "kid": p.kid, "reason": exc.reason})
+            return False
+        p.use_until, p.expires_at = cert.use_until, cert.expires_at
+        return cert.expires_at > now
+
     def _load(self) -> None:
         """Republish still-valid public entries after a restart; never a private key."""
         if self._persist_path is None or not self._persist_path.exists():
@@ -402,7 +432,7 @@ class SessionKeyManager:
                                hw_version=int(e["hw_version"]), created_at=int(e["created_at"]),
                                use_until=int(e["use_until"]), rotate_at=int(e["rotate_at"]),
                                expires_at=int(e["expires_at"]))
-                if p.expires_at > now and p.agent in active and jwk_thumbprint(p.jwk) == p.kid:
+                if p.agent in active and self._genuine(p, now):
                     self._published.setdefault(p.agent, []).append(p)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Public data only: losing it unpublishes keys early (relying
