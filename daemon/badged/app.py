@@ -42,7 +42,9 @@ from badged.service.admin import AdminServicer
 from badged.service.approvals import ApprovalBoard
 from badged.service.deps import PolicyHolder, ServiceDeps
 from badged.service.errors import ErrorBoundary
+from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
+from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 
 _logger = logging.getLogger(__name__)
@@ -218,6 +220,7 @@ class Daemon:
         credentials.add_to_server(server, deps)
         enroll.add_to_server(server, deps)
         self._health = health_aio.HealthServicer()
+        spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_insecure_port(f"unix:{private_sock}")
         await server.start()
@@ -230,7 +233,8 @@ class Daemon:
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
         for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService",
-                    "badged.v1.CredentialService", "badged.v1.EnrollmentService"):
+                    "badged.v1.CredentialService", "badged.v1.EnrollmentService",
+                    "SpiffeWorkloadAPI"):
             await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})

@@ -105,3 +105,29 @@ def test_bad_sign_context_rejected(context: str) -> None:
 def test_oversized_sign_data_rejected() -> None:
     with pytest.raises(InvalidRequestError):
         signed_message("", b"x" * (64 * 1024 + 1))
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (lambda t: t.replace(t.split(".")[0], "eyJhbGciOiJub25lIn0"), "ES256"),
+    (lambda t: t.rsplit(".", 1)[0] + ".AAAA", "signature"),
+    (lambda t: "x" * 20000, "too large"),
+    (lambda t: "a.b", "compact"),
+])
+def test_jws_verify_refusals(mutate: object, reason: str) -> None:
+    from badged.core.jws_verify import verify_es256
+
+    store = MemoryKeyStore()
+    key = store.generate("k")
+    claims = build_claims(issuer="i", subject="spiffe://td/agent/a", audience=["a1", "a2"],
+                          scopes=(), ttl_seconds=60, now=1_000, jti="j")
+    token = mint_token(claims=claims, key=key, key_id="kid1").token
+    keys = {"kid1": key.public_key()}
+    assert verify_es256(token, keys=keys, audience="a2", now=1_010)["aud"] == ["a1", "a2"]
+    with pytest.raises(InvalidRequestError, match="audience"):
+        verify_es256(token, keys=keys, audience="a3", now=1_010)
+    with pytest.raises(InvalidRequestError, match="expired"):
+        verify_es256(token, keys=keys, audience="a1", now=2_000)
+    with pytest.raises(InvalidRequestError, match="unknown key"):
+        verify_es256(token, keys={"other": key.public_key()}, audience="a1", now=1_010)
+    with pytest.raises(InvalidRequestError, match=reason):
+        verify_es256(mutate(token), keys=keys, audience="a1", now=1_010)  # type: ignore[operator]

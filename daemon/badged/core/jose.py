@@ -67,3 +67,12 @@ def encode_jws(
     signing_input = (b64url(canonical_json(header)) + "." + b64url(canonical_json(payload)))
     signature = der_to_jose(sign_der(signing_input.encode("ascii")))
     return signing_input + "." + b64url(signature)
+
+
+def public_key_from_jwk(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+    """P-256 public key from a JWK (ValueError on anything else)."""
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+        raise ValueError("not a P-256 JWK")
+    x = int.from_bytes(b64url_decode(str(jwk["x"])), "big")
+    y = int.from_bytes(b64url_decode(str(jwk["y"])), "big")
+    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()

@@ -35,7 +35,7 @@ def build_claims(
     *,
     issuer: str,
     subject: str,
-    audience: str,
+    audience: str | Sequence[str],
     scopes: Sequence[str],
     ttl_seconds: int,
     now: float,
@@ -46,10 +46,13 @@ def build_claims(
     if ttl_seconds <= 0:
         raise ValueError("ttl must be positive")
     iat = int(now)
+    aud: str | list[str] = audience if isinstance(audience, str) else list(audience)
+    if isinstance(aud, list) and len(aud) == 1:
+        aud = aud[0]  # RFC 7519: a single audience may be a plain string
     claims: dict[str, Any] = {
         "iss": issuer,
         "sub": subject,
-        "aud": audience,
+        "aud": aud,
         "iat": iat,
         "nbf": iat,
         "exp": iat + ttl_seconds,

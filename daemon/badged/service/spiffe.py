@@ -1,0 +1,146 @@
+"""The SPIFFE Workload API on badged's workload socket (JWT-SVID profile).
+
+Stock SPIFFE clients (py-spiffe ``WorkloadApiClient``/``JwtSource``,
+go-spiffe, java-spiffe) get JWT-SVIDs for the agent identity the caller is
+bound to, the trust bundle, and validation -- through exactly the same
+attestation, policy (kind ``token``), key store and audit as ``FetchToken``.
+A JWT-SVID *is* a badged access token: ``sub`` = the agent's SPIFFE ID.
+
+X.509-SVIDs are not served here (the RPCs answer UNIMPLEMENTED): agent
+certificates need an enrolled device, see ``badgectl cert``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from badged.core.jose import public_key_from_jwk
+from badged.core.jws_verify import verify_es256
+from badged.core.tokens import build_claims, mint_token
+from badged.errors import BadgedError, InvalidRequestError, PolicyDeniedError
+from badged.policy.model import Request
+from badged.service import validate
+from badged.service.auth import resolve_caller
+from badged.service.deps import ServiceDeps
+from badged.service.errors import ERROR_TRAILER, STATUS_FOR, Ctx
+from badged.service.workload import PolicyGate
+from badged_proto.spiffe import workload_pb2, workload_pb2_grpc
+
+_logger = logging.getLogger(__name__)
+
+SECURITY_HEADER = "workload.spiffe.io"
+_NO_X509 = "X.509-SVIDs are not served on this socket; use JWT-SVIDs, or `badgectl cert` after enrollment"
+BUNDLE_POLL_SECONDS = 1.0
+
+
+def _require_header(context: Ctx) -> None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SECURITY_HEADER and value == "true":
+            return
+    # The SPIFFE spec's wording, which clients match on.
+    raise InvalidRequestError("no workload.spiffe.io header",
+                              public="security header missing from request")
+
+
+class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._d = deps
+        self._gate = PolicyGate(deps)
+
+    def _agent_of(self, spiffe_id: str) -> str | None:
+        if not spiffe_id:
+            return None
+        prefix = f"spiffe://{self._d.trust_domain}/agent/"
+        if not spiffe_id.startswith(prefix):
+            raise PolicyDeniedError(f"JWT-SVID for foreign id {spiffe_id[:100]!r}",
+                                    public="no identity issued for that SPIFFE ID")
+        return validate.agent_name(spiffe_id[len(prefix):])
+
+    async def FetchJWTSVID(self, request: workload_pb2.JWTSVIDRequest,
+                           context: Ctx) -> workload_pb2.JWTSVIDResponse:
+        _require_header(context)
+        d = self._d
+        audiences = list(dict.fromkeys(validate.audience(a) for a in request.audience))
+        if not audiences:
+            raise InvalidRequestError("no audience", public="audience must be specified")
+        agent = self._agent_of(request.spiffe_id)
+        peer, proc = resolve_caller(d, context, "workload")
+        ttl = 0
+        rules = []
+        for aud in audiences:  # every audience must be allowed, for the same agent
+            decision, _ = await self._gate.enforce(proc, peer, Request(kind="token", agent=agent,
+                                                                       audience=aud))
+            agent = decision.agent
+            ttl = decision.ttl if not ttl else min(ttl, decision.ttl)
+            rules.append(decision.rule)
+        key = self._gate.key(decision, d.tokens.token_key)
+        claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=audiences,
+                              scopes=(), ttl_seconds=ttl, now=d.clock(), jti=d.new_jti())
+        issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+        await d.audit.append({
+            "event": "jwt_svid.issued", "agent": key.agent, "caller": proc.summary(),
+            "request": {"audiences": audiences, "ttl": ttl}, "decision": "allow",
+            "rule": "; ".join(rules), "jti": issued.jti, "kid": key.kid, "exp": issued.expires_at,
+            "credential_sha256": hashlib.sha256(issued.token.encode()).hexdigest(),
+        })
+        return workload_pb2.JWTSVIDResponse(
+            svids=[workload_pb2.JWTSVID(spiffe_id=key.spiffe_id, svid=issued.token)])
+
+    async def FetchJWTBundles(self, request: workload_pb2.JWTBundlesRequest,
+                              context: Ctx) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
+        # Streams are outside the unary error boundary: map errors here, with
+        # the same table.
+        try:
+            _require_header(context)
+            resolve_caller(self._d, context, "workload")
+        except BadgedError as exc:
+            context.set_trailing_metadata(((ERROR_TRAILER, exc.code.value),))
+            await context.abort(STATUS_FOR[exc.code], exc.caller_message)
+        td = f"spiffe://{self._d.trust_domain}"
+        last = b""
+        while True:
+            doc = json.dumps(self._d.tokens.jwks(), sort_keys=True).encode()
+            if doc != last:  # send at once, then only on change (rotation, revocation)
+                last = doc
+                yield workload_pb2.JWTBundlesResponse(bundles={td: doc})
+            await asyncio.sleep(BUNDLE_POLL_SECONDS)
+
+    async def FetchX509SVID(self, request: workload_pb2.X509SVIDRequest,
+                            context: Ctx) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NO_X509)
+        yield workload_pb2.X509SVIDResponse()  # pragma: no cover -- abort raises
+
+    async def FetchX509Bundles(self, request: workload_pb2.X509BundlesRequest,
+                               context: Ctx) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NO_X509)
+        yield workload_pb2.X509BundlesResponse()  # pragma: no cover -- abort raises
+
+    async def ValidateJWTSVID(self, request: workload_pb2.ValidateJWTSVIDRequest,
+                              context: Ctx) -> workload_pb2.ValidateJWTSVIDResponse:
+        _require_header(context)
+        audience = validate.audience(request.audience)
+        if not request.svid:
+            raise InvalidRequestError("no svid", public="svid must be specified")
+        resolve_caller(self._d, context, "workload")
+        keys = {}
+        for jwk in self._d.tokens.jwks()["keys"]:
+            try:
+                keys[jwk["kid"]] = public_key_from_jwk(jwk)
+            except (KeyError, ValueError):
+                continue
+        claims = verify_es256(request.svid, keys=keys, audience=audience, now=self._d.clock())
+        out = struct_pb2.Struct()
+        out.update(_jsonable(claims))
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(claims["sub"]), claims=out)
+
+
+def _jsonable(claims: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(claims))  # type: ignore[no-any-return]
