@@ -335,16 +335,22 @@ def test_rotation_schedule(tmp_path: Path) -> None:
     clock.advance(149)
     assert mgr.token_key("bot").kid == k1.kid and store.signs == 1  # no hardware use
     t1 = _mint(k1, clock())
-    clock.advance(1)  # half-life: the next key takes over
+    clock.advance(1)  # half-life: the next key is certified and published, not used yet
+    assert mgr.token_key("bot").kid == k1.kid and store.signs == 2
+    (k2_kid,) = _kids(mgr) - {k1.kid}
+    assert mgr.active_private_keys() == 2
+    clock.now = T0 + 299
+    assert mgr.token_key("bot").kid == k1.kid and store.signs == 2
+    clock.now = T0 + 300  # k1's use_until: k2 takes over, published 150 s ago
     k2 = mgr.token_key("bot")
-    assert k2.kid != k1.kid and store.signs == 2
+    assert k2.kid == k2_kid
     assert k1.handle.sign(b"x", sk.ES256)  # an in-flight request may finish with it
-    assert mgr.active_private_keys() == 1  # ... but the daemon no longer holds it
-    assert _kids(mgr) == {k1.kid, k2.kid}
+    assert store.signs == 3  # k2 is at its half-life too: k3 is pre-published
+    assert mgr.active_private_keys() == 2  # k2 and k3; the daemon dropped k1
     # The old key stays published until its last possible token has expired.
     assert _verify(mgr, t1, clock(), reg) == reg.spiffe_id("bot")
     clock.now = SCHED.expires_at(T0) - 1
-    mgr.token_key("bot")
+    mgr.jwks()
     assert k1.kid in _kids(mgr)
     clock.now = SCHED.expires_at(T0)
     assert k1.kid not in _kids(mgr)
@@ -494,20 +500,28 @@ def _fire(sched: Scheduled, delay: float) -> None:
 def test_background_rotation_at_half_life_only_for_used_keys(tmp_path: Path) -> None:
     _, mgr, store, clock, sched, jobs = _with_background(tmp_path)
     k1 = mgr.token_key("bot")
-    assert sorted(sched.calls) == [150.0, 300.0]  # rotation, then the sweep
-    clock.now = T0 + 150
-    _fire(sched, 150.0)
+    assert sorted(sched.calls) == [151.0, 300.0]  # rotation (+1 s margin), then the sweep
+    clock.now = T0 + 151
+    _fire(sched, 151.0)
     assert len(jobs) == 1
     jobs.pop()()  # what the executor thread runs
     assert store.signs == 2
-    # The new key is unused: its half-life passes without a certification.
-    clock.now = T0 + 150 + 149
-    _fire(sched, 150.0)
+    (k2_kid,) = _kids(mgr) - {k1.kid}  # published before anyone uses it
+    assert mgr.token_key("bot").kid == k1.kid  # k1 signs until its use_until
+    clock.now = T0 + 300
+    assert mgr.token_key("bot").kid == k2_kid and store.signs == 2  # no hardware on requests
+    # No request after this one: at k2's half-life the agent is idle, nothing is made.
+    clock.now = T0 + 302
+    _fire(sched, 151.0)
     for job in jobs:
         job()
-    assert store.signs == 2
-    k2 = mgr.token_key("bot")  # ready before anyone asked: no hardware on this request
-    assert k2.kid != k1.kid and store.signs == 2
+    jobs.clear()
+    assert store.signs == 3  # the check right after the switch saw the last request...
+    clock.now = T0 + 453
+    _fire(sched, 151.0)
+    for job in jobs:
+        job()
+    assert store.signs == 3  # ...and then none: idle agents cost no hardware signature
 
 
 def test_background_rotation_of_a_revoked_agent_does_nothing(tmp_path: Path) -> None:
@@ -531,8 +545,8 @@ def test_requests_never_wait_for_a_certification_under_way(tmp_path: Path) -> No
     finally:
         mgr._mint_lock.release()
     assert store.signs == 1
-    assert mgr.token_key("bot").kid != k1.kid  # and the request after it rotates
-
+    assert mgr.token_key("bot").kid == k1.kid  # the request after it certifies the next key
+    assert store.signs == 2 and len(_kids(mgr)) == 2
 
 def test_a_published_certification_never_passes_as_an_access_token(tmp_path: Path) -> None:
     """Certifications sit in the public JWKS, signed by a key trusted for

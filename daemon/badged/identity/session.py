@@ -13,13 +13,18 @@ service does not know which mode it runs in. Lifecycle of one session key
 * made on the first token request for the agent: generated with
   ``ec.generate_private_key`` (never serialized, never written anywhere),
   certified by the hardware key, its *public* entry persisted, then used;
-* at ``rotate_at`` (half the period) the next key is certified in the
-  background (executor thread), if the current one was used at all, so no
-  request waits for the hardware; requests after ``rotate_at`` try too, but
-  never wait for a certification already running. If the hardware fails, the
-  current key keeps signing until ``use_until`` and requests retry every
-  ``retry_seconds``; only a key past ``use_until`` and a dead TPM fail the
-  request (UNAVAILABLE);
+* at ``rotate_at`` (half the period) the *next* key is certified in the
+  background (executor thread) if the agent had requests in the last half
+  period, and published at once; the current key keeps signing until its
+  ``use_until``, then the next one takes over without touching the hardware.
+  So every key is in the JWKS half a period before it signs anything
+  (relying parties that refresh their JWKS that often never see an unknown
+  ``kid``), no request waits for the hardware, and idle agents cost nothing.
+  Requests after ``rotate_at`` also try to make the next key, but never wait
+  for a certification already running. If the hardware fails, the current
+  key keeps signing until ``use_until`` and requests retry every
+  ``retry_seconds``; only a key past ``use_until`` with no next key and a
+  dead TPM fails the request (UNAVAILABLE);
 * at ``use_until``, or when the agent's hardware key rotates, the private
   key is dropped (a timer does it even with no traffic), while the public key
   and its certification stay in the JWKS until ``exp``, after the last token
@@ -124,7 +129,6 @@ class _Published:
     rotate_at: int
     expires_at: int
     handle: SessionKeyHandle | None = field(default=None, repr=False)
-    used: bool = False
 
     def entry(self) -> dict[str, str]:
         return {**self.jwk, "kid": self.kid, "use": "sig", "alg": "ES256", JWKS_MEMBER: self.cert}
@@ -163,6 +167,8 @@ class SessionKeyManager:
         self._lock = threading.Lock()
         self._mint_lock = threading.Lock()
         self._current: dict[str, _Published] = {}
+        self._next: dict[str, _Published] = {}  # certified and published, not yet signing
+        self._used: set[str] = set()  # agents with requests since the last background check
         self._published: dict[str, builtins.list[_Published]] = {}
         self._generation: dict[str, int] = {}
         self._retry_after: dict[str, float] = {}
@@ -186,35 +192,28 @@ class SessionKeyManager:
         if not self._signing:
             return self._registry.token_key(name)
         rec = self._registry.active(name)  # FailedPreconditionError once revoked
-        now = self._clock()
+        version, now = rec.current.version, self._clock()
         with self._lock:
-            cur = self._current.get(name)
-            if cur is not None and (cur.hw_version != rec.current.version or now >= cur.use_until
-                                    or cur.handle is None):
-                self._retire(cur)
-                cur = None
-            early = (cur is not None and now >= cur.rotate_at
-                     and now >= self._retry_after.get(name, 0.0))
+            self._used.add(name)
+            cur = self._promote(name, version, now)
+            want_next = (cur is not None and now >= cur.rotate_at and name not in self._next
+                         and now >= self._retry_after.get(name, 0.0))
         if cur is None:
-            made = self._make(name, blocking=True)
-            assert made is not None
-            cur = made
-        elif early:
-            cur.used = True
+            cur = self._make(name, blocking=True)
+        elif want_next:
             try:
-                # Never wait here for a rotation already running (in the
+                # Never wait here for a certification already running (in the
                 # background or another request): the current key is fine.
-                cur = self._make(name, blocking=False) or cur
+                self._make(name, blocking=False)
             except KeyStoreError as exc:
                 # The current key is still good until use_until: keep serving.
                 with self._lock:
                     self._retry_after[name] = now + self._retry_seconds
-                _logger.warning("session key rotation failed; current key still valid",
+                _logger.warning("next session key not certified; current key still valid",
                                 extra={"agent": name, "error": str(exc),
                                        "use_until": cur.use_until})
-        cur.used = True
-        handle = cur.handle
-        if handle is None:  # retired between the lookups: rotated or revoked just now
+        handle = cur.handle if cur is not None else None
+        if cur is None or handle is None:  # retired meanwhile: rotated or revoked just now
             raise KeyStoreUnavailableError(f"session key of {name} was retired during the request")
         return SigningKey(name, rec.spiffe_id, cur.kid, handle, cur.hw_version)
 
@@ -239,20 +238,22 @@ class SessionKeyManager:
         """Drop private keys past ``use_until`` and unpublish expired ones."""
         now = self._clock()
         with self._lock:
-            for cur in list(self._current.values()):
-                if now >= cur.use_until:
-                    self._retire(cur)
+            for p in [*self._current.values(), *self._next.values()]:
+                if now >= p.use_until:
+                    self._retire(p)
             self._expire(now)
 
     def active_private_keys(self) -> int:
         """How many private session keys the daemon holds now (tests, metrics)."""
         with self._lock:
-            return sum(1 for c in self._current.values() if c.handle is not None)
+            return sum(1 for p in [*self._current.values(), *self._next.values()]
+                       if p.handle is not None)
 
     # -- making a key ----------------------------------------------------------------
 
     def _make(self, name: str, *, blocking: bool) -> _Published | None:
-        """Certify a new key for ``name``; None if not ``blocking`` and a
+        """Make sure ``name`` has a current key and, from ``rotate_at`` on, a
+        next one; return the current key. None if not ``blocking`` and a
         certification is already under way."""
         if not self._mint_lock.acquire(blocking=blocking):
             return None
@@ -261,14 +262,15 @@ class SessionKeyManager:
         finally:
             self._mint_lock.release()
 
-    def _rotate_in_background(self, name: str, kid: str) -> None:
-        """At ``rotate_at``, off the request path: the next key is ready before
-        anyone asks, so no request waits for the hardware (~200 ms on a real
-        TPM). Only keys that were used are rotated: idle agents cost nothing."""
+    def _rotate_in_background(self, name: str) -> None:
+        """At ``rotate_at``, off the request path: the next key is certified
+        and published before it is needed, so no request waits for the
+        hardware (~200 ms on a real TPM). Only agents with requests since the
+        last check get one: idle agents cost nothing."""
         with self._lock:
-            cur = self._current.get(name)
-            if cur is None or cur.kid != kid or not cur.used:
+            if name not in self._used:
                 return
+            self._used.discard(name)
         try:
             self._make(name, blocking=True)
         except Exception as exc:  # runs in an executor: log, the request path retries
@@ -279,11 +281,10 @@ class SessionKeyManager:
         version = self._registry.active(name).current.version
         with self._lock:
             generation = self._generation.get(name, 0)
-            cur = self._current.get(name)
             now = self._clock()
-            if (cur is not None and cur.handle is not None and now < cur.rotate_at
-                    and cur.hw_version == version):
-                return cur  # another request rotated while we waited
+            cur = self._promote(name, version, now)
+            if cur is not None and (now < cur.rotate_at or name in self._next):
+                return cur  # nothing to do, or done by someone else meanwhile
         hw = self._registry.token_key(name)  # raises if revoked meanwhile
         created = int(now)
         private = ec.generate_private_key(ec.SECP256R1())
@@ -325,10 +326,16 @@ class SessionKeyManager:
         self._persist(snapshot)
         with self._lock:
             self._check_generation(name, generation)
-            old = self._current.get(name)
-            if old is not None:
-                self._retire(old)
-            self._current[name] = new
+            cur = self._promote(name, version, now)
+            if cur is not None:  # still signing: the new key waits, published
+                old_next = self._next.pop(name, None)
+                if old_next is not None:
+                    self._retire(old_next)
+                self._next[name] = new
+                result = cur
+            else:
+                self._current[name] = new
+                result = new
             self._published.setdefault(name, []).append(new)
             self._retry_after.pop(name, None)
         if self._scheduler is not None:
@@ -337,22 +344,45 @@ class SessionKeyManager:
                 background = self._background
 
                 def rotate_later() -> None:
-                    background(lambda: self._rotate_in_background(name, kid))
+                    background(lambda: self._rotate_in_background(name))
 
-                self._scheduler(max(0.0, new.rotate_at - now), rotate_later)
+                # +1 s: a timer may fire a little early; it must find rotate_at passed.
+                self._scheduler(max(0.0, new.rotate_at - now) + 1.0, rotate_later)
         _logger.info("session key certified", extra={"agent": name, "kid": kid,
                                                      "hardware_kid": hw.kid,
                                                      "use_until": new.use_until,
-                                                     "exp": new.expires_at})
-        return new
+                                                     "exp": new.expires_at,
+                                                     "role": "current" if result is new else "next"})
+        return result
 
     # -- lifecycle (lock held) -------------------------------------------------------
 
-    def _retire(self, cur: _Published) -> None:
-        """Stop signing with ``cur``; its public entry stays until it expires."""
-        cur.handle = None  # in-flight requests keep their own reference for milliseconds
-        if self._current.get(cur.agent) is cur:
-            del self._current[cur.agent]
+    def _retire(self, p: _Published) -> None:
+        """Stop signing with ``p``; its public entry stays until it expires."""
+        p.handle = None  # in-flight requests keep their own reference for milliseconds
+        for table in (self._current, self._next):
+            if table.get(p.agent) is p:
+                del table[p.agent]
+
+    def _promote(self, name: str, version: int, now: float) -> _Published | None:
+        """The key that signs for ``name`` now, if any: the current one while it
+        is usable, else the next one, which takes over without the hardware."""
+        cur = self._current.get(name)
+        if cur is not None and self._usable(cur, version, now):
+            return cur
+        if cur is not None:
+            self._retire(cur)
+        nxt = self._next.pop(name, None)
+        if nxt is not None and self._usable(nxt, version, now):
+            self._current[name] = nxt
+            return nxt
+        if nxt is not None:
+            self._retire(nxt)
+        return None
+
+    @staticmethod
+    def _usable(p: _Published, version: int, now: float) -> bool:
+        return p.handle is not None and p.hw_version == version and now < p.use_until
 
     def _expire(self, now: float) -> None:
         for agent in list(self._published):
@@ -366,16 +396,17 @@ class SessionKeyManager:
         """Registry listener: hardware key rotated or agent revoked."""
         with self._lock:
             self._generation[name] = self._generation.get(name, 0) + 1
-            cur = self._current.pop(name, None)
+            held = [p for p in (self._current.pop(name, None), self._next.pop(name, None))
+                    if p is not None]
+            self._used.discard(name)
             if event == "revoked":
-                for p in self._published.pop(name, []):
+                for p in [*self._published.pop(name, []), *held]:
                     if p.handle is not None:
                         p.handle.wipe()
                     p.handle = None
-                if cur is not None and cur.handle is not None:
-                    cur.handle.wipe()
-            elif cur is not None:
-                self._retire(cur)
+            else:
+                for p in held:
+                    self._retire(p)
             snapshot = self._snapshot()
         self._persist(snapshot)
         _logger.info("session keys dropped", extra={"agent": name, "event": event})
