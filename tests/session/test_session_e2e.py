@@ -141,13 +141,13 @@ def _dev_args(d: RunningDaemon) -> tuple[str, ...]:
 
 
 def test_time_based_rotation_on_softhsm_config(request: pytest.FixtureRequest) -> None:
-    """A 1 s period from the config file: keys change by themselves, every
-    token verifies, old keys stay published while their tokens live."""
+    """A 2 s period from the config file: keys change by themselves, each new
+    key is in the JWKS before its first token, every token verifies, and old
+    keys stay published while their tokens live."""
     from badged.softhsm import provision
 
     if shutil.which("softhsm2-util") is None:
         require_or_skip(request.config, "softhsm2-util not installed")
-
     base = short_tmpdir("bsr")
     try:
         state = base / "s"
@@ -157,20 +157,26 @@ def test_time_based_rotation_on_softhsm_config(request: pytest.FixtureRequest) -
 uri = "{token.uri()}"
 module_path = "{token.module_path}"
 signing_mode = "session"
-session_key_period = 1
+session_key_period = 2
 """)
         d = _start_config_daemon(state, cfg, extra_env={"SOFTHSM2_CONF": str(token.conf_path)})
         try:
             _create_agent(d)
             seen: dict[str, list[str]] = {}
+            published_before_use: dict[str, bool] = {}
             deadline = time.monotonic() + 30
             with WorkloadClient(d.workload) as wl:
-                while len(seen) < 3 and time.monotonic() < deadline:
+                while len(seen) < 4 and time.monotonic() < deadline:
+                    before = _session_kids(wl.jwks())  # what a relying party cached
                     t = wl.fetch_token(audience="demo", scopes=["read"])
+                    if t.key_id not in seen:
+                        published_before_use[t.key_id] = t.key_id in before
                     seen.setdefault(t.key_id, []).append(t.token)
                     time.sleep(0.05)
                 jwks = wl.jwks()
-            assert len(seen) >= 3, "session key never rotated"
+            assert len(seen) >= 4, "session key never rotated"
+            _first, *later = list(published_before_use)  # the first key cannot be
+            assert all(published_before_use[k] for k in later), published_before_use
             assert set(seen) <= _session_kids(jwks)
             for tokens in seen.values():
                 for tok in tokens:

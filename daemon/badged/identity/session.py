@@ -346,8 +346,9 @@ class SessionKeyManager:
                 def rotate_later() -> None:
                     background(lambda: self._rotate_in_background(name))
 
-                # +1 s: a timer may fire a little early; it must find rotate_at passed.
-                self._scheduler(max(0.0, new.rotate_at - now) + 1.0, rotate_later)
+                # A timer may fire a little early; it must find rotate_at passed.
+                margin = min(1.0, (new.use_until - new.rotate_at) / 4)
+                self._scheduler(max(0.0, new.rotate_at - now) + margin, rotate_later)
         _logger.info("session key certified", extra={"agent": name, "kid": kid,
                                                      "hardware_kid": hw.kid,
                                                      "use_until": new.use_until,
