@@ -312,3 +312,13 @@ def test_durations(text: object, seconds: int) -> None:
                                             ("100/60s", Rate(100, 60))])
 def test_rates(text: str, rate: Rate) -> None:
     assert parse_rate(text) == rate
+
+
+def test_daemon_hard_cap_beats_bundle_cap(policy: Policy) -> None:
+    """A bundle may say 1h; a daemon capped at 120 s never mints beyond it."""
+    req = Request("token", None, "https://api", ("read",))
+    d = evaluate(policy, ALICE_PY, req, now=NOW, default_ttl=300, max_ttl=120)
+    assert d.allowed and d.ttl == 120
+    long = Request("token", None, "https://api", ("read",), ttl=600)
+    d = evaluate(policy, ALICE_PY, long, now=NOW, default_ttl=300, max_ttl=120)
+    assert not d.allowed and "daemon's max_ttl" in d.reason

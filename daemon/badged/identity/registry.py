@@ -35,6 +35,8 @@ from badged.identity.store import AgentRecord, AgentStore, KeyVersion
 from badged.keystore.port import KeyHandle, KeyStore
 
 _logger = logging.getLogger(__name__)
+# Relying parties allow clock skew: keep retired keys published a little longer.
+PUBLISH_LEEWAY = 30
 _AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TD_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")
 
@@ -162,7 +164,7 @@ class AgentRegistry:
             new = self._new_version(name, old.version + 1, now)
             old.state = "retired"
             old.retired_at = now
-            old.publish_until = now + self._max_token_ttl
+            old.publish_until = now + self._max_token_ttl + PUBLISH_LEEWAY
             rec.versions.append(new)
             self._save()
             self._notify(name, "rotated")

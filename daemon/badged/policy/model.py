@@ -84,7 +84,7 @@ class Bundle:
     approval: bool = False
     source: str = ""
 
-    def miss(self, req: Request, ttl: int) -> str | None:
+    def miss(self, req: Request, ttl: int, hard_cap: int | None = None) -> str | None:
         """Why this bundle does not allow ``req`` (None: it does)."""
         if req.kind not in self.kinds:
             return f"kind {req.kind!r} not in bundle"
@@ -95,6 +95,8 @@ class Bundle:
             return f"scopes {extra} not in bundle"
         if ttl > self.max_ttl:
             return f"ttl {ttl}s above bundle cap {self.max_ttl}s"
+        if hard_cap is not None and ttl > hard_cap:
+            return f"ttl {ttl}s above the daemon's max_ttl {hard_cap}s"
         return None
 
 
@@ -233,11 +235,16 @@ def evaluate(
     *,
     now: float,
     default_ttl: int,
+    max_ttl: int | None = None,
     grants: Sequence[Grant] = (),
     delegations: Mapping[str, Delegation] | None = None,
     budget: BudgetCheck = _no_budget_limit,
 ) -> Decision:
-    """Decide one request; never raises for a policy reason."""
+    """Decide one request; never raises for a policy reason.
+
+    ``max_ttl`` is the daemon's hard cap, above any bundle's: key publication
+    windows (rotation, session keys) are sized by it, so no token may outlive it.
+    """
     trace: list[str] = []
     matching = candidates(policy, caller)
     if request.agent:
@@ -274,10 +281,11 @@ def evaluate(
     exhausted: list[float] = []
     for rule in matching:
         for bundle, why in bundles_in_effect(policy, rule, grants, now):
-            ttl = request.ttl or min(default_ttl, bundle.max_ttl)
+            cap = bundle.max_ttl if max_ttl is None else min(bundle.max_ttl, max_ttl)
+            ttl = request.ttl or min(default_ttl, cap)
             if delegation is not None:
                 ttl = min(ttl, max(1, int(delegation.expires_at - now)))
-            miss = bundle.miss(request, ttl)
+            miss = bundle.miss(request, ttl, max_ttl)
             if miss is not None:
                 trace.append(f"{why}: {miss}")
                 continue

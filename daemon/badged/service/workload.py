@@ -72,7 +72,7 @@ class PolicyGate:
             return d.limiter.wait_time(agent, bundle, now)
 
         decision = evaluate(d.policy.current, proc.selectors(), req, now=now,
-                            default_ttl=d.default_ttl, grants=d.grants.grants(),
+                            default_ttl=d.default_ttl, max_ttl=d.max_ttl, grants=d.grants.grants(),
                             delegations=d.grants.delegations(), budget=budget)
         if decision.allowed and decision.agent is not None:
             status = self.agent_status(decision.agent)
