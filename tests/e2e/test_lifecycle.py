@@ -242,3 +242,26 @@ def test_sigterm_under_load_loses_no_acknowledged_credential(fresh_state: Path) 
                               capture_output=True, text=True, check=True).stdout
     logged = {json.loads(line).get("jti") for line in exported.splitlines() if line.strip()}
     assert set(jtis) <= logged
+
+
+def test_token_gone_fails_closed_and_recovers_without_restart(fresh_state: Path) -> None:
+    """SoftHSM's object store vanishing (token pulled) → UNAVAILABLE; back → served."""
+    import shutil
+
+    d = start_daemon(fresh_state)
+    try:
+        tokens = fresh_state / "private" / "softhsm" / "tokens"
+        aside = fresh_state / "private" / "softhsm" / "tokens-away"
+        with WorkloadClient(d.workload) as w:
+            before = w.fetch_token(audience="demo")
+            shutil.move(str(tokens), str(aside))
+            tokens.mkdir(mode=0o700)
+            for _ in range(3):  # fails closed, repeatedly, without crashing
+                with pytest.raises(UnavailableError):
+                    w.fetch_token(audience="demo")
+            shutil.rmtree(tokens)
+            shutil.move(str(aside), str(tokens))
+            after = w.fetch_token(audience="demo")
+        assert after.key_id == before.key_id and d.proc.poll() is None
+    finally:
+        d.stop()

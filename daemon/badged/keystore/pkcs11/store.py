@@ -331,6 +331,7 @@ class Pkcs11KeyStore:
 
     def _sign_digest(self, key: _Pkcs11Key, digest: bytes) -> bytes:
         import pkcs11
+        import pkcs11.exceptions as p11e
 
         def op(session: Any) -> bytes:
             priv = key._priv
@@ -339,6 +340,18 @@ class Pkcs11KeyStore:
                 fresh = self._load(session, key.name)
                 key._priv, key.generation = fresh._priv, fresh.generation
                 priv = fresh._priv
-            return bytes(priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
+            try:
+                return bytes(priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
+            except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+                # The cached handle died: the key was destroyed, or the token's
+                # object store went away and came back (SoftHSM then sees the
+                # objects only after C_Initialize). Start the module afresh and
+                # look the key up once: a returning token recovers without a
+                # daemon restart, a destroyed key is KeyNotFoundError.
+                self._drop_session()
+                self._connect()
+                fresh = self._load(self._session, key.name)
+                key._priv, key.generation = fresh._priv, fresh.generation
+                return bytes(fresh._priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
 
         return self._call(op)
