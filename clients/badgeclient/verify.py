@@ -445,9 +445,17 @@ class Verifier:
                  roots: Sequence[x509.Certificate] = (), clock: Clock = time.time,
                  skew: int = DEFAULT_SKEW, max_lifetime: int = 24 * 3600,
                  max_bytes: int = DEFAULT_MAX_BYTES, replay_cache: ReplayCache | None = None,
-                 revocations: Revocations | None = None, dpop_max_age: int = 60) -> None:
+                 revocations: Revocations | None = None, dpop_max_age: int = 60,
+                 hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None) -> None:
         if not 0 <= skew <= MAX_SKEW:
             raise ValueError(f"skew must be 0..{MAX_SKEW} seconds")
+        # Session-mode keys (JWKS entries carrying a certification) are only
+        # accepted with their chain to a hardware key checked; ``hardware_keys``
+        # pins those keys (thumbprint -> key) instead of trusting the JWKS.
+        self._jwks_doc: Mapping[str, Any] = jwks or {}
+        self._session_kids = {str(k.get("kid")) for k in self._jwks_doc.get("keys", [])
+                              if isinstance(k, Mapping) and "badged_cert" in k}
+        self._hardware_keys = hardware_keys
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         for jwk in (jwks or {}).get("keys", []):
             kid = jwk.get("kid") if isinstance(jwk, Mapping) else None
@@ -479,6 +487,7 @@ class Verifier:
             raise ClaimsError("wrong_issuer", "unexpected iss")
         agent, user = self._subjects(c)
         self._check_chain_names(chain, agent)
+        self._check_session_chain(token, kid, agent, now)
         self._check_revoked(agent, kid, chain)
         jkt = self._check_binding(c, token, dpop, require_dpop, now)
         jti = _str(c, "jti")
@@ -743,6 +752,20 @@ class Verifier:
             raise ClaimsError("missing_claim", "aud is required")
         if audience not in auds:
             raise ClaimsError("wrong_audience", "credential is for another audience")
+
+    def _check_session_chain(self, token: str, kid: str | None, agent: str, now: float) -> None:
+        """A session key signs only within its certification, for its agent."""
+        if kid is None or kid not in self._session_kids:
+            return
+        from badgeclient.session_verify import SessionChainError, verify_session_chain
+
+        try:
+            chain = verify_session_chain(token, self._jwks_doc, now=now,
+                                         hardware_keys=self._hardware_keys, leeway=self._skew)
+        except SessionChainError as exc:
+            raise UntrustedKeyError("session_chain", f"session key chain: {exc.reason}") from None
+        if chain.agent != agent:
+            raise UntrustedKeyError("session_chain", "session key certified for another agent")
 
     @staticmethod
     def _subjects(c: Mapping[str, Any]) -> tuple[str, str | None]:

@@ -443,3 +443,27 @@ def test_switching_back_to_direct_mode_keeps_live_session_tokens_verifiable(
 
 def _pinned_from(jwks: dict[str, Any], kid: str) -> dict[str, Any]:
     return {e["kid"]: jwk_to_key(e) for e in jwks["keys"] if e["kid"] == kid}
+
+
+def test_verifier_library_checks_the_session_chain(session_daemon: RunningDaemon) -> None:
+    """badgeclient.verify runs the chain check itself for session-key tokens."""
+    from badgeclient.verify import UntrustedKeyError, Verifier
+
+    d = session_daemon
+    with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+        tok = wl.fetch_token(audience="demo", scopes=["read"])
+        jwks = wl.jwks()
+        pinned = _pinned(admin, jwks, "demo-agent")
+    ok = Verifier(jwks=jwks, hardware_keys=pinned).verify_token(tok.token, audience="demo")
+    assert ok.agent == tok.spiffe_id and ok.key_id in _session_kids(jwks)
+    # Pinning other hardware keys (say, another device's): the chain no longer holds.
+    with pytest.raises(UntrustedKeyError, match="session key chain"):
+        Verifier(jwks=jwks, hardware_keys={}).verify_token(tok.token, audience="demo")
+    # A certification swapped onto the entry is refused as well.
+    forged = json.loads(json.dumps(jwks))
+    for entry in forged["keys"]:
+        if JWKS_MEMBER in entry:
+            head, body, sig = entry[JWKS_MEMBER].split(".")
+            entry[JWKS_MEMBER] = f"{head}.{body}.{sig[::-1]}"
+    with pytest.raises(UntrustedKeyError, match="session key chain"):
+        Verifier(jwks=forged).verify_token(tok.token, audience="demo")
