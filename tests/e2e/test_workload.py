@@ -223,3 +223,21 @@ def test_2000_concurrent_tokens_from_16_processes(daemon: RunningDaemon) -> None
                               capture_output=True, text=True, check=True).stdout
     logged = {json.loads(line).get("jti") for line in exported.splitlines() if line.strip()}
     assert set(jtis) <= logged
+
+
+def test_no_secret_reaches_the_log_or_the_audit(daemon: RunningDaemon) -> None:
+    """Tokens, signatures and the PIN never appear in the daemon's log or audit files."""
+    with WorkloadClient(daemon.workload) as c:
+        tok = c.fetch_token(audience="demo", scopes=["read"])
+        sig = c.sign(b"secret-looking payload", context="t")
+        with pytest.raises(PermissionDeniedError):
+            c.fetch_token(audience="https://nope.example")
+    pin = (daemon.state / "private" / "softhsm" / "user.pin").read_text().strip()
+    texts = [daemon.log_text()] + [p.read_text(errors="replace")
+                                   for p in (daemon.state / "audit").glob("*.jsonl")]
+    assert texts[1:], "audit files expected"
+    for text in texts:
+        assert tok.token not in text and tok.token.split(".")[2] not in text
+        assert base64.b64encode(sig.signature).decode() not in text
+        assert pin not in text
+    assert any(tok.jti in t for t in texts[1:])  # ...but the jti is recorded

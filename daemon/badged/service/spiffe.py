@@ -6,8 +6,11 @@ bound to, the trust bundle, and validation -- through exactly the same
 attestation, policy (kind ``token``), key store and audit as ``FetchToken``.
 A JWT-SVID *is* a badged access token: ``sub`` = the agent's SPIFFE ID.
 
-X.509-SVIDs are not served here (the RPCs answer UNIMPLEMENTED): agent
-certificates need an enrolled device, see ``badgectl cert``.
+X.509-SVIDs are deliberately not served (the RPCs answer UNIMPLEMENTED): the
+SPIFFE X.509 profile hands the workload its private key, and badged exists
+so that agents never hold one. Agents that need X.509 get a certificate for
+their hardware-held key from an enrolled device (``badgectl cert``) and sign
+through badged.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from badged_proto.spiffe import workload_pb2, workload_pb2_grpc
 _logger = logging.getLogger(__name__)
 
 SECURITY_HEADER = "workload.spiffe.io"
-_NO_X509 = "X.509-SVIDs are not served on this socket; use JWT-SVIDs, or `badgectl cert` after enrollment"
+_NO_X509 = ("X.509-SVIDs would hand the workload a private key; badged keeps keys in hardware "
+            "(use JWT-SVIDs, or `badgectl cert` after enrollment)")
 BUNDLE_POLL_SECONDS = 1.0
 
 
