@@ -77,3 +77,16 @@ def test_check_event_name_cache_does_not_hide_secrets() -> None:
             check_event({"event": "e", "nested": {"Token": "x"}})
         with pytest.raises(TypeError):
             check_event({"event": "e", "nested": {1: "x"}})
+
+
+@pytest.mark.parametrize("ts", [0.0, 1.5, 1764000000.123456, 1764000000.000001, 1764000000.0,
+                                -1.25, 4102444800.5])
+def test_format_time_fixed_width(ts: float) -> None:
+    from datetime import UTC, timedelta, timezone
+
+    from badged.audit.record import format_time, from_timestamp
+
+    dt = from_timestamp(ts)
+    expected = dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert format_time(dt) == expected
+    assert format_time(dt.astimezone(timezone(timedelta(hours=5, minutes=30)))) == expected
