@@ -7,6 +7,7 @@ the plain definition: canonical bytes without ``hash``, then with it.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from typing import Any
 
@@ -39,9 +40,15 @@ def _value(rng: random.Random, depth: int) -> Any:
     return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
 
 
+def _plain(obj: Any) -> bytes:
+    # The definition, independent of record.py's encoder plumbing.
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
 def _reference(record: dict[str, Any]) -> tuple[str, bytes]:
-    digest = hashlib.sha256(canonical(record)).hexdigest()
-    return digest, canonical({**record, "hash": digest}) + b"\n"
+    digest = hashlib.sha256(_plain(record)).hexdigest()
+    return digest, _plain({**record, "hash": digest}) + b"\n"
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -53,6 +60,7 @@ def test_seal_matches_two_full_encodes(seed: int) -> None:
         sealed = dict(record)
         assert seal(sealed) == expected
         assert sealed["hash"] == expected[0]
+        assert canonical(record) == _plain(record)
 
 
 @pytest.mark.parametrize("record", [
@@ -90,3 +98,10 @@ def test_format_time_fixed_width(ts: float) -> None:
     expected = dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert format_time(dt) == expected
     assert format_time(dt.astimezone(timezone(timedelta(hours=5, minutes=30)))) == expected
+
+
+def test_canonical_rejects_what_json_dumps_rejects() -> None:
+    with pytest.raises(ValueError):
+        canonical({"x": float("nan")})
+    with pytest.raises(TypeError):
+        canonical({"x": object()})
