@@ -9,6 +9,7 @@ sides.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -20,17 +21,47 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 _P256_BYTES = 32
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    # binascii + translate is what base64.urlsafe_b64encode does, minus two
+    # Python-level calls; the result is identical (unpadded base64url).
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _make_encode() -> Callable[[Any], str]:
+    """``json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)``.
+
+    Built once: ``json.dumps`` with options builds a JSONEncoder, and its
+    ``encode`` a C encoder object, on every call. Same arguments as
+    ``JSONEncoder.iterencode`` passes, except ``markers=None`` (claims are
+    trees; a shared markers dict could be left dirty by a failed encode).
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has _json
+        return encoder.encode
+    iterencode = make(None, encoder.default, json.encoder.encode_basestring, None,
+                      encoder.key_separator, encoder.item_separator, True, False, True)
+    join = "".join
+
+    def encode(obj: Any) -> str:
+        return join(iterencode(obj, 0))
+
+    return encode
+
+
+_encode = _make_encode()
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """Compact JSON with sorted keys: stable bytes for hashing and signing."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    return _encode(obj).encode()
 
 
 def ec_public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
@@ -64,7 +95,19 @@ def encode_jws(
     sign_der: Callable[[bytes], bytes],
 ) -> str:
     """JWS compact serialization; ``sign_der`` signs the ASCII signing input."""
-    signing_input = (b64url(canonical_json(header)) + "." + b64url(canonical_json(payload)))
+    return encode_jws_with_header(b64url(canonical_json(header)), payload, sign_der)
+
+
+def encode_jws_with_header(
+    header_segment: str,
+    payload: Mapping[str, Any],
+    sign_der: Callable[[bytes], bytes],
+) -> str:
+    """:func:`encode_jws` with the header already encoded (``b64url(canonical_json(h))``).
+
+    For callers whose header is constant per key, so it is encoded once.
+    """
+    signing_input = header_segment + "." + b64url(canonical_json(payload))
     signature = der_to_jose(sign_der(signing_input.encode("ascii")))
     return signing_input + "." + b64url(signature)
 

@@ -7,6 +7,7 @@ arguments, so every expiry and claim rule is tested with plain tables
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from badged.core.jose import encode_jws
+from badged.core.jose import b64url, canonical_json, encode_jws_with_header
 from badged.keystore.port import KeyHandle
 
 ES256 = ec.ECDSA(hashes.SHA256())
@@ -68,10 +69,16 @@ def build_claims(
     return claims
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_segment(key_id: str) -> str:
+    """The base64url JWS header of a token signed by ``key_id``: constant per key."""
+    return b64url(canonical_json({"alg": "ES256", "kid": key_id, "typ": TOKEN_TYP}))
+
+
 def mint_token(*, claims: Mapping[str, Any], key: KeyHandle, key_id: str) -> IssuedToken:
     """Sign ``claims`` as an ES256 JWS with the agent's token key."""
-    header = {"alg": "ES256", "kid": key_id, "typ": TOKEN_TYP}
-    token = encode_jws(header, claims, lambda data: key.sign(data, ES256))
+    token = encode_jws_with_header(_header_segment(key_id), claims,
+                                   lambda data: key.sign(data, ES256))
     return IssuedToken(
         token=token,
         jti=str(claims["jti"]),
