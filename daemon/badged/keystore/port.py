@@ -21,13 +21,16 @@ Key names are opaque to the store (``agent/deploy-bot/tok/1``); they must match
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from badged.errors import KeyStoreError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,96}$")
 
@@ -49,6 +52,9 @@ def check_key_name(name: str) -> str:
 
 
 _DIGEST_NAMES = {32: "sha256", 48: "sha384", 64: "sha512"}
+_HASHERS: dict[str, Callable[[bytes], Any]] = {
+    "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512,
+}
 
 
 def digest_for(data: bytes, signature_algorithm: ec.ECDSA, *, backend: str) -> tuple[str, bytes]:
@@ -56,20 +62,20 @@ def digest_for(data: bytes, signature_algorithm: ec.ECDSA, *, backend: str) -> t
 
     SoftHSM has no CKM_ECDSA_SHA256 and a TPM signs a digest, so every adapter
     hashes in software -- the same way, including ``Prehashed`` input.
+    Runs on every signature: module-level imports and a direct constructor
+    instead of ``hashlib.new(name)``.
     """
-    import hashlib
-
-    from badged.errors import KeyStoreError
-
     algo = signature_algorithm.algorithm
     if isinstance(algo, Prehashed):
         name = _DIGEST_NAMES.get(algo.digest_size)
         if name is None or len(data) != algo.digest_size:
             raise KeyStoreError("prehashed digest has the wrong length", backend=backend)
         return name, data
-    if algo.name not in _DIGEST_NAMES.values():
-        raise KeyStoreError(f"unsupported hash {algo.name}", backend=backend)
-    return algo.name, hashlib.new(algo.name, data).digest()
+    name = algo.name
+    hasher = _HASHERS.get(name)
+    if hasher is None:
+        raise KeyStoreError(f"unsupported hash {name}", backend=backend)
+    return name, hasher(data).digest()
 
 
 @dataclass(frozen=True)
