@@ -90,9 +90,8 @@ class Bundle:
             return f"kind {req.kind!r} not in bundle"
         if req.kind in ("token", "assertion", "dpop") and req.audience not in self.audiences:
             return f"audience {req.audience!r} not in bundle"
-        extra = sorted(set(req.scopes) - self.scopes)
-        if extra:
-            return f"scopes {extra} not in bundle"
+        if not self.scopes.issuperset(req.scopes):
+            return f"scopes {sorted(set(req.scopes) - self.scopes)} not in bundle"
         if ttl > self.max_ttl:
             return f"ttl {ttl}s above bundle cap {self.max_ttl}s"
         if hard_cap is not None and ttl > hard_cap:
@@ -246,15 +245,18 @@ def evaluate(
     windows (rotation, session keys) are sized by it, so no token may outlive it.
     """
     trace: list[str] = []
-    matching = candidates(policy, caller)
     if request.agent:
-        matching = [r for r in matching if r.agent == request.agent]
+        # Same rules, same order as filtering candidates(): the cheap name
+        # test first, the selector subset test only for this agent's rules.
+        wanted = request.agent
+        matching = [r for r in policy.agents if r.agent == wanted and r.matches(caller)]
         if not matching:
             return Decision(False, request.agent, "-",
                             f"no agent rule lets this caller act as {request.agent!r}",
                             trace=tuple(f"{r.source}: missing {missing_selectors(r, caller)}"
                                         for r in policy.agents if r.agent == request.agent))
     else:
+        matching = candidates(policy, caller)
         names = sorted({r.agent for r in matching})
         if not names:
             return Decision(False, None, "-", "no agent rule matches this caller")
