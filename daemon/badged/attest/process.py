@@ -81,7 +81,8 @@ class ProcessAttributes:
     def selectors(self) -> frozenset[str]:
         """SPIRE-style unix selectors; exe selectors only when readable."""
         sels = {f"unix:uid:{self.uid}", f"unix:gid:{self.gid}"}
-        sels |= {f"unix:supplementary_gid:{g}" for g in self.groups}
+        for g in self.groups:
+            sels.add(f"unix:supplementary_gid:{g}")
         user = _user_name(self.uid)
         if user:
             sels.add(f"unix:user:{user}")
@@ -92,15 +93,20 @@ class ProcessAttributes:
             sels.add(f"unix:path:{self.exe}")
         if self.exe_sha256:
             sels.add(f"unix:sha256:{self.exe_sha256}")
-        if self.cgroup:
-            sels.add(f"unix:cgroup:{self.cgroup}")
-        if self.unit:
-            sels.add(f"systemd:unit:{self.unit}")
-        if self.container_id:
-            sels.add(f"container:id:{self.container_id}")
+        cgroup = self.cgroup
+        if cgroup:
+            # unit/container_id parse the cgroup path: once each, not twice.
+            sels.add(f"unix:cgroup:{cgroup}")
+            unit = unit_of(cgroup)
+            if unit:
+                sels.add(f"systemd:unit:{unit}")
+            container = container_of(cgroup)
+            if container:
+                sels.add(f"container:id:{container}")
         if self.chain:
             sels.add(f"unix:parent_path:{self.chain[0]}")
-            sels |= {f"unix:ancestor_path:{p}" for p in self.chain}
+            for p in self.chain:
+                sels.add(f"unix:ancestor_path:{p}")
         return frozenset(sels)
 
     def summary(self) -> dict[str, object]:
