@@ -16,7 +16,6 @@ import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -32,7 +31,7 @@ from badged.identity.session import SessionKeyManager
 from badged.identity.store import AgentStore
 from badged.keystore import open_keystore
 from badged.keystore.port import KeyHandle, KeyStore
-from badged.listener.front import SocketFront
+from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
@@ -75,8 +74,7 @@ class Daemon:
         self._stopping = False
         self._clock = clock
         self._keystore = keystore
-        self._server: grpc.aio.Server | None = None
-        self._front: SocketFront | None = None
+        self._front: GrpcFront | None = None
         self._health: health_aio.HealthServicer | None = None
         self._stopped = asyncio.Event()
         self.agents: AgentRegistry | None = None
@@ -202,18 +200,13 @@ class Daemon:
                 self.agents.create(name, "created by badged dev")
         for sock in (cfg.workload_socket, cfg.admin_socket):
             _prepare_socket_dir(sock.parent)
-        private_sock = cfg.private_dir / "grpc.sock"
-        if len(str(private_sock).encode()) >= 108:
-            raise ConfigError("state_dir path too long for a Unix socket inside it",
-                              path=str(cfg.state_dir))
-        if private_sock.exists():
-            private_sock.unlink()
-        server = grpc.aio.server(
-            interceptors=[ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.max_send_message_length", 4 * 1024 * 1024),
-                     ("grpc.so_reuseport", 0)],
-        )
+        # No private gRPC socket: the front terminates HTTP/2 itself. A stale
+        # one from an older version is removed so nothing mistakes it for live.
+        stale = cfg.private_dir / "grpc.sock"
+        if stale.exists():
+            stale.unlink()
+        table = MethodTable()
+        server = table.as_server
         workload_pb2_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         from badged.service import credentials, enroll
@@ -222,11 +215,10 @@ class Daemon:
         self._health = health_aio.HealthServicer()
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        server.add_insecure_port(f"unix:{private_sock}")
-        await server.start()
-        self._server = server
-        front = SocketFront(registry=deps.peers, private_path=str(private_sock),
-                            max_per_uid=cfg.max_connections_per_uid)
+        methods = await table.intercepted(
+            [ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)])
+        front = GrpcFront(registry=deps.peers, methods=methods,
+                          max_per_uid=cfg.max_connections_per_uid, max_message=MAX_MESSAGE)
         self._front = front
         gid = cfg.operator_gid()
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
@@ -273,9 +265,7 @@ class Daemon:
             await self._health.enter_graceful_shutdown()
         if self._front is not None:
             await self._front.stop_accepting()
-        if self._server is not None:
-            await self._server.stop(grace)
-        if self._front is not None:
+            await self._front.drain(grace)
             self._front.close_links()
         try:
             await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})

@@ -32,10 +32,6 @@ class RunningDaemon:
     def admin(self) -> Path:
         return self.state / "run" / "admin.sock"
 
-    @property
-    def private_socket(self) -> Path:
-        return self.state / "private" / "grpc.sock"
-
     def env(self) -> dict[str, str]:
         return dict(os.environ, BADGED_SOCKET=str(self.workload),
                     BADGED_ADMIN_SOCKET=str(self.admin), PYTHONPATH=_pythonpath())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from badgeclient import PermissionDeniedError, WorkloadClient
+from badgeclient import InvalidRequestError, PermissionDeniedError, WorkloadClient
 from tests.conftest import short_tmpdir
 from tests.e2e.conftest import RunningDaemon
 
@@ -89,19 +89,11 @@ def test_connection_of_exited_process_is_refused(daemon: RunningDaemon) -> None:
 
 
 def test_refusals_before_policy_are_audited(daemon: RunningDaemon) -> None:
-    """A direct dial of the private socket is refused *and* leaves a record."""
-    import grpc
-
-    from badged_proto.v1 import workload_pb2, workload_pb2_grpc
-
-    with grpc.insecure_channel(f"unix:{daemon.private_socket}") as ch:
-        stub = workload_pb2_grpc.WorkloadServiceStub(ch)
-        try:
-            stub.FetchToken(workload_pb2.FetchTokenRequest(audience="audit-probe"), timeout=10)
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    """A request refused before the policy gate (malformed) still leaves a record."""
     from badged.audit import tail
 
+    with WorkloadClient(daemon.workload) as c, pytest.raises(InvalidRequestError):
+        c.sign(b"x" * (64 * 1024 + 1))
     records = tail(daemon.state / "audit", 50)
-    assert any(r.get("event") == "request.refused" and r.get("code") == "unauthenticated"
-               for r in records), records[-3:]
+    assert any(r.get("event") == "request.refused" and r.get("code") == "invalid_request"
+               and "pid=" in str(r.get("peer")) for r in records), records[-3:]

@@ -1,4 +1,9 @@
-"""The socket front on real sockets: relay, registration, per-uid cap, cleanup."""
+"""The socket front on real sockets: gRPC over HTTP/2 against grpcio clients and raw frames.
+
+The front is badged's own gRPC server (h2 for framing), so these tests hold
+it to what grpcio's server did: statuses, trailers, deadlines, cancellation,
+flow control, size limits, and per-connection identity and cleanup.
+"""
 
 from __future__ import annotations
 
@@ -7,79 +12,316 @@ import os
 import shutil
 import socket
 import stat
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
-from badged.listener.front import SocketFront
+import grpc
+import pytest
+
+from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
+from badged.service.errors import ErrorBoundary
 from tests.conftest import short_tmpdir
 
-
-async def _echo_server(path: str, seen: list[str]) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        seen.append(sock.getpeername())
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    return await asyncio.start_unix_server(handle, path=path)
+Scenario = Callable[[GrpcFront, Path, dict[str, Any]], Awaitable[None]]
 
 
-def test_front_relays_registers_caps_and_cleans_up() -> None:
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def _table(state: dict[str, Any]) -> MethodTable:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        state["peers"].append(context.peer())
+        if request == b"hello":
+            state["metadata"] = dict(context.invocation_metadata() or ())
+        if request == b"abort":
+            context.set_trailing_metadata((("x-why", "asked"),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail: 100%")
+        if request == b"boom":
+            raise RuntimeError("secret detail")
+        if request.startswith(b"big:"):
+            return b"z" * int(request[4:])
+        return request
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        state["slow_started"].set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            state["slow_cancelled"] = True
+            raise
+        return request
+
+    async def count(request: bytes, context: grpc.aio.ServicerContext[Any, Any],
+                    ) -> AsyncIterator[bytes]:
+        for i in range(int(request)):
+            yield str(i).encode()
+        if request == b"2":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream ended badly")
+
+    table = MethodTable()
+    table.add_registered_method_handlers("t.T", {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            echo, request_deserializer=_identity, response_serializer=_identity),
+        "Slow": grpc.unary_unary_rpc_method_handler(
+            slow, request_deserializer=_identity, response_serializer=_identity),
+        "Count": grpc.unary_stream_rpc_method_handler(
+            count, request_deserializer=_identity, response_serializer=_identity),
+    })
+    return table
+
+
+def _run(scenario: Scenario, *, max_per_uid: int = 8) -> dict[str, Any]:
     base = short_tmpdir("bfr")
+    state: dict[str, Any] = {"peers": []}
 
-    async def scenario() -> None:
-        private = str(base / "grpc.sock")
-        seen: list[str] = []
-        server = await _echo_server(private, seen)
+    async def main() -> None:
+        state["slow_started"] = asyncio.Event()
+        methods = await _table(state).intercepted([ErrorBoundary(log_details=True)])
         registry = PeerRegistry()
-        front = SocketFront(registry=registry, private_path=private, max_per_uid=2)
+        state["registry"] = registry
+        front = GrpcFront(registry=registry, methods=methods, max_per_uid=max_per_uid,
+                          max_message=1024)
         public = base / "agent.sock"
         await front.serve(public, channel="workload", mode=0o666)
-        assert stat.S_IMODE(os.stat(public).st_mode) == 0o666
-        loop = asyncio.get_running_loop()
+        try:
+            await scenario(front, public, state)
+        finally:
+            await front.stop_accepting()
+            await front.drain(1)
+            front.close_links()
 
-        async def connect() -> socket.socket:
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return state
+
+
+def _unary(ch: grpc.aio.Channel, method: str) -> Any:
+    return ch.unary_unary(f"/t.T/{method}", request_serializer=_identity,
+                          response_deserializer=_identity)
+
+
+def test_unary_call_carries_the_connection_identity_and_metadata() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        assert stat.S_IMODE(os.stat(public).st_mode) == 0o666
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            got = await _unary(ch, "Echo")(b"hello", metadata=(("x-a", "1"), ("x-b-bin", b"\0\1")))
+            assert got == b"hello"
+            assert await _unary(ch, "Echo")(b"") == b""
+            assert state["registry"].connections_of(os.getuid()) == 1
+        for _ in range(100):
+            if len(state["registry"]) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(state["registry"]) == 0, "registry entry leaked after the client closed"
+
+    state = _run(scenario)
+    assert len(set(state["peers"])) == 1, "one connection, one identity"
+    assert f"pid={os.getpid()}" in state["peers"][0]
+    assert state["metadata"]["x-a"] == "1"
+    assert state["metadata"]["x-b-bin"] == b"\0\1"
+
+
+def test_errors_become_statuses_with_trailers_and_safe_messages() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            call = _unary(ch, "Echo")(b"abort")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert info.value.details() == "asked to fail: 100%"  # percent-encoded on the wire
+            assert ("x-why", "asked") in tuple(info.value.trailing_metadata() or ())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _unary(ch, "Echo")(b"boom")
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "secret" not in (info.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _unary(ch, "Nope")(b"x")
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _unary(ch, "Echo")(b"x" * 5000)  # over max_message=1024
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The connection is still good after all of that.
+            assert await _unary(ch, "Echo")(b"again") == b"again"
+
+    _run(scenario)
+
+
+def test_deadline_and_cancellation_stop_the_handler() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _unary(ch, "Slow")(b"x", timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.1)
+            assert state.pop("slow_cancelled", False), "handler kept running past its deadline"
+            state["slow_started"].clear()
+            call = _unary(ch, "Slow")(b"x")
+            await asyncio.wait_for(state["slow_started"].wait(), 5)
+            call.cancel()
+            for _ in range(100):
+                if state.get("slow_cancelled"):
+                    break
+                await asyncio.sleep(0.01)
+            assert state.get("slow_cancelled"), "RST_STREAM did not cancel the handler"
+
+    _run(scenario)
+
+
+def test_large_response_respects_flow_control() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        # 600 KB is far above HTTP/2's default 64 KiB window: the front must
+        # wait for WINDOW_UPDATEs instead of overrunning the client.
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            got = await _unary(ch, "Echo")(b"big:600000")
+            assert got == b"z" * 600000
+
+    _run(scenario)
+
+
+def test_server_streaming_messages_then_status() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            stream = ch.unary_stream("/t.T/Count", request_serializer=_identity,
+                                     response_deserializer=_identity)
+            assert [m async for m in stream(b"3")] == [b"0", b"1", b"2"]
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for m in stream(b"2"):
+                    got.append(m)
+            assert got == [b"0", b"1"]
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    _run(scenario)
+
+
+def test_per_uid_connection_cap() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(2):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setblocking(False)
             await loop.sock_connect(s, str(public))
-            return s
+            socks.append(s)
+            assert (await asyncio.wait_for(loop.sock_recv(s, 9), 5))[3] == 4  # server SETTINGS
+        third = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        third.setblocking(False)
+        await loop.sock_connect(third, str(public))
+        assert await asyncio.wait_for(loop.sock_recv(third, 10), 5) == b"", "third not refused"
+        third.close()
+        assert state["registry"].connections_of(os.getuid()) == 2
+        for s in socks:
+            s.close()
 
-        a = await connect()
-        b = await connect()
-        await loop.sock_sendall(a, b"ping" * 1000)
-        got = b""
-        while len(got) < 4000:
-            got += await loop.sock_recv(a, 65536)
-        assert got == b"ping" * 1000
-        await loop.sock_sendall(b, b"x")
-        assert await loop.sock_recv(b, 10) == b"x"
-        # The upstream side was bound to a registered abstract name.
-        assert len(seen) == 2 and all(isinstance(n, bytes | str) for n in seen)
-        names = [n.decode() if isinstance(n, bytes) else n for n in seen]
-        for name in names:
-            peer = registry.lookup("unix-abstract:" + name.lstrip("\0"))
-            assert peer is not None and peer.pid == os.getpid() and peer.channel == "workload"
-        assert registry.connections_of(os.getuid()) == 2
+    _run(scenario, max_per_uid=2)
 
-        c = await connect()  # third connection of this uid: refused (closed at once)
-        assert await asyncio.wait_for(loop.sock_recv(c, 10), 5) == b""
-        c.close()
 
-        a.close()
-        b.close()
+def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, stream) + payload
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class _Reader:
+    """Raw frames from a socket, keeping what arrived past the last one returned."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    async def until(self, until_type: int) -> list[tuple[int, int, int, bytes]]:
+        """Frames until one of ``until_type`` arrives, or EOF."""
+        loop = asyncio.get_running_loop()
+        frames = []
+        while True:
+            buf = self.buf
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n = int.from_bytes(buf[:3], "big")
+                frame = (buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF,
+                         buf[9:9 + n])
+                buf = self.buf = buf[9 + n:]
+                frames.append(frame)
+                if frame[0] == until_type:
+                    return frames
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 5)
+            if not chunk:
+                frames.append((-1, 0, 0, b""))  # EOF
+                return frames
+            self.buf += chunk
+
+
+def test_protocol_garbage_closes_only_that_connection() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bad.setblocking(False)
+        await loop.sock_connect(bad, str(public))
+        await loop.sock_sendall(bad, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        frames = await _Reader(bad).until(-1)
+        assert frames[-1][0] == -1, "connection not closed"
+        bad.close()
+        # Even-numbered (server-initiated) stream id from a client: connection error.
+        evil = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        evil.setblocking(False)
+        await loop.sock_connect(evil, str(public))
+        await loop.sock_sendall(evil, PREFACE + _frame(4, 0, 0, b"")
+                                + _frame(1, 0x5, 2, b"\x83\x86"))
+        frames = await _Reader(evil).until(-1)
+        assert [f[0] for f in frames][-2:] == [7, -1], "expected GOAWAY, then close"
+        evil.close()
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            assert await _unary(ch, "Echo")(b"fine") == b"fine"
         for _ in range(100):
-            if len(registry) == 0:
+            if len(state["registry"]) == 0:
                 break
             await asyncio.sleep(0.01)
-        assert len(registry) == 0, "registry entries leaked after close"
+        assert len(state["registry"]) == 0
 
-        await front.stop_accepting()
-        assert not public.exists()
-        server.close()
-        await server.wait_closed()
+    _run(scenario)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+
+def test_non_grpc_requests_are_refused_per_stream() -> None:
+    import hpack
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        await loop.sock_connect(s, str(public))
+        enc = hpack.Encoder()
+        get = enc.encode([(":method", "GET"), (":scheme", "http"), (":path", "/t.T/Echo"),
+                          (":authority", "x")])
+        json_post = enc.encode([(":method", "POST"), (":scheme", "http"),
+                                (":path", "/t.T/Echo"), (":authority", "x"),
+                                ("content-type", "application/json")])
+        await loop.sock_sendall(s, PREFACE + _frame(4, 0, 0, b"")
+                                + _frame(1, 0x5, 1, get) + _frame(1, 0x5, 3, json_post))
+        dec = hpack.Decoder()
+        reader = _Reader(s)
+        statuses = {}
+        while len(statuses) < 2:
+            for ftype, _flags, sid, payload in await reader.until(1):
+                if ftype == 1:
+                    statuses[sid] = dict(dec.decode(payload))[":status"]
+        assert statuses == {1: "405", 3: "415"}
+        # Compressed-flag message: UNIMPLEMENTED, not a crash.
+        post = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"),
+                           (":authority", "x"), ("content-type", "application/grpc")])
+        await loop.sock_sendall(s, _frame(1, 0x4, 5, post)
+                                + _frame(0, 0x1, 5, b"\x01\x00\x00\x00\x01x"))
+        headers = {}
+        while not headers:
+            for ftype, _flags, sid, payload in await reader.until(1):
+                if ftype == 1 and sid == 5:
+                    headers = dict(dec.decode(payload))
+        assert headers["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        s.close()
+
+    _run(scenario)

@@ -68,7 +68,11 @@ def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
 
 
 class PeerRegistry:
-    """Abstract relay address → peer credentials. Thread-safe."""
+    """Connection name (what ``context.peer()`` returns) → peer credentials.
+
+    The front names each accepted connection itself, so a name can only be
+    looked up by calls that arrived on that connection. Thread-safe.
+    """
 
     def __init__(self) -> None:
         self._peers: dict[str, PeerCredentials] = {}
@@ -92,11 +96,8 @@ class PeerRegistry:
             os.close(peer.pidfd)
 
     def lookup(self, grpc_peer: str) -> PeerCredentials | None:
-        prefix = "unix-abstract:"
-        if not grpc_peer.startswith(prefix):
-            return None
         with self._lock:
-            return self._peers.get(grpc_peer[len(prefix):])
+            return self._peers.get(grpc_peer)
 
     def connections_of(self, uid: int) -> int:
         with self._lock:
