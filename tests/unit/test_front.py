@@ -325,3 +325,44 @@ def test_non_grpc_requests_are_refused_per_stream() -> None:
         s.close()
 
     _run(scenario)
+
+
+def test_client_that_stops_reading_is_paused_not_buffered() -> None:
+    import hpack
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        await loop.sock_connect(s, str(public))
+        enc = hpack.Encoder()
+        block = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"),
+                            (":authority", "x"), ("content-type", "application/grpc")])
+        # A huge receive window, so only the socket buffers hold answers back.
+        settings = struct.pack(">HI", 0x4, 2**31 - 1)
+        out = [PREFACE, _frame(4, 0, 0, settings), _frame(8, 0, 0, struct.pack(">I", 2**31 - 65536))]
+        msg = b"big:60000"  # 90 answers of 60 KB: far more than the socket buffers hold
+        for sid in range(1, 2 * 90, 2):
+            out += [_frame(1, 0x4, sid, block),
+                    _frame(0, 0x1, sid, b"\0" + struct.pack(">I", len(msg)) + msg)]
+        await loop.sock_sendall(s, b"".join(out))
+        for _ in range(200):
+            if front.connections:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = front.connections
+        for _ in range(200):
+            if conn._write_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert conn._write_paused, "answers kept piling up in the daemon's buffer"
+        assert conn.transport is not None and not conn.transport.is_reading()
+        # Once the client reads, the front resumes and answers everything.
+        received = 0
+        while received < 90 * 60000:
+            received += len(await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 5))
+        assert not conn._write_paused and conn.transport.is_reading()
+        s.close()
+
+    _run(scenario)
