@@ -41,13 +41,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 
+from badged.listener.http2 import (
+    INTERNAL_ERROR,
+    NO_ERROR,
+    ConnectionError_,
+    ServerConnection,
+    header_block,
+    literal,
+)
 from badged.listener.peers import PeerCredentials, PeerRegistry, read_peer
 from badged.listener.sockets import bind_unix
 
@@ -57,8 +59,8 @@ MAX_STREAMS = 100
 _GRPC = b"application/grpc"
 _RESERVED = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
                        b"grpc-accept-encoding"})
-_RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-_OK_TRAILERS = ((b"grpc-status", b"0"),)
+_RESPONSE_BLOCK = header_block(((b":status", b"200"), (b"content-type", b"application/grpc")))
+_OK_BLOCK = header_block(((b"grpc-status", b"0"),))
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
 # RFC 3986 unreserved plus what the gRPC spec leaves unescaped in grpc-message.
@@ -206,14 +208,14 @@ class _Stream:
         self.remote_closed = False
 
 
-class _Connection(asyncio.Protocol):
-    """One accepted client: its identity, its HTTP/2 state, its calls."""
+class _Connection(ServerConnection, asyncio.Protocol):
+    """One accepted client: its identity, its HTTP/2 framing, its calls."""
 
     def __init__(self, server: GrpcFront, channel: str) -> None:
+        super().__init__()
         self.server = server
         self.channel = channel
         self.transport: asyncio.Transport | None = None
-        self.h2: h2.connection.H2Connection | None = None
         self.name: str | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = False
@@ -240,18 +242,7 @@ class _Connection(asyncio.Protocol):
             return
         self.name = server.register(peer)
         server.connections.add(self)
-        conn = h2.connection.H2Connection(server.h2_config)
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
-        })
-        conn.initiate_connection()
-        # Give the whole connection a large receive window: the per-stream
-        # window and the message-size cap are what bound buffering.
-        conn.increment_flow_control_window((1 << 24) - 65535)
-        self.h2 = conn
-        self._flush()
+        self.flush()  # our SETTINGS and connection window
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -270,14 +261,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def goaway(self) -> None:
-        """Tell the client no new calls are taken here (shutdown)."""
-        if self.h2 is not None and not self.closed:
-            try:
-                self.h2.close_connection()
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
+    def shutdown(self) -> None:
+        """Tell the client no new calls are taken here (GOAWAY); calls in flight go on."""
+        if not self.closed:
+            self.goaway(NO_ERROR)
+            self.flush()
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
@@ -290,54 +278,40 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def _flush(self) -> None:
-        assert self.h2 is not None
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    # -- inbound ---------------------------------------------------------
+    def flush(self) -> None:
+        out = self.out
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(bytes(out))
+        out.clear()
 
     def data_received(self, data: bytes) -> None:
-        conn = self.h2
-        if conn is None or self.closed:
+        if self.closed or self.name is None:
             return
         try:
-            events = conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            self.receive(data)
+        except ConnectionError_ as exc:
             _logger.info("HTTP/2 protocol error; closing connection",
-                         extra={"error": type(exc).__name__, "peer": self.name})
-            self._flush()  # h2 queued a GOAWAY
+                         extra={"error": str(exc), "peer": self.name})
+            self.flush()  # the GOAWAY
             self.close()
             return
-        for event in events:
-            kind = type(event)
-            if kind is h2.events.DataReceived:
-                self._on_data(cast(h2.events.DataReceived, event))
-            elif kind is h2.events.RequestReceived:
-                self._on_request(cast(h2.events.RequestReceived, event))
-            elif kind is h2.events.StreamEnded:
-                self._on_end(cast(h2.events.StreamEnded, event).stream_id)
-            elif kind is h2.events.StreamReset:
-                stream = self.streams.pop(cast(h2.events.StreamReset, event).stream_id, None)
-                if stream is not None:
-                    self._abandon(stream)
-            elif kind is h2.events.WindowUpdated:
-                self._on_window(cast(h2.events.WindowUpdated, event).stream_id)
-            elif kind is h2.events.ConnectionTerminated:
-                self._flush()
-                self.close()
-                return
-        self._flush()
+        except Exception:
+            _logger.exception("front failed on a connection; closing it",
+                              extra={"peer": self.name})
+            self.goaway(INTERNAL_ERROR)
+            self.flush()
+            self.close()
+            return
+        self.flush()
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        sid = event.stream_id
+    # -- framing hooks ---------------------------------------------------
+
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         stream = _Stream(self, sid)
-        stream.remote_closed = event.stream_ended is not None
         self.streams[sid] = stream
         method = path = ctype = b""
         metadata: list[tuple[str, str | bytes]] = []
-        for key, value in event.headers:
+        for key, value in headers:
             if key[:1] == b":":
                 if key == b":method":
                     method = value
@@ -379,28 +353,38 @@ class _Connection(asyncio.Protocol):
                        f"method not found: {stream.path[:100]}")
             return
         stream.metadata = tuple(metadata)
+        if end:
+            self._dispatch(stream)
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        assert self.h2 is not None
-        sid = event.stream_id
-        self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
+    def on_data(self, sid: int, data: bytes, end: bool) -> None:
         stream = self.streams.get(sid)
         if stream is None or stream.finished or stream.handler is None:
             return
-        stream.buf += event.data
-        if len(stream.buf) > self.server.max_message + 5:
-            self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"request message larger than {self.server.max_message} bytes")
+        if data:
+            stream.buf += data
+            if len(stream.buf) > self.server.max_message + 5:
+                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"request message larger than {self.server.max_message} bytes")
+                return
+        if end:
+            self._dispatch(stream)
 
-    def _on_end(self, sid: int) -> None:
-        stream = self.streams.get(sid)
-        if stream is None:
-            return
-        stream.remote_closed = True
-        if stream.finished or stream.handler is None:
-            if stream.finished:
-                self.streams.pop(sid, None)
-            return
+    def on_reset(self, sid: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            self._abandon(stream)
+
+    def on_window(self, sid: int) -> None:
+        if sid == 0:
+            for stream in self.streams.values():
+                if stream.window is not None:
+                    stream.window.set()
+        else:
+            one = self.streams.get(sid)
+            if one is not None and one.window is not None:
+                one.window.set()
+
+    def _dispatch(self, stream: _Stream) -> None:
         buf = stream.buf
         if len(buf) < 5 or len(buf) != 5 + int.from_bytes(buf[1:5], "big"):
             self._fail(stream, grpc.StatusCode.INTERNAL,
@@ -426,15 +410,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, "client streaming is not served")
             return
-        task = asyncio.get_running_loop().create_task(coro)
-        stream.task = task
-
-    def _on_window(self, sid: int) -> None:
-        targets = self.streams.values() if sid == 0 else (
-            [self.streams[sid]] if sid in self.streams else [])
-        for stream in targets:
-            if stream.window is not None:
-                stream.window.set()
+        stream.task = asyncio.get_running_loop().create_task(coro)
 
     # -- calls -----------------------------------------------------------
 
@@ -506,19 +482,20 @@ class _Connection(asyncio.Protocol):
 
     async def _send(self, stream: _Stream, payload: bytes | None, *, end: bool,
                     trailing: Sequence[tuple[str, str | bytes]] = ()) -> None:
-        conn = self.h2
-        if conn is None or stream.reset or stream.finished or self.closed:
+        if stream.reset or stream.finished or self.closed:
             return
         sid = stream.id
         if not stream.headers_sent:
-            conn.send_headers(sid, _RESPONSE_HEADERS)
+            self.send_headers(sid, _RESPONSE_BLOCK, end=False)
             stream.headers_sent = True
         if payload is not None:
-            data = len(payload).to_bytes(5, "big") + payload  # flag byte 0: uncompressed
+            data = memoryview(len(payload).to_bytes(5, "big") + payload)  # flag 0: uncompressed
             while data:
-                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                if window <= 0:
-                    self._flush()
+                room = self.sendable(sid)
+                if room < 0:
+                    return  # reset meanwhile
+                if room == 0:
+                    self.flush()
                     if stream.window is None:
                         stream.window = asyncio.Event()
                     stream.window.clear()
@@ -526,14 +503,14 @@ class _Connection(asyncio.Protocol):
                     if stream.reset or self.closed:
                         return
                     continue
-                conn.send_data(sid, data[:window])
-                data = data[window:]
+                self.send_data(sid, data[:room])
+                data = data[room:]
         if end:
             stream.finished = True
-            trailers = _OK_TRAILERS + _metadata_headers(trailing) if trailing else _OK_TRAILERS
-            conn.send_headers(sid, trailers, end_stream=True)
-            self._close_stream(stream)
-        self._flush()
+            block = _OK_BLOCK + header_block(_metadata_headers(trailing)) if trailing else _OK_BLOCK
+            self.send_headers(sid, block, end=True)
+            self.streams.pop(sid, None)
+        self.flush()
 
     def _end_error(self, stream: _Stream, ctx: ServicerContext) -> None:
         code = ctx.code or grpc.StatusCode.UNKNOWN
@@ -544,35 +521,22 @@ class _Connection(asyncio.Protocol):
 
     def _finish_error(self, stream: _Stream, code: grpc.StatusCode, details: str,
                       trailing: Sequence[tuple[str, str | bytes]]) -> None:
-        conn = self.h2
-        if conn is None or stream.reset or stream.finished or self.closed:
+        if stream.reset or stream.finished or self.closed:
             return
         stream.finished = True
-        status = ((b"grpc-status", str(code.value[0]).encode()),
-                  (b"grpc-message", urllib.parse.quote(details, safe=_MESSAGE_SAFE).encode()))
-        block = status + _metadata_headers(trailing)
+        message = urllib.parse.quote(details[:512], safe=_MESSAGE_SAFE).encode()
+        block = (literal(b"grpc-status", str(code.value[0]).encode())
+                 + literal(b"grpc-message", message)
+                 + header_block(_metadata_headers(trailing)))
         if not stream.headers_sent:
-            block = _RESPONSE_HEADERS + block  # trailers-only answer
-        conn.send_headers(stream.id, block, end_stream=True)
-        self._close_stream(stream)
-        self._flush()
+            block = _RESPONSE_BLOCK + block  # trailers-only answer
+        self.send_headers(stream.id, block, end=True)
+        self.streams.pop(stream.id, None)
+        self.flush()
 
     def _http_error(self, stream: _Stream, status: bytes) -> None:
-        assert self.h2 is not None
         stream.finished = True
-        self.h2.send_headers(stream.id, ((b":status", status),), end_stream=True)
-        self._close_stream(stream)
-
-    def _close_stream(self, stream: _Stream) -> None:
-        """Our side is done; if the client is still sending, stop it politely."""
-        if stream.remote_closed:
-            self.streams.pop(stream.id, None)
-            return
-        assert self.h2 is not None
-        try:
-            self.h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass
+        self.send_headers(stream.id, header_block(((b":status", status),)), end=True)
         self.streams.pop(stream.id, None)
 
     def _abandon(self, stream: _Stream) -> None:
@@ -616,10 +580,6 @@ class GrpcFront:
         self.max_per_uid = max_per_uid
         self.max_message = max_message
         self.connections: set[_Connection] = set()
-        self.h2_config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None,
-            validate_inbound_headers=False, normalize_inbound_headers=False,
-            validate_outbound_headers=False, normalize_outbound_headers=False)
         self._servers: list[tuple[asyncio.Server, Path]] = []
         self._nonce = secrets.token_hex(4)
         self._counter = itertools.count()
@@ -652,7 +612,7 @@ class GrpcFront:
             await server.wait_closed()
         self._servers.clear()
         for conn in list(self.connections):
-            conn.goaway()
+            conn.shutdown()
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish, for at most ``grace`` seconds."""

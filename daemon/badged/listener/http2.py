@@ -1,0 +1,423 @@
+"""Server side of HTTP/2 (RFC 9113) as gRPC uses it: framing, streams, flow control.
+
+Why hand-written framing: with python-hyper's ``h2`` state machine the
+transport was still ~36 % of the daemon's CPU per call (h2 builds frame
+objects, re-validates, and formats every received frame for a trace log
+even when logging is off; docs/performance.md). gRPC needs a small subset of
+HTTP/2 and the server side of it is simple: no push, no priorities, no
+server-initiated streams, one header block per direction and a tiny fixed
+set of response headers. The hard, attack-prone part, HPACK decoding with
+its dynamic table and Huffman code, stays in the ``hpack`` library.
+
+Rules enforced (each a connection error with GOAWAY unless noted):
+the client preface; frame size ≤ 16 KiB (we never raise MAX_FRAME_SIZE);
+odd, increasing client stream ids; CONTINUATION only right after an
+unfinished HEADERS on the same stream, and a header block ≤ 64 KiB before
+decoding; HPACK errors; SETTINGS/PING/WINDOW_UPDATE/RST_STREAM/PRIORITY
+sizes and stream-0 rules; window overflow; PUSH_PROMISE from a client.
+Per stream: more than ``MAX_STREAMS`` open → RST_STREAM(REFUSED_STREAM);
+DATA after the client ended its side → RST_STREAM(STREAM_CLOSED).
+
+Response header blocks are HPACK literals "without indexing" (no dynamic
+table on our side), so the encoder is a few byte joins.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+import hpack
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, \
+    WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT, \
+    STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, \
+    CONNECT_ERROR, ENHANCE_YOUR_CALM = range(12)
+
+MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE we accept (the protocol default)
+MAX_WINDOW = 2**31 - 1
+MAX_HEADER_BLOCK = 65536
+MAX_HEADER_LIST = 16384
+MAX_STREAMS = 100
+STREAM_WINDOW = 1 << 20  # our SETTINGS_INITIAL_WINDOW_SIZE
+CONN_WINDOW = 1 << 24  # our connection receive window, topped up as data is consumed
+
+_SETTINGS = struct.pack(">HIHIHI", 0x3, MAX_STREAMS, 0x4, STREAM_WINDOW, 0x6, MAX_HEADER_LIST)
+
+
+class ConnectionError_(Exception):
+    """Violation that ends the connection with GOAWAY(code)."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+def frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes((ftype, flags))
+            + stream.to_bytes(4, "big") + payload)
+
+
+def _int(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """HPACK literal header field without indexing, new name, no Huffman."""
+    return b"\x00" + _int(len(name), 7, 0) + name + _int(len(value), 7, 0) + value
+
+
+def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray()
+    for name, value in headers:
+        if name == b":status" and value == b"200":
+            out += b"\x88"  # static table index 8
+        else:
+            out += literal(name, value)
+    return bytes(out)
+
+
+class StreamState:
+    """Flow-control and life of one stream, as far as framing is concerned."""
+
+    __slots__ = ("id", "local_closed", "remote_closed", "send_window")
+
+    def __init__(self, stream_id: int, send_window: int) -> None:
+        self.id = stream_id
+        self.send_window = send_window
+        self.remote_closed = False
+        self.local_closed = False
+
+
+class ServerConnection:
+    """HTTP/2 server framing; subclasses get ``on_*`` calls and send with ``send_*``.
+
+    Output accumulates in ``out`` and is written by the owner (``flush``),
+    so one socket write carries everything a batch of input caused.
+    """
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self._in = bytearray()
+        self._preface = False
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = MAX_HEADER_LIST
+        self._state: dict[int, StreamState] = {}
+        self._last_stream = 0
+        self._continuation: tuple[int, int, bytearray] | None = None  # sid, flags, block
+        self.peer_window = 65535  # connection send window
+        self._peer_initial = 65535
+        self.peer_max_frame = MAX_FRAME
+        self._recv_consumed = 0
+        self.goaway_sent = False
+        self.out += _SETTINGS_FRAME
+        self.out += frame(WINDOW_UPDATE, 0, 0, (CONN_WINDOW - 65535).to_bytes(4, "big"))
+
+    # -- hooks -----------------------------------------------------------
+
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        raise NotImplementedError
+
+    def on_data(self, sid: int, data: bytes, end: bool) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, sid: int) -> None:
+        raise NotImplementedError
+
+    def on_window(self, sid: int) -> None:
+        """Send window opened on ``sid`` (0: the whole connection)."""
+
+    def on_goaway(self) -> None:
+        """The client will open no more streams."""
+
+    # -- input -----------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        """Feed bytes; raises ``ConnectionError_`` (GOAWAY already queued)."""
+        buf = self._in
+        buf += data
+        try:
+            if not self._preface:
+                if len(buf) < 24:
+                    if PREFACE[:len(buf)] != bytes(buf):
+                        raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                    return
+                if buf[:24] != PREFACE:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                del buf[:24]
+                self._preface = True
+            pos = 0
+            end = len(buf)
+            while end - pos >= 9:
+                length = int.from_bytes(buf[pos:pos + 3], "big")
+                if length > MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, "frame larger than 16 KiB")
+                if end - pos - 9 < length:
+                    break
+                ftype = buf[pos + 3]
+                flags = buf[pos + 4]
+                sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                payload = bytes(buf[pos + 9:pos + 9 + length])
+                pos += 9 + length
+                self._frame(ftype, flags, sid, payload)
+            del buf[:pos]
+        except ConnectionError_ as exc:
+            self.goaway(exc.code)
+            raise
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._continuation is not None and ftype != CONTINUATION:
+            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if ftype == DATA:
+            self._data(flags, sid, payload)
+        elif ftype == HEADERS:
+            self._headers(flags, sid, payload)
+        elif ftype == CONTINUATION:
+            self._more_headers(flags, sid, payload)
+        elif ftype == SETTINGS:
+            self._settings(flags, sid, payload)
+        elif ftype == WINDOW_UPDATE:
+            self._window_update(sid, payload)
+        elif ftype == RST_STREAM:
+            if sid == 0 or len(payload) != 4:
+                raise ConnectionError_(PROTOCOL_ERROR if sid == 0 else FRAME_SIZE_ERROR,
+                                       "bad RST_STREAM")
+            self._idle_check(sid)
+            st = self._state.pop(sid, None)
+            if st is not None:
+                self.on_reset(sid)
+        elif ftype == PING:
+            if sid != 0 or len(payload) != 8:
+                raise ConnectionError_(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
+            if not flags & ACK:
+                self.out += frame(PING, ACK, 0, payload)
+        elif ftype == PRIORITY:
+            if sid == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self.reset(sid, FRAME_SIZE_ERROR)
+        elif ftype == GOAWAY:
+            if sid != 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+            self.on_goaway()
+        elif ftype == PUSH_PROMISE:
+            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # Unknown frame types are ignored (RFC 9113 §5.5).
+
+    def _idle_check(self, sid: int) -> None:
+        if sid > self._last_stream:
+            raise ConnectionError_(PROTOCOL_ERROR, "frame on an idle stream")
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        self._recv_consumed += len(payload)  # flow control counts padding too
+        if self._recv_consumed >= CONN_WINDOW // 2:
+            self.out += frame(WINDOW_UPDATE, 0, 0, self._recv_consumed.to_bytes(4, "big"))
+            self._recv_consumed = 0
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+            payload = payload[1:len(payload) - payload[0]]
+        st = self._state.get(sid)
+        if st is None:
+            self._idle_check(sid)
+            return  # a stream we already closed or reset: drop
+        if st.remote_closed:
+            self.reset(sid, STREAM_CLOSED)
+            self.on_reset(sid)
+            return
+        end = bool(flags & END_STREAM)
+        if end:
+            st.remote_closed = True
+        self.on_data(sid, payload, end)
+        if end and st.local_closed:
+            self._state.pop(sid, None)
+
+    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0 or not sid & 1:
+            raise ConnectionError_(PROTOCOL_ERROR, "bad stream id for HEADERS")
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+            payload = payload[1:len(payload) - payload[0]]
+        if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "short PRIORITY block")
+            payload = payload[5:]
+        if flags & END_HEADERS:
+            self._header_block(sid, flags, payload)
+        else:
+            self._continuation = (sid, flags, bytearray(payload))
+
+    def _more_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        pending = self._continuation
+        if pending is None or pending[0] != sid:
+            raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        pending[2].extend(payload)
+        if len(pending[2]) > MAX_HEADER_BLOCK:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+        if flags & END_HEADERS:
+            self._continuation = None
+            self._header_block(sid, pending[1], bytes(pending[2]))
+
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        try:
+            headers = self._decoder.decode(block, raw=True)
+        except hpack.OversizedHeaderListError:
+            headers = None  # decoded state is still in sync: refuse the stream only
+        except hpack.HPACKError as exc:
+            raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {type(exc).__name__}") from None
+        end = bool(flags & END_STREAM)
+        st = self._state.get(sid)
+        if sid <= self._last_stream:
+            if st is None or st.remote_closed:
+                raise ConnectionError_(STREAM_CLOSED, "HEADERS on a closed stream")
+            # Trailers from the client: gRPC unary clients send none; accept the end.
+            if not end:
+                raise ConnectionError_(PROTOCOL_ERROR, "trailers without END_STREAM")
+            st.remote_closed = True
+            self.on_data(sid, b"", True)
+            return
+        self._last_stream = sid
+        if self.goaway_sent:
+            return  # after GOAWAY no new streams are processed
+        if headers is None:
+            self.reset(sid, ENHANCE_YOUR_CALM)
+            return
+        if len(self._state) >= MAX_STREAMS:
+            self.reset(sid, REFUSED_STREAM)
+            return
+        st = StreamState(sid, self._peer_initial)
+        st.remote_closed = end
+        self._state[sid] = st
+        self.on_request(sid, [(bytes(k), bytes(v)) for k, v in headers], end)
+
+    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            return
+        if len(payload) % 6:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length")
+        for i in range(0, len(payload), 6):
+            ident, value = struct.unpack_from(">HI", payload, i)
+            if ident == 0x2 and value > 1:
+                raise ConnectionError_(PROTOCOL_ERROR, "bad ENABLE_PUSH")
+            if ident == 0x4:
+                if value > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "bad INITIAL_WINDOW_SIZE")
+                delta = value - self._peer_initial
+                self._peer_initial = value
+                for st in self._state.values():
+                    st.send_window += delta
+                    if st.send_window > MAX_WINDOW:
+                        raise ConnectionError_(FLOW_CONTROL_ERROR, "window overflow")
+                if delta > 0:
+                    self.on_window(0)
+            elif ident == 0x5:
+                if not MAX_FRAME <= value <= 2**24 - 1:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
+                self.peer_max_frame = value
+            # HEADER_TABLE_SIZE limits an encoder table we never use; the rest
+            # (MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE) bind clients only.
+        self.out += _SETTINGS_ACK
+
+    def _window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
+            self.peer_window += inc
+            if self.peer_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+            self.on_window(0)
+            return
+        st = self._state.get(sid)
+        if st is None:
+            self._idle_check(sid)
+            return
+        if inc == 0:
+            self.reset(sid, PROTOCOL_ERROR)
+            self.on_reset(sid)
+            return
+        st.send_window += inc
+        if st.send_window > MAX_WINDOW:
+            self.reset(sid, FLOW_CONTROL_ERROR)
+            self.on_reset(sid)
+            return
+        self.on_window(sid)
+
+    # -- output ----------------------------------------------------------
+
+    def send_headers(self, sid: int, block: bytes, *, end: bool) -> None:
+        """One header block (ours are small: always one frame)."""
+        self.out += frame(HEADERS, END_HEADERS | (END_STREAM if end else 0), sid, block)
+        if end:
+            self._local_end(sid)
+
+    def sendable(self, sid: int) -> int:
+        """How many DATA bytes may go out on ``sid`` now."""
+        st = self._state.get(sid)
+        if st is None:
+            return -1
+        return min(self.peer_window, st.send_window)
+
+    def send_data(self, sid: int, data: bytes | memoryview) -> None:
+        """Queue DATA within the windows the caller checked with ``sendable``."""
+        st = self._state[sid]
+        n = len(data)
+        st.send_window -= n
+        self.peer_window -= n
+        step = self.peer_max_frame
+        for i in range(0, n, step):
+            self.out += frame(DATA, 0, sid, bytes(data[i:i + step]))
+
+    def reset(self, sid: int, code: int) -> None:
+        self.out += frame(RST_STREAM, 0, sid, code.to_bytes(4, "big"))
+        self._state.pop(sid, None)
+
+    def goaway(self, code: int = NO_ERROR) -> None:
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self.out += frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big")
+                              + code.to_bytes(4, "big"))
+
+    def _local_end(self, sid: int) -> None:
+        st = self._state.get(sid)
+        if st is None:
+            return
+        if st.remote_closed:
+            del self._state[sid]
+        else:
+            # Our answer is complete; the client is still sending: stop it.
+            st.local_closed = True
+            self.reset(sid, NO_ERROR)
+
+    def is_open(self, sid: int) -> bool:
+        return sid in self._state
+
+
+_SETTINGS_FRAME = frame(SETTINGS, 0, 0, _SETTINGS)
+_SETTINGS_ACK = frame(SETTINGS, ACK, 0, b"")
