@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -29,6 +30,14 @@ async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None) -> No
     daemon = Daemon(config, ensure_agents=(ensure_agent,) if ensure_agent else ())
     await daemon.start()
     daemon.install_signal_handlers()
+    # Everything built at start-up (modules, protobuf descriptors, policy,
+    # caches) lives for the daemon's life: move it out of the collector's
+    # reach so a full collection no longer walks it in the middle of a call
+    # (these pauses were the p99 tail at 16 clients), and collect the young
+    # generation less often: a request allocates a few hundred objects.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 20)
     # One line on stdout that scripts can wait for; logs go to stderr.
     print(f"badged ready workload={config.workload_socket} admin={config.admin_socket}",
           flush=True)

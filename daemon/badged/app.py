@@ -220,6 +220,10 @@ class Daemon:
         front = GrpcFront(registry=deps.peers, methods=methods,
                           max_per_uid=cfg.max_connections_per_uid, max_message=MAX_MESSAGE)
         self._front = front
+        if self._audit is not None:
+            # A lone call writes its audit record on the loop thread (no
+            # thread hand-offs); concurrent calls share the writer's fsyncs.
+            self._audit.solo = front.solo
         gid = cfg.operator_gid()
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",

@@ -408,3 +408,75 @@ def test_unserializable_value_is_refused_before_it_takes_a_seq(audit_dir: Path) 
     assert r.seq == 1 and log.head == r
     log.close()
     assert verify(audit_dir).ok
+
+
+def test_lone_append_is_written_inline_and_durable_before_it_returns(audit_dir: Path) -> None:
+    """solo(): the record is written and fsync'd on the caller's thread, chain intact."""
+    calls: list[str] = []
+
+    def fsync(fd: int) -> None:
+        calls.append(threading.current_thread().name)
+        os.fsync(fd)
+
+    log = open_log(audit_dir, fsync=fsync)
+    log.solo = lambda: True
+
+    async def go() -> list[int]:
+        seqs = []
+        for i in range(5):
+            r = await log.append({"event": "token.issued", "jti": str(i)})
+            # Durable already: its fsync ran before append returned.
+            assert log.stats.records == i + 1
+            seqs.append(r.seq)
+        return seqs
+
+    assert asyncio.run(go()) == [1, 2, 3, 4, 5]
+    assert calls == ["MainThread"] * 5
+    log.solo = lambda: False
+    asyncio.run(log.append({"event": "queued"}))
+    assert calls[-1] == "badged-audit-writer"
+    log.close()
+    assert [r["seq"] for r in all_records(audit_dir)] == [1, 2, 3, 4, 5, 6]
+    assert verify(audit_dir).ok
+
+
+def test_inline_and_writer_thread_appends_interleave_into_one_chain(audit_dir: Path) -> None:
+    log = open_log(audit_dir)
+    log.solo = lambda: True
+
+    def worker(k: int) -> None:
+        for i in range(40):
+            log.append_sync({"event": "t", "who": k, "i": i})
+
+    async def go() -> None:
+        for i in range(80):
+            await log.append({"event": "a", "i": i})
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    asyncio.run(go())
+    for t in threads:
+        t.join()
+    log.close()
+    recs = all_records(audit_dir)
+    assert [r["seq"] for r in recs] == list(range(1, 201))
+    assert verify(audit_dir).ok
+
+
+def test_inline_write_failure_fails_closed_and_the_log_recovers(audit_dir: Path) -> None:
+    write = FaultyWrite()
+    log = open_log(audit_dir, write=write)
+    log.solo = lambda: True
+    log.append_sync({"event": "a"})
+    size = (audit_dir / file_name(1)).stat().st_size
+    write.fail = True
+    with pytest.raises(AuditError):
+        asyncio.run(log.append({"event": "token.issued", "jti": "lost"}))
+    assert (audit_dir / file_name(1)).stat().st_size == size
+    write.fail = False
+    r = asyncio.run(log.append({"event": "after"}))
+    log.close()
+    assert r.seq == 2
+    assert [x["event"] for x in all_records(audit_dir)] == ["a", "after"]
+    assert verify(audit_dir).ok

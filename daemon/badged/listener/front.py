@@ -410,7 +410,9 @@ class _Connection(ServerConnection, asyncio.Protocol):
         else:
             self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, "client streaming is not served")
             return
-        stream.task = asyncio.get_running_loop().create_task(coro)
+        self.server.active_calls += 1
+        stream.task = task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self.server.call_done)
 
     # -- calls -----------------------------------------------------------
 
@@ -580,9 +582,17 @@ class GrpcFront:
         self.max_per_uid = max_per_uid
         self.max_message = max_message
         self.connections: set[_Connection] = set()
+        self.active_calls = 0  # handlers running now, on all connections
         self._servers: list[tuple[asyncio.Server, Path]] = []
         self._nonce = secrets.token_hex(4)
         self._counter = itertools.count()
+
+    def call_done(self, _task: object) -> None:
+        self.active_calls -= 1
+
+    def solo(self) -> bool:
+        """At most one call is being handled: nothing could overlap with a wait."""
+        return self.active_calls <= 1
 
     def register(self, peer: PeerCredentials) -> str:
         """Name a connection for ``context.peer()`` and the registry."""
