@@ -1,8 +1,9 @@
 """Smoke run of bench/run so the benchmark never rots (no timing thresholds).
 
-Runs the quick mode's peer-only part (in-process python-pkcs11 and ssh-agent
-with the PKCS#11 provider) for a fraction of a second per row, and checks the
-JSON has those rows with positive numbers.
+Runs the quick mode for in-process python-pkcs11, ssh-agent with the PKCS#11
+provider and badged itself (started by the bench from this tree, through the
+lean gRPC client and through badgeclient) for a fraction of a second per row,
+and checks the JSON has those rows with positive numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TOOLS = ("softhsm2-util", "ssh-agent", "ssh-add", "p11-kit", "openssl")
 
 @pytest.mark.slow
 @pytest.mark.softhsm
-def test_quick_peer_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_quick_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing and os.geteuid() != 0:  # as root, bench/run installs them itself
         if request.config.getoption("--require-backends"):
@@ -30,9 +31,9 @@ def test_quick_peer_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None
         pytest.skip(f"needs {missing} (apt-get install -y softhsm2 p11-kit openssh-client)")
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "run"), "--quick", "--only", "inprocess,ssh-agent",
+        ["bash", str(ROOT / "bench" / "run"), "--quick", "--only", "inprocess,ssh-agent,badged",
          "--duration", "0.2", "--clients", "1,2", "--no-plot", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=55, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ssh-agent + PKCS#11 sign" in proc.stdout
 
@@ -40,7 +41,10 @@ def test_quick_peer_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None
     assert doc["meta"]["mode"] == "quick"
     assert doc["meta"]["loadavg_before"] and doc["meta"]["loadavg_after"]
     rows = {(r["group"], r["clients"]): r for r in doc["rows"]}
-    for key in [("inprocess", 1), ("inprocess", 2), ("ssh-agent", 1), ("ssh-agent", 2)]:
+    badged_rows = [(g, n) for g in ("badged-fetch", "badged-sign", "badgeclient-fetch",
+                                    "badgeclient-sign") for n in (1, 2)]
+    for key in [("inprocess", 1), ("inprocess", 2), ("ssh-agent", 1), ("ssh-agent", 2),
+                *badged_rows]:
         assert key in rows, f"missing row {key}: {sorted(rows)}"
         row = rows[key]
         assert row["error"] is None, row["error"]
@@ -52,6 +56,8 @@ def test_quick_peer_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None
         assert row["ratio_vs_inprocess"] > 0
         assert row["ratio_vs_ssh_agent"] > 0 or key[0] == "inprocess"
     assert rows[("ssh-agent", 1)]["load"]["server_cpu_cores"] > 0
+    assert rows[("badged-fetch", 2)]["load"]["server_cpu_cores"] > 0
+    assert doc["badged"]["start_warm_s"] > 0 and doc["badged"]["rss_after_kib"] > 0
     # The state dir (token, PIN file) is removed at the end of the run.
     m = re.search(r"state dir (\S+)", proc.stderr)
     assert m is not None, proc.stderr[-2000:]
