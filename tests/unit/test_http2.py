@@ -26,7 +26,7 @@ from badged.listener.http2 import (
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
-    ConnectionError_,
+    ProtocolViolation,
     ServerConnection,
     frame,
 )
@@ -91,7 +91,7 @@ def test_preface_settings_and_ping() -> None:
     sent = c.sent()
     assert (SETTINGS, 1, 0, b"") in sent  # ACK
     assert (PING, 1, 0, b"12345678") in sent
-    with pytest.raises(ConnectionError_):
+    with pytest.raises(ProtocolViolation):
         Recorder().receive(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 16)
 
 
@@ -115,7 +115,7 @@ def test_preface_settings_and_ping() -> None:
 ])
 def test_connection_errors_send_goaway(data: bytes, code: int) -> None:
     c = opened()
-    with pytest.raises(ConnectionError_):
+    with pytest.raises(ProtocolViolation):
         c.receive(data)
     assert goaway_code(c) == code
 
@@ -130,7 +130,7 @@ def test_request_with_continuation_padding_and_body() -> None:
     assert c.events[-1] == ("data", 1, b"body", True)
     # Stream ids must increase: reusing 1 for a new request is a connection error.
     c.send_headers(1, b"\x88", end=True)
-    with pytest.raises(ConnectionError_):
+    with pytest.raises(ProtocolViolation):
         c.receive(frame(HEADERS, END_HEADERS, 1, block()))
 
 
@@ -210,7 +210,18 @@ def test_fuzzed_input_only_ever_raises_connection_errors() -> None:
                 step = rng.randint(1, 40)
                 c.receive(bytes(data[pos:pos + step]))
                 pos += step
-        except ConnectionError_:
+        except ProtocolViolation:
             errors += 1
             assert any(f[0] == GOAWAY for f in c.sent())
     assert 0 < errors < 20000
+
+
+def test_trailers_on_a_stream_we_reset_are_ignored() -> None:
+    """A client still sending when we answered early (e.g. too large) is not an error."""
+    c = opened()
+    c.receive(frame(HEADERS, END_HEADERS, 1, block()))
+    c.send_headers(1, b"\x88", end=True)  # answered before the client finished
+    assert any(f[0] == RST_STREAM for f in c.sent())
+    c.receive(frame(DATA, 0, 1, b"more") + frame(HEADERS, END_HEADERS | END_STREAM, 1, block()))
+    c.receive(frame(HEADERS, END_HEADERS, 3, block()))
+    assert c.events[-1][:2] == ("request", 3)

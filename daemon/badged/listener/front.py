@@ -45,7 +45,7 @@ import grpc
 from badged.listener.http2 import (
     INTERNAL_ERROR,
     NO_ERROR,
-    ConnectionError_,
+    ProtocolViolation,
     ServerConnection,
     header_block,
     literal,
@@ -289,7 +289,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         try:
             self.receive(data)
-        except ConnectionError_ as exc:
+        except ProtocolViolation as exc:
             _logger.info("HTTP/2 protocol error; closing connection",
                          extra={"error": str(exc), "peer": self.name})
             self.flush()  # the GOAWAY

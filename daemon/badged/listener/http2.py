@@ -25,6 +25,7 @@ table on our side), so the encoder is a few byte joins.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterable
 
 import hpack
@@ -53,7 +54,7 @@ CONN_WINDOW = 1 << 24  # our connection receive window, topped up as data is con
 _SETTINGS = struct.pack(">HIHIHI", 0x3, MAX_STREAMS, 0x4, STREAM_WINDOW, 0x6, MAX_HEADER_LIST)
 
 
-class ConnectionError_(Exception):
+class ProtocolViolation(Exception):
     """Violation that ends the connection with GOAWAY(code)."""
 
     def __init__(self, code: int, why: str) -> None:
@@ -127,6 +128,8 @@ class ServerConnection:
         self.peer_max_frame = MAX_FRAME
         self._recv_consumed = 0
         self.goaway_sent = False
+        self._reset_ids: set[int] = set()  # recent streams we reset (bounded)
+        self._reset_order: deque[int] = deque()
         self.out += _SETTINGS_FRAME
         self.out += frame(WINDOW_UPDATE, 0, 0, (CONN_WINDOW - 65535).to_bytes(4, "big"))
 
@@ -150,17 +153,17 @@ class ServerConnection:
     # -- input -----------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
-        """Feed bytes; raises ``ConnectionError_`` (GOAWAY already queued)."""
+        """Feed bytes; raises ``ProtocolViolation`` (GOAWAY already queued)."""
         buf = self._in
         buf += data
         try:
             if not self._preface:
                 if len(buf) < 24:
                     if PREFACE[:len(buf)] != bytes(buf):
-                        raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                        raise ProtocolViolation(PROTOCOL_ERROR, "bad connection preface")
                     return
                 if buf[:24] != PREFACE:
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                    raise ProtocolViolation(PROTOCOL_ERROR, "bad connection preface")
                 del buf[:24]
                 self._preface = True
             pos = 0
@@ -168,7 +171,7 @@ class ServerConnection:
             while end - pos >= 9:
                 length = int.from_bytes(buf[pos:pos + 3], "big")
                 if length > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, "frame larger than 16 KiB")
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, "frame larger than 16 KiB")
                 if end - pos - 9 < length:
                     break
                 ftype = buf[pos + 3]
@@ -178,13 +181,13 @@ class ServerConnection:
                 pos += 9 + length
                 self._frame(ftype, flags, sid, payload)
             del buf[:pos]
-        except ConnectionError_ as exc:
+        except ProtocolViolation as exc:
             self.goaway(exc.code)
             raise
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continuation is not None and ftype != CONTINUATION:
-            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+            raise ProtocolViolation(PROTOCOL_ERROR, "expected CONTINUATION")
         if ftype == DATA:
             self._data(flags, sid, payload)
         elif ftype == HEADERS:
@@ -197,7 +200,7 @@ class ServerConnection:
             self._window_update(sid, payload)
         elif ftype == RST_STREAM:
             if sid == 0 or len(payload) != 4:
-                raise ConnectionError_(PROTOCOL_ERROR if sid == 0 else FRAME_SIZE_ERROR,
+                raise ProtocolViolation(PROTOCOL_ERROR if sid == 0 else FRAME_SIZE_ERROR,
                                        "bad RST_STREAM")
             self._idle_check(sid)
             st = self._state.pop(sid, None)
@@ -205,36 +208,36 @@ class ServerConnection:
                 self.on_reset(sid)
         elif ftype == PING:
             if sid != 0 or len(payload) != 8:
-                raise ConnectionError_(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
+                raise ProtocolViolation(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
             if not flags & ACK:
                 self.out += frame(PING, ACK, 0, payload)
         elif ftype == PRIORITY:
             if sid == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+                raise ProtocolViolation(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
                 self.reset(sid, FRAME_SIZE_ERROR)
         elif ftype == GOAWAY:
             if sid != 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+                raise ProtocolViolation(PROTOCOL_ERROR, "GOAWAY on a stream")
             self.on_goaway()
         elif ftype == PUSH_PROMISE:
-            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            raise ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # Unknown frame types are ignored (RFC 9113 §5.5).
 
     def _idle_check(self, sid: int) -> None:
         if sid > self._last_stream:
-            raise ConnectionError_(PROTOCOL_ERROR, "frame on an idle stream")
+            raise ProtocolViolation(PROTOCOL_ERROR, "frame on an idle stream")
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+            raise ProtocolViolation(PROTOCOL_ERROR, "DATA on stream 0")
         self._recv_consumed += len(payload)  # flow control counts padding too
         if self._recv_consumed >= CONN_WINDOW // 2:
             self.out += frame(WINDOW_UPDATE, 0, 0, self._recv_consumed.to_bytes(4, "big"))
             self._recv_consumed = 0
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
-                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+                raise ProtocolViolation(PROTOCOL_ERROR, "bad padding")
             payload = payload[1:len(payload) - payload[0]]
         st = self._state.get(sid)
         if st is None:
@@ -253,14 +256,14 @@ class ServerConnection:
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0 or not sid & 1:
-            raise ConnectionError_(PROTOCOL_ERROR, "bad stream id for HEADERS")
+            raise ProtocolViolation(PROTOCOL_ERROR, "bad stream id for HEADERS")
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
-                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+                raise ProtocolViolation(PROTOCOL_ERROR, "bad padding")
             payload = payload[1:len(payload) - payload[0]]
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "short PRIORITY block")
+                raise ProtocolViolation(FRAME_SIZE_ERROR, "short PRIORITY block")
             payload = payload[5:]
         if flags & END_HEADERS:
             self._header_block(sid, flags, payload)
@@ -270,10 +273,10 @@ class ServerConnection:
     def _more_headers(self, flags: int, sid: int, payload: bytes) -> None:
         pending = self._continuation
         if pending is None or pending[0] != sid:
-            raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise ProtocolViolation(PROTOCOL_ERROR, "unexpected CONTINUATION")
         pending[2].extend(payload)
         if len(pending[2]) > MAX_HEADER_BLOCK:
-            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+            raise ProtocolViolation(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._continuation = None
             self._header_block(sid, pending[1], bytes(pending[2]))
@@ -284,15 +287,22 @@ class ServerConnection:
         except hpack.OversizedHeaderListError:
             headers = None  # decoded state is still in sync: refuse the stream only
         except hpack.HPACKError as exc:
-            raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {type(exc).__name__}") from None
+            raise ProtocolViolation(COMPRESSION_ERROR, f"HPACK: {type(exc).__name__}") from None
         end = bool(flags & END_STREAM)
         st = self._state.get(sid)
         if sid <= self._last_stream:
-            if st is None or st.remote_closed:
-                raise ConnectionError_(STREAM_CLOSED, "HEADERS on a closed stream")
+            if st is None:
+                if sid in self._reset_ids:
+                    # A stream we reset while the client was still sending:
+                    # ignore (RFC 9113 §5.4.2). The block was decoded above,
+                    # so the HPACK state stays in sync.
+                    return
+                raise ProtocolViolation(STREAM_CLOSED, "HEADERS on a closed stream")
+            if st.remote_closed:
+                raise ProtocolViolation(STREAM_CLOSED, "HEADERS after END_STREAM")
             # Trailers from the client: gRPC unary clients send none; accept the end.
             if not end:
-                raise ConnectionError_(PROTOCOL_ERROR, "trailers without END_STREAM")
+                raise ProtocolViolation(PROTOCOL_ERROR, "trailers without END_STREAM")
             st.remote_closed = True
             self.on_data(sid, b"", True)
             return
@@ -312,31 +322,31 @@ class ServerConnection:
 
     def _settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise ProtocolViolation(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
             if payload:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+                raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             return
         if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length")
+            raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS length")
         for i in range(0, len(payload), 6):
             ident, value = struct.unpack_from(">HI", payload, i)
             if ident == 0x2 and value > 1:
-                raise ConnectionError_(PROTOCOL_ERROR, "bad ENABLE_PUSH")
+                raise ProtocolViolation(PROTOCOL_ERROR, "bad ENABLE_PUSH")
             if ident == 0x4:
                 if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "bad INITIAL_WINDOW_SIZE")
+                    raise ProtocolViolation(FLOW_CONTROL_ERROR, "bad INITIAL_WINDOW_SIZE")
                 delta = value - self._peer_initial
                 self._peer_initial = value
                 for st in self._state.values():
                     st.send_window += delta
                     if st.send_window > MAX_WINDOW:
-                        raise ConnectionError_(FLOW_CONTROL_ERROR, "window overflow")
+                        raise ProtocolViolation(FLOW_CONTROL_ERROR, "window overflow")
                 if delta > 0:
                     self.on_window(0)
             elif ident == 0x5:
                 if not MAX_FRAME <= value <= 2**24 - 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
+                    raise ProtocolViolation(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_max_frame = value
             # HEADER_TABLE_SIZE limits an encoder table we never use; the rest
             # (MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE) bind clients only.
@@ -344,14 +354,14 @@ class ServerConnection:
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+            raise ProtocolViolation(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if sid == 0:
             if inc == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
+                raise ProtocolViolation(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
             self.peer_window += inc
             if self.peer_window > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise ProtocolViolation(FLOW_CONTROL_ERROR, "connection window overflow")
             self.on_window(0)
             return
         st = self._state.get(sid)
@@ -397,6 +407,10 @@ class ServerConnection:
     def reset(self, sid: int, code: int) -> None:
         self.out += frame(RST_STREAM, 0, sid, code.to_bytes(4, "big"))
         self._state.pop(sid, None)
+        self._reset_ids.add(sid)
+        self._reset_order.append(sid)
+        if len(self._reset_order) > 256:
+            self._reset_ids.discard(self._reset_order.popleft())
 
     def goaway(self, code: int = NO_ERROR) -> None:
         if not self.goaway_sent:
