@@ -18,12 +18,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from badged.core.jsonenc import sorted_compact_encoder
 
 GENESIS: Final = "0" * 64
 """``prev`` of the very first record (seq 1)."""
@@ -58,37 +60,8 @@ class RecordError(ValueError):
         self.message = message
 
 
-# One encoder, built once: json.dumps() with non-default options builds a new
-# JSONEncoder per call, which is a measurable share of an append.
-_ENCODER: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-)
-
-
-def _make_encode() -> Callable[[Any], str]:
-    """``_ENCODER.encode`` without rebuilding the C encoder on every call.
-
-    ``JSONEncoder.encode`` builds a fresh ``c_make_encoder`` object per call
-    (~0.8 us); this builds it once with exactly the arguments ``encode`` would
-    pass, except ``markers=None`` (no circular-reference bookkeeping: records
-    are trees -- check_event's walk already recurses through every event --
-    and a shared markers dict could be left dirty by a failed encode).
-    Falls back to the plain encoder where the C accelerator is missing.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython always has _json
-        return _ENCODER.encode
-    iterencode = make(None, _ENCODER.default, json.encoder.encode_basestring_ascii, None,
-                      _ENCODER.key_separator, _ENCODER.item_separator, True, False, False)
-    join = "".join
-
-    def encode(obj: Any) -> str:
-        return join(iterencode(obj, 0))
-
-    return encode
-
-
-_encode: Final = _make_encode()
+# Canonical form: sorted keys, no spaces, ASCII only, no NaN/Infinity.
+_encode: Final = sorted_compact_encoder(ensure_ascii=True, allow_nan=False)
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from badged.core.jsonenc import sorted_compact_encoder
 
 _P256_BYTES = 32
 
@@ -34,29 +35,8 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _make_encode() -> Callable[[Any], str]:
-    """``json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)``.
-
-    Built once: ``json.dumps`` with options builds a JSONEncoder, and its
-    ``encode`` a C encoder object, on every call. Same arguments as
-    ``JSONEncoder.iterencode`` passes, except ``markers=None`` (claims are
-    trees; a shared markers dict could be left dirty by a failed encode).
-    """
-    encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython always has _json
-        return encoder.encode
-    iterencode = make(None, encoder.default, json.encoder.encode_basestring, None,
-                      encoder.key_separator, encoder.item_separator, True, False, True)
-    join = "".join
-
-    def encode(obj: Any) -> str:
-        return join(iterencode(obj, 0))
-
-    return encode
-
-
-_encode = _make_encode()
+# json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+_encode = sorted_compact_encoder(ensure_ascii=False, allow_nan=True)
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:

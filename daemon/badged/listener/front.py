@@ -418,13 +418,33 @@ class _Connection(ServerConnection, asyncio.Protocol):
 
     async def _unary(self, stream: _Stream, handler: Handler, request: Any,
                      ctx: ServicerContext) -> None:
+        async def body() -> bytes:
+            return cast(bytes, handler.response_serializer(
+                await handler.unary_unary(request, ctx)))
+
+        await self._run(stream, ctx, body)
+
+    async def _server_stream(self, stream: _Stream, handler: Handler, request: Any,
+                             ctx: ServicerContext) -> None:
+        async def body() -> None:
+            result = handler.unary_stream(request, ctx)
+            if isinstance(result, AsyncIterator):
+                async for message in result:
+                    await self.send_message(stream, message)
+            else:
+                await result  # handlers that write through context.write()
+
+        await self._run(stream, ctx, body)
+
+    async def _run(self, stream: _Stream, ctx: ServicerContext,
+                   body: Callable[[], Awaitable[bytes | None]]) -> None:
+        """Run a call under its deadline, then end the stream: answer or status."""
         try:
             if stream.deadline is None:
-                response = await handler.unary_unary(request, ctx)
+                payload = await body()
             else:
                 async with asyncio.timeout_at(stream.deadline):
-                    response = await handler.unary_unary(request, ctx)
-            payload = handler.response_serializer(response)
+                    payload = await body()
         except grpc.aio.AbortError:
             self._end_error(stream, ctx)
             return
@@ -445,37 +465,6 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self._end_error(stream, ctx)
             return
         await self._send(stream, payload, end=True, trailing=ctx.trailing_metadata())
-
-    async def _server_stream(self, stream: _Stream, handler: Handler, request: Any,
-                             ctx: ServicerContext) -> None:
-        try:
-            async with asyncio.timeout_at(stream.deadline):
-                result = handler.unary_stream(request, ctx)
-                if isinstance(result, AsyncIterator):
-                    async for message in result:
-                        await self.send_message(stream, message)
-                else:
-                    await result
-        except grpc.aio.AbortError:
-            self._end_error(stream, ctx)
-            return
-        except TimeoutError:
-            ctx.code, ctx.details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-            self._end_error(stream, ctx)
-            return
-        except asyncio.CancelledError:
-            if stream.reset or self.closed:
-                return
-            raise
-        except Exception:
-            _logger.exception("unhandled error", extra={"method": stream.path})
-            ctx.code, ctx.details = grpc.StatusCode.INTERNAL, "internal error"
-            self._end_error(stream, ctx)
-            return
-        if ctx.code is not None and ctx.code != grpc.StatusCode.OK:
-            self._end_error(stream, ctx)
-            return
-        await self._send(stream, None, end=True, trailing=ctx.trailing_metadata())
 
     async def send_message(self, stream: _Stream, message: Any) -> None:
         if stream.reset or stream.finished or self.closed:
