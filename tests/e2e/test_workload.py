@@ -195,8 +195,21 @@ def test_health_service(daemon: RunningDaemon) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{daemon.workload}") as ch:
-        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        stub = health_pb2_grpc.HealthStub(ch)
+        resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        svc = health_pb2.HealthCheckRequest(service="badged.v1.WorkloadService")
+        assert stub.Check(svc, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # Watch is server-streaming and written through context.write():
+        # the first message is the current status; the deadline ends it.
+        watch = stub.Watch(svc, timeout=2)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
