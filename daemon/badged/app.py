@@ -39,7 +39,7 @@ from badged.policy.model import Policy
 from badged.policy.ratelimit import RateLimiter
 from badged.service.admin import AdminServicer
 from badged.service.approvals import ApprovalBoard
-from badged.service.deps import PolicyHolder, ServiceDeps
+from badged.service.deps import PolicyHolder, ServiceDeps, SigningRunner
 from badged.service.errors import ErrorBoundary
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
@@ -80,6 +80,9 @@ class Daemon:
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
         self._audit: AuditLog | None = None
+        # The tpm backend signs on a thread (~200 ms per signature on real
+        # hardware); PKCS#11 inline (~65 µs on SoftHSM). See SigningRunner.
+        self._signing = SigningRunner(off_loop=config.backend == "tpm")
         self._lock_fd = -1
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -145,6 +148,7 @@ class Daemon:
             limiter=RateLimiter(),
             approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
             trust_domain=cfg.trust_domain, token_keys=self.session_keys,
+            signing=self._signing,
         )
 
     def _publish_device_key(self, key: KeyHandle) -> None:
@@ -276,6 +280,7 @@ class Daemon:
         finally:
             if self._audit is not None:
                 await self._audit.aclose()  # signs a final checkpoint
+            self._signing.close()  # after the front drained: no signature in flight
             if self._keystore is not None:
                 self._keystore.close()
             self._stopped.set()

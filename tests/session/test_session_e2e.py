@@ -467,3 +467,61 @@ def test_verifier_library_checks_the_session_chain(session_daemon: RunningDaemon
             entry[JWKS_MEMBER] = f"{head}.{body}.{sig[::-1]}"
     with pytest.raises(UntrustedKeyError, match="session key chain"):
         Verifier(jwks=forged).verify_token(tok.token, audience="demo")
+
+
+# -- a slow TPM does not stall the daemon -------------------------------------------------
+
+def test_slow_tpm_signature_does_not_stall_other_calls(swtpm_instance: SwtpmInstance) -> None:
+    """Direct mode at real-TPM speed: while a token is being signed (~0.5 s per
+    TPM command here), calls that need no TPM are answered at once.
+
+    Hardware signatures run on the daemon's signing thread for the tpm
+    backend (service/deps.py SigningRunner); on the event loop they blocked
+    every call on both sockets for the length of each signature.
+    """
+    base = swtpm_instance.base
+    delay_file = base / "delay"
+    delay_file.write_text("0")
+    relay = subprocess.Popen([sys.executable, str(ROOT / "tests/session/slow_tpm.py"),
+                              str(base / "r"), swtpm_instance.tcti.split("path=", 1)[1],
+                              f"@{delay_file}"], stdout=subprocess.PIPE)
+    try:
+        assert relay.stdout is not None and b"ready" in relay.stdout.readline()
+        state = base / "d"
+        state.mkdir(mode=0o755)
+        cfg = _write_config(state, keystore=f"""backend = "tpm"
+tcti = "swtpm:path={base / 'r'}"
+key_dir = "{swtpm_instance.key_dir}"
+signing_mode = "direct"
+""")
+        d = _start_config_daemon(state, cfg)
+        try:
+            _create_agent(d)
+            with WorkloadClient(d.workload) as wl:
+                wl.fetch_token(audience="demo", scopes=["read"])  # keys loaded, at full speed
+            delay_file.write_text("0.5")
+            slow = subprocess.Popen(
+                [sys.executable, "-c", "import sys, time\n"
+                 "from badgeclient import WorkloadClient\n"
+                 "with WorkloadClient(sys.argv[1], timeout=60) as c:\n"
+                 "    t = time.monotonic(); c.fetch_token(audience='demo', scopes=['read'])\n"
+                 "    print(time.monotonic() - t)", str(d.workload)],
+                stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=_pythonpath()))
+            time.sleep(0.3)  # the slow call is now inside its TPM signature
+            with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
+                timings = []
+                for _ in range(3):
+                    t = time.monotonic()
+                    wl.whoami()
+                    assert wl.jwks()["keys"]
+                    admin.list_agents()
+                    timings.append(time.monotonic() - t)
+            slow_s = float(slow.communicate(timeout=60)[0])
+            assert slow_s >= 0.5, f"the TPM was not slow ({slow_s:.2f} s)"
+            assert max(timings) < 0.25, f"calls stalled behind the TPM: {timings}"
+        finally:
+            delay_file.write_text("0")
+            d.stop()
+    finally:
+        relay.terminate()
+        relay.wait()

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import logging
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -120,7 +121,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         if issued is not None:
             return issued
         try:
-            issued = self._ca.issue(key, chain, now)
+            issued = await self._d.signing.run(lambda: self._ca.issue(key, chain, now))
         except ValueError as exc:
             raise FailedPreconditionError(f"cannot issue: {exc}",
                                           public="device certificate has expired") from None
@@ -171,7 +172,8 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
             x5c += [_der_b64(c) for c in chain if c.issuer != c.subject]
         claims = assertions.client_assertion_claims(client_id=client_id, audience=audience,
                                                     now=d.clock(), ttl_seconds=ttl, jti=d.new_jti())
-        token = assertions.mint_client_assertion(claims, key.handle, key.kid, x5c=x5c)
+        token = await d.signing.run(
+            lambda: assertions.mint_client_assertion(claims, key.handle, key.kid, x5c=x5c))
         await d.audit.append({
             "event": "assertion.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
@@ -200,16 +202,22 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         ttl = requested or decision.ttl
         client_id = _client_id(request.client_id, key.spiffe_id)
         now = d.clock()
-        ev = self._evidence_claims(key, proc, now, ttl)
-        att_claims = assertions.client_attestation_claims(
-            attester=self._device_spiffe(), client_id=client_id, agent_key=key.handle.public_key(),
-            now=now, ttl_seconds=ttl, evidence=ev)
-        attestation = assertions.mint_client_attestation(att_claims, d.device_key,
-                                                         x5c=self._device_x5c())
         pop_claims = assertions.attestation_pop_claims(
             client_id=client_id, audience=audience, now=now, ttl_seconds=POP_TTL, jti=d.new_jti(),
             challenge=challenge)
-        pop = assertions.mint_attestation_pop(pop_claims, key.handle)
+
+        def mint() -> tuple[dict[str, object], dict[str, Any], str, str]:
+            # Three hardware operations (certify, device and agent signatures).
+            ev = self._evidence_claims(key, proc, now, ttl)
+            att_claims = assertions.client_attestation_claims(
+                attester=self._device_spiffe(), client_id=client_id,
+                agent_key=key.handle.public_key(), now=now, ttl_seconds=ttl, evidence=ev)
+            attestation = assertions.mint_client_attestation(att_claims, d.device_key,
+                                                             x5c=self._device_x5c())
+            return ev, att_claims, attestation, assertions.mint_attestation_pop(pop_claims,
+                                                                                 key.handle)
+
+        ev, att_claims, attestation, pop = await d.signing.run(mint)
         await d.audit.append({
             "event": "attestation.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
@@ -239,7 +247,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
                                        nonce=request.nonce or None)
         except ValueError as exc:
             raise _bad(exc) from None
-        proof = dpop.mint_proof(claims, key.handle)
+        proof = await d.signing.run(lambda: dpop.mint_proof(claims, key.handle))
         await d.audit.append({
             "event": "dpop.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"htm": htm, "htu": htu, "bound_token": "ath" in claims,
@@ -257,10 +265,14 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         proc, key, decision = await self._authorize(context, Request(kind="csr", agent=agent))
         rule = decision.rule
         now = d.clock()
-        ev = evidence.sign_evidence(self._evidence_claims(key, proc, now, 3600),
-                                    device_key=d.device_key, x5c=self._device_x5c())
-        csr = build_csr(key.handle, common_name=key.agent, uris=[key.spiffe_id],
-                        evidence=ev.encode("ascii"))
+
+        def make() -> tuple[str, x509.CertificateSigningRequest]:
+            ev = evidence.sign_evidence(self._evidence_claims(key, proc, now, 3600),
+                                        device_key=d.device_key, x5c=self._device_x5c())
+            return ev, build_csr(key.handle, common_name=key.agent, uris=[key.spiffe_id],
+                                 evidence=ev.encode("ascii"))
+
+        ev, csr = await d.signing.run(make)
         pem = to_pem(csr)
         await d.audit.append({
             "event": "csr.issued", "agent": key.agent, "caller": proc.summary(),

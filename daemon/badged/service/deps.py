@@ -6,12 +6,14 @@ every adapter and hands them over here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from badged.attest.process import ProcessAttestor
 from badged.core.clock import Clock
@@ -26,6 +28,7 @@ from badged.policy.ratelimit import RateLimiter
 from badged.service.approvals import ApprovalBoard
 
 _logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class AuditSink(Protocol):
@@ -76,6 +79,36 @@ class PolicyHolder:
         return None
 
 
+class SigningRunner:
+    """Where hardware signatures run: on the event loop, or on one signing thread.
+
+    A TPM needs ~200 ms per signature (docs/tpm.md): signing on the event loop
+    would stall every other call on both sockets, admin included, for that
+    long. A SoftHSM signature takes ~65 µs, less than the two thread
+    hand-offs it would cost to move it (docs/performance.md), so PKCS#11
+    signs inline. One thread, because the device serializes anyway. A caller
+    that goes away mid-signature only discards the result: nothing is
+    audited or answered for it.
+    """
+
+    def __init__(self, *, off_loop: bool) -> None:
+        self.off_loop = off_loop
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="badged-sign")
+                      if off_loop else None)
+
+    async def run(self, fn: Callable[[], _T]) -> _T:
+        if self._pool is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+INLINE_SIGNING = SigningRunner(off_loop=False)
+
+
 class TokenKeys(Protocol):
     """Where token signing keys and the JWKS come from: the registry itself
     (direct mode) or a SessionKeyManager (session mode, docs/tpm.md)."""
@@ -110,6 +143,7 @@ class ServiceDeps:
     trust_domain: str
     # Access tokens and the JWKS; None means the registry (direct mode).
     token_keys: TokenKeys | None = None
+    signing: SigningRunner = INLINE_SIGNING
 
     @property
     def tokens(self) -> TokenKeys:

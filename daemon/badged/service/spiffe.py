@@ -88,7 +88,8 @@ class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         key = self._gate.key(decision, d.tokens.token_key)
         claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=audiences,
                               scopes=(), ttl_seconds=ttl, now=d.clock(), jti=d.new_jti())
-        issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+        issued = await d.signing.run(
+            lambda: mint_token(claims=claims, key=key.handle, key_id=key.kid))
         await d.audit.append({
             "event": "jwt_svid.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"audiences": audiences, "ttl": ttl}, "decision": "allow",

@@ -179,7 +179,8 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         claims = build_claims(issuer=d.issuer, subject=subject, audience=audience,
                               scopes=scopes, ttl_seconds=decision.ttl, now=d.clock(),
                               jti=d.new_jti(), extra=extra)
-        issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+        issued = await d.signing.run(
+            lambda: mint_token(claims=claims, key=key.handle, key_id=key.kid))
         await d.audit.append({
             "event": "token.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"audience": audience, "scopes": list(scopes), "ttl": decision.ttl},
@@ -204,7 +205,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         peer, proc = resolve_caller(d, context, "workload")
         decision, approval = await self._gate.enforce(proc, peer, Request(kind="sign", agent=agent))
         key = self._gate.key(decision, d.agents.sign_key)
-        signature = key.handle.sign(message, ES256)
+        signature = await d.signing.run(lambda: key.handle.sign(message, ES256))
         await d.audit.append({
             "event": "signature.issued", "agent": key.agent, "caller": proc.summary(),
             "request": {"context": request.context, "data_len": len(request.data),
