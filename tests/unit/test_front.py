@@ -366,3 +366,78 @@ def test_client_that_stops_reading_is_paused_not_buffered() -> None:
         s.close()
 
     _run(scenario)
+
+
+def test_fuzzed_grpc_streams_never_break_the_front() -> None:
+    """Mutated request streams against a live front: every connection ends in an
+    answer or a GOAWAY/close, nothing escapes as an unhandled error, and a
+    well-formed client is served afterwards."""
+    import logging
+    import random
+
+    import hpack
+
+    rng = random.Random(7)
+    errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    def stream(sid: int, enc: hpack.Encoder) -> bytes:
+        path = rng.choice(["/t.T/Echo", "/t.T/Echo", "/t.T/Count", "/t.T/Nope", ""])
+        headers = [(":method", rng.choice(["POST", "POST", "GET"])), (":scheme", "http"),
+                   (":path", path), (":authority", "x"),
+                   ("content-type", rng.choice(["application/grpc", "text/plain"]))]
+        if rng.random() < 0.3:
+            headers.append(("grpc-timeout", rng.choice(["1S", "5m", "x", "99999999H"])))
+        msg = rng.choice([b"hi", b"3", b"abort", b"big:100", b"", b"x" * 2000])
+        body = bytes([rng.choice([0, 0, 1])]) + len(msg).to_bytes(4, "big") + msg
+        if rng.random() < 0.2:
+            body = body[:rng.randint(0, len(body))]
+        return (_frame(1, 0x4, sid, enc.encode(headers))
+                + _frame(0, 0x1, sid, body))
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(150):
+            enc = hpack.Encoder()
+            data = bytearray(PREFACE + _frame(4, 0, 0, b""))
+            for i in range(rng.randint(1, 4)):
+                data += stream(2 * i + 1, enc)
+            if rng.random() < 0.5:  # half the connections get corrupted bytes
+                for _ in range(rng.randint(1, 3)):
+                    pos = rng.randrange(24, len(data))
+                    data[pos] = rng.randrange(256)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, str(public))
+            try:
+                await loop.sock_sendall(s, bytes(data))
+                # Read answers until the front closes or goes quiet.
+                while await asyncio.wait_for(loop.sock_recv(s, 65536), 0.05):
+                    pass
+            except (ConnectionError, OSError, TimeoutError):
+                pass
+            finally:
+                s.close()
+        state["fuzz_calls"] = len(state["peers"])
+        async with grpc.aio.insecure_channel(f"unix:{public}") as ch:
+            assert await _unary(ch, "Echo")(b"still fine") == b"still fine"
+        for _ in range(100):
+            if not front.connections and front.active_calls == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert not front.connections and front.active_calls == 0
+
+    handler = Catch()
+    logging.getLogger("badged.listener.front").addHandler(handler)
+    try:
+        state = _run(scenario)
+        assert state["fuzz_calls"] > 5, "too few fuzzed calls reached a handler"
+    finally:
+        logging.getLogger("badged.listener.front").removeHandler(handler)
+    # The "boom" handler is the only legitimate source of logged errors here.
+    assert not [r for r in errors if "unhandled error" not in r.getMessage()], \
+        [r.getMessage() for r in errors]
