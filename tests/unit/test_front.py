@@ -416,7 +416,7 @@ def test_fuzzed_grpc_streams_never_break_the_front() -> None:
             try:
                 await loop.sock_sendall(s, bytes(data))
                 # Read answers until the front closes or goes quiet.
-                while await asyncio.wait_for(loop.sock_recv(s, 65536), 0.05):
+                while await asyncio.wait_for(loop.sock_recv(s, 65536), 0.02):
                     pass
             except (ConnectionError, OSError, TimeoutError):
                 pass
