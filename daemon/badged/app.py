@@ -1,7 +1,7 @@
 """Composition root: the one place that builds adapters and wires them.
 
 Start order follows the request path backwards (key store, identities,
-policy, audit, gRPC server on the private socket, then the public sockets),
+policy, audit, the servicers, then the public sockets' front),
 so the daemon never accepts a connection it cannot serve. Stop order is the
 reverse: stop accepting, let in-flight calls finish, then close the token.
 """
@@ -176,8 +176,8 @@ class Daemon:
     def _lock_state_dir(self) -> None:
         """One daemon per state dir, for its whole life (flock, released on exit).
 
-        Without it a second daemon would replace the first one's private gRPC
-        socket before discovering the public sockets are taken.
+        Without it a second daemon could open the same audit log and token
+        state before discovering the public sockets are taken.
         """
         import fcntl
 

@@ -38,7 +38,7 @@ def ensure_private_dir(path: Path) -> None:
     """Create ``path`` 0700, or refuse to use it if anyone else could tamper with it.
 
     Refused: owned by another user, group/world-writable, or a symlink. The
-    daemon stores key metadata and the private gRPC socket here; a directory
+    daemon stores key metadata, grants and the state-dir lock here; a directory
     another user can write would let them swap files under it.
     """
     try:

@@ -1,10 +1,10 @@
 """Kernel-attested peer credentials and the registry that hands them to handlers.
 
-grpcio cannot tell a server who is calling on a Unix socket (FINDINGS §1), so
-the front reads SO_PEERCRED and SO_PEERPIDFD itself and registers the result
-under the unguessable abstract address it used to dial the private gRPC
-socket. A handler looks its ``context.peer()`` up here; an address that is not
-registered (e.g. a direct dial of the private socket) is unauthenticated.
+The front reads SO_PEERCRED and SO_PEERPIDFD from each accepted connection
+and registers the result under a name it gives that connection; the name is
+what ``context.peer()`` returns for calls on it. A handler looks it up here; a
+name that is not registered (the connection closed meanwhile) is
+unauthenticated.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Who is calling: from the relay registry and /proc, never from the request."""
+"""Who is calling: from the connection's peer credentials and /proc, never the request."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ def resolve_caller(deps: ServiceDeps, context: Ctx,
                    channel: str) -> tuple[PeerCredentials, ProcessAttributes]:
     """Attested identity of the caller of this RPC, checked for its channel.
 
-    A peer address that the front did not register (a direct dial of the
-    private socket, or any non-relayed connection) is UNAUTHENTICATED; a
-    workload connection calling an admin method is PERMISSION_DENIED, so the
-    admin API is reachable only through the admin socket.
+    A peer name the front did not register (the connection is gone) is
+    UNAUTHENTICATED; a workload connection calling an admin method is
+    PERMISSION_DENIED, so the admin API is reachable only through the admin
+    socket.
     """
     peer = deps.peers.lookup(context.peer())
     if peer is None:

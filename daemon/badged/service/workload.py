@@ -1,7 +1,7 @@
 """Workload service: thin handlers over attestation → policy → minting → audit.
 
 Order per request (the folder layout follows it): resolve the caller from the
-relay registry and /proc (``auth``), decide (``policy``: bundles, step-ups,
+connection's peer credentials and /proc (``auth``), decide (``policy``: bundles, step-ups,
 delegation, rate budget, approval), sign in the token (``core`` +
 ``keystore``), make the audit record durable, and only then answer. A
 credential whose audit record could not be written is never sent.
