@@ -106,6 +106,16 @@ def _unary(ch: grpc.aio.Channel, method: str) -> Any:
                           response_deserializer=_identity)
 
 
+async def _raw_connect(public: Path, *, rcvbuf: int | None = None) -> socket.socket:
+    """A plain non-blocking client socket on the front, for hand-made frames."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(s, str(public))
+    return s
+
+
 def test_unary_call_carries_the_connection_identity_and_metadata() -> None:
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
         assert stat.S_IMODE(os.stat(public).st_mode) == 0o666
@@ -205,14 +215,10 @@ def test_per_uid_connection_cap() -> None:
         loop = asyncio.get_running_loop()
         socks = []
         for _ in range(2):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            await loop.sock_connect(s, str(public))
+            s = await _raw_connect(public)
             socks.append(s)
             assert (await asyncio.wait_for(loop.sock_recv(s, 9), 5))[3] == 4  # server SETTINGS
-        third = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        third.setblocking(False)
-        await loop.sock_connect(third, str(public))
+        third = await _raw_connect(public)
         assert await asyncio.wait_for(loop.sock_recv(third, 10), 5) == b"", "third not refused"
         third.close()
         assert state["registry"].connections_of(os.getuid()) == 2
@@ -260,17 +266,13 @@ class _Reader:
 def test_protocol_garbage_closes_only_that_connection() -> None:
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
-        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bad.setblocking(False)
-        await loop.sock_connect(bad, str(public))
+        bad = await _raw_connect(public)
         await loop.sock_sendall(bad, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
         frames = await _Reader(bad).until(-1)
         assert frames[-1][0] == -1, "connection not closed"
         bad.close()
         # Even-numbered (server-initiated) stream id from a client: connection error.
-        evil = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        evil.setblocking(False)
-        await loop.sock_connect(evil, str(public))
+        evil = await _raw_connect(public)
         await loop.sock_sendall(evil, PREFACE + _frame(4, 0, 0, b"")
                                 + _frame(1, 0x5, 2, b"\x83\x86"))
         frames = await _Reader(evil).until(-1)
@@ -292,9 +294,7 @@ def test_non_grpc_requests_are_refused_per_stream() -> None:
 
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        await loop.sock_connect(s, str(public))
+        s = await _raw_connect(public)
         enc = hpack.Encoder()
         get = enc.encode([(":method", "GET"), (":scheme", "http"), (":path", "/t.T/Echo"),
                           (":authority", "x")])
@@ -332,10 +332,7 @@ def test_client_that_stops_reading_is_paused_not_buffered() -> None:
 
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.setblocking(False)
-        await loop.sock_connect(s, str(public))
+        s = await _raw_connect(public, rcvbuf=4096)
         enc = hpack.Encoder()
         block = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"),
                             (":authority", "x"), ("content-type", "application/grpc")])
@@ -410,9 +407,7 @@ def test_fuzzed_grpc_streams_never_break_the_front() -> None:
                 for _ in range(rng.randint(1, 3)):
                     pos = rng.randrange(24, len(data))
                     data[pos] = rng.randrange(256)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            await loop.sock_connect(s, str(public))
+            s = await _raw_connect(public)
             try:
                 await loop.sock_sendall(s, bytes(data))
                 # Read answers until the front closes or goes quiet.

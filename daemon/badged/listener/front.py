@@ -21,7 +21,7 @@ compression (never advertised, so conforming clients never send it).
 
 Hardening: ``http2.py`` checks every frame against the RFC 9113 rules its
 docstring lists (a protocol error closes the connection with GOAWAY); non-POST
-is 405 and a non-gRPC content type 415; at most ``MAX_STREAMS`` concurrent
+is 405 and a non-gRPC content type 415; at most ``http2.MAX_STREAMS`` concurrent
 streams per connection; request messages over ``max_message`` bytes are
 refused before they are buffered further; a client that stops reading has
 its own reading paused, so it cannot make the daemon buffer answers without
@@ -56,7 +56,6 @@ from badged.listener.sockets import bind_unix
 
 _logger = logging.getLogger(__name__)
 
-MAX_STREAMS = 100
 _GRPC = b"application/grpc"
 _RESERVED = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
                        b"grpc-accept-encoding"})
@@ -120,17 +119,16 @@ def _constant(handler: Handler) -> Callable[[object], Awaitable[Handler]]:
 class ServicerContext:
     """The part of ``grpc.aio.ServicerContext`` that badged's handlers use."""
 
-    __slots__ = ("_metadata", "_peer", "_stream", "_trailing", "code", "deadline", "details")
+    __slots__ = ("_metadata", "_peer", "_stream", "_trailing", "code", "details")
 
     def __init__(self, peer: str, metadata: tuple[tuple[str, str | bytes], ...],
-                 stream: _Stream, deadline: float | None) -> None:
+                 stream: _Stream) -> None:
         self._peer = peer
         self._metadata = metadata
         self._trailing: tuple[tuple[str, str | bytes], ...] = ()
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self._stream = stream
-        self.deadline = deadline
 
     def peer(self) -> str:
         return self._peer
@@ -151,9 +149,10 @@ class ServicerContext:
         self.details = details
 
     def time_remaining(self) -> float | None:
-        if self.deadline is None:
+        deadline = self._stream.deadline
+        if deadline is None:
             return None
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+        return max(0.0, deadline - asyncio.get_running_loop().time())
 
     def cancelled(self) -> bool:
         return self._stream.reset
@@ -403,7 +402,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         stream.buf = bytearray()
         assert self.name is not None
-        ctx = ServicerContext(self.name, stream.metadata, stream, stream.deadline)
+        ctx = ServicerContext(self.name, stream.metadata, stream)
         if handler.unary_unary is not None:
             coro = self._unary(stream, handler, request, ctx)
         elif handler.unary_stream is not None:

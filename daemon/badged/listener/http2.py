@@ -98,13 +98,12 @@ def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 class StreamState:
     """Flow-control and life of one stream, as far as framing is concerned."""
 
-    __slots__ = ("id", "local_closed", "remote_closed", "send_window")
+    __slots__ = ("id", "remote_closed", "send_window")
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
         self.send_window = send_window
         self.remote_closed = False
-        self.local_closed = False
 
 
 class ServerConnection:
@@ -146,9 +145,6 @@ class ServerConnection:
 
     def on_window(self, sid: int) -> None:
         """Send window opened on ``sid`` (0: the whole connection)."""
-
-    def on_goaway(self) -> None:
-        """The client will open no more streams."""
 
     # -- input -----------------------------------------------------------
 
@@ -219,7 +215,7 @@ class ServerConnection:
         elif ftype == GOAWAY:
             if sid != 0:
                 raise ProtocolViolation(PROTOCOL_ERROR, "GOAWAY on a stream")
-            self.on_goaway()
+            # The client opens no more streams; it closes the socket when done.
         elif ftype == PUSH_PROMISE:
             raise ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # Unknown frame types are ignored (RFC 9113 §5.5).
@@ -251,8 +247,6 @@ class ServerConnection:
         if end:
             st.remote_closed = True
         self.on_data(sid, payload, end)
-        if end and st.local_closed:
-            self._state.pop(sid, None)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0 or not sid & 1:
@@ -426,11 +420,7 @@ class ServerConnection:
             del self._state[sid]
         else:
             # Our answer is complete; the client is still sending: stop it.
-            st.local_closed = True
             self.reset(sid, NO_ERROR)
-
-    def is_open(self, sid: int) -> bool:
-        return sid in self._state
 
 
 _SETTINGS_FRAME = frame(SETTINGS, 0, 0, _SETTINGS)
