@@ -463,12 +463,12 @@ class AuditLog:
         record could not be made durable: then the caller must issue nothing.
         """
         fields = check_event(event)
+        loop = asyncio.get_running_loop()
         if self.solo is not None and self.solo():
             receipt = self._append_inline(fields)
             if receipt is not None:
-                self._maybe_checkpoint(asyncio.get_running_loop())
+                self._maybe_checkpoint(loop)
                 return receipt
-        loop = asyncio.get_running_loop()
         fut: asyncio.Future[AuditReceipt] = loop.create_future()
 
         def setup(entry: _Entry) -> None:

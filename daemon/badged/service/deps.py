@@ -92,7 +92,6 @@ class SigningRunner:
     """
 
     def __init__(self, *, off_loop: bool) -> None:
-        self.off_loop = off_loop
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="badged-sign")
                       if off_loop else None)
 
