@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from badgebench import procfs, provision, report
+from badgebench.ceiling import run_ceiling
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
 from badgebench.paired import run_paired
@@ -47,12 +48,13 @@ class Plan:
     rss_clients: int
     pair_rounds: int = 0
     pair_duration_s: float = 3.0
+    ceiling_rounds: int = 0
 
 
 FULL = Plan(mode="full", duration_s=5.0, slice_s=1.0, warmup_s=1.0, openssl_seconds=3,
             inprocess=(1, 2), ssh_agent=(1, 4, 16, 64), p11kit=(1, 4, 16),
             badged=(1, 4, 16, 64), badgeclient=(1, 16), rss_requests=100_000, rss_clients=16,
-            pair_rounds=5, pair_duration_s=2.0)
+            pair_rounds=5, pair_duration_s=2.0, ceiling_rounds=3)
 QUICK = Plan(mode="quick", duration_s=1.0, slice_s=0.5, warmup_s=0.3, openssl_seconds=1,
              inprocess=(1, 2), ssh_agent=(1, 16), p11kit=(1, 16), badged=(1, 4, 16),
              badgeclient=(1,), rss_requests=2_000, rss_clients=4, pair_rounds=0)
@@ -270,23 +272,43 @@ def bench_badged(rep: Report, plan: Plan, state: Path, cold_start: float | None,
 
 
 def _paired(rep: Report, plan: Plan, token: provision.Token, public: str, fetch: OpSpec,
-            sign: OpSpec, badged_pid: int | None) -> None:
-    """ssh-agent restarted beside the running badged; the target runs alternate."""
+            sign: OpSpec, badged_pid: int | None, src: Path) -> None:
+    """ssh-agent restarted beside the running badged; the target runs alternate.
+
+    Then, with the same ssh-agent, the ceiling rounds (``badgebench.ceiling``).
+    """
     agent = SshAgent(token, name="ssh-agent-paired")
-    _say(f"paired rounds: ssh-agent and badged alternating, {plan.pair_rounds} rounds of "
-         f"{plan.pair_duration_s:g}s runs")
     try:
         agent.start()
         want = ecdsa_blob(public)
         ssh = OpSpec("ssh-agent", {"socket": str(agent.socket), "blob": want.hex(),
                                    "public_der": public})
-        rep.paired = run_paired(rounds=plan.pair_rounds, duration_s=plan.pair_duration_s,
-                                warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh,
-                                ssh_pid=agent.pid, fetch=fetch, sign=sign,
-                                badged_pid=badged_pid, say=_say)
-    except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-        rep.paired = {"error": str(exc)[:500]}
-        _say(f"paired rounds failed: {exc}")
+        if plan.pair_rounds:
+            _say(f"paired rounds: ssh-agent and badged alternating, {plan.pair_rounds} rounds "
+                 f"of {plan.pair_duration_s:g}s runs")
+            try:
+                rep.paired = run_paired(
+                    rounds=plan.pair_rounds, duration_s=plan.pair_duration_s,
+                    warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh, ssh_pid=agent.pid,
+                    fetch=fetch, sign=sign, badged_pid=badged_pid, say=_say)
+            except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                rep.paired = {"error": str(exc)[:500]}
+                _say(f"paired rounds failed: {exc}")
+        if plan.ceiling_rounds:
+            _say(f"ceiling rounds: ssh-agent, one badged, two independent badged daemons "
+                 f"(8 + 8 clients), {plan.ceiling_rounds} rounds of {plan.pair_duration_s:g}s")
+            try:
+                rep.ceiling = run_ceiling(
+                    rounds=plan.ceiling_rounds, duration_s=plan.pair_duration_s,
+                    warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh, ssh_pid=agent.pid,
+                    fetch=fetch, sign=sign, badged_pid=badged_pid, src=src, say=_say,
+                    clients=16 if 16 in plan.badged else max(2, *plan.badged))
+            except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                rep.ceiling = {"error": str(exc)[:500]}
+                _say(f"ceiling rounds failed: {exc}")
+    except (Unavailable, OSError, subprocess.TimeoutExpired) as exc:
+        rep.paired = {"error": f"ssh-agent: {exc}"[:500]}
+        _say(f"paired ssh-agent failed to start: {exc}")
     finally:
         agent.stop()
 
@@ -359,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-requests", type=int, help="requests in the badged RSS soak")
     ap.add_argument("--pair-rounds", type=int,
                     help="alternating ssh-agent/badged rounds for the targets (full: 5, quick: 0)")
+    ap.add_argument("--ceiling-rounds", type=int,
+                    help="rounds of one badged vs two independent daemons vs ssh-agent, the "
+                         "upper bound of a multi-process daemon (full: 3, quick: 0)")
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
     ap.add_argument("--badged-src", type=Path, default=REPO,
                     help="tree with daemon/ and clients/ to run badged from (default: this repo)")
@@ -383,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         over["warmup_s"] = min(plan.warmup_s, max(0.1, args.duration / 2))
     if args.pair_rounds is not None:
         over["pair_rounds"] = args.pair_rounds
-        if args.duration:
-            over["pair_duration_s"] = args.duration
+    if args.ceiling_rounds is not None:
+        over["ceiling_rounds"] = args.ceiling_rounds
+    if args.duration and (args.pair_rounds is not None or args.ceiling_rounds is not None):
+        over["pair_duration_s"] = args.duration
     if args.rss_requests is not None:
         over["rss_requests"] = args.rss_requests
     if args.clients:
@@ -444,9 +471,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_peers(rep.rows, plan, token, key, public, groups)
             if "badged" in groups:
                 pair = None
-                if plan.pair_rounds and "ssh-agent" in groups:
+                if (plan.pair_rounds or plan.ceiling_rounds) and "ssh-agent" in groups:
                     def pair(fetch: OpSpec, sign: OpSpec, pid: int | None) -> None:
-                        _paired(rep, plan, token, public, fetch, sign, pid)
+                        _paired(rep, plan, token, public, fetch, sign, pid, src)
                 bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid,
                              pair)
         except KeyboardInterrupt:
@@ -500,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in rnd["runs"].items()))
     elif rep.paired.get("error"):
         print(f"\npaired rounds: not available ({report.short_error(rep.paired['error'])})")
+    for line in _ceiling_lines(rep.ceiling):
+        print(line)
     if rep.targets:
         print("\nissue #7 targets (information, not a pass/fail of this command):")
         for t in rep.targets:
@@ -537,10 +566,39 @@ def _markdown(rep: Report) -> str:
                      "ABBA): " + "; ".join(
                          f"{k} " + " / ".join(f"{r['ratios'][k]:.2f}" for r in rounds)
                          for k in rounds[0]["ratios"]))
+    lines.extend(f"- {line.strip()}" for line in _ceiling_lines(rep.ceiling)[1:2])
     for t in rep.targets:
         mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_lines(ceiling: dict[str, Any]) -> list[str]:
+    """The ceiling rounds as text: a heading, the medians, then each round."""
+    if ceiling.get("error"):
+        return ["", f"ceiling rounds: not available ({report.short_error(ceiling['error'])})"]
+    if not ceiling.get("rounds"):
+        return []
+    med, rounds = ceiling["median"], ceiling["rounds"]
+
+    def f(key: str) -> str:
+        v = med.get(key)
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    n = ceiling["clients"]
+    out = ["", f"ceiling (upper bound of a multi-process badged: two independent daemons, "
+               f"own tokens and audit logs, {n} clients split evenly; median of "
+               f"{len(rounds)} ABBA rounds, {ceiling['duration_s']:g}s per run):",
+           f"  ceiling medians vs ssh-agent@{n}: FetchToken one daemon {f('fetch_one_vs_ssh')}, "
+           f"two daemons {f('fetch_two_vs_ssh')} (goal 1.5x); Sign one {f('sign_one_vs_ssh')}, "
+           f"two {f('sign_two_vs_ssh')} (goal 2.0x); two/one: FetchToken "
+           f"{f('fetch_two_vs_one')}, Sign {f('sign_two_vs_one')}"]
+    for i, rnd in enumerate(rounds, 1):
+        out.append(f"  round {i}: " + ", ".join(
+            f"{k} {v['ops_per_s']:,.0f}/s ({v['server_cpu_us_per_op'] or 0:,.0f} µs server CPU/op,"
+            f" machine {v['machine_busy_cores'] or 0:.2f} cores busy)"
+            for k, v in rnd["runs"].items()))
+    return out
 
 
 def _fingerprint(public_der_hex: str) -> str:

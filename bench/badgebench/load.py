@@ -140,6 +140,12 @@ def _send(conn: Connection, msg: tuple[Any, ...]) -> bool:
     return True
 
 
+def _server_cpu(pids: int | tuple[int, ...] | None) -> float:
+    if not pids:
+        return 0.0
+    return sum(procfs.tree_cpu_seconds(p) for p in ((pids,) if isinstance(pids, int) else pids))
+
+
 def _percentile(sorted_vals: list[int], q: float) -> float:
     if not sorted_vals:
         return 0.0
@@ -148,12 +154,14 @@ def _percentile(sorted_vals: list[int], q: float) -> float:
 
 
 def run_load(specs: list[OpSpec], clients: int, *, duration_s: float, slice_s: float = 1.0,
-             warmup_s: float = 0.5, count_per_client: int = 0, server_pid: int | None = None,
+             warmup_s: float = 0.5, count_per_client: int = 0,
+             server_pid: int | tuple[int, ...] | None = None,
              setup_timeout_s: float = 120.0) -> LoadResult:
     """Run ``clients`` workers (spec ``i % len(specs)`` for worker i) and aggregate.
 
     With ``count_per_client`` each worker does exactly that many calls instead
-    of running for ``duration_s`` (used for the RSS soak).
+    of running for ``duration_s`` (used for the RSS soak). ``server_pid`` may
+    name several servers (the ceiling runs): their CPU is summed.
     """
     ctx = mp.get_context("spawn")
     res = LoadResult(clients=clients, loadavg_before=procfs.loadavg())
@@ -189,13 +197,13 @@ def run_load(specs: list[OpSpec], clients: int, *, duration_s: float, slice_s: f
             c.send(("go", start_ns, end_ns, slice_ns, count_per_client))
         time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
         m0 = procfs.MachineSample.now()
-        s0 = procfs.tree_cpu_seconds(server_pid) if server_pid else 0.0
+        s0 = _server_cpu(server_pid)
         w0 = time.monotonic()
         if not count_per_client:  # sample the server and machine at the end time
             time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / 1e9))
             wall = time.monotonic() - w0
             m1 = procfs.MachineSample.now()
-            s1 = procfs.tree_cpu_seconds(server_pid) if server_pid else 0.0
+            s1 = _server_cpu(server_pid)
         results = []
         for c in conns:
             timeout = 600.0 if count_per_client else duration_s + 120.0
@@ -208,7 +216,7 @@ def run_load(specs: list[OpSpec], clients: int, *, duration_s: float, slice_s: f
         if count_per_client:
             wall = time.monotonic() - w0
             m1 = procfs.MachineSample.now()
-            s1 = procfs.tree_cpu_seconds(server_pid) if server_pid else 0.0
+            s1 = _server_cpu(server_pid)
     except (RuntimeError, TimeoutError, OSError, EOFError) as exc:
         res.error = " | ".join(str(exc).strip().splitlines())[:600] or repr(exc)
         return res

@@ -50,10 +50,12 @@ class Report:
     badged: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     paired: dict[str, Any] = field(default_factory=dict)
+    ceiling: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "rows": [r.to_json() for r in self.rows],
-                "badged": self.badged, "paired": self.paired, "targets": self.targets}
+                "badged": self.badged, "paired": self.paired, "ceiling": self.ceiling,
+                "targets": self.targets}
 
 
 def _r(v: float | None, nd: int = 1) -> float | None:

@@ -32,7 +32,8 @@ def test_quick_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "run"), "--quick", "--only", "inprocess,ssh-agent,badged",
-         "--duration", "0.2", "--clients", "1,2", "--no-plot", "--json", str(out)],
+         "--duration", "0.2", "--clients", "1,2", "--ceiling-rounds", "1", "--no-plot",
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ssh-agent + PKCS#11 sign" in proc.stdout
@@ -58,7 +59,19 @@ def test_quick_rows(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     assert rows[("ssh-agent", 1)]["load"]["server_cpu_cores"] > 0
     assert rows[("badged-fetch", 2)]["load"]["server_cpu_cores"] > 0
     assert doc["badged"]["start_warm_s"] > 0 and doc["badged"]["rss_after_kib"] > 0
-    # The state dir (token, PIN file) is removed at the end of the run.
+    # The ceiling round: ssh-agent, one daemon, and two independent daemons
+    # (the second on its own token, CPU summed over both).
+    ceiling = doc["ceiling"]
+    assert "error" not in ceiling, ceiling.get("error")
+    runs = ceiling["rounds"][0]["runs"]
+    assert set(runs) == {"ssh-agent", "FetchToken one", "FetchToken two", "Sign one", "Sign two"}
+    for name, run in runs.items():
+        assert run["ops_per_s"] > 0 and run["server_cpu_us_per_op"] > 0, (name, run)
+    assert ceiling["median"]["fetch_two_vs_one"] > 0 and ceiling["median"]["sign_two_vs_ssh"] > 0
+    assert "ceiling medians vs ssh-agent@2" in proc.stdout
+    # The state dirs (token, PIN file) are removed at the end of the run,
+    # the second daemon's too.
     m = re.search(r"state dir (\S+)", proc.stderr)
     assert m is not None, proc.stderr[-2000:]
     assert not Path(m.group(1)).exists()
+    assert not Path(ceiling["second_state_dir"]).exists()
