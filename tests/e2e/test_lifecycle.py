@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -40,6 +42,7 @@ def test_rotate_keeps_old_key_published_and_revoke_is_immediate(fresh_state: Pat
     try:
         with WorkloadClient(d.workload) as w, AdminClient(d.admin) as a:
             old = w.fetch_token(audience="demo")
+            old_sig = w.sign(b"before")
             rotated = a.rotate_agent("demo-agent")
             assert rotated.current_version == 2
             assert [k.state for k in rotated.keys] == ["retired", "active"]
@@ -50,6 +53,14 @@ def test_rotate_keeps_old_key_published_and_revoke_is_immediate(fresh_state: Pat
             assert {old.key_id, new.key_id} <= _kids(jwks)
             # Tokens minted before rotation still verify until they expire.
             jwt.decode(old.token, KeySet.import_key_set(jwks), algorithms=["ES256"])  # type: ignore[arg-type]
+            # Sign moves to the new key too, and names that key's PEM (the
+            # daemon caches PEMs: a stale one would fail this verify).
+            new_sig = w.sign(b"after")
+            assert new_sig.key_id != old_sig.key_id
+            assert new_sig.public_key_pem != old_sig.public_key_pem
+            pub = serialization.load_pem_public_key(new_sig.public_key_pem.encode())
+            assert isinstance(pub, ec.EllipticCurvePublicKey)
+            pub.verify(new_sig.signature, new_sig.signed_message, ec.ECDSA(hashes.SHA256()))
 
             revoked = a.revoke_agent("demo-agent", reason="compromised host")
             assert revoked.status == "revoked"

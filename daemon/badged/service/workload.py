@@ -148,6 +148,23 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
     def __init__(self, deps: ServiceDeps) -> None:
         self._d = deps
         self._gate = PolicyGate(deps)
+        self._pems: dict[str, str] = {}
+
+    def _public_pem(self, key: SigningKey) -> str:
+        """The key's SPKI PEM, encoded once per key instead of once per Sign (~6 µs).
+
+        Keyed by kid, the RFC 7638 thumbprint of that very public key, so an
+        entry can never describe another key; a rotated key has a new kid.
+        """
+        pem = self._pems.get(key.kid)
+        if pem is None:
+            pem = key.handle.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode()
+            if len(self._pems) >= 1024:
+                self._pems.clear()
+            self._pems[key.kid] = pem
+        return pem
 
     async def FetchToken(self, request: workload_pb2.FetchTokenRequest,
                          context: Ctx) -> workload_pb2.FetchTokenResponse:
@@ -213,9 +230,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
             "decision": "allow", "rule": decision.rule, "bundle": decision.bundle,
             "kid": key.kid, "approval": approval.id if approval else None,
         })
-        pem = key.handle.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        pem = self._public_pem(key)
         return workload_pb2.SignResponse(
             signature=signature, algorithm="ECDSA_P256_SHA256", key_id=key.kid,
             signed_message=message, public_key_pem=pem, agent=key.agent,
