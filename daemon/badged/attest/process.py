@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 from badged.errors import AttestationError
 from badged.listener.peers import PeerCredentials
@@ -39,6 +40,9 @@ _CONTAINER_RE = re.compile(r"(?:docker|libpod|cri-containerd|crio|containerd)[-/
 _BARE_ID_RE = re.compile(r"/([0-9a-f]{64})(?:\.scope)?$")
 
 
+# unit_of/container_of are pure functions of a cgroup path, and a machine's
+# callers share a handful of paths: parse each once, not on every request.
+@lru_cache(maxsize=512)
 def unit_of(cgroup: str | None) -> str | None:
     """The innermost systemd unit (``x.service`` / ``x.scope``) of a cgroup path."""
     if not cgroup:
@@ -49,6 +53,7 @@ def unit_of(cgroup: str | None) -> str | None:
     return None
 
 
+@lru_cache(maxsize=512)
 def container_of(cgroup: str | None) -> str | None:
     """A 64-hex container id from docker/podman/containerd cgroup paths."""
     if not cgroup:
