@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from badged.listener.front import GrpcFront, MethodTable
+from badged.listener.front import SOLO_QUIET_S, GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
 from badged.service.errors import ErrorBoundary
 from tests.conftest import short_tmpdir
@@ -436,3 +436,30 @@ def test_fuzzed_grpc_streams_never_break_the_front() -> None:
     # The "boom" handler is the only legitimate source of logged errors here.
     assert not [r for r in errors if "unhandled error" not in r.getMessage()], \
         [r.getMessage() for r in errors]
+
+
+def test_solo_only_after_a_quiet_spell_without_overlapping_calls() -> None:
+    """The audit log's inline fsync path must not open in a lull between loaded calls."""
+    now = [100.0]
+    front = GrpcFront(registry=PeerRegistry(), methods={}, max_per_uid=8, max_message=1024,
+                      clock=lambda: now[0])
+    # A sequential caller: one call at a time, never beside another.
+    for _ in range(3):
+        front.call_started()
+        assert front.solo()
+        front.call_done(None)
+    assert front.solo()
+    # Two calls overlap: not solo, and not solo either once the second is
+    # alone again, nor after both finished, until the quiet spell has passed.
+    front.call_started()
+    front.call_started()
+    assert not front.solo()
+    front.call_done(None)
+    assert front.active_calls == 1 and not front.solo()
+    front.call_done(None)
+    now[0] += SOLO_QUIET_S / 2
+    assert not front.solo()
+    now[0] += SOLO_QUIET_S
+    assert front.solo()
+    front.call_started()
+    assert front.solo()
