@@ -226,8 +226,10 @@ class Daemon:
         self._front = front
         if self._audit is not None:
             # A lone call writes its audit record on the loop thread (no
-            # thread hand-offs); concurrent calls share the writer's fsyncs.
+            # thread hand-offs); concurrent calls share the writer's fsyncs,
+            # and with several in flight the writer gathers (COMMIT_DELAY_S).
             self._audit.solo = front.solo
+            self._audit.in_flight = front.calls_in_flight
         gid = cfg.operator_gid()
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",

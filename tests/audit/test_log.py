@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -437,6 +438,38 @@ def test_lone_append_is_written_inline_and_durable_before_it_returns(audit_dir: 
     assert calls[-1] == "badged-audit-writer"
     log.close()
     assert [r["seq"] for r in all_records(audit_dir)] == [1, 2, 3, 4, 5, 6]
+    assert verify(audit_dir).ok
+
+
+def _staggered_appends(log: AuditLog, n: int, gap: float) -> None:
+    def one(i: int) -> None:
+        log.append_sync({"event": "token.issued", "jti": str(i)})
+
+    threads = []
+    for i in range(n):
+        t = threading.Thread(target=one, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(gap)
+    for t in threads:
+        t.join()
+
+
+def test_under_load_the_writer_gathers_records_into_one_fsync(audit_dir: Path) -> None:
+    """With many calls in flight, records arriving within commit_delay share a batch."""
+    log = open_log(audit_dir)
+    log.commit_delay = 0.5  # long, so a slow CI machine cannot split the batch
+    log.in_flight = lambda: 10  # the front's hint: plenty of calls on their way
+    _staggered_appends(log, 5, 0.04)
+    assert log.stats.records == 5
+    assert log.stats.batches <= 2  # 1 unless a thread started > 0.3 s late
+    # Few calls in flight: no waiting, each record is written as it comes.
+    log.in_flight = lambda: 2
+    before = log.stats.batches
+    _staggered_appends(log, 5, 0.04)
+    assert log.stats.batches - before >= 4
+    log.close()
+    assert [r["seq"] for r in all_records(audit_dir)] == list(range(1, 11))
     assert verify(audit_dir).ok
 
 

@@ -593,6 +593,10 @@ class GrpcFront:
     def call_done(self, _task: object) -> None:
         self.active_calls -= 1
 
+    def calls_in_flight(self) -> int:
+        """Handlers running now (read from the audit writer thread: a hint)."""
+        return self.active_calls
+
     def solo(self) -> bool:
         """One call alone, and none beside another for a while: a blocking wait is safe.
 
