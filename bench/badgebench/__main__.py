@@ -566,7 +566,7 @@ def _markdown(rep: Report) -> str:
                      "ABBA): " + "; ".join(
                          f"{k} " + " / ".join(f"{r['ratios'][k]:.2f}" for r in rounds)
                          for k in rounds[0]["ratios"]))
-    lines.extend(f"- {line.strip()}" for line in _ceiling_lines(rep.ceiling)[1:2])
+    lines.extend(f"- {line.strip()}" for line in _ceiling_lines(rep.ceiling)[1:3])
     for t in rep.targets:
         mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")
