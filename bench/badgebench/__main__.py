@@ -283,34 +283,35 @@ def _paired(rep: Report, plan: Plan, token: provision.Token, public: str, fetch:
         want = ecdsa_blob(public)
         ssh = OpSpec("ssh-agent", {"socket": str(agent.socket), "blob": want.hex(),
                                    "public_der": public})
+        common: dict[str, Any] = dict(
+            duration_s=plan.pair_duration_s, warmup_s=plan.warmup_s, slice_s=plan.slice_s,
+            ssh=ssh, ssh_pid=agent.pid, fetch=fetch, sign=sign, badged_pid=badged_pid, say=_say)
         if plan.pair_rounds:
             _say(f"paired rounds: ssh-agent and badged alternating, {plan.pair_rounds} rounds "
                  f"of {plan.pair_duration_s:g}s runs")
-            try:
-                rep.paired = run_paired(
-                    rounds=plan.pair_rounds, duration_s=plan.pair_duration_s,
-                    warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh, ssh_pid=agent.pid,
-                    fetch=fetch, sign=sign, badged_pid=badged_pid, say=_say)
-            except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-                rep.paired = {"error": str(exc)[:500]}
-                _say(f"paired rounds failed: {exc}")
+            rep.paired = _guarded("paired rounds", lambda: run_paired(
+                rounds=plan.pair_rounds, **common))
         if plan.ceiling_rounds:
+            n = 16 if 16 in plan.badged else max(2, *plan.badged)
             _say(f"ceiling rounds: ssh-agent, one badged, two independent badged daemons "
-                 f"(8 + 8 clients), {plan.ceiling_rounds} rounds of {plan.pair_duration_s:g}s")
-            try:
-                rep.ceiling = run_ceiling(
-                    rounds=plan.ceiling_rounds, duration_s=plan.pair_duration_s,
-                    warmup_s=plan.warmup_s, slice_s=plan.slice_s, ssh=ssh, ssh_pid=agent.pid,
-                    fetch=fetch, sign=sign, badged_pid=badged_pid, src=src, say=_say,
-                    clients=16 if 16 in plan.badged else max(2, *plan.badged))
-            except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-                rep.ceiling = {"error": str(exc)[:500]}
-                _say(f"ceiling rounds failed: {exc}")
+                 f"({n // 2} + {n - n // 2} clients), {plan.ceiling_rounds} rounds of "
+                 f"{plan.pair_duration_s:g}s")
+            rep.ceiling = _guarded("ceiling rounds", lambda: run_ceiling(
+                rounds=plan.ceiling_rounds, src=src, clients=n, **common))
     except (Unavailable, OSError, subprocess.TimeoutExpired) as exc:
         rep.paired = {"error": f"ssh-agent: {exc}"[:500]}
         _say(f"paired ssh-agent failed to start: {exc}")
     finally:
         agent.stop()
+
+
+def _guarded(what: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one block of rounds; a failure is recorded in its JSON, never fatal."""
+    try:
+        return run()
+    except (Unavailable, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        _say(f"{what} failed: {exc}")
+        return {"error": str(exc)[:500]}
 
 
 def _targets(rep: Report) -> list[dict[str, Any]]:
