@@ -10,7 +10,9 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,6 +169,17 @@ def test_group_commit_shares_fsyncs_and_acks_only_after_fsync(audit_dir: Path) -
     assert verify(audit_dir).ok
 
 
+def _run_beside_threads(go: Callable[[], Coroutine[Any, Any, None]],
+                        worker: Callable[[int], None], n: int) -> None:
+    """Run the event loop's appends while ``n`` threads run ``worker(k)``."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    asyncio.run(go())
+    for t in threads:
+        t.join()
+
+
 def test_sync_and_async_appenders_from_threads_share_one_chain(audit_dir: Path) -> None:
     log = open_log(audit_dir)
 
@@ -177,12 +190,7 @@ def test_sync_and_async_appenders_from_threads_share_one_chain(audit_dir: Path) 
     async def go() -> None:
         await asyncio.gather(*[log.append({"event": "a", "i": i}) for i in range(50)])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    asyncio.run(go())
-    for t in threads:
-        t.join()
+    _run_beside_threads(go, worker, 4)
     log.close()
     assert len(all_records(audit_dir)) == 150
     assert verify(audit_dir).ok
@@ -485,12 +493,7 @@ def test_inline_and_writer_thread_appends_interleave_into_one_chain(audit_dir: P
         for i in range(80):
             await log.append({"event": "a", "i": i})
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    asyncio.run(go())
-    for t in threads:
-        t.join()
+    _run_beside_threads(go, worker, 3)
     log.close()
     recs = all_records(audit_dir)
     assert [r["seq"] for r in recs] == list(range(1, 201))

@@ -209,6 +209,15 @@ max_ttl = "60s"
     return cfg
 
 
+def _start_tpm_daemon(base: Path, *, tcti: str, key_dir: Path, extra: str = "") -> RunningDaemon:
+    """A daemon from a config file with a tpm keystore; its state dir is ``base/d``."""
+    state = base / "d"
+    state.mkdir(mode=0o755)
+    cfg = _write_config(state, keystore=f'backend = "tpm"\ntcti = "{tcti}"\n'
+                                        f'key_dir = "{key_dir}"\n{extra}')
+    return _start_config_daemon(state, cfg)
+
+
 def _start_config_daemon(state: Path, cfg: Path, extra_env: dict[str, str] | None = None,
                          timeout: float = 30) -> RunningDaemon:
     log = state.parent / f"{state.name}.log"
@@ -273,15 +282,9 @@ def test_killing_swtpm_under_load_loses_no_acknowledged_credential(
     daemon serves again and the audit log holds every acknowledged credential.
     """
     base = swtpm_instance.base
-    state = base / "d"
-    state.mkdir(mode=0o755)
-    cfg = _write_config(state, keystore=f"""backend = "tpm"
-tcti = "{swtpm_instance.tcti}"
-key_dir = "{swtpm_instance.key_dir}"
-signing_mode = "{mode}"
-session_key_period = {period}
-""")
-    d = _start_config_daemon(state, cfg)
+    d = _start_tpm_daemon(base, tcti=swtpm_instance.tcti, key_dir=swtpm_instance.key_dir,
+                          extra=f'signing_mode = "{mode}"\nsession_key_period = {period}\n')
+    state = d.state
     received: list[str] = []
     loaders: list[subprocess.Popen[bytes]] = []
     stop_file = base / "stop"
@@ -353,13 +356,9 @@ def test_session_token_chains_to_a_tpm_attested_key(swtpm_instance: SwtpmInstanc
     from badged.core import tpm_evidence as te
     from badged.keystore.tpm.store import TpmConfig, TpmKeyStore
 
-    state = swtpm_instance.base / "d"
-    state.mkdir(mode=0o755)
-    cfg = _write_config(state, keystore=f"""backend = "tpm"
-tcti = "{swtpm_instance.tcti}"
-key_dir = "{swtpm_instance.key_dir}"
-""")  # session mode: the tpm default
-    d = _start_config_daemon(state, cfg)
+    # session mode: the tpm default
+    d = _start_tpm_daemon(swtpm_instance.base, tcti=swtpm_instance.tcti,
+                          key_dir=swtpm_instance.key_dir)
     try:
         _create_agent(d)
         with WorkloadClient(d.workload) as wl, AdminClient(d.admin) as admin:
@@ -487,14 +486,8 @@ def test_slow_tpm_signature_does_not_stall_other_calls(swtpm_instance: SwtpmInst
                               f"@{delay_file}"], stdout=subprocess.PIPE)
     try:
         assert relay.stdout is not None and b"ready" in relay.stdout.readline()
-        state = base / "d"
-        state.mkdir(mode=0o755)
-        cfg = _write_config(state, keystore=f"""backend = "tpm"
-tcti = "swtpm:path={base / 'r'}"
-key_dir = "{swtpm_instance.key_dir}"
-signing_mode = "direct"
-""")
-        d = _start_config_daemon(state, cfg)
+        d = _start_tpm_daemon(base, tcti=f"swtpm:path={base / 'r'}",
+                              key_dir=swtpm_instance.key_dir, extra='signing_mode = "direct"\n')
         try:
             _create_agent(d)
             with WorkloadClient(d.workload) as wl:

@@ -556,11 +556,12 @@ class AuditLog:
                 if not self._queue:
                     return
                 gather = self._should_gather()
+                if not gather:
+                    batch = self._take_batch()
             if gather:
-                time.sleep(self.commit_delay)
-            with self._cond:
-                batch, self._queue = self._queue, []
-                self._busy = True
+                time.sleep(self.commit_delay)  # without the lock: appends go on
+                with self._cond:
+                    batch = self._take_batch()
             error: BaseException | None = None
             try:
                 self._write_batch(batch)
@@ -570,6 +571,12 @@ class AuditLog:
             with self._cond:
                 self._busy = False
             self._complete(batch, error)
+
+    def _take_batch(self) -> list[_Entry]:
+        """Everything queued, and the file with it (caller holds ``_cond``)."""
+        batch, self._queue = self._queue, []
+        self._busy = True
+        return batch
 
     def _should_gather(self) -> bool:
         """Wait commit_delay for more records? Only when enough calls are on their way.
