@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Sequence
 
 import hpack
 import pytest
@@ -37,7 +38,7 @@ class Recorder(ServerConnection):
         super().__init__()
         self.events: list[tuple[str, int, object, bool]] = []
 
-    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         self.events.append(("request", sid, dict(headers), end))
 
     def on_data(self, sid: int, data: bytes, end: bool) -> None:
@@ -79,6 +80,36 @@ def goaway_code(c: Recorder) -> int:
     frames = [f for f in c.sent() if f[0] == GOAWAY]
     assert frames, "no GOAWAY sent"
     return int.from_bytes(frames[-1][3][4:8], "big")
+
+
+def test_indexed_header_blocks_follow_the_dynamic_table() -> None:
+    """Remembered all-indexed blocks: reused while the table is unchanged, forgotten after."""
+    c = opened()
+    decode_calls = 0
+    real_decode = c._decoder.decode
+
+    def counting(data: bytes, raw: bool = False) -> object:
+        nonlocal decode_calls
+        decode_calls += 1
+        return real_decode(data, raw=raw)
+
+    c._decoder.decode = counting  # type: ignore[method-assign,assignment]
+    enc = hpack.Encoder()
+    ours = [*REQUEST, ("x-agent", "one")]
+    first = bytes(enc.encode(ours))  # literals, indexed into the dynamic table
+    again = bytes(enc.encode(ours))  # one-byte references, as grpcio sends
+    assert again and not again.translate(None, bytes(range(0x80, 0x100)))
+    shift = bytes(enc.encode([("x-agent", "two")]))  # a new entry moves every index by one
+    blocks = [first, again, again, again, shift, again, again]
+    for i, b in enumerate(blocks):
+        c.receive(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, b))
+    reference = hpack.Decoder()
+    expected = [dict((bytes(k), bytes(v)) for k, v in reference.decode(b, raw=True))
+                for b in blocks]
+    got = [e[2] for e in c.events if e[0] == "request"]
+    assert got == expected
+    assert got[5] != got[1]  # the same bytes mean other headers after the shift
+    assert decode_calls == 4  # first, again, shift, again: the repeats were remembered
 
 
 def test_preface_settings_and_ping() -> None:

@@ -307,7 +307,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
 
     # -- framing hooks ---------------------------------------------------
 
-    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         stream = _Stream(self, sid)
         self.streams[sid] = stream
         method = path = ctype = b""

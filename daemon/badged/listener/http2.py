@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import hpack
 
@@ -48,6 +48,8 @@ MAX_WINDOW = 2**31 - 1
 MAX_HEADER_BLOCK = 65536
 MAX_HEADER_LIST = 16384
 MAX_STREAMS = 100
+_MAX_INDEXED_BLOCKS = 16  # distinct all-indexed header blocks remembered per connection
+_HIGH_BYTES = bytes(range(0x80, 0x100))
 STREAM_WINDOW = 1 << 20  # our SETTINGS_INITIAL_WINDOW_SIZE
 CONN_WINDOW = 1 << 24  # our connection receive window, topped up as data is consumed
 
@@ -119,6 +121,7 @@ class ServerConnection:
         self._preface = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
+        self._indexed: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
         self._state: dict[int, StreamState] = {}
         self._last_stream = 0
         self._continuation: tuple[int, int, bytearray] | None = None  # sid, flags, block
@@ -134,7 +137,7 @@ class ServerConnection:
 
     # -- hooks -----------------------------------------------------------
 
-    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         raise NotImplementedError
 
     def on_data(self, sid: int, data: bytes, end: bool) -> None:
@@ -275,13 +278,39 @@ class ServerConnection:
             self._continuation = None
             self._header_block(sid, pending[1], bytes(pending[2]))
 
-    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> tuple[tuple[bytes, bytes], ...] | None:
+        """HPACK-decode ``block``; None when the header list is over the size limit.
+
+        A client that indexes its headers (grpcio does) sends the same few
+        bytes on every call, each a one-byte *indexed* field. Such a block
+        cannot change the decoder's dynamic table (RFC 7541 §6.1), so while
+        the table is unchanged it decodes to the same headers: they are
+        remembered instead of decoded again (~5 % of a call's time on the
+        event loop). Any other block may change the table and forgets them.
+        An all-high-bit block that decodes is one-byte indexed fields only: an
+        integer that continues (0xFF) must end in a byte below 0x80.
+        """
+        known = self._indexed.get(block)
+        if known is not None:
+            return known
         try:
-            headers = self._decoder.decode(block, raw=True)
+            decoded = self._decoder.decode(block, raw=True)
         except hpack.OversizedHeaderListError:
-            headers = None  # decoded state is still in sync: refuse the stream only
+            # The decoded state is still in sync: refuse the stream only. The
+            # block may have indexed new entries, so forget what was learnt.
+            self._indexed.clear()
+            return None
         except hpack.HPACKError as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"HPACK: {type(exc).__name__}") from None
+        headers = tuple([(bytes(k), bytes(v)) for k, v in decoded])
+        if block.translate(None, _HIGH_BYTES):
+            self._indexed.clear()  # literals, maybe indexed, or a table size update
+        elif len(self._indexed) < _MAX_INDEXED_BLOCKS:
+            self._indexed[block] = headers
+        return headers
+
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        headers = self._decode(block)
         end = bool(flags & END_STREAM)
         st = self._state.get(sid)
         if sid <= self._last_stream:
@@ -312,7 +341,7 @@ class ServerConnection:
         st = StreamState(sid, self._peer_initial)
         st.remote_closed = end
         self._state[sid] = st
-        self.on_request(sid, [(bytes(k), bytes(v)) for k, v in headers], end)
+        self.on_request(sid, headers, end)
 
     def _settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
