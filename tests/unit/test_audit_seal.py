@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from badged.audit.record import canonical, check_event, seal
+from badged.audit.record import canonical, check_event, checked_event, seal
 
 _KEYS = ["a", "agent", "caller", "event", "exp", "h", "has", "hash_x", "hasi", "hasg",
          "kind", "prev", "seq", "time", "zeta", "\u00e9t\u00e9", "\u65e5\u672c", "clock_backwards_s",
          "Z", "_x", "hash\u00e9", "ha"]
 _STRINGS = ["", "plain", "caf\u00e9", "\u65e5\u672c\u8a9e", "emoji \U0001f600", 'quote " and \\',
-            "ctl \n\t\x00", '"hash":"x"', "}{,"]
+            "ctl \n\t\x00", '"hash":"x"', "}{,", "del \x7f", "ascii /<>&'~`|^", "1e-05 0.5 true"]
 
 
 def _value(rng: random.Random, depth: int) -> Any:
@@ -29,7 +29,7 @@ def _value(rng: random.Random, depth: int) -> Any:
     if pick == 1:
         return rng.choice([True, False])
     if pick == 2:
-        return rng.randrange(-(2**70), 2**70)
+        return rng.choice([rng.randrange(-(2**70), 2**70), rng.randrange(-(2**63), 2**64), 0])
     if pick == 3:
         return rng.choice([0.0, -1.5, 1e-7, 123456.789, 2.5e300])
     if pick in (4, 5):
@@ -51,9 +51,20 @@ def _reference(record: dict[str, Any]) -> tuple[str, bytes]:
     return digest, _plain({**record, "hash": digest}) + b"\n"
 
 
+def _has_float(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_float(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_has_float(v) for v in obj)
+    return False
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_seal_matches_two_full_encodes(seed: int) -> None:
     rng = random.Random(seed)
+    fast = 0
     for _ in range(50):
         record = {rng.choice(_KEYS): _value(rng, 0) for _ in range(rng.randrange(8))}
         expected = _reference(dict(record))
@@ -61,6 +72,31 @@ def test_seal_matches_two_full_encodes(seed: int) -> None:
         assert seal(sealed) == expected
         assert sealed["hash"] == expected[0]
         assert canonical(record) == _plain(record)
+        if not _has_float(record):
+            # The orjson path (taken when the caller knows there is no float)
+            # must give the same bytes, or decline and fall back.
+            assert seal(dict(record), float_free=True) == expected
+            fast += 1
+    assert fast > 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_checked_event_says_float_free_exactly_when_no_float_anywhere(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    seen = set()
+    for _ in range(100):
+        event = {"event": "x.y", **{rng.choice(_KEYS[:11]): _value(rng, 0)
+                                    for _ in range(rng.randrange(6))}}
+        for reserved in ("seq", "time", "prev", "kind", "hash", "clock_backwards_s"):
+            event.pop(reserved, None)
+        try:
+            fields, float_free = checked_event(event)
+        except (TypeError, ValueError):
+            continue  # a nested reserved-looking or secret name: refused either way
+        assert float_free == (not _has_float(event))
+        assert fields == event
+        seen.add(float_free)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("record", [

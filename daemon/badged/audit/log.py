@@ -63,6 +63,7 @@ from badged.audit.record import (
     KIND_RECOVERY,
     RecordError,
     check_event,
+    checked_event,
     checkpoint_statement,
     encode_sig,
     format_time,
@@ -421,7 +422,7 @@ class AuditLog:
     # -- appending --------------------------------------------------------------
 
     def _chain_locked(self, fields: dict[str, Any], kind: str, *, internal: bool = False,
-                      epoch: int | None = None) -> _Entry:
+                      epoch: int | None = None, float_free: bool = False) -> _Entry:
         """Give ``fields`` the next seq/time/prev, hash it and return its entry.
 
         Caller holds ``_cond``, so seq order is chain order even with
@@ -447,7 +448,7 @@ class AuditLog:
             record[CLOCK_BACKWARDS] = (head.dt - dt).total_seconds()
             _logger.warning("clock went backwards by %.6fs at audit seq %d",
                             (head.dt - dt).total_seconds(), head.seq + 1)
-        digest, line = seal(record)
+        digest, line = seal(record, float_free=float_free and CLOCK_BACKWARDS not in record)
         entry = _Entry(AuditReceipt(head.seq + 1, digest, record["time"]), line, kind, dt)
         self._head = _Head(head.seq + 1, digest, dt, kind)
         if kind != KIND_CHECKPOINT:
@@ -458,13 +459,15 @@ class AuditLog:
         return entry
 
     def _chain_and_enqueue(self, fields: dict[str, Any], kind: str, entry_setup: Callable[
-            [_Entry], None], *, internal: bool = False, epoch: int | None = None) -> _Entry:
+            [_Entry], None], *, internal: bool = False, epoch: int | None = None,
+            float_free: bool = False) -> _Entry:
         # One critical section for chain + queue: a record must never be
         # chained (so later records link to it) without also being queued.
         with self._cond:
             if self._stopping:
                 raise AuditError("audit log is closed")
-            entry = self._chain_locked(fields, kind, internal=internal, epoch=epoch)
+            entry = self._chain_locked(fields, kind, internal=internal, epoch=epoch,
+                                       float_free=float_free)
             entry_setup(entry)
             self._queue.append(entry)
             self._cond.notify()
@@ -477,10 +480,10 @@ class AuditLog:
         cannot be logged (nothing is written), and :class:`AuditError` when the
         record could not be made durable: then the caller must issue nothing.
         """
-        fields = check_event(event)
+        fields, float_free = checked_event(event)
         loop = asyncio.get_running_loop()
         if self.solo is not None and self.solo():
-            receipt = self._append_inline(fields)
+            receipt = self._append_inline(fields, float_free)
             if receipt is not None:
                 self._maybe_checkpoint(loop)
                 return receipt
@@ -489,11 +492,11 @@ class AuditLog:
         def setup(entry: _Entry) -> None:
             entry.future, entry.loop = fut, loop
 
-        self._chain_and_enqueue(fields, KIND_EVENT, setup)
+        self._chain_and_enqueue(fields, KIND_EVENT, setup, float_free=float_free)
         self._maybe_checkpoint(loop)
         return await fut
 
-    def _append_inline(self, fields: dict[str, Any]) -> AuditReceipt | None:
+    def _append_inline(self, fields: dict[str, Any], float_free: bool) -> AuditReceipt | None:
         """Write and fsync on the calling (event loop) thread when nothing could share it.
 
         ``solo()`` says no other call is in flight, so no other record could
@@ -505,7 +508,7 @@ class AuditLog:
         with self._cond:
             if self._busy or self._queue or self._stopping:
                 return None
-            entry = self._chain_locked(fields, KIND_EVENT)
+            entry = self._chain_locked(fields, KIND_EVENT, float_free=float_free)
             self._busy = True
         try:
             self._write_batch([entry])
