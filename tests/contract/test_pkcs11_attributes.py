@@ -33,3 +33,27 @@ def test_private_key_attributes_and_unreadable(pkcs11_store: object, softhsm_tok
                                       capabilities=pkcs11.MechanismFlag.WRAP)
         secret.wrap_key(priv)
     pkcs11_store.destroy(name)
+
+
+def test_raw_signature_is_r_and_s_and_tokens_verify(pkcs11_store: object) -> None:
+    """The r||s path tokens use on PKCS#11 (no DER round trip) signs correctly."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    from badged.core.jose import ec_public_jwk, jwk_thumbprint
+    from badged.core.tokens import ES256, build_claims, mint_token
+    from badged.keystore.pkcs11.store import Pkcs11KeyStore
+
+    assert isinstance(pkcs11_store, Pkcs11KeyStore)
+    key = pkcs11_store.generate("raw-check/tok/1")
+    raw = key.sign_raw(b"message", ES256)
+    assert len(raw) == 64
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    key.public_key().verify(der, b"message", ES256)
+    jwk = ec_public_jwk(key.public_key())
+    claims = build_claims(issuer="i", subject="s", audience="aud", scopes=("read",),
+                          ttl_seconds=60, now=1_000, jti="j")
+    issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
+    assert jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"]).claims["jti"] == "j"
+    pkcs11_store.destroy("raw-check/tok/1")

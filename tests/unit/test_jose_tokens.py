@@ -6,6 +6,7 @@ import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
@@ -68,6 +69,48 @@ def test_minted_token_verifies_with_joserfc() -> None:
     decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
     assert decoded.claims["sub"] == "spiffe://td/agent/a"
     assert decoded.claims["jti"] == "abc"
+
+
+class _RawOnlyKey:
+    """A key whose backend returns r||s: ``sign`` must not be used for tokens."""
+
+    def __init__(self, length: int = 64) -> None:
+        self._key = MemoryKeyStore().generate("raw")
+        self.length = length
+        self.raw_calls = 0
+
+    @property
+    def name(self) -> str:
+        return "raw"
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        raise AssertionError("the DER path was taken although sign_raw exists")
+
+    def sign_raw(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        self.raw_calls += 1
+        r, s = decode_dss_signature(self._key.sign(data, signature_algorithm))
+        return (r.to_bytes(32, "big") + s.to_bytes(32, "big"))[:self.length]
+
+
+def test_raw_signer_path_verifies_with_joserfc() -> None:
+    key = _RawOnlyKey()
+    jwk = ec_public_jwk(key.public_key())
+    claims = build_claims(issuer="i", subject="spiffe://td/agent/a", audience="aud",
+                          scopes=("read",), ttl_seconds=60, now=1_000, jti="raw")
+    issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
+    assert key.raw_calls == 1
+    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    assert decoded.claims["jti"] == "raw"
+
+
+def test_raw_signer_of_the_wrong_length_is_refused() -> None:
+    claims = build_claims(issuer="i", subject="s", audience="aud", scopes=(), ttl_seconds=60,
+                          now=1_000, jti="x")
+    with pytest.raises(ValueError, match="64 bytes"):
+        mint_token(claims=claims, key=_RawOnlyKey(length=63), key_id="k")
 
 
 def test_tampered_token_fails_joserfc() -> None:

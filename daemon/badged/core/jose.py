@@ -91,10 +91,25 @@ def encode_jws_with_header(
 
     For callers whose header is constant per key, so it is encoded once.
     """
+    return encode_jws_raw(header_segment, payload, lambda data: der_to_jose(sign_der(data)))
+
+
+def encode_jws_raw(
+    header_segment: str,
+    payload: Mapping[str, Any],
+    sign_raw: Callable[[bytes], bytes],
+) -> str:
+    """:func:`encode_jws_with_header` for a signer that returns r||s already.
+
+    PKCS#11 returns ECDSA signatures as r||s, which is the JWS form: going
+    through DER and back costs two big-integer conversions per token.
+    """
     # The payload need not be canonical, only valid JSON the signature covers
     # as sent: orjson (sorted, UTF-8, ~6x faster than the stdlib encoder).
     signing_input = header_segment + "." + b64url(orjson.dumps(payload, option=_SORTED))
-    signature = der_to_jose(sign_der(signing_input.encode("ascii")))
+    signature = sign_raw(signing_input.encode("ascii"))
+    if len(signature) != 2 * _P256_BYTES:
+        raise ValueError(f"ES256 signature must be 64 bytes r||s, got {len(signature)}")
     return signing_input + "." + b64url(signature)
 
 

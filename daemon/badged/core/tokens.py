@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from badged.core.jose import b64url, canonical_json, encode_jws_with_header
+from badged.core.jose import b64url, canonical_json, encode_jws_raw, encode_jws_with_header
 from badged.keystore.port import KeyHandle
 
 ES256 = ec.ECDSA(hashes.SHA256())
@@ -77,8 +77,13 @@ def _header_segment(key_id: str) -> str:
 
 def mint_token(*, claims: Mapping[str, Any], key: KeyHandle, key_id: str) -> IssuedToken:
     """Sign ``claims`` as an ES256 JWS with the agent's token key."""
-    token = encode_jws_with_header(_header_segment(key_id), claims,
-                                   lambda data: key.sign(data, ES256))
+    sign_raw = getattr(key, "sign_raw", None)
+    if sign_raw is not None:  # the backend returns r||s itself (see RawSigner)
+        token = encode_jws_raw(_header_segment(key_id), claims,
+                               lambda data: sign_raw(data, ES256))
+    else:
+        token = encode_jws_with_header(_header_segment(key_id), claims,
+                                       lambda data: key.sign(data, ES256))
     return IssuedToken(
         token=token,
         jti=str(claims["jti"]),

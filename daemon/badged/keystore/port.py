@@ -107,6 +107,17 @@ class KeyHandle(Protocol):
         ...
 
 
+class RawSigner(Protocol):
+    """Optional extra of a :class:`KeyHandle` whose hardware returns r||s.
+
+    ``sign_raw`` signs like ``sign`` but returns the IEEE P1363 form (r||s,
+    32 bytes each for P-256), which is what JWS ES256 carries; callers that
+    need it look the method up with ``getattr`` and fall back to DER.
+    """
+
+    def sign_raw(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes: ...
+
+
 @runtime_checkable
 class KeyStore(Protocol):
     """Required operations of every backend."""

@@ -101,10 +101,14 @@ class _Pkcs11Key:
         return self._public
 
     def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
-        _, digest = digest_for(data, signature_algorithm, backend="pkcs11")
-        raw = self._store._sign_digest(self, digest)
+        raw = self.sign_raw(data, signature_algorithm)
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+    def sign_raw(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        """r||s as CKM_ECDSA returns it (the JWS form; see port.RawSigner)."""
+        _, digest = digest_for(data, signature_algorithm, backend="pkcs11")
+        return self._store._sign_digest(self, digest)
 
 
 class Pkcs11KeyStore:
