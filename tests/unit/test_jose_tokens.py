@@ -113,6 +113,17 @@ def test_raw_signer_of_the_wrong_length_is_refused() -> None:
         mint_token(claims=claims, key=_RawOnlyKey(length=63), key_id="k")
 
 
+def test_payload_orjson_refuses_is_still_encoded() -> None:
+    """Ints beyond 64 bits (orjson refuses them) fall back to the stdlib encoder."""
+    key = MemoryKeyStore().generate("big")
+    jwk = ec_public_jwk(key.public_key())
+    claims = build_claims(issuer="i", subject="s", audience="aud", scopes=(), ttl_seconds=60,
+                          now=1_000, jti="big", extra={"n": 2**70, "name": "caf\u00e9"})
+    issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
+    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    assert decoded.claims["n"] == 2**70 and decoded.claims["name"] == "caf\u00e9"
+
+
 def test_tampered_token_fails_joserfc() -> None:
     store = MemoryKeyStore()
     key = store.generate("k")

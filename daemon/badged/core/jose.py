@@ -105,8 +105,13 @@ def encode_jws_raw(
     through DER and back costs two big-integer conversions per token.
     """
     # The payload need not be canonical, only valid JSON the signature covers
-    # as sent: orjson (sorted, UTF-8, ~6x faster than the stdlib encoder).
-    signing_input = header_segment + "." + b64url(orjson.dumps(payload, option=_SORTED))
+    # as sent: orjson (sorted, UTF-8, ~6x faster than the stdlib encoder),
+    # or the stdlib encoder for what orjson refuses (ints beyond 64 bits).
+    try:
+        body = orjson.dumps(payload, option=_SORTED)
+    except TypeError:
+        body = canonical_json(payload)
+    signing_input = header_segment + "." + b64url(body)
     signature = sign_raw(signing_input.encode("ascii"))
     if len(signature) != 2 * _P256_BYTES:
         raise ValueError(f"ES256 signature must be 64 bytes r||s, got {len(signature)}")
