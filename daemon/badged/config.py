@@ -99,7 +99,7 @@ _KNOWN: dict[str, set[str]] = {
                "approval_timeout"},
     "log": {"format", "level", "error_details"},
     "keystore": {"backend", "uri", "module_path", "tcti", "key_dir", "parent_handle",
-                 "key_auth_file", "signing_mode", "session_key_period"},
+                 "key_auth_file", "signing_mode", "session_key_period", "session_key_copies"},
     "audit": {"dir", "syslog"},
 }
 
@@ -175,13 +175,17 @@ def load_config(path: Path) -> DaemonConfig:
         for key in ("tcti", "key_dir", "parent_handle", "key_auth_file"):
             if key in ks:
                 raise fail("keystore", key, f"{key} is a tpm setting; backend is pkcs11")
-        keystore = Pkcs11Config(uri=uri, module_path=ks.get("module_path"))
+        copies = ks.get("session_key_copies", True)
+        if not isinstance(copies, bool):
+            raise fail("keystore", "session_key_copies", "session_key_copies must be true or false")
+        keystore = Pkcs11Config(uri=uri, module_path=ks.get("module_path"),
+                                session_key_copies=copies)
     elif backend == "tpm":
         tcti = ks.get("tcti")
         if not isinstance(tcti, str) or not tcti:
             raise fail("keystore", "tcti" if "tcti" in ks else None,
                        "[keystore] tcti is required for the tpm backend (e.g. device:/dev/tpmrm0)")
-        for key in ("uri", "module_path"):
+        for key in ("uri", "module_path", "session_key_copies"):
             if key in ks:
                 raise fail("keystore", key, f"{key} is a pkcs11 setting; backend is tpm")
         parent = ks.get("parent_handle")

@@ -28,6 +28,7 @@ from badgeclient import (
     UnavailableError,
     WorkloadClient,
 )
+from badged.keystore.pkcs11.store import LIVENESS_S
 from tests.e2e.conftest import badgectl_cmd, badged_cmd, start_daemon
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
@@ -267,6 +268,9 @@ def test_token_gone_fails_closed_and_recovers_without_restart(fresh_state: Path)
             before = w.fetch_token(audience="demo")
             shutil.move(str(tokens), str(aside))
             tokens.mkdir(mode=0o700)
+            # The store signs with session copies, which check the token
+            # object at most every LIVENESS_S: after that, no signature.
+            time.sleep(LIVENESS_S * 1.5)
             for _ in range(3):  # fails closed, repeatedly, without crashing
                 with pytest.raises(UnavailableError):
                     w.fetch_token(audience="demo")
