@@ -45,3 +45,23 @@ def test_bad_values_name_file_and_line(tmp_path: Path, extra: str, line: int, ne
         _load(tmp_path, TPM + "\n\n" + extra)
     assert needle in str(err.value)
     assert err.value.line == line  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("keystore", "copies"), [
+    (PKCS11, True),
+    (PKCS11 + "session_key_copies = false\n", False),
+    (PKCS11 + "session_key_copies = true\n", True),
+])
+def test_session_key_copies_setting(tmp_path: Path, keystore: str, copies: bool) -> None:
+    cfg = _load(tmp_path, keystore)
+    assert cfg.keystore.session_key_copies is copies  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("keystore", "needle"), [
+    (PKCS11 + 'session_key_copies = "no"\n', "must be true or false"),
+    (TPM + "session_key_copies = false\n", "pkcs11 setting"),
+])
+def test_session_key_copies_refusals(tmp_path: Path, keystore: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, keystore)
+    assert needle in str(err.value)
