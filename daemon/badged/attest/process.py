@@ -134,14 +134,14 @@ class ProcessAttestor:
                                                        tuple[str, ...]]] = OrderedDict()
 
     def attest(self, peer: PeerCredentials) -> ProcessAttributes:
-        if not peer.is_alive():
-            raise AttestationError(f"caller pid {peer.pid} exited before attestation")
         exe, digest = self._exe(peer.pid)
         groups, cgroup, chain = self._slow_attrs(peer)
         # Everything above was read by pid; only now do we know it was *this*
-        # process and not a successor that inherited the pid.
+        # process and not a successor that inherited the pid. One check, after
+        # the reads, is what makes them trustworthy (a check before them would
+        # only fail earlier, for one more poll() on every call).
         if not peer.is_alive():
-            raise AttestationError(f"caller pid {peer.pid} exited during attestation")
+            raise AttestationError(f"caller pid {peer.pid} exited before or during attestation")
         return ProcessAttributes(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=groups,
                                  exe=exe, exe_sha256=digest, cgroup=cgroup, chain=chain)
 
