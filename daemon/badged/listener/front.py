@@ -221,6 +221,9 @@ class _Connection(ServerConnection, asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self._write_paused = False
+        # Made by the loop's protocol factory: remembered, because on Python
+        # 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     # -- connection life -------------------------------------------------
 
@@ -412,7 +415,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, "client streaming is not served")
             return
         self.server.call_started()
-        stream.task = task = asyncio.get_running_loop().create_task(coro)
+        stream.task = task = self._loop.create_task(coro)
         task.add_done_callback(self.server.call_done)
 
     # -- calls -----------------------------------------------------------
