@@ -136,3 +136,19 @@ def test_exec_is_noticed_on_the_next_request() -> None:
         child.wait()
         os.close(r)
         os.close(w)
+
+
+def test_selectors_are_remembered_per_attribute_set_not_per_pid() -> None:
+    """The selector cache is keyed by every attribute: changing one changes the answer."""
+    from badged.attest.process import ProcessAttributes
+
+    base = dict(pid=1, uid=os.getuid(), gid=os.getgid(), groups=(5,), exe="/usr/bin/a",
+                exe_sha256="ab" * 32, cgroup="/system.slice/x.service", chain=("/usr/bin/p",))
+    one = ProcessAttributes(**base).selectors()  # type: ignore[arg-type]
+    assert ProcessAttributes(**{**base, "pid": 2}).selectors() is one  # type: ignore[arg-type]
+    for field, value in [("exe", "/usr/bin/b"), ("exe_sha256", "cd" * 32), ("groups", (6,)),
+                         ("cgroup", "/system.slice/y.service"), ("chain", ("/usr/bin/q",)),
+                         ("uid", os.getuid() + 1)]:
+        other = ProcessAttributes(**{**base, field: value}).selectors()  # type: ignore[arg-type]
+        assert other != one, field
+    assert "systemd:unit:x.service" in one and "unix:parent_path:/usr/bin/p" in one
