@@ -230,6 +230,8 @@ class Daemon:
             # and with several in flight the writer gathers (COMMIT_DELAY_S).
             self._audit.solo = front.solo
             self._audit.in_flight = front.calls_in_flight
+        # Under load, PKCS#11 signatures are gathered and made back to back.
+        self._signing.in_flight = front.calls_in_flight
         gid = cfg.operator_gid()
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",

@@ -79,6 +79,10 @@ class PolicyHolder:
         return None
 
 
+BATCH_MIN_IN_FLIGHT = 6
+"""Calls in flight from which PKCS#11 signatures are gathered (see SigningRunner)."""
+
+
 class SigningRunner:
     """Where hardware signatures run: on the event loop, or on one signing thread.
 
@@ -89,16 +93,46 @@ class SigningRunner:
     signs inline. One thread, because the device serializes anyway. A caller
     that goes away mid-signature only discards the result: nothing is
     audited or answered for it.
+
+    Under load, inline signatures are *gathered*: with ``BATCH_MIN_IN_FLIGHT``
+    or more calls in flight (``in_flight``, the front's count), a signature
+    waits for the end of the loop's current pass and the gathered ones run
+    back to back. Measured inside the daemon a SoftHSM signature cost ~90 µs
+    of CPU against ~48 µs in a tight loop: the Python work between two
+    signatures evicts OpenSSL's P-256 tables and SoftHSM's state from the
+    caches; back to back they stay warm (16 lean clients: Sign +11 %,
+    FetchToken +15 %). Below the threshold the wait would only add latency
+    (4 clients: -3 to -14 %), so a signature runs at once as before. A
+    gathered signature whose caller was cancelled meanwhile is not made.
     """
 
     def __init__(self, *, off_loop: bool) -> None:
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="badged-sign")
                       if off_loop else None)
+        self.in_flight: Callable[[], int] | None = None
+        self._gathered: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        if self._pool is None:
+        if self._pool is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        if self.in_flight is None or self.in_flight() < BATCH_MIN_IN_FLIGHT:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        self._gathered.append((fn, fut))
+        if len(self._gathered) == 1:
+            loop.call_soon(self._sign_gathered)
+        return await fut
+
+    def _sign_gathered(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        for fn, fut in gathered:
+            if fut.done():  # the caller was cancelled: no signature for nobody
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # delivered to its own caller only
+                fut.set_exception(exc)
 
     def close(self) -> None:
         if self._pool is not None:
