@@ -18,7 +18,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from badged.core.jsonenc import sorted_compact_encoder
+from badged.core.jsonenc import ORJSON_SORTED, sorted_compact_encoder
 
 _P256_BYTES = 32
 
@@ -38,9 +38,6 @@ def b64url_decode(text: str) -> bytes:
 
 # json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 _encode = sorted_compact_encoder(ensure_ascii=False, allow_nan=True)
-
-
-_SORTED: int = orjson.OPT_SORT_KEYS
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
@@ -108,7 +105,7 @@ def encode_jws_raw(
     # as sent: orjson (sorted, UTF-8, ~6x faster than the stdlib encoder),
     # or the stdlib encoder for what orjson refuses (ints beyond 64 bits).
     try:
-        body = orjson.dumps(payload, option=_SORTED)
+        body = orjson.dumps(payload, option=ORJSON_SORTED)
     except TypeError:
         body = canonical_json(payload)
     signing_input = header_segment + "." + b64url(body)

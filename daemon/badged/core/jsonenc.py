@@ -38,7 +38,8 @@ def sorted_compact_encoder(*, ensure_ascii: bool, allow_nan: bool) -> Callable[[
     return encode
 
 
-_ORJSON_SORTED: int = orjson.OPT_SORT_KEYS
+ORJSON_SORTED: int = orjson.OPT_SORT_KEYS
+"""orjson options of every orjson encoding in badged: sorted keys, compact."""
 
 
 def float_free_ascii_json(obj: Any) -> bytes | None:
@@ -57,7 +58,7 @@ def float_free_ascii_json(obj: Any) -> bytes | None:
     agreement on random records against the definition.
     """
     try:
-        out = orjson.dumps(obj, option=_ORJSON_SORTED)
+        out = orjson.dumps(obj, option=ORJSON_SORTED)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return None
     if b"\\" in out or b"\x7f" in out or not out.isascii():

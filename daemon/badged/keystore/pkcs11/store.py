@@ -95,11 +95,11 @@ class _Pkcs11Key:
     """A cached (private, public) object pair. Signs through the store's lock."""
 
     def __init__(self, store: Pkcs11KeyStore, name: str, priv: Any, public: ec.EllipticCurvePublicKey,
-                 generation: int, token_obj: Any = None) -> None:
+                 generation: int, token_obj: Any) -> None:
         self._store = store
         self._name = name
         self._priv = priv  # what signs: the session copy, or the token object itself
-        self._token_obj = priv if token_obj is None else token_obj
+        self._token_obj = token_obj  # the key itself, in the token
         self._checked = 0.0  # monotonic time the token object was last seen alive
         self._public = public
         self.generation = generation
@@ -113,17 +113,6 @@ class _Pkcs11Key:
         if fresh is not self:
             self._priv, self._token_obj, self._checked = fresh._priv, fresh._token_obj, 0.0
             self.generation = fresh.generation
-
-    def drop_copy(self) -> None:
-        """Destroy this key's session copy, if it has one (lock held)."""
-        if self._priv is not self._token_obj:
-            import pkcs11.exceptions as p11e
-
-            try:
-                self._priv.destroy()
-            except p11e.PKCS11Error:
-                _logger.debug("session copy already gone", extra={"key": self._name})
-            self._priv = self._token_obj
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
@@ -267,11 +256,7 @@ class Pkcs11KeyStore:
         return self._call(op)
 
     def get(self, name: str) -> KeyHandle:
-        with self._lock:
-            cached = self._keys.get(name)
-            if cached is not None and cached.generation == self._generation:
-                return cached
-        return self._call(lambda session: self._load(session, name))
+        return self._call(lambda session: self._current(session, name))
 
     def list(self) -> Sequence[str]:
         import pkcs11
@@ -363,16 +348,17 @@ class Pkcs11KeyStore:
         public = serialization.load_der_public_key(encode_ec_public_key(pubs[0]))
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise KeyStoreError(f"key {name} is not an EC key", backend=self.backend)
-        old = self._keys.get(name)
-        if old is not None and old.generation == self._generation:
-            old.drop_copy()  # loaded again in the same session: one copy per key
         key = _Pkcs11Key(self, name, self._session_copy(priv, name), public, self._generation,
                          token_obj=priv)
         self._keys[name] = key
         return key
 
     def _current(self, session: Any, name: str) -> _Pkcs11Key:
-        """The cached key of this session, loading it if needed (lock held)."""
+        """The cached key of this session, loading it if needed (lock held).
+
+        Every lookup goes through here under the lock, so a key is loaded,
+        and copied, once per session.
+        """
         cached = self._keys.get(name)
         if cached is not None and cached.generation == self._generation:
             return cached
