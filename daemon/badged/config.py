@@ -8,11 +8,13 @@ Precedence: defaults, then the TOML file, then command-line flags (applied by
 from __future__ import annotations
 
 import grp
+import os
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from badged.errors import ConfigError
 from badged.keystore.pkcs11.store import Pkcs11Config
@@ -23,6 +25,9 @@ from badged.policy.loader import parse_duration
 DEFAULT_SOCKET_DIR = Path("/run/badged")
 DEFAULT_STATE_DIR = Path("/var/lib/badged")
 SIGNING_MODES = ("direct", "session")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A session key signs for at most this long; 1 s exists for tests of rotation.
 MIN_SESSION_PERIOD = 1
 MAX_SESSION_PERIOD = 3600
@@ -55,6 +60,10 @@ class DaemonConfig:
     # short-lived in-memory key that does (docs/tpm.md). None: per backend.
     signing_mode: str | None = None
     session_key_period: int = 300
+    # Environment the key-store library reads when it is loaded, e.g.
+    # SOFTHSM2_CONF: set in this process before the module's first load, so a
+    # non-root daemon can use its own token without a wrapper script.
+    module_env: tuple[tuple[str, str], ...] = ()
     source: str = "<defaults>"
 
     @property
@@ -83,6 +92,15 @@ class DaemonConfig:
     def with_overrides(self, **changes: Any) -> DaemonConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def apply_module_env(self) -> None:
+        """Export ``[keystore] module_env`` before the key-store library loads.
+
+        SoftHSM reads SOFTHSM2_CONF only at C_Initialize, i.e. at the first
+        load in the process; setting it later has no effect.
+        """
+        for name, value in self.module_env:
+            os.environ[name] = value
+
     def operator_gid(self) -> int | None:
         if self.operator_group is None:
             return None
@@ -93,157 +111,281 @@ class DaemonConfig:
                               path=self.source) from None
 
 
+class ConfigErrors(ConfigError):
+    """Every error found in one config file; it reads as the first one.
+
+    ``badged check`` prints all of them; the daemon refuses to start on the
+    first (one line) and points at ``badged check`` for the rest.
+    """
+
+    def __init__(self, detail: str, *, path: str | None = None, line: int | None = None,
+                 errors: Sequence[ConfigError] = ()) -> None:
+        super().__init__(detail, path=path, line=line)
+        self.errors: list[ConfigError] = list(errors) or [self]
+
+    @classmethod
+    def of(cls, errors: Sequence[ConfigError]) -> ConfigErrors:
+        first = errors[0]
+        exc = cls(first.detail, errors=errors)  # first.detail already names file:line
+        exc.path, exc.line = first.path, first.line
+        return exc
+
+
 _KNOWN: dict[str, set[str]] = {
     "daemon": {"state_dir", "workload_socket", "admin_socket", "operator_group", "trust_domain",
                "issuer", "policy_file", "default_ttl", "max_ttl", "max_connections_per_uid",
                "approval_timeout"},
     "log": {"format", "level", "error_details"},
-    "keystore": {"backend", "uri", "module_path", "tcti", "key_dir", "parent_handle",
+    "keystore": {"backend", "uri", "module_path", "module_env", "tcti", "key_dir", "parent_handle",
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies"},
     "audit": {"dir", "syslog"},
 }
+_TOML_TYPE = {bool: "true or false", int: "an integer", str: "a string",
+              dict: "a table", list: "an array", float: "a number"}
+
+T = TypeVar("T")
+
+
+def _type_name(value: object) -> str:
+    for typ, name in _TOML_TYPE.items():
+        if type(value) is typ:
+            return name
+    return type(value).__name__
 
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Line of ``key`` in ``[section]`` (or of the section header), for messages.
+
+    ``[a.b]`` headers (nested tables) count as their own sections, so a key of
+    ``[keystore.module_env]`` is found there and not reported at line 1.
+    """
     lines = text.splitlines()
     in_section = False
     for i, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("["):
-            in_section = stripped.strip("[] ") == section
+            header = stripped.split("#", 1)[0].strip().strip("[] ")
+            in_section = header == section
             if in_section and key is None:
                 return i + 1
             continue
-        if in_section and key and re.match(rf"^{re.escape(key)}\s*=", stripped):
+        if in_section and key and re.match(rf'^"?{re.escape(key)}"?\s*=', stripped):
             return i + 1
     return None
 
 
 def load_config(path: Path) -> DaemonConfig:
-    """Parse and validate; every error names the file and line."""
+    """Parse and validate strictly; every error names the file and line.
+
+    Types are checked, never coerced: ``syslog = "no"`` is an error, not True.
+    All errors are collected (:class:`ConfigErrors`), so one ``badged check``
+    run lists every mistake in the file.
+    """
     src = str(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", path=src) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config is not UTF-8 text", path=src) from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(f"TOML syntax: {exc}", path=src, line=int(m.group(1)) if m else None) from None
 
-    def fail(section: str, key: str | None, msg: str) -> ConfigError:
-        return ConfigError(msg, path=src, line=_line_of(text, section, key))
+    errors: list[ConfigError] = []
+
+    def fail(section: str, key: str | None, msg: str) -> None:
+        line = _line_of(text, section, key)
+        if line is None and key is not None:
+            line = _line_of(text, f"{section}.{key}", None)
+        errors.append(ConfigError(msg, path=src, line=line))
 
     for section, body in doc.items():
         if section not in _KNOWN:
-            raise fail(section, None, f"unknown section [{section}]")
+            fail(section, None, f"unknown section [{section}] (known: {', '.join(sorted(_KNOWN))})")
+            continue
         if not isinstance(body, dict):
-            raise ConfigError(f"{section} must be a table", path=src)
+            errors.append(ConfigError(f"{section} must be a table ([{section}])", path=src))
+            continue
         for key in body:
             if key not in _KNOWN[section]:
-                raise fail(section, key, f"unknown key {key!r} in [{section}]")
+                fail(section, key, f"unknown key {key!r} in [{section}]")
 
-    d = doc.get("daemon", {})
-    log = doc.get("log", {})
-    ks = doc.get("keystore", {})
-    audit = doc.get("audit", {})
+    def table(name: str) -> dict[str, Any]:
+        body = doc.get(name, {})
+        return body if isinstance(body, dict) else {}
 
-    def path_opt(section: str, key: str, value: Any) -> Path | None:
+    d, log, ks, audit = table("daemon"), table("log"), table("keystore"), table("audit")
+
+    def typed(section: dict[str, Any], sname: str, key: str, typ: type[T], default: T) -> T:
+        value = section.get(key, default)
+        if value is default:
+            return default
+        # bool is a subclass of int in Python, never in TOML: check exactly.
+        if type(value) is not typ:
+            fail(sname, key, f"{key} must be {_TOML_TYPE[typ]}, not {_type_name(value)} "
+                             f"({value!r})")
+            return default
+        return value
+
+    def choice(section: dict[str, Any], sname: str, key: str, options: tuple[str, ...],
+               default: str, *, upper: bool = False) -> str:
+        value = typed(section, sname, key, str, default)
+        norm = value.upper() if upper else value
+        if norm not in options:
+            fail(sname, key, f"{key} must be one of {', '.join(options)}, not {value!r}")
+            return default
+        return norm
+
+    def path_opt(section: dict[str, Any], sname: str, key: str) -> Path | None:
+        value = section.get(key)
         if value is None:
             return None
         if not isinstance(value, str) or not value.startswith("/"):
-            raise fail(section, key, f"{key} must be an absolute path")
+            fail(sname, key, f"{key} must be an absolute path, not {value!r}")
+            return None
+        if "\0" in value or any(part == ".." for part in value.split("/")):
+            fail(sname, key, f"{key} must be a plain absolute path (no '..')")
+            return None
         return Path(value)
 
-    def duration(key: str, default: int) -> int:
+    def duration(section: dict[str, Any], sname: str, key: str, default: int) -> int:
         try:
-            return parse_duration(d.get(key, default), what=key)
+            return parse_duration(section.get(key, default), what=key)
         except ValueError as exc:
-            raise fail("daemon", key, str(exc)) from None
+            fail(sname, key, str(exc))
+            return default
 
-    backend = ks.get("backend", "pkcs11")
+    state_dir = path_opt(d, "daemon", "state_dir") or DEFAULT_STATE_DIR
+    backend = typed(ks, "keystore", "backend", str, "pkcs11")
+    if backend not in ("pkcs11", "tpm"):
+        fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11, tpm)")
+        backend = "pkcs11"
     keystore: Pkcs11Config | TpmConfig
     if backend == "pkcs11":
-        uri = ks.get("uri")
-        if not isinstance(uri, str):
-            raise fail("keystore", "uri" if "uri" in ks else None, "[keystore] uri is required")
-        try:
-            parse_pkcs11_uri(uri)
-        except ConfigError as exc:
-            raise fail("keystore", "uri", exc.detail) from None
+        pkcs11_uri = "pkcs11:token=badged"
         for key in ("tcti", "key_dir", "parent_handle", "key_auth_file"):
             if key in ks:
-                raise fail("keystore", key, f"{key} is a tpm setting; backend is pkcs11")
-        copies = ks.get("session_key_copies", True)
-        if not isinstance(copies, bool):
-            raise fail("keystore", "session_key_copies", "session_key_copies must be true or false")
-        keystore = Pkcs11Config(uri=uri, module_path=ks.get("module_path"),
+                fail("keystore", key, f"{key} is a tpm setting; backend is pkcs11")
+        uri = ks.get("uri")
+        if not isinstance(uri, str):
+            fail("keystore", "uri" if "uri" in ks else None,
+                 "[keystore] uri is required (e.g. \"pkcs11:token=badged?pin-source=file:"
+                 "/etc/badged/user.pin\")" if uri is None else
+                 f"uri must be a string, not {_type_name(uri)}")
+        else:
+            try:
+                parsed = parse_pkcs11_uri(uri)
+            except ConfigError as exc:
+                fail("keystore", "uri", exc.detail)
+            else:
+                # A missing pin-source is reported by preflight (badged check),
+                # where the PIN file itself is checked.
+                del parsed
+                pkcs11_uri = uri
+        module = path_opt(ks, "keystore", "module_path")
+        copies = typed(ks, "keystore", "session_key_copies", bool, True)
+        keystore = Pkcs11Config(uri=pkcs11_uri, module_path=str(module) if module else None,
                                 session_key_copies=copies)
-    elif backend == "tpm":
-        tcti = ks.get("tcti")
-        if not isinstance(tcti, str) or not tcti:
-            raise fail("keystore", "tcti" if "tcti" in ks else None,
-                       "[keystore] tcti is required for the tpm backend (e.g. device:/dev/tpmrm0)")
+    else:
         for key in ("uri", "module_path", "session_key_copies"):
             if key in ks:
-                raise fail("keystore", key, f"{key} is a pkcs11 setting; backend is tpm")
+                fail("keystore", key, f"{key} is a pkcs11 setting; backend is tpm")
+        tcti = ks.get("tcti")
+        if not isinstance(tcti, str) or not tcti:
+            fail("keystore", "tcti" if "tcti" in ks else None,
+                 "[keystore] tcti is required for the tpm backend (e.g. device:/dev/tpmrm0)")
+            tcti = "device:/dev/tpmrm0"
         parent = ks.get("parent_handle")
         if parent is not None:
             try:
+                if isinstance(parent, bool) or not isinstance(parent, str | int):
+                    raise ValueError
                 parent = int(parent, 0) if isinstance(parent, str) else int(parent)
+                if not 0x81000000 <= parent <= 0x81FFFFFF:
+                    raise ValueError
             except ValueError:
-                raise fail("keystore", "parent_handle", "parent_handle must be like 0x81000001") from None
-        key_dir = path_opt("keystore", "key_dir", ks.get("key_dir"))
-        auth = path_opt("keystore", "key_auth_file", ks.get("key_auth_file"))
-        state = path_opt("daemon", "state_dir", d.get("state_dir")) or DEFAULT_STATE_DIR
-        keystore = TpmConfig(tcti=tcti, key_dir=str(key_dir or state / "private" / "tpm-keys"),
+                fail("keystore", "parent_handle",
+                     "parent_handle must be a persistent handle like \"0x81000001\"")
+                parent = None
+        key_dir = path_opt(ks, "keystore", "key_dir")
+        auth = path_opt(ks, "keystore", "key_auth_file")
+        keystore = TpmConfig(tcti=tcti, key_dir=str(key_dir or state_dir / "private" / "tpm-keys"),
                              parent_handle=parent, key_auth_file=str(auth) if auth else None)
+    env = ks.get("module_env", {})
+    module_env: list[tuple[str, str]] = []
+    if not isinstance(env, dict):
+        fail("keystore", "module_env", "module_env must be a table, e.g. "
+                                       "module_env = { SOFTHSM2_CONF = \"/etc/badged/softhsm2.conf\" }")
     else:
-        raise fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11, tpm)")
-    signing_mode = ks.get("signing_mode")
-    if signing_mode is not None and signing_mode not in SIGNING_MODES:
-        raise fail("keystore", "signing_mode", "signing_mode must be 'direct' or 'session'")
-    try:
-        session_period = parse_duration(ks.get("session_key_period", 300), what="session_key_period")
-    except ValueError as exc:
-        raise fail("keystore", "session_key_period", str(exc)) from None
+        for name, value in env.items():
+            # Inline ({ A = "b" }) or as its own [keystore.module_env] table.
+            sect, key = ("keystore.module_env", name) if _line_of(
+                text, "keystore.module_env", name) else ("keystore", "module_env")
+            if not _ENV_NAME.fullmatch(name):
+                fail(sect, key, f"module_env: {name!r} is not an environment name")
+            elif not isinstance(value, str) or "\0" in value:
+                fail(sect, key, f"module_env: {name} must be a string")
+            else:
+                module_env.append((name, value))
+    signing_mode: str | None = None
+    if "signing_mode" in ks:
+        signing_mode = ks["signing_mode"]
+        if signing_mode not in SIGNING_MODES:
+            fail("keystore", "signing_mode", "signing_mode must be 'direct' or 'session'")
+            signing_mode = None
+    session_period = duration(ks, "keystore", "session_key_period", 300)
     if not MIN_SESSION_PERIOD <= session_period <= MAX_SESSION_PERIOD:
-        raise fail("keystore", "session_key_period",
-                   f"session_key_period must be {MIN_SESSION_PERIOD}s..{MAX_SESSION_PERIOD}s")
-    fmt = log.get("format", "text")
-    if fmt not in ("text", "json"):
-        raise fail("log", "format", "log format must be 'text' or 'json'")
-    max_conn = d.get("max_connections_per_uid", 256)
-    if not isinstance(max_conn, int) or not 1 <= max_conn <= 65536:
-        raise fail("daemon", "max_connections_per_uid", "must be an integer in 1..65536")
-    td = d.get("trust_domain", "example.org")
-    if not isinstance(td, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,252}", td):
-        raise fail("daemon", "trust_domain", "trust_domain must be a lowercase DNS-like name")
+        fail("keystore", "session_key_period",
+             f"session_key_period must be {MIN_SESSION_PERIOD}s..{MAX_SESSION_PERIOD}s")
+        session_period = 300
+    fmt = choice(log, "log", "format", LOG_FORMATS, "text")
+    level = choice(log, "log", "level", LOG_LEVELS, "INFO", upper=True)
+    error_details = typed(log, "log", "error_details", bool, True)
+    syslog = typed(audit, "audit", "syslog", bool, False)
+    max_conn = typed(d, "daemon", "max_connections_per_uid", int, 256)
+    if not 1 <= max_conn <= 65536:
+        fail("daemon", "max_connections_per_uid", "max_connections_per_uid must be in 1..65536")
+        max_conn = 256
+    td = typed(d, "daemon", "trust_domain", str, "example.org")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,252}", td):
+        fail("daemon", "trust_domain", "trust_domain must be a lowercase DNS-like name")
+    group = typed(d, "daemon", "operator_group", str, "")
+    issuer = typed(d, "daemon", "issuer", str, "")
+    if "issuer" in d and isinstance(d["issuer"], str) and not issuer.strip():
+        fail("daemon", "issuer", "issuer must not be empty")
+    default_ttl = duration(d, "daemon", "default_ttl", 300)
+    max_ttl = duration(d, "daemon", "max_ttl", 3600)
+    if default_ttl > max_ttl:
+        fail("daemon", "default_ttl", "default_ttl must not exceed max_ttl")
     cfg = DaemonConfig(
-        state_dir=path_opt("daemon", "state_dir", d.get("state_dir")) or DEFAULT_STATE_DIR,
-        workload_socket=path_opt("daemon", "workload_socket", d.get("workload_socket"))
-        or DEFAULT_SOCKET_DIR / "agent.sock",
-        admin_socket=path_opt("daemon", "admin_socket", d.get("admin_socket"))
-        or DEFAULT_SOCKET_DIR / "admin.sock",
-        operator_group=d.get("operator_group"),
+        state_dir=state_dir,
+        workload_socket=path_opt(d, "daemon", "workload_socket") or DEFAULT_SOCKET_DIR / "agent.sock",
+        admin_socket=path_opt(d, "daemon", "admin_socket") or DEFAULT_SOCKET_DIR / "admin.sock",
+        operator_group=group or None,
         trust_domain=td,
-        issuer=d.get("issuer"),
-        policy_file=path_opt("daemon", "policy_file", d.get("policy_file")),
-        audit_dir=path_opt("audit", "dir", audit.get("dir")),
-        audit_syslog=bool(audit.get("syslog", False)),
-        default_ttl=duration("default_ttl", 300),
-        max_ttl=duration("max_ttl", 3600),
+        issuer=issuer or None,
+        policy_file=path_opt(d, "daemon", "policy_file"),
+        audit_dir=path_opt(audit, "audit", "dir"),
+        audit_syslog=syslog,
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
         max_connections_per_uid=max_conn,
-        approval_timeout=duration("approval_timeout", 120),
+        approval_timeout=duration(d, "daemon", "approval_timeout", 120),
         log_format=fmt,
-        log_level=str(log.get("level", "INFO")).upper(),
-        log_error_details=bool(log.get("error_details", True)),
+        log_level=level,
+        log_error_details=error_details,
         keystore=keystore,
         signing_mode=signing_mode,
         session_key_period=session_period,
+        module_env=tuple(module_env),
         source=src,
     )
-    if cfg.default_ttl > cfg.max_ttl:
-        raise fail("daemon", "default_ttl", "default_ttl must not exceed max_ttl")
+    if cfg.workload_socket == cfg.admin_socket:
+        fail("daemon", "admin_socket", "admin_socket must differ from workload_socket")
+    if errors:
+        errors.sort(key=lambda e: (e.line is None, e.line or 0))
+        raise ConfigErrors.of(errors)
     return cfg

@@ -36,9 +36,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def iso_local(created: float, msecs: float) -> str:
+    """ISO 8601 local time with milliseconds and UTC offset: 2026-12-07T01:02:03.456+01:00.
+
+    A date and an offset, so lines from a long-running daemon (or from hosts
+    in other zones) sort and compare without guessing.
+    """
+    tm = time.localtime(created)
+    offset = time.strftime("%z", tm)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", tm) + f".{int(msecs):03d}"
+            + f"{offset[:3]}:{offset[3:]}")
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        ts = iso_local(record.created, record.msecs)
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         line = f"{ts} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if extra:

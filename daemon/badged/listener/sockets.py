@@ -35,10 +35,17 @@ def bind_unix(path: Path, *, mode: int, group: int | None) -> socket.socket:
         sock.bind(str(tmp))
     finally:
         os.umask(old)
-    if group is not None:
-        os.chown(tmp, -1, group)
-    os.chmod(tmp, mode)
-    os.rename(tmp, path)
+    try:
+        if group is not None:
+            os.chown(tmp, -1, group)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except OSError as exc:
+        # Leave nothing behind: no half-made socket under a temporary name.
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        what = f"cannot give the socket group {group}" if exc.errno == 1 else "cannot bind"
+        raise ConfigError(f"{what}: {exc.strerror}", path=str(path)) from None
     sock.listen(512)
     sock.setblocking(False)
     return sock
