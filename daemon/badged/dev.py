@@ -61,8 +61,15 @@ name = "{agent}"
 selectors = ["unix:uid:{uid}"]
 bundles = ["demo"]
 
+# A single-user dev box: the demo agent and its user share uid {uid}, so that
+# user may delegate to the agent and approve its own requests. A production
+# policy gives each agent its own uid and leaves both switches off.
 [delegation]
 allow = ["unix:uid:{uid}"]
+agents_may_delegate = true
+
+[approval]
+requester_may_approve = true
 """
 
 

@@ -68,8 +68,14 @@ name = "other-agent"
 selectors = ["unix:uid:4242"]
 bundles = ["demo"]
 
+# The test runs as one uid, like a single-user dev box (test_attack_attest.py
+# covers both switches off).
 [delegation]
 allow = ["unix:uid:{UID}"]
+agents_may_delegate = true
+
+[approval]
+requester_may_approve = true
 """
 
 

@@ -46,7 +46,7 @@ bundles = ["reader"]
 
 [[agent]]
 name = "svc"
-selectors = ["systemd:unit:svc.service"]
+selectors = ["systemd:unit:svc.service", "unix:uid:0"]
 
 [delegation]
 allow = ["unix:group:staff"]

@@ -5,6 +5,14 @@ and registers the result under a name it gives that connection; the name is
 what ``context.peer()`` returns for calls on it. A handler looks it up here; a
 name that is not registered (the connection closed meanwhile) is
 unauthenticated.
+
+At accept the front also fixes *which executable* the connecting process
+runs (``ExeIdentity``: device, inode, size, ctime, mount namespace). The pid
+is the kernel's word from ``connect()``, the executable is not: a process can
+connect, fork, and ``execve`` a pinned binary while its child keeps talking
+on the inherited socket. The attestor compares every request's
+``/proc/PID/exe`` with this snapshot and, on a change, marks the connection
+as having lost its identity for good (``PeerCredentials.lost``).
 """
 
 from __future__ import annotations
@@ -14,10 +22,48 @@ import select
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux >= 6.5
 _UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True, slots=True)
+class ExeIdentity:
+    """The file a process executes, as ``stat(/proc/PID/exe)`` saw it.
+
+    ``(dev, ino)`` names the file; size and ctime are kept for the audit
+    record and the hash cache (a rewrite in place changes ctime). ``mnt_ns``
+    is the inode of ``/proc/PID/ns/mnt``: callers in another mount namespace
+    see other files at the same paths (docs/threat-model.md).
+    """
+
+    dev: int
+    ino: int
+    size: int
+    ctime_ns: int
+    mnt_ns: int  # 0 when unreadable
+
+    def same_file(self, dev: int, ino: int) -> bool:
+        return self.dev == dev and self.ino == ino
+
+
+class IdentityLoss:
+    """Set once, never cleared: why a connection may no longer act as any agent.
+
+    Lives beside the frozen credentials (one per accepted connection), so a
+    later request on the same connection is refused even if the process
+    execs back into the original binary.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -30,6 +76,12 @@ class PeerCredentials:
     pidfd: int  # -1 when the kernel has no SO_PEERPIDFD
     start_time: int  # /proc/<pid>/stat starttime, the fallback against pid reuse
     channel: str  # "workload" | "admin": which public socket it came through
+    # The executable at accept (None: unreadable, e.g. another uid's process
+    # when the daemon lacks CAP_SYS_PTRACE). A credential built without a
+    # snapshot gets None, and then any readable executable counts as changed:
+    # forgetting the snapshot fails closed.
+    exe: ExeIdentity | None = None
+    lost: IdentityLoss = field(default_factory=IdentityLoss, compare=False, repr=False)
 
     def is_alive(self) -> bool:
         """True while the *same* process that connected is running.
@@ -55,8 +107,31 @@ def proc_start_time(pid: int) -> int:
     return int(rest[19])
 
 
+def exe_identity(pid: int) -> ExeIdentity | None:
+    """What ``pid`` executes now; None when /proc does not tell us (gone, no access).
+
+    Two ``stat`` calls (~3 µs together): the magic link and the namespace file.
+    """
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    try:
+        mnt_ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        mnt_ns = 0
+    return ExeIdentity(dev=st.st_dev, ino=st.st_ino, size=st.st_size, ctime_ns=st.st_ctime_ns,
+                       mnt_ns=mnt_ns)
+
+
 def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
-    """Read the connecting process's credentials from an accepted socket."""
+    """Read the connecting process's credentials from an accepted socket.
+
+    Runs in ``connection_made``, i.e. at accept: the executable snapshot is
+    that of the process behind the connection *now*. A process that execs
+    between ``connect()`` and our accept is attributed its post-exec binary
+    (docs/threat-model.md, "exec after connect").
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     try:
@@ -64,7 +139,8 @@ def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
     except OSError:
         pidfd = -1
     return PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd,
-                           start_time=proc_start_time(pid), channel=channel)
+                           start_time=proc_start_time(pid), channel=channel,
+                           exe=exe_identity(pid))
 
 
 class PeerRegistry:

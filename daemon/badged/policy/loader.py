@@ -27,10 +27,21 @@ docs/policy.example.toml. In short::
     allow = ["unix:group:staff"]    # who may delegate to agents
 
 ``[[bind]]`` (agent + inline bundle in one table) is kept as a shorthand.
+
+Refused because they would not mean what they say (issue 13):
+
+* a rule binding by executable, unit, container, cgroup or ancestry with no
+  uid/user/gid/group selector -- any local user could be that agent --
+  unless the rule sets ``allow_any_user = true`` (loaded with a warning);
+* an agent whose bundles (with the baseline) allow ``sign`` or ``csr`` under
+  different gates (approval, rate): those kinds carry no audience or scope,
+  so the author cannot have meant both (the strictest would decide anyway,
+  see badged.policy.model).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from pathlib import Path
@@ -38,16 +49,29 @@ from typing import Any
 
 from badged.errors import ConfigError
 from badged.identity.registry import check_agent_name
-from badged.policy.model import KINDS, AgentRule, Bundle, Policy, Rate, parse_selector
+from badged.policy.model import (
+    BINDING_SELECTORS,
+    KINDS,
+    UNSCOPED_KINDS,
+    USER_SELECTORS,
+    AgentRule,
+    Bundle,
+    Policy,
+    Rate,
+    parse_selector,
+)
+
+_logger = logging.getLogger(__name__)
 
 MAX_TTL_CAP = 24 * 3600
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
 _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description"}
-_AGENT_KEYS = {"name", "selectors", "bundles", "description"}
-_BIND_KEYS = (_BUNDLE_KEYS | {"agent", "selectors"}) - {"rate", "approval"}
-_TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation"}
+_RULE_FLAGS = ("allow_any_user", "other_mount_ns")
+_AGENT_KEYS = {"name", "selectors", "bundles", "description", *_RULE_FLAGS}
+_BIND_KEYS = (_BUNDLE_KEYS | {"agent", "selectors", *_RULE_FLAGS}) - {"rate", "approval"}
+_TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation", "approval"}
 
 
 def parse_duration(value: Any, *, what: str) -> int:
@@ -115,6 +139,7 @@ class _Parser:
         self.source = source
         self.where = _Lines(text)
         self.short = Path(source).name
+        self.warnings: list[str] = []
 
     def fail(self, line: int, msg: str) -> ConfigError:
         return ConfigError(msg, path=self.source, line=line)
@@ -165,6 +190,56 @@ class _Parser:
         except ValueError as exc:
             raise self.fail(self.where.key(start, "selectors"), f"{what}: {exc}") from None
         return frozenset(sels)
+
+    def flag(self, entry: dict[str, Any], key: str, start: int, what: str) -> bool:
+        value = entry.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail(self.where.key(start, key), f"{what}: {key} must be true or false")
+        return value
+
+    def rule(self, entry: dict[str, Any], name: str, sels: frozenset[str],
+             bundle_names: tuple[str, ...], start: int, what: str) -> AgentRule:
+        """An agent rule, refused when it binds by what runs but not by who runs it."""
+        any_user = self.flag(entry, "allow_any_user", start, what)
+        other_ns = self.flag(entry, "other_mount_ns", start, what)
+        types = {parse_selector(sel)[0] for sel in sels}
+        binding = sorted(types & BINDING_SELECTORS)
+        if binding and not types & USER_SELECTORS:
+            message = (f"{what} ({name}): binds by {', '.join(binding)} without a unix:uid, "
+                       f"unix:user, unix:gid or unix:group selector, so any local user who "
+                       f"runs that binary (or names a cgroup so) would be this agent")
+            if not any_user:
+                raise self.fail(self.where.key(start, "selectors"),
+                                f"{message}; add a user selector, or set "
+                                f"allow_any_user = true if that is really meant")
+            line = self.where.key(start, "allow_any_user")
+            self.warnings.append(f"{self.short}:{line}: {message} (allow_any_user = true)")
+        if other_ns and "unix:path" not in types:
+            raise self.fail(self.where.key(start, "other_mount_ns"),
+                            f"{what} ({name}): other_mount_ns applies to unix:path selectors, "
+                            f"and this rule has none")
+        return AgentRule(agent=name, selectors=sels, bundles=bundle_names,
+                         source=f"{self.short}:{start + 1}", allow_any_user=any_user,
+                         other_mount_ns=other_ns)
+
+    def check_gates(self, rule: AgentRule, baseline: Bundle | None,
+                    bundles: dict[str, Bundle], start: int, what: str) -> None:
+        """``sign``/``csr`` allowed under two different gates is refused as ambiguous."""
+        applicable = ([baseline] if baseline is not None else []) + [
+            bundles[b] for b in rule.bundles]
+        for kind in UNSCOPED_KINDS:
+            allowing = [b for b in applicable if kind in b.kinds]
+            gates = {(b.approval, b.rate) for b in allowing}
+            if len(gates) > 1:
+                desc = ", ".join(
+                    f"{b.name} ({'approval' if b.approval else 'no approval'}, "
+                    f"{'rate ' + str(b.rate) if b.rate else 'no rate'})" for b in allowing)
+                raise self.fail(
+                    self.where.key(start, "bundles"),
+                    f"{what} ({rule.agent}): kind {kind!r} is allowed by bundles with "
+                    f"different approval/rate: {desc}. {kind} requests carry no audience or "
+                    f"scope, so every one of them matches all these bundles; allow {kind} "
+                    f"in one of them only, or give them the same approval and rate")
 
     def agent_name(self, entry: dict[str, Any], key: str, start: int, what: str) -> str:
         name = entry.get(key)
@@ -226,8 +301,9 @@ class _Parser:
                     raise self.fail(self.where.key(start, "selectors"),
                                     f"{what} ({name}): same selectors as {earlier.agent!r} at "
                                     f"{earlier.source}; every such caller would be ambiguous")
-            rules.append(AgentRule(agent=name, selectors=sels, bundles=tuple(names),
-                                   source=f"{self.short}:{start + 1}"))
+            rule = self.rule(entry, name, sels, tuple(names), start, what)
+            self.check_gates(rule, baseline, bundles, start, what)
+            rules.append(rule)
         for idx, entry in enumerate(self._array(doc, "bind")):
             start = self.where.header(r"\[\[\s*bind\s*\]\]", idx)
             what = f"[[bind]] #{idx + 1}"
@@ -237,18 +313,22 @@ class _Parser:
                                 f"{what}: unknown key {unknown[0]!r}")
             name = self.agent_name(entry, "agent", start, what)
             sels = self.selectors(entry, start, f"{what} ({name})")
-            inline = {k: v for k, v in entry.items() if k not in ("agent", "selectors")}
+            inline = {k: v for k, v in entry.items()
+                      if k not in ("agent", "selectors", *_RULE_FLAGS)}
             bundle_name = f"bind.{name}.{start + 1}"
             bundles[bundle_name] = self.bundle(bundle_name, inline, start, allowed=_BUNDLE_KEYS)
-            rules.append(AgentRule(agent=name, selectors=sels, bundles=(bundle_name,),
-                                   source=f"{self.short}:{start + 1}"))
+            rule = self.rule(entry, name, sels, (bundle_name,), start, what)
+            self.check_gates(rule, baseline, bundles, start, what)
+            rules.append(rule)
         delegators: frozenset[str] = frozenset()
         dsource = ""
+        agents_may_delegate = False
         if "delegation" in doc:
             start = self.where.header(r"\[\s*delegation\s*\]")
             entry = doc["delegation"]
-            if not isinstance(entry, dict) or set(entry) - {"allow"}:
-                raise self.fail(start + 1, "[delegation] takes only allow = [selectors]")
+            if not isinstance(entry, dict) or set(entry) - {"allow", "agents_may_delegate"}:
+                raise self.fail(start + 1, "[delegation] takes only allow = [selectors] and "
+                                           "agents_may_delegate = true|false")
             try:
                 allow = _strings(entry, "allow", required=True)
                 for sel in allow:
@@ -257,8 +337,22 @@ class _Parser:
                 raise self.fail(self.where.key(start, "allow"), f"[delegation]: {exc}") from None
             delegators = frozenset(allow)
             dsource = f"{self.short}:{start + 1}"
+            agents_may_delegate = self.flag(entry, "agents_may_delegate", start, "[delegation]")
+        requester_may_approve = False
+        if "approval" in doc:
+            start = self.where.header(r"\[\s*approval\s*\]")
+            entry = doc["approval"]
+            if not isinstance(entry, dict) or set(entry) - {"requester_may_approve"}:
+                raise self.fail(start + 1,
+                                "[approval] takes only requester_may_approve = true|false")
+            requester_may_approve = self.flag(entry, "requester_may_approve", start, "[approval]")
+        for warning in self.warnings:
+            _logger.warning("policy loaded with a warning", extra={"warning": warning})
         return Policy(agents=tuple(rules), bundles=bundles, baseline=baseline,
-                      delegators=delegators, delegators_source=dsource, source=self.source)
+                      delegators=delegators, delegators_source=dsource, source=self.source,
+                      agents_may_delegate=agents_may_delegate,
+                      requester_may_approve=requester_may_approve,
+                      warnings=tuple(self.warnings))
 
     def _array(self, doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
         value = doc.get(key, [])

@@ -16,10 +16,22 @@ The model (docs/policy.example.toml):
 * A **delegation** lets an agent act for a user; the result never exceeds the
   intersection of the delegation and the agent's own bundles.
 
-A request is allowed when ONE bundle in effect allows all of it (kind,
-audience, every scope, TTL) and still has budget. Deny by default: no
-matching agent, no bundle, or an empty policy grants nothing. Every decision
-carries the rule that made it and a trace of why the others did not.
+A request is allowed when a bundle in effect allows all of it (kind,
+audience, every scope, TTL) and still has budget. When several bundles allow
+it, the **strictest** one decides (``strictest``: approval first, then the
+lowest rate): a bundle's ``approval`` or ``rate`` cannot be bypassed through
+another bundle -- the baseline, a step-up -- that happens to allow the same
+request. This matters most for ``sign`` and ``csr``, which carry no audience
+or scope, so every bundle with the kind allows every such request; the loader
+also refuses policies where an agent's own bundles (with the baseline) allow
+``sign``/``csr`` under different gates, since the author cannot have meant
+both. Deny by default: no matching agent, no bundle, or an empty policy
+grants nothing. Every decision carries the rule that made it and a trace of
+why the others did not.
+
+A caller that matches an agent rule is that agent, not a person: it may not
+create delegations (``delegation_refusal``) unless the policy says this is a
+single-user box (``[delegation] agents_may_delegate = true``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,21 @@ from dataclasses import dataclass, field
 # token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
 # attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs.
 KINDS = ("token", "sign", "assertion", "dpop", "csr")
+# Kinds without audience or scope: any bundle with the kind allows any such request.
+UNSCOPED_KINDS = ("sign", "csr")
+
+# Selectors that bind to *what runs* (binary, unit, container, cgroup,
+# ancestry) rather than to *who runs it*. Alone, any local user who can run
+# that binary -- or name a cgroup so -- would be the agent (issue 13), so the
+# loader wants one of USER_SELECTORS beside them unless a rule opts out.
+BINDING_SELECTORS = frozenset({"unix:path", "unix:sha256", "unix:parent_path",
+                               "unix:ancestor_path", "unix:cgroup", "systemd:unit",
+                               "container:id"})
+USER_SELECTORS = frozenset({"unix:uid", "unix:user", "unix:gid", "unix:group",
+                            "unix:supplementary_gid"})
+# What the attestor emits instead of unix:path for a caller in another mount
+# namespace (badged.attest.process.OTHER_NS_PATH); not nameable in a policy.
+OTHER_NS_PATH = "unix:path_other_mount_ns:"
 
 SELECTOR_TYPES: Mapping[str, tuple[str, ...]] = {
     "unix": ("uid", "gid", "user", "group", "supplementary_gid", "path", "sha256",
@@ -105,9 +132,25 @@ class AgentRule:
     selectors: frozenset[str]
     bundles: tuple[str, ...]
     source: str
+    # Loaded with a warning: binds by binary/unit/container without a user.
+    allow_any_user: bool = False
+    # unix:path also matches callers in another mount namespace (the daemon
+    # still requires the very file it finds at that path: same dev/inode).
+    other_mount_ns: bool = False
+    # The selectors with unix:path: spelled as the attestor spells it for a
+    # caller in another mount namespace; None unless other_mount_ns.
+    foreign: frozenset[str] | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.other_mount_ns:
+            object.__setattr__(self, "foreign", frozenset(
+                OTHER_NS_PATH + s[len("unix:path:"):] if s.startswith("unix:path:") else s
+                for s in self.selectors))
 
     def matches(self, caller: AbstractSet[str]) -> bool:
-        return self.selectors <= caller
+        if self.selectors <= caller:
+            return True
+        return self.foreign is not None and self.foreign <= caller
 
 
 @dataclass(frozen=True)
@@ -118,6 +161,13 @@ class Policy:
     delegators: frozenset[str] = frozenset()  # selectors; any one lets a user delegate
     delegators_source: str = ""
     source: str = "<empty>"
+    # Single-user dev box switches (both off unless the policy says so):
+    # a caller matching an agent rule may still delegate; the uid that
+    # requested an approval may approve it.
+    agents_may_delegate: bool = False
+    requester_may_approve: bool = False
+    # Loaded, but worth an operator's look (allow_any_user rules).
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def empty(cls) -> Policy:
@@ -182,6 +232,7 @@ class Decision:
     retry_after: float | None = None  # set when denied only for lack of budget
     delegation: Delegation | None = None
     trace: tuple[str, ...] = ()
+    grant: str | None = None  # the step-up grant whose bundle decided, if one did
 
     def explain(self) -> str:
         head = "ALLOW" if self.allowed else "DENY"
@@ -208,23 +259,51 @@ def missing_selectors(rule: AgentRule, caller: AbstractSet[str]) -> list[str]:
 def bundles_in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
                       now: float) -> list[tuple[Bundle, str]]:
     """(bundle, why it applies), in evaluation order: baseline, agent, step-ups."""
-    out: list[tuple[Bundle, str]] = []
+    return [(b, why) for b, why, _ in _in_effect(policy, rule, grants, now)]
+
+
+def _in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
+               now: float) -> list[tuple[Bundle, str, str | None]]:
+    out: list[tuple[Bundle, str, str | None]] = []
     if policy.baseline is not None:
-        out.append((policy.baseline, f"baseline ({policy.baseline.source})"))
+        out.append((policy.baseline, f"baseline ({policy.baseline.source})", None))
     for name in rule.bundles:
         b = policy.bundles.get(name)
         if b is not None:
-            out.append((b, f"bundle {name}"))
+            out.append((b, f"bundle {name}", None))
     for g in grants:
         if g.agent == rule.agent and g.active(now):
             b = policy.bundles.get(g.bundle)
             if b is not None:
-                out.append((b, f"step-up grant {g.id} until {int(g.expires_at)}"))
+                out.append((b, f"step-up grant {g.id} until {int(g.expires_at)}", g.id))
     return out
 
 
+def strictness(bundle: Bundle) -> tuple[int, int, float]:
+    """Sort key, strictest first: approval, then rate-limited, then the lowest rate."""
+    rate = bundle.rate
+    return (0 if bundle.approval else 1, 0 if rate is not None else 1,
+            rate.count / rate.window if rate is not None else 0.0)
+
+
+def delegation_refusal(policy: Policy, caller: AbstractSet[str]) -> str | None:
+    """Why this caller may not create a delegation (None: it may).
+
+    A delegation lets an agent act for a *person*; a process that is itself
+    an agent (matches any agent rule) creating one would mint ``sub=user
+    act=agent`` for itself without the person ever being asked.
+    """
+    if not policy.delegators & caller:
+        return "caller matches no [delegation] allow selector"
+    if not policy.agents_may_delegate:
+        agents = sorted({r.agent for r in policy.agents if r.matches(caller)})
+        if agents:
+            return f"caller matches agent rule(s) for {', '.join(agents)}: agents may not delegate"
+    return None
+
+
 def may_delegate(policy: Policy, caller: AbstractSet[str]) -> bool:
-    return bool(policy.delegators & caller)
+    return delegation_refusal(policy, caller) is None
 
 
 def evaluate(
@@ -280,9 +359,11 @@ def evaluate(
             return Decision(False, agent, f"delegation {delegation.id}",
                             f"scopes {outside} outside the delegation")
 
-    exhausted: list[float] = []
+    # Every bundle that allows the request, then the strictest of them
+    # decides: its approval and its budget apply, whatever else also allows.
+    allowing: list[tuple[Bundle, str, str | None, AgentRule, int]] = []
     for rule in matching:
-        for bundle, why in bundles_in_effect(policy, rule, grants, now):
+        for bundle, why, grant in _in_effect(policy, rule, grants, now):
             cap = bundle.max_ttl if max_ttl is None else min(bundle.max_ttl, max_ttl)
             ttl = request.ttl or min(default_ttl, cap)
             if delegation is not None:
@@ -291,18 +372,20 @@ def evaluate(
             if miss is not None:
                 trace.append(f"{why}: {miss}")
                 continue
-            wait = budget(agent, bundle) if bundle.rate is not None else None
-            if wait is not None:
-                trace.append(f"{why}: rate budget {bundle.rate} exhausted")
-                exhausted.append(wait)
-                continue
             trace.append(f"{why}: allows")
-            return Decision(True, agent, f"{rule.source} via {why}", "allowed", ttl,
-                            bundle=bundle.name, approval_required=bundle.approval,
-                            delegation=delegation, trace=tuple(trace))
-    if exhausted:
-        return Decision(False, agent, matching[0].source, "rate budget exhausted",
-                        retry_after=min(exhausted), trace=tuple(trace))
+            allowing.append((bundle, why, grant, rule, ttl))
+    if allowing:
+        bundle, why, grant, rule, ttl = min(allowing, key=lambda a: strictness(a[0]))
+        if len(allowing) > 1:
+            trace.append(f"{why}: strictest of {len(allowing)} allowing bundles, decides")
+        wait = budget(agent, bundle) if bundle.rate is not None else None
+        if wait is not None:
+            trace.append(f"{why}: rate budget {bundle.rate} exhausted")
+            return Decision(False, agent, rule.source, "rate budget exhausted",
+                            bundle=bundle.name, retry_after=wait, trace=tuple(trace))
+        return Decision(True, agent, f"{rule.source} via {why}", "allowed", ttl,
+                        bundle=bundle.name, approval_required=bundle.approval,
+                        delegation=delegation, trace=tuple(trace), grant=grant)
     if not trace:
         trace.append(f"{matching[0].source}: no bundle in effect")
     return Decision(False, agent, matching[0].source, "; ".join(trace), trace=tuple(trace))

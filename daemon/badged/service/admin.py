@@ -8,7 +8,7 @@ from typing import Any
 from badged.attest.process import ProcessAttributes
 from badged.errors import AttestationError, BadgedError, InvalidRequestError, NotFoundError
 from badged.identity.registry import check_agent_name
-from badged.listener.peers import PeerCredentials, proc_start_time
+from badged.listener.peers import PeerCredentials, exe_identity, proc_start_time
 from badged.policy.loader import parse_duration
 from badged.policy.model import KINDS, Grant, Request
 from badged.service import validate
@@ -197,7 +197,8 @@ def _attest_pid(deps: ServiceDeps, pid: int) -> ProcessAttributes:
     try:
         uid, gid = _effective_ids(pid)
         peer = PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd,
-                               start_time=proc_start_time(pid), channel="workload")
+                               start_time=proc_start_time(pid), channel="workload",
+                               exe=exe_identity(pid))
         return deps.attestor.attest(peer)
     except (OSError, AttestationError, BadgedError) as exc:
         raise NotFoundError(f"cannot attest pid {pid}: {exc}", public="cannot attest that process") from None
