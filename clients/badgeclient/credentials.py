@@ -111,6 +111,9 @@ class EnrollmentStatus:
     not_before: int
     not_after: int
     fingerprint_sha256: str
+    attestation: str = ""
+    permitted_agents: tuple[str, ...] = ()
+    any_agent: bool = True
 
 
 class CredentialClient(_Base):
@@ -161,7 +164,8 @@ class CredentialClient(_Base):
 
 def _status(r: enroll_pb2.EnrollmentStatus) -> EnrollmentStatus:
     return EnrollmentStatus(r.enrolled, r.device_id, r.spiffe_id, r.subject, r.issuer,
-                            r.not_before, r.not_after, r.fingerprint_sha256)
+                            r.not_before, r.not_after, r.fingerprint_sha256, r.attestation,
+                            tuple(r.permitted_agents), r.any_agent)
 
 
 class EnrollmentClient(_Base):
@@ -177,6 +181,12 @@ class EnrollmentClient(_Base):
         """The enrollment request file (JSON) for the operator's CA."""
         r = self._call(self._stub.RequestEnrollment, enroll_pb2.RequestEnrollmentRequest(nonce=nonce))
         return r.request_json
+
+    def activate(self, challenge_json: str) -> str:
+        """Answer the CA's credential-activation challenge with this device's TPM."""
+        r = self._call(self._stub.ActivateEnrollment,
+                       enroll_pb2.ActivateEnrollmentRequest(challenge_json=challenge_json))
+        return r.response_json
 
     def import_chain(self, chain_pem: str) -> EnrollmentStatus:
         return _status(self._call(self._stub.ImportDeviceCertificate,

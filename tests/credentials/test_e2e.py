@@ -298,7 +298,7 @@ def _enroll(d: RunningDaemon, ca_dir: Path, tmp: Path) -> Path:
     ctl("enroll", "enroll_group", "-o", str(req), "--nonce", "ca-nonce-1", env=env)
     chain = tmp / "chain.pem"
     signed = ctl("ca", "ca_group", "sign", str(req), "--dir", str(ca_dir), "-o", str(chain),
-                 "--trust-domain", "example.org", env=env)
+                 "--trust-domain", "example.org", "--agents-from-request", env=env)
     assert "device" in signed.stdout
     ctl("enroll", "enroll_group", "import", str(chain), env=env)
     return ca_dir / "root.pem"
@@ -484,19 +484,21 @@ def test_ca_refuses_forged_requests_and_daemon_refuses_foreign_chains(
         req = tmp_path / f"{reason}.json"
         req.write_text(json.dumps(body))
         r = ctl("ca", "ca_group", "sign", str(req), "--dir", str(ca_dir), "-o",
-                str(tmp_path / "x.pem"), env=env, check=False)
+                str(tmp_path / "x.pem"), "--agent", AGENT, env=env, check=False)
         assert r.returncode == 1 and f"refused: {reason}" in r.stderr, (reason, r.stderr)
     wrong_td = tmp_path / "ok.json"
     wrong_td.write_text(json.dumps(doc))
     r = ctl("ca", "ca_group", "sign", str(wrong_td), "--dir", str(ca_dir), "-o",
-            str(tmp_path / "x.pem"), "--trust-domain", "other.org", env=env, check=False)
+            str(tmp_path / "x.pem"), "--trust-domain", "other.org", "--agent", AGENT, env=env,
+            check=False)
     assert r.returncode == 1 and "trust_domain" in r.stderr
     # the daemon refuses a chain issued for another key
     other_chain = tmp_path / "other-chain.pem"
     stolen = {**doc, "csr": doc["csr"]}
     ok = tmp_path / "ok2.json"
     ok.write_text(json.dumps(stolen))
-    ctl("ca", "ca_group", "sign", str(ok), "--dir", str(ca_dir), "-o", str(other_chain), env=env)
+    ctl("ca", "ca_group", "sign", str(ok), "--dir", str(ca_dir), "-o", str(other_chain),
+        "--agents-from-request", env=env)
     real_chain = other_chain.read_text()
     root_pem = (ca_dir / "root.pem").read_text()
     with EnrollmentClient(cred_daemon.admin) as e:

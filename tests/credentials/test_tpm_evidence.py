@@ -78,10 +78,12 @@ def test_tpm_certify_in_evidence(tpm_store: Any) -> None:
 
 def test_ca_requires_tpm_evidence_chained_to_the_ek_ca(tpm_store: Any, swtpm_instance: Any) -> None:
     """`badgectl ca sign --ek-ca`: a TPM-held device key whose EK chains to the
-    pinned manufacturer key is accepted; PKCS#11 evidence and other EK CAs are not."""
+    pinned manufacturer key, certified by the activated AK, is accepted; PKCS#11
+    evidence, other EK CAs and unactivated AKs are not."""
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from badged.core.tpm_evidence import tpm_name
     from badged.enroll.ca import RequestRejected, check_request
     from badged.enroll.device import enrollment_request
 
@@ -97,7 +99,21 @@ def test_ca_requires_tpm_evidence_chained_to_the_ek_ca(tpm_store: Any, swtpm_ins
 
     issuer = x509.load_pem_x509_certificate(swtpm_instance.provisioned.issuer_cert.read_bytes())
     tpm_req = request(tpm_store, dev, "badged/device/v1")
-    _, td, _ = check_request(tpm_req, now=NOW, ek_ca_keys=[issuer.public_key()])
+    # genuine TPM evidence still needs its AK activated (test_tpm_activation.py) ...
+    with pytest.raises(RequestRejected) as unactivated:
+        check_request(tpm_req, now=NOW, ek_ca_keys=[issuer.public_key()])
+    assert unactivated.value.reason == "activation_required"
+    ak_name = tpm_name(tpm_store.ak_public())
+    with pytest.raises(RequestRejected) as unpinned:
+        check_request(tpm_req, now=NOW, activated_ak_names=[ak_name])
+    assert unpinned.value.reason == "ek_ca_required"
+    # ... by this TPM's AK, not another
+    with pytest.raises(RequestRejected) as other_ak:
+        check_request(tpm_req, now=NOW, ek_ca_keys=[issuer.public_key()],
+                      activated_ak_names=[b"\x00\x0b" + b"\x00" * 32])
+    assert other_ak.value.reason == "evidence_tpm_certify_invalid"
+    _, td, _ = check_request(tpm_req, now=NOW, ek_ca_keys=[issuer.public_key()],
+                             activated_ak_names=[ak_name])
     assert td == "example.org"
     wrong_ca = ec.generate_private_key(ec.SECP256R1()).public_key()
     with pytest.raises(RequestRejected) as other:

@@ -1,19 +1,29 @@
-"""``badgectl ca init|sign``: a small operator CA for labs and tests.
+"""``badgectl ca init|challenge|sign|revoke|crl``: a small operator CA for labs and tests.
 
 Its key is generated in a SoftHSM token of its own under ``--dir``; it
 checks each enrollment request's CSR signature and key evidence before
 signing. Offline: it never talks to a daemon. Production uses the
 organization's CA with the same request files.
 
+A TPM device is enrolled in two rounds (credential activation ties its AK
+to the EK certificate, see docs/credentials.md)::
+
+    badgectl ca challenge req.json --dir CA --ek-ca ek-ca.pem -o chal.json
+    # on the device: badgectl enroll activate chal.json -o resp.json
+    badgectl ca sign req.json --dir CA --ek-ca ek-ca.pem --response resp.json \\
+        --agent build-bot -o chain.pem
+
 Exit codes: 0 ok, 1 request refused (reason printed), 2 usage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,11 +31,40 @@ _logger = logging.getLogger(__name__)
 
 dir_option = click.option("--dir", "ca_dir", type=click.Path(path_type=Path, file_okay=False),
                           required=True, help="CA directory (its token, root.pem).")
+ek_ca_option = click.option(
+    "--ek-ca", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+    help="TPM manufacturer CA certificate(s), PEM: require TPM evidence whose EK certificate "
+         "chains to one of them (and credential activation of its AK).")
+trust_domain_option = click.option("--trust-domain", "trust_domains", multiple=True,
+                                   help="Only accept these trust domains (repeatable; default any).")
 
 
 @click.group("ca")
 def ca_group() -> None:
-    """Operator CA: create it, sign device enrollment requests."""
+    """Operator CA: create it, challenge and sign device enrollment requests, revoke."""
+
+
+def _ek_ca_keys(ek_ca: Path | None) -> list[Any] | None:
+    from cryptography import x509
+
+    if ek_ca is None:
+        return None
+    try:
+        return [c.public_key() for c in x509.load_pem_x509_certificates(ek_ca.read_bytes())]
+    except ValueError:
+        click.echo(f"badgectl: {ek_ca}: not PEM certificates", err=True)
+        sys.exit(2)
+
+
+def _open(ca_dir: Path) -> Any:
+    from badged.enroll.ca import OperatorCA
+    from badged.errors import BadgedError
+
+    try:
+        return OperatorCA.open(ca_dir)
+    except BadgedError as exc:
+        click.echo(f"badgectl: {exc}", err=True)
+        sys.exit(2)
 
 
 @ca_group.command("init")
@@ -46,42 +85,139 @@ def ca_init(ca_dir: Path, name: str, days: int) -> None:
     click.echo(str(ca_dir / "root.pem"))
 
 
+@ca_group.command("challenge")
+@click.argument("request", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@dir_option
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Challenge to carry to the device (badgectl enroll activate).")
+@ek_ca_option
+@trust_domain_option
+def ca_challenge(request: Path, ca_dir: Path, out: Path, ek_ca: Path | None,
+                 trust_domains: tuple[str, ...]) -> None:
+    """Verify a TPM REQUEST and challenge its AK (TPM2_MakeCredential to the EK)."""
+    from badged.enroll.ca import RequestRejected
+
+    ek_ca_keys = _ek_ca_keys(ek_ca)
+    ca = _open(ca_dir)
+    try:
+        doc = ca.challenge(request.read_bytes(), now=time.time(),
+                           trust_domains=frozenset(trust_domains), ek_ca_keys=ek_ca_keys)
+    except RequestRejected as exc:
+        click.echo(f"badgectl: refused: {exc.reason}: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        ca.close()
+    out.write_text(json.dumps(doc, indent=2))
+    click.echo(f"{out}: challenge for device {doc['device_id']}; on the device run "
+               f"badgectl enroll activate {out}")
+
+
 @ca_group.command("sign")
 @click.argument("request", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @dir_option
 @click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Chain to give back to the device (device cert, then root).")
 @click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True)
-@click.option("--trust-domain", "trust_domains", multiple=True,
-              help="Only sign for these trust domains (repeatable; default any).")
-@click.option("--ek-ca", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              default=None, help="TPM manufacturer CA certificate(s), PEM: require TPM evidence "
-                                 "whose EK certificate chains to one of them.")
-def ca_sign(request: Path, ca_dir: Path, out: Path, days: int,
-            trust_domains: tuple[str, ...], ek_ca: Path | None) -> None:
-    """Verify REQUEST (CSR signature, key evidence, identity) and issue the device chain."""
-    from cryptography import x509
-
+@trust_domain_option
+@ek_ca_option
+@click.option("--response", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="The device's answer to `badgectl ca challenge` (TPM devices).")
+@click.option("--agent", "agents", multiple=True,
+              help="An agent the device may vouch for (repeatable): its certificate's name "
+                   "constraints permit exactly these.")
+@click.option("--agents-from-request", is_flag=True,
+              help="Permit the agents the request lists (printed; review them).")
+def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tuple[str, ...],
+            ek_ca: Path | None, response: Path | None, agents: tuple[str, ...],
+            agents_from_request: bool) -> None:
+    """Verify REQUEST (CSR signature, key evidence, activation, identity) and issue the chain."""
     from badged.core.x509 import to_pem
-    from badged.enroll.ca import OperatorCA, RequestRejected
-    from badged.errors import BadgedError
+    from badged.enroll.ca import RequestRejected
+    from badged.errors import InvalidRequestError
 
-    ek_ca_keys = None
-    if ek_ca is not None:
-        ek_ca_keys = [c.public_key() for c in x509.load_pem_x509_certificates(ek_ca.read_bytes())]
-    try:
-        ca = OperatorCA.open(ca_dir)
-    except BadgedError as exc:
-        click.echo(f"badgectl: {exc}", err=True)
+    raw = request.read_bytes()
+    permitted = list(agents)
+    if agents_from_request:
+        try:
+            listed = json.loads(raw).get("agents", [])
+        except (ValueError, AttributeError):
+            listed = []
+        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+            click.echo("badgectl: the request's agent list is malformed", err=True)
+            sys.exit(1)
+        permitted += listed
+    if not permitted:
+        click.echo("badgectl: name the agents this device may vouch for: --agent NAME "
+                   "(repeatable) or --agents-from-request", err=True)
         sys.exit(2)
+    ek_ca_keys = _ek_ca_keys(ek_ca)
+    ca = _open(ca_dir)
     try:
-        chain = ca.sign_request(request.read_bytes(), days=days, now=time.time(),
-                                trust_domains=frozenset(trust_domains), ek_ca_keys=ek_ca_keys)
+        chain = ca.sign_request(raw, days=days, now=time.time(),
+                                trust_domains=frozenset(trust_domains), ek_ca_keys=ek_ca_keys,
+                                response=response.read_bytes() if response else None,
+                                agents=sorted(set(permitted)))
     except RequestRejected as exc:
-        click.echo(f"badgectl: refused: {exc.reason}", err=True)
+        click.echo(f"badgectl: refused: {exc.reason}: {exc}", err=True)
+        sys.exit(1)
+    except InvalidRequestError as exc:
+        click.echo(f"badgectl: refused: {exc}", err=True)
         sys.exit(1)
     finally:
         ca.close()
     out.write_text("".join(to_pem(c) for c in chain))
     click.echo(f"{out}: device {chain[0].subject.rfc4514_string()} "
-               f"serial {chain[0].serial_number:x} until {chain[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+               f"serial {chain[0].serial_number:x} until {chain[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+               f"; may vouch for: {', '.join(sorted(set(permitted)))}")
+
+
+@ca_group.command("revoke")
+@dir_option
+@click.option("--serial", default=None, help="Device certificate serial (hex).")
+@click.option("--device", "device_id", default=None, help="Every certificate of this device id.")
+@click.option("--cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="The device certificate (PEM; the first one in the file).")
+def ca_revoke(ca_dir: Path, serial: str | None, device_id: str | None, cert: Path | None) -> None:
+    """Revoke a device certificate; its agents' certificates fall with it (publish `ca crl`)."""
+    from cryptography import x509
+
+    from badged.errors import NotFoundError
+
+    number: int | None = None
+    if cert is not None:
+        number = x509.load_pem_x509_certificates(cert.read_bytes())[0].serial_number
+    elif serial is not None:
+        try:
+            number = int(serial.replace(":", ""), 16)
+        except ValueError:
+            click.echo("badgectl: --serial must be hex", err=True)
+            sys.exit(2)
+    if number is None and device_id is None:
+        click.echo("badgectl: name --serial, --cert or --device", err=True)
+        sys.exit(2)
+    ca = _open(ca_dir)
+    try:
+        revoked = ca.revoke(now=time.time(), serial=number, device_id=device_id)
+    except NotFoundError as exc:
+        click.echo(f"badgectl: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        ca.close()
+    click.echo("revoked " + ", ".join(f"{s:x}" for s in revoked) + "; publish a new CRL "
+               "(badgectl ca crl)")
+
+
+@ca_group.command("crl")
+@dir_option
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True)
+def ca_crl(ca_dir: Path, out: Path) -> None:
+    """Write the CA's CRL (revoked device certificates), PEM, valid for a week."""
+    from badged.core.x509 import to_pem
+
+    ca = _open(ca_dir)
+    try:
+        crl = ca.crl(now=time.time())
+    finally:
+        ca.close()
+    out.write_text(to_pem(crl))
+    click.echo(f"{out}: {len(list(crl))} revoked device certificate(s)")

@@ -1,9 +1,16 @@
 """``badgectl enroll``: get the device a certificate from the operator's CA.
 
-    badgectl enroll -o device.req.json           # CSR + evidence, for the CA
-    badgectl ca sign device.req.json -o chain.pem --dir CA   # at the CA
-    badgectl enroll import chain.pem             # install the device chain
+    badgectl enroll -o device.req.json                    # CSR + evidence, for the CA
+    badgectl ca sign device.req.json -o chain.pem --dir CA --agent NAME   # at the CA
+    badgectl enroll import chain.pem                      # install the device chain
     badgectl enroll status
+
+A TPM device answers a credential-activation challenge in between, which
+ties its attestation key to its EK certificate::
+
+    badgectl ca challenge device.req.json --dir CA --ek-ca ek-ca.pem -o chal.json
+    badgectl enroll activate chal.json -o resp.json       # on the device
+    badgectl ca sign device.req.json --dir CA --ek-ca ek-ca.pem --response resp.json ...
 """
 
 from __future__ import annotations
@@ -39,8 +46,25 @@ def enroll_group(ctx: click.Context, out: Path, nonce: str, admin_socket: str | 
         request = c.request(nonce)
     out.write_text(request)
     device = json.loads(request)["device_id"]
-    click.echo(f"wrote {out} for device {device}; take it to the CA "
-               f"(badgectl ca sign {out} -o chain.pem)")
+    click.echo(f"wrote {out} for device {device}; take it to the CA (badgectl ca sign {out} "
+               f"-o chain.pem; a TPM device first: badgectl ca challenge {out})")
+
+
+@enroll_group.command("activate")
+@click.argument("challenge", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("device-activation.json"), show_default=True,
+              help="Where to write the response for the CA.")
+@admin_socket_option
+@click.pass_context
+def enroll_activate(ctx: click.Context, challenge: Path, out: Path,
+                    admin_socket: str | None) -> None:
+    """Answer the CA's CHALLENGE with this device's TPM (TPM2_ActivateCredential)."""
+    with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
+        response = c.activate(challenge.read_text())
+    out.write_text(response)
+    click.echo(f"wrote {out}; take it back to the CA with the request "
+               f"(badgectl ca sign REQUEST --response {out} ...)")
 
 
 @enroll_group.command("import")
@@ -58,7 +82,7 @@ def enroll_import(ctx: click.Context, chain: Path, admin_socket: str | None) -> 
 @admin_socket_option
 @click.pass_context
 def enroll_status(ctx: click.Context, admin_socket: str | None) -> None:
-    """Is the device enrolled, by whom, until when."""
+    """Is the device enrolled, by whom, until when, for which agents."""
     with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
         status = c.status()
     click.echo(json.dumps(asdict(status), indent=2, sort_keys=True))

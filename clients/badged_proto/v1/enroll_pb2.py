@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61\x64ged_proto/v1/enroll.proto\x12\tbadged.v1\")\n\x18RequestEnrollmentRequest\x12\r\n\x05nonce\x18\x01 \x01(\t\"D\n\x19RequestEnrollmentResponse\x12\x14\n\x0crequest_json\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\"3\n\x1eImportDeviceCertificateRequest\x12\x11\n\tchain_pem\x18\x01 \x01(\t\"\x1c\n\x1aGetEnrollmentStatusRequest\"\xae\x01\n\x10\x45nrollmentStatus\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\x08\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x12\n\nnot_before\x18\x06 \x01(\x03\x12\x11\n\tnot_after\x18\x07 \x01(\x03\x12\x1a\n\x12\x66ingerprint_sha256\x18\x08 \x01(\t2\xb1\x02\n\x11\x45nrollmentService\x12^\n\x11RequestEnrollment\x12#.badged.v1.RequestEnrollmentRequest\x1a$.badged.v1.RequestEnrollmentResponse\x12\x61\n\x17ImportDeviceCertificate\x12).badged.v1.ImportDeviceCertificateRequest\x1a\x1b.badged.v1.EnrollmentStatus\x12Y\n\x13GetEnrollmentStatus\x12%.badged.v1.GetEnrollmentStatusRequest\x1a\x1b.badged.v1.EnrollmentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61\x64ged_proto/v1/enroll.proto\x12\tbadged.v1\")\n\x18RequestEnrollmentRequest\x12\r\n\x05nonce\x18\x01 \x01(\t\"D\n\x19RequestEnrollmentResponse\x12\x14\n\x0crequest_json\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\"3\n\x19\x41\x63tivateEnrollmentRequest\x12\x16\n\x0e\x63hallenge_json\x18\x01 \x01(\t\"3\n\x1a\x41\x63tivateEnrollmentResponse\x12\x15\n\rresponse_json\x18\x01 \x01(\t\"3\n\x1eImportDeviceCertificateRequest\x12\x11\n\tchain_pem\x18\x01 \x01(\t\"\x1c\n\x1aGetEnrollmentStatusRequest\"\xf0\x01\n\x10\x45nrollmentStatus\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\x08\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x12\n\nnot_before\x18\x06 \x01(\x03\x12\x11\n\tnot_after\x18\x07 \x01(\x03\x12\x1a\n\x12\x66ingerprint_sha256\x18\x08 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\t \x01(\t\x12\x18\n\x10permitted_agents\x18\n \x03(\t\x12\x11\n\tany_agent\x18\x0b \x01(\x08\x32\x94\x03\n\x11\x45nrollmentService\x12^\n\x11RequestEnrollment\x12#.badged.v1.RequestEnrollmentRequest\x1a$.badged.v1.RequestEnrollmentResponse\x12\x61\n\x12\x41\x63tivateEnrollment\x12$.badged.v1.ActivateEnrollmentRequest\x1a%.badged.v1.ActivateEnrollmentResponse\x12\x61\n\x17ImportDeviceCertificate\x12).badged.v1.ImportDeviceCertificateRequest\x1a\x1b.badged.v1.EnrollmentStatus\x12Y\n\x13GetEnrollmentStatus\x12%.badged.v1.GetEnrollmentStatusRequest\x1a\x1b.badged.v1.EnrollmentStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTENROLLMENTREQUEST']._serialized_end=84
   _globals['_REQUESTENROLLMENTRESPONSE']._serialized_start=86
   _globals['_REQUESTENROLLMENTRESPONSE']._serialized_end=154
-  _globals['_IMPORTDEVICECERTIFICATEREQUEST']._serialized_start=156
-  _globals['_IMPORTDEVICECERTIFICATEREQUEST']._serialized_end=207
-  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_start=209
-  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_end=237
-  _globals['_ENROLLMENTSTATUS']._serialized_start=240
-  _globals['_ENROLLMENTSTATUS']._serialized_end=414
-  _globals['_ENROLLMENTSERVICE']._serialized_start=417
-  _globals['_ENROLLMENTSERVICE']._serialized_end=722
+  _globals['_ACTIVATEENROLLMENTREQUEST']._serialized_start=156
+  _globals['_ACTIVATEENROLLMENTREQUEST']._serialized_end=207
+  _globals['_ACTIVATEENROLLMENTRESPONSE']._serialized_start=209
+  _globals['_ACTIVATEENROLLMENTRESPONSE']._serialized_end=260
+  _globals['_IMPORTDEVICECERTIFICATEREQUEST']._serialized_start=262
+  _globals['_IMPORTDEVICECERTIFICATEREQUEST']._serialized_end=313
+  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_start=315
+  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_end=343
+  _globals['_ENROLLMENTSTATUS']._serialized_start=346
+  _globals['_ENROLLMENTSTATUS']._serialized_end=586
+  _globals['_ENROLLMENTSERVICE']._serialized_start=589
+  _globals['_ENROLLMENTSERVICE']._serialized_end=993
 # @@protoc_insertion_point(module_scope)

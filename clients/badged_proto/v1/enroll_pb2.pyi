@@ -6,8 +6,10 @@ in the token; enrollment gets it a CA certificate from the operator's CA so
 that every agent certificate the device issues chains to the org's root.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -62,6 +64,46 @@ class RequestEnrollmentResponse(_message.Message):
 Global___RequestEnrollmentResponse: _TypeAlias = RequestEnrollmentResponse  # noqa: Y015
 
 @_typing.final
+class ActivateEnrollmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_JSON_FIELD_NUMBER: _builtins.int
+    challenge_json: _builtins.str
+    """The badged-enrollment-challenge/v1 document from `badgectl ca challenge`."""
+    def __init__(
+        self,
+        *,
+        challenge_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_json", b"challenge_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateEnrollmentRequest: _TypeAlias = ActivateEnrollmentRequest  # noqa: Y015
+
+@_typing.final
+class ActivateEnrollmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_JSON_FIELD_NUMBER: _builtins.int
+    response_json: _builtins.str
+    """The badged-enrollment-response/v1 document for `badgectl ca sign --response`."""
+    def __init__(
+        self,
+        *,
+        response_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_json", b"response_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateEnrollmentResponse: _TypeAlias = ActivateEnrollmentResponse  # noqa: Y015
+
+@_typing.final
 class ImportDeviceCertificateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -107,6 +149,9 @@ class EnrollmentStatus(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     FINGERPRINT_SHA256_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
+    PERMITTED_AGENTS_FIELD_NUMBER: _builtins.int
+    ANY_AGENT_FIELD_NUMBER: _builtins.int
     enrolled: _builtins.bool
     device_id: _builtins.str
     spiffe_id: _builtins.str
@@ -115,6 +160,17 @@ class EnrollmentStatus(_message.Message):
     not_before: _builtins.int
     not_after: _builtins.int
     fingerprint_sha256: _builtins.str
+    attestation: _builtins.str
+    """What the CA verified about the device key (the certificate's attestation
+    statement: "tpm2-activated-ak" or "token-statement"), empty if none.
+    """
+    any_agent: _builtins.bool
+    @_builtins.property
+    def permitted_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents this device may vouch for (its name constraints); empty with
+        any_agent = true for an unconstrained device certificate.
+        """
+
     def __init__(
         self,
         *,
@@ -126,10 +182,13 @@ class EnrollmentStatus(_message.Message):
         not_before: _builtins.int = ...,
         not_after: _builtins.int = ...,
         fingerprint_sha256: _builtins.str = ...,
+        attestation: _builtins.str = ...,
+        permitted_agents: _abc.Iterable[_builtins.str] | None = ...,
+        any_agent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "enrolled", b"enrolled", "fingerprint_sha256", b"fingerprint_sha256", "issuer", b"issuer", "not_after", b"not_after", "not_before", b"not_before", "spiffe_id", b"spiffe_id", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_agent", b"any_agent", "attestation", b"attestation", "device_id", b"device_id", "enrolled", b"enrolled", "fingerprint_sha256", b"fingerprint_sha256", "issuer", b"issuer", "not_after", b"not_after", "not_before", b"not_before", "permitted_agents", b"permitted_agents", "spiffe_id", b"spiffe_id", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

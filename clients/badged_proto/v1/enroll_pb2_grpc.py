@@ -39,6 +39,11 @@ class EnrollmentServiceStub:
                 request_serializer=badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentRequest.SerializeToString,
                 response_deserializer=badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentResponse.FromString,
                 _registered_method=True)
+        self.ActivateEnrollment = channel.unary_unary(
+                '/badged.v1.EnrollmentService/ActivateEnrollment',
+                request_serializer=badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentResponse.FromString,
+                _registered_method=True)
         self.ImportDeviceCertificate = channel.unary_unary(
                 '/badged.v1.EnrollmentService/ImportDeviceCertificate',
                 request_serializer=badged__proto_dot_v1_dot_enroll__pb2.ImportDeviceCertificateRequest.SerializeToString,
@@ -57,6 +62,15 @@ class EnrollmentServiceServicer:
     def RequestEnrollment(self, request, context):
         """A PKCS#10 CSR signed by the device key with the key's attestation
         evidence attached, wrapped in one JSON file for the operator's CA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateEnrollment(self, request, context):
+        """TPM devices: answer the CA's credential-activation challenge (made with
+        TPM2_MakeCredential for this TPM's EK and AK Name) with TPM2_ActivateCredential.
+        The response JSON goes back to the CA with the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +96,11 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.RequestEnrollment,
                     request_deserializer=badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentRequest.FromString,
                     response_serializer=badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentResponse.SerializeToString,
+            ),
+            'ActivateEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateEnrollment,
+                    request_deserializer=badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentResponse.SerializeToString,
             ),
             'ImportDeviceCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportDeviceCertificate,
@@ -121,6 +140,33 @@ class EnrollmentService:
             '/badged.v1.EnrollmentService/RequestEnrollment',
             badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentRequest.SerializeToString,
             badged__proto_dot_v1_dot_enroll__pb2.RequestEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.EnrollmentService/ActivateEnrollment',
+            badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentRequest.SerializeToString,
+            badged__proto_dot_v1_dot_enroll__pb2.ActivateEnrollmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,11 @@ class EnrollmentServiceStub:
     """A PKCS#10 CSR signed by the device key with the key's attestation
     evidence attached, wrapped in one JSON file for the operator's CA.
     """
+    ActivateEnrollment: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.ActivateEnrollmentRequest, _enroll_pb2.ActivateEnrollmentResponse]
+    """TPM devices: answer the CA's credential-activation challenge (made with
+    TPM2_MakeCredential for this TPM's EK and AK Name) with TPM2_ActivateCredential.
+    The response JSON goes back to the CA with the request.
+    """
     ImportDeviceCertificate: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.ImportDeviceCertificateRequest, _enroll_pb2.EnrollmentStatus]
     """Install the issued device certificate chain (PEM, device cert first)."""
     GetEnrollmentStatus: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.GetEnrollmentStatusRequest, _enroll_pb2.EnrollmentStatus]
@@ -48,6 +53,11 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     RequestEnrollment: _aio.UnaryUnaryMultiCallable[_enroll_pb2.RequestEnrollmentRequest, _enroll_pb2.RequestEnrollmentResponse]  # type: ignore[assignment]
     """A PKCS#10 CSR signed by the device key with the key's attestation
     evidence attached, wrapped in one JSON file for the operator's CA.
+    """
+    ActivateEnrollment: _aio.UnaryUnaryMultiCallable[_enroll_pb2.ActivateEnrollmentRequest, _enroll_pb2.ActivateEnrollmentResponse]  # type: ignore[assignment]
+    """TPM devices: answer the CA's credential-activation challenge (made with
+    TPM2_MakeCredential for this TPM's EK and AK Name) with TPM2_ActivateCredential.
+    The response JSON goes back to the CA with the request.
     """
     ImportDeviceCertificate: _aio.UnaryUnaryMultiCallable[_enroll_pb2.ImportDeviceCertificateRequest, _enroll_pb2.EnrollmentStatus]  # type: ignore[assignment]
     """Install the issued device certificate chain (PEM, device cert first)."""
@@ -62,6 +72,17 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enroll_pb2.RequestEnrollmentResponse, _abc.Awaitable[_enroll_pb2.RequestEnrollmentResponse]]:
         """A PKCS#10 CSR signed by the device key with the key's attestation
         evidence attached, wrapped in one JSON file for the operator's CA.
+        """
+
+    @_abc_1.abstractmethod
+    def ActivateEnrollment(
+        self,
+        request: _enroll_pb2.ActivateEnrollmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.ActivateEnrollmentResponse, _abc.Awaitable[_enroll_pb2.ActivateEnrollmentResponse]]:
+        """TPM devices: answer the CA's credential-activation challenge (made with
+        TPM2_MakeCredential for this TPM's EK and AK Name) with TPM2_ActivateCredential.
+        The response JSON goes back to the CA with the request.
         """
 
     @_abc_1.abstractmethod

@@ -45,6 +45,11 @@ _logger = logging.getLogger(__name__)
 # the CSR extension that carries badged's key-attestation evidence (a JWS
 # signed by the device key, see badged.core.evidence).
 EVIDENCE_OID = x509.ObjectIdentifier("2.25.223010867497063926016584361466012431651")
+# Device-certificate extension: what the CA verified about the device key
+# before signing (canonical JSON, see badged.enroll.ca.attestation_statement),
+# e.g. a TPM whose AK was activated against its EK, and that AK's Name.
+DEVICE_ATTESTATION_OID = x509.ObjectIdentifier("2.25.54195680950305630700219462399422570192")
+AGENT_ORG = "badged agent"
 # Agent certificates are backdated a little so a relying party whose clock
 # is slightly behind does not see a not-yet-valid certificate.
 BACKDATE_SECONDS = 60
@@ -194,19 +199,77 @@ def root_certificate(key: KeyHandle, *, name: str, now: float, days: int,
     )
 
 
+def agent_subject(agent: str) -> x509.Name:
+    """The subject of an agent certificate; also the name-constraint base
+    (one encoding for both, so openssl's prefix match is exact)."""
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, AGENT_ORG),
+                      x509.NameAttribute(NameOID.COMMON_NAME, agent)])
+
+
+def agent_name_constraints(agents: Sequence[str]) -> x509.NameConstraints:
+    """Permit exactly these agents' subjects below a device certificate."""
+    if not agents:
+        raise ValueError("a constrained device certificate names at least one agent")
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.DirectoryName(agent_subject(a)) for a in sorted(set(agents))],
+        excluded_subtrees=None)
+
+
+def permitted_agents(device_cert: x509.Certificate) -> frozenset[str] | None:
+    """The agent names a device certificate may vouch for; None = unconstrained.
+
+    A name-constraints extension that is not of badged's shape permits
+    nothing here (fail closed): only ``O=badged agent, CN=<name>`` bases count.
+    """
+    try:
+        nc = device_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    out: set[str] = set()
+    for sub in nc.permitted_subtrees or ():
+        if not isinstance(sub, x509.DirectoryName):
+            continue
+        rdns = list(sub.value.rdns)
+        if len(rdns) != 2 or len(rdns[0]) != 1 or len(rdns[1]) != 1:
+            continue
+        o, cn = next(iter(rdns[0])), next(iter(rdns[1]))
+        if o.oid == NameOID.ORGANIZATION_NAME and o.value == AGENT_ORG \
+                and cn.oid == NameOID.COMMON_NAME and isinstance(cn.value, str):
+            out.add(cn.value)
+    return frozenset(out)
+
+
+def device_attestation(device_cert: x509.Certificate) -> bytes | None:
+    """The CA's attestation statement in a device certificate, if any."""
+    try:
+        ext = device_cert.extensions.get_extension_for_oid(DEVICE_ATTESTATION_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    return value.value if isinstance(value, x509.UnrecognizedExtension) else None
+
+
 def device_certificate(*, ca_key: KeyHandle, ca_cert: x509.Certificate,
                        device_public: ec.EllipticCurvePublicKey, device_id: str,
-                       trust_domain: str, now: float, days: int, serial: int) -> x509.Certificate:
+                       trust_domain: str, now: float, days: int, serial: int,
+                       agents: Sequence[str] | None = None,
+                       attestation: bytes | None = None) -> x509.Certificate:
     """The device's CA certificate, issued by the operator CA.
 
     ``pathlen 0``: the device issues agent leaves only. Its SAN names the
-    trust domain it serves; there is deliberately no URI name constraint,
-    because common path validators (cryptography's, rustls-webpki) reject
-    chains carrying one -- badgeclient.verify instead requires the agent's
-    trust domain to equal the device's.
+    trust domain it serves. There is no URI name constraint: openssl matches
+    URI constraints on the host only (the trust domain, not the agent path)
+    and common path validators (cryptography's, rustls-webpki) reject chains
+    carrying one. ``agents``: the agents this device may vouch for, as
+    directoryName constraints on the agent subject (``O=badged agent,
+    CN=<name>``), which openssl enforces; *non-critical*, because
+    cryptography's validator refuses a critical directoryName constraint --
+    badgeclient.verify checks the same rule itself (RFC 5280 asks for
+    critical; the trade-off is in docs/credentials.md). ``attestation``: what
+    the CA verified about the device key (DEVICE_ATTESTATION_OID).
     """
     not_after = min(now + days * 86400, ca_cert.not_valid_after_utc.timestamp())
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "badged device"),
                                  x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
@@ -225,8 +288,13 @@ def device_certificate(*, ca_key: KeyHandle, ca_cert: x509.Certificate,
             critical=False)
         .add_extension(_ski(device_public), critical=False)
         .add_extension(_aki(ca_cert), critical=False)
-        .sign(HandlePrivateKey(ca_key), hashes.SHA256())
     )
+    if agents is not None:
+        builder = builder.add_extension(agent_name_constraints(agents), critical=False)
+    if attestation is not None:
+        builder = builder.add_extension(x509.UnrecognizedExtension(DEVICE_ATTESTATION_OID,
+                                                                   attestation), critical=False)
+    return builder.sign(HandlePrivateKey(ca_key), hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -253,8 +321,7 @@ def agent_certificate(*, device_key: KeyHandle, device_cert: x509.Certificate,
     not_after = min(now + request.ttl_seconds, device_end)
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "badged agent"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, request.agent)]))
+        .subject_name(agent_subject(request.agent))
         .issuer_name(device_cert.subject)
         .public_key(request.public_key)
         .serial_number(request.serial)

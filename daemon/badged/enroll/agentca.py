@@ -26,10 +26,11 @@ from badged.core.x509 import (
     RevokedSerial,
     agent_certificate,
     agent_crl,
+    permitted_agents,
     to_pem,
 )
 from badged.enroll.store import EnrollmentStore, IssuedCert
-from badged.errors import BadgedError
+from badged.errors import BadgedError, FailedPreconditionError
 from badged.identity.registry import AgentRegistry, SigningKey
 from badged.keystore.port import KeyHandle
 
@@ -69,6 +70,14 @@ class AgentCertificateAuthority:
         return best
 
     def issue(self, key: SigningKey, chain: Sequence[x509.Certificate], now: float) -> IssuedCert:
+        """Issue for an agent the device certificate covers; refuse the others
+        rather than mint a certificate every relying party would refuse."""
+        permitted = permitted_agents(chain[0])
+        if permitted is not None and key.agent not in permitted:
+            raise FailedPreconditionError(
+                f"agent {key.agent} is not among the agents the device was enrolled for",
+                public="this agent is not in the device's enrollment: re-enroll the device "
+                       "with it (badgectl ca sign --agent)")
         cert = agent_certificate(
             device_key=self._device_key, device_cert=chain[0], now=now,
             request=AgentCertRequest(spiffe_id=key.spiffe_id, agent=key.agent,

@@ -47,13 +47,17 @@ def device_spiffe_id(trust_domain: str, dev_id: str) -> str:
 
 def enrollment_request(*, device_key: KeyHandle, props: KeyProperties, trust_domain: str,
                        now: float, nonce: str | None = None,
-                       certify: evidence.Certifier | None = None) -> dict[str, Any]:
+                       certify: evidence.Certifier | None = None,
+                       agents: list[str] | None = None) -> dict[str, Any]:
     """The one file an operator carries to the CA.
 
     The CSR proves possession of the device key and names the device's
     SPIFFE ID; the evidence (the device key's attributes as read from the
     token, self-signed since nothing else can vouch for them yet) rides
-    inside the CSR, so the CSR signature covers it.
+    inside the CSR, so the CSR signature covers it. ``agents``: the agents
+    the device hosts now, a suggestion the CA operator accepts explicitly
+    (``--agents-from-request``) or replaces (``--agent``); it is not signed
+    and the CA never takes it silently.
     """
     dev_id = device_id(device_key)
     spiffe = device_spiffe_id(trust_domain, dev_id)
@@ -62,8 +66,12 @@ def enrollment_request(*, device_key: KeyHandle, props: KeyProperties, trust_dom
         ttl_seconds=EVIDENCE_TTL, nonce=nonce, certify=certify)
     ev = evidence.sign_evidence(ev_claims, device_key=device_key)
     csr = build_csr(device_key, common_name=dev_id, uris=[spiffe], evidence=ev.encode("ascii"))
-    return {"format": REQUEST_FORMAT, "device_id": dev_id, "trust_domain": trust_domain,
-            "spiffe_id": spiffe, "created_at": int(now), "csr": to_pem(csr)}
+    doc: dict[str, Any] = {"format": REQUEST_FORMAT, "device_id": dev_id,
+                           "trust_domain": trust_domain, "spiffe_id": spiffe,
+                           "created_at": int(now), "csr": to_pem(csr)}
+    if agents is not None:
+        doc["agents"] = sorted(agents)
+    return doc
 
 
 def check_device_chain(chain: list[x509.Certificate], *, device_key: KeyHandle, trust_domain: str,

@@ -5,6 +5,11 @@ it (with its attestation evidence inside), and later accepts the chain the
 operator's CA issued -- after checking that the chain is for *this* key,
 lets the device issue agent certificates, is valid now and is linked by
 signatures. The trust decision about the root is the relying parties'.
+
+A TPM device also answers the CA's credential-activation challenge
+(ActivateEnrollment): TPM2_ActivateCredential with its EK and AK returns the
+secret the CA wrapped, which is what lets the CA trust the AK's TPM2_Certify
+of the device key (badged.enroll.activation).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import json
 import logging
 
 import grpc
+from cryptography import x509
 
 from badged.attest.process import ProcessAttributes
-from badged.core.x509 import load_pem_chain
+from badged.core.x509 import device_attestation, load_pem_chain, permitted_agents
+from badged.enroll import activation
 from badged.enroll.device import (
     ChainRejected,
     check_device_chain,
@@ -25,7 +32,7 @@ from badged.enroll.device import (
     summarize,
 )
 from badged.enroll.store import EnrollmentStore
-from badged.errors import InvalidRequestError
+from badged.errors import FailedPreconditionError, InvalidRequestError
 from badged.keystore.attest import KeyAttestation, KeyAttester
 from badged.service.auth import require_operator, resolve_caller
 from badged.service.deps import ServiceDeps
@@ -36,6 +43,17 @@ _logger = logging.getLogger(__name__)
 
 MAX_CHAIN_PEM = 64 * 1024
 MAX_NONCE = 256
+
+
+def _statement(leaf: x509.Certificate) -> str:
+    raw = device_attestation(leaf)
+    if raw is None:
+        return ""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return ""
+    return str(doc.get("evidence", "")) if isinstance(doc, dict) else ""
 
 
 class EnrollmentServicer(enroll_pb2_grpc.EnrollmentServiceServicer):
@@ -58,10 +76,12 @@ class EnrollmentServicer(enroll_pb2_grpc.EnrollmentServiceServicer):
         if not chain:
             return enroll_pb2.EnrollmentStatus(enrolled=False, device_id=dev, spiffe_id=spiffe)
         s = summarize(chain, dev, spiffe)
+        agents = permitted_agents(chain[0])
         return enroll_pb2.EnrollmentStatus(
             enrolled=True, device_id=dev, spiffe_id=spiffe, subject=s.subject, issuer=s.issuer,
             not_before=s.not_before, not_after=s.not_after,
-            fingerprint_sha256=s.fingerprint_sha256)
+            fingerprint_sha256=s.fingerprint_sha256, attestation=_statement(chain[0]),
+            permitted_agents=sorted(agents or ()), any_agent=agents is None)
 
     async def RequestEnrollment(self, request: enroll_pb2.RequestEnrollmentRequest,
                                 context: Ctx) -> enroll_pb2.RequestEnrollmentResponse:
@@ -76,13 +96,44 @@ class EnrollmentServicer(enroll_pb2_grpc.EnrollmentServiceServicer):
         if isinstance(store, KeyAttester):
             def certify(nonce_bytes: bytes) -> KeyAttestation:
                 return store.attest(d.device_key.name, nonce_bytes)
-        doc = enrollment_request(device_key=d.device_key, props=props,
-                                 trust_domain=d.trust_domain, now=d.clock(), nonce=nonce,
-                                 certify=certify)
+        agents = [a.name for a in d.agents.list()]
+        # The CSR signature and (TPM) the certify are hardware calls: off the loop
+        # where the device's signatures run.
+        doc = await d.signing.run(lambda: enrollment_request(
+            device_key=d.device_key, props=props, trust_domain=d.trust_domain, now=d.clock(),
+            nonce=nonce, certify=certify, agents=agents))
         await d.audit.append({"event": "enrollment.requested", "caller": proc.summary(),
                               "decision": "allow", "device_id": doc["device_id"]})
         return enroll_pb2.RequestEnrollmentResponse(
             request_json=json.dumps(doc, indent=2), device_id=doc["device_id"])
+
+    async def ActivateEnrollment(self, request: enroll_pb2.ActivateEnrollmentRequest,
+                                 context: Ctx) -> enroll_pb2.ActivateEnrollmentResponse:
+        d = self._d
+        if len(request.challenge_json) > activation.MAX_DOCUMENT:
+            raise InvalidRequestError("challenge too large", public="challenge_json: at most 16 KiB")
+        proc = self._operator(context)
+        store = d.keystore
+        if not isinstance(store, activation.CredentialActivator):
+            raise FailedPreconditionError(
+                "key store cannot activate credentials",
+                public="this device has no TPM: credential activation is for TPM devices")
+        challenge = activation.parse_challenge(request.challenge_json.encode("utf-8", "replace"))
+        dev, _ = self._ids()
+        try:
+            # A TPM call (~10-35 ms on swtpm, more on hardware): off the event
+            # loop where the device's signatures run.
+            doc = await d.signing.run(lambda: activation.activate(challenge, store, device_id=dev,
+                                                                  now=d.clock()))
+        except activation.ActivationRejected as exc:
+            await d.audit.append({"event": "enrollment.activation_refused",
+                                  "caller": proc.summary(), "decision": "deny",
+                                  "reason": exc.reason, "request_sha256": challenge.request_sha256})
+            raise
+        await d.audit.append({"event": "enrollment.activated", "caller": proc.summary(),
+                              "decision": "allow", "device_id": dev,
+                              "request_sha256": challenge.request_sha256})
+        return enroll_pb2.ActivateEnrollmentResponse(response_json=json.dumps(doc, indent=2))
 
     async def ImportDeviceCertificate(self, request: enroll_pb2.ImportDeviceCertificateRequest,
                                       context: Ctx) -> enroll_pb2.EnrollmentStatus:
