@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from badged.identity.session import SessionKeyManager
 from badged.identity.store import AgentStore
 from badged.keystore import open_keystore
 from badged.keystore.port import KeyHandle, KeyStore
+from badged.listener.budget import Classifier
 from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
@@ -221,8 +223,12 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         methods = await table.intercepted(
             [ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)])
+        policy_holder = self.policy
+        assert policy_holder is not None
         front = GrpcFront(registry=deps.peers, methods=methods,
-                          max_per_uid=cfg.max_connections_per_uid, max_message=MAX_MESSAGE)
+                          max_per_uid=cfg.max_connections_per_uid, max_message=MAX_MESSAGE,
+                          limits=replace(cfg.front_limits, max_message=MAX_MESSAGE),
+                          is_bound=Classifier(lambda: policy_holder.current, deps.admin_uids))
         self._front = front
         if self._audit is not None:
             # A lone call writes its audit record on the loop thread (no

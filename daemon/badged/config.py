@@ -11,7 +11,7 @@ import grp
 import os
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ from badged.errors import ConfigError
 from badged.keystore.pkcs11.store import Pkcs11Config
 from badged.keystore.tpm.store import TpmConfig
 from badged.keystore.uri import parse_pkcs11_uri
+from badged.listener.budget import MAX_CONNECTIONS, Budget, FrontLimits
 from badged.policy.loader import parse_duration
 
 DEFAULT_SOCKET_DIR = Path("/run/badged")
@@ -64,6 +65,8 @@ class DaemonConfig:
     # SOFTHSM2_CONF: set in this process before the module's first load, so a
     # non-root daemon can use its own token without a wrapper script.
     module_env: tuple[tuple[str, str], ...] = ()
+    # [limits]: what any local caller can make the front hold (issue 16).
+    front_limits: FrontLimits = field(default_factory=FrontLimits)
     source: str = "<defaults>"
 
     @property
@@ -139,6 +142,11 @@ _KNOWN: dict[str, set[str]] = {
     "keystore": {"backend", "uri", "module_path", "module_env", "tcti", "key_dir", "parent_handle",
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies"},
     "audit": {"dir", "syslog"},
+    "limits": {"max_connections", "admin_connections", "streams_per_connection",
+               "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
+               "unbound_connections_per_uid", "unbound_streams_per_uid",
+               "unbound_handlers_per_uid", "unbound_buffered_per_uid", "preface_timeout",
+               "body_timeout", "idle_timeout", "send_timeout"},
 }
 _TOML_TYPE = {bool: "true or false", int: "an integer", str: "a string",
               dict: "a table", list: "an array", float: "a number"}
@@ -349,6 +357,7 @@ def load_config(path: Path) -> DaemonConfig:
     if not 1 <= max_conn <= 65536:
         fail("daemon", "max_connections_per_uid", "max_connections_per_uid must be in 1..65536")
         max_conn = 256
+    front_limits = _front_limits(table("limits"), max_conn, fail)
     td = typed(d, "daemon", "trust_domain", str, "example.org")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,252}", td):
         fail("daemon", "trust_domain", "trust_domain must be a lowercase DNS-like name")
@@ -381,6 +390,7 @@ def load_config(path: Path) -> DaemonConfig:
         signing_mode=signing_mode,
         session_key_period=session_period,
         module_env=tuple(module_env),
+        front_limits=front_limits,
         source=src,
     )
     if cfg.workload_socket == cfg.admin_socket:
@@ -389,3 +399,54 @@ def load_config(path: Path) -> DaemonConfig:
         errors.sort(key=lambda e: (e.line is None, e.line or 0))
         raise ConfigErrors.of(errors)
     return cfg
+
+
+def _front_limits(lim: dict[str, Any], max_conn: int,
+                  fail: Callable[[str, str | None, str], None]) -> FrontLimits:
+    """The [limits] section over FrontLimits' defaults; checked as the front checks them."""
+    base = FrontLimits()
+
+    def count(key: str, default: int, lo: int = 1, hi: int = 1 << 40) -> int:
+        value = lim.get(key, default)
+        if type(value) is not int or not lo <= value <= hi:
+            fail("limits", key, f"{key} must be an integer in {lo}..{hi}, not {value!r}")
+            return default
+        return value
+
+    def seconds(key: str, default: float) -> float:
+        if key not in lim:
+            return default
+        try:
+            return float(parse_duration(lim[key], what=key))
+        except ValueError as exc:
+            fail("limits", key, str(exc))
+            return default
+
+    max_connections = (count("max_connections", MAX_CONNECTIONS, 8, 1 << 20)
+                       if "max_connections" in lim else None)
+    bound = Budget(connections=max_conn,
+                   streams=count("streams_per_uid", base.bound.streams),
+                   handlers=count("handlers_per_uid", base.bound.handlers),
+                   buffered=count("buffered_per_uid", base.bound.buffered))
+    unbound = Budget(
+        connections=count("unbound_connections_per_uid", min(max_conn, base.unbound.connections)),
+        streams=count("unbound_streams_per_uid", base.unbound.streams),
+        handlers=count("unbound_handlers_per_uid", base.unbound.handlers),
+        buffered=count("unbound_buffered_per_uid", base.unbound.buffered))
+    limits = FrontLimits(
+        max_message=base.max_message,
+        conn_streams=count("streams_per_connection", base.conn_streams, 1, 1000),
+        conn_buffer=count("connection_buffer", base.conn_buffer, 65535, 2**31 - 1),
+        bound=bound, unbound=unbound,
+        admin_connections=count("admin_connections", base.admin_connections, 1, 65536),
+        max_connections=max_connections,
+        preface_timeout=seconds("preface_timeout", base.preface_timeout),
+        body_timeout=seconds("body_timeout", base.body_timeout),
+        idle_timeout=seconds("idle_timeout", base.idle_timeout),
+        send_timeout=seconds("send_timeout", base.send_timeout))
+    try:
+        limits.check()
+    except ValueError as exc:
+        fail("limits", None, f"[limits]: {exc}")
+        return base
+    return limits

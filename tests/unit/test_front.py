@@ -210,19 +210,41 @@ def test_server_streaming_messages_then_status() -> None:
     _run(scenario)
 
 
-def test_per_uid_connection_cap() -> None:
+def test_per_uid_connection_cap_evicts_the_oldest_idle_connection() -> None:
+    """At the cap the oldest idle connection of the uid goes (GOAWAY with a reason), so one
+    process hoarding connections cannot lock its siblings out; with none idle, the newcomer
+    is refused with a reason instead of a bare reset."""
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
-        socks = []
+        socks, readers = [], []
         for _ in range(2):
             s = await _raw_connect(public)
             socks.append(s)
-            assert (await asyncio.wait_for(loop.sock_recv(s, 9), 5))[3] == 4  # server SETTINGS
+            readers.append(_Reader(s))
+            assert (await readers[-1].until(4))[-1][0] == 4  # server SETTINGS
         third = await _raw_connect(public)
-        assert await asyncio.wait_for(loop.sock_recv(third, 10), 5) == b"", "third not refused"
-        third.close()
+        frames = await _Reader(third).until(4)
+        assert frames[-1][0] == 4, "third not admitted"
+        evicted = await readers[0].until(-1)
+        goaway = [f for f in evicted if f[0] == 7]
+        assert goaway and goaway[0][3][4:8] == b"\0\0\0\0"
+        assert b"evicted" in goaway[0][3][8:]
         assert state["registry"].connections_of(os.getuid()) == 2
-        for s in socks:
+        # Both remaining connections busy (a call in flight): the next one is refused.
+        import hpack
+        enc = hpack.Encoder()
+        slow = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Slow"),
+                           (":authority", "x"), ("content-type", "application/grpc")])
+        for s in (socks[1], third):
+            await loop.sock_sendall(s, PREFACE + _frame(4, 0, 0, b"") + _frame(1, 0x4, 1, slow)
+                                    + _frame(0, 0x1, 1, b"\0\0\0\0\1x"))
+        await asyncio.wait_for(state["slow_started"].wait(), 5)
+        await asyncio.sleep(0.05)
+        fourth = await _raw_connect(public)
+        frames = await _Reader(fourth).until(-1)
+        goaway = [f for f in frames if f[0] == 7]
+        assert goaway and b"per-uid connection limit" in goaway[0][3][8:], frames
+        for s in (*socks, third, fourth):
             s.close()
 
     _run(scenario, max_per_uid=2)
@@ -311,7 +333,7 @@ def test_non_grpc_requests_are_refused_per_stream() -> None:
                 if ftype == 1:
                     statuses[sid] = dict(dec.decode(payload))[":status"]
         assert statuses == {1: "405", 3: "415"}
-        # Compressed-flag message: UNIMPLEMENTED, not a crash.
+        # Compressed-flag message without a grpc-encoding: INTERNAL (gRPC spec), not a crash.
         post = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"),
                            (":authority", "x"), ("content-type", "application/grpc")])
         await loop.sock_sendall(s, _frame(1, 0x4, 5, post)
@@ -321,7 +343,7 @@ def test_non_grpc_requests_are_refused_per_stream() -> None:
             for ftype, _flags, sid, payload in await reader.until(1):
                 if ftype == 1 and sid == 5:
                     headers = dict(dec.decode(payload))
-        assert headers["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
         s.close()
 
     _run(scenario)

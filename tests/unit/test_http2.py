@@ -16,6 +16,7 @@ import pytest
 
 from badged.listener import http2
 from badged.listener.http2 import (
+    ACK,
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -34,8 +35,8 @@ from badged.listener.http2 import (
 
 
 class Recorder(ServerConnection):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
         self.events: list[tuple[str, int, object, bool]] = []
 
     def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
@@ -203,17 +204,50 @@ def test_send_respects_both_windows_and_frame_size() -> None:
     c.send_data(1, b"b" * 40000)
     sizes = [len(f[3]) for f in c.sent() if f[0] == DATA]
     assert sizes == [100, 16384, 16384, 40000 - 2 * 16384]
-    assert c.sendable(99) == -1
+    assert c.sendable(99) is None
 
 
-def test_received_data_reopens_the_connection_window() -> None:
+def test_connection_window_reopens_only_as_data_is_consumed() -> None:
+    """The client may send one connection window; more only after ``consumed``."""
     c = opened()
-    c.receive(frame(HEADERS, END_HEADERS, 1, block()))
-    chunk = frame(DATA, 0, 1, b"x" * 16384)
-    for _ in range(http2.CONN_WINDOW // 2 // 16384):
-        c.receive(chunk)
+    c.receive(frame(SETTINGS, ACK, 0, b""))
+    chunk = b"x" * 16384
+    per_stream = http2.STREAM_WINDOW // 16384  # whole frames that fit one stream window
+    sent = 0
+    sid = 1
+    while sent + 16384 * per_stream <= http2.CONN_WINDOW:
+        c.receive(frame(HEADERS, END_HEADERS, sid, block()))
+        for _ in range(per_stream):
+            c.receive(frame(DATA, 0, sid, chunk))
+        sent += 16384 * per_stream
+        sid += 2
+    assert not [f for f in c.sent() if f[0] == WINDOW_UPDATE], "window reopened before consumption"
+    c.receive(frame(HEADERS, END_HEADERS, sid, block()))
+    with pytest.raises(ProtocolViolation):
+        c.receive(frame(DATA, 0, sid, b"y" * (http2.CONN_WINDOW - sent + 1)
+                        if http2.CONN_WINDOW - sent + 1 <= 16384 else chunk)
+                  + frame(DATA, 0, sid, chunk))
+    assert goaway_code(c) == http2.FLOW_CONTROL_ERROR
+    c = opened()
+    c.receive(frame(HEADERS, END_HEADERS, 1, block()) + frame(DATA, 0, 1, chunk))
+    c.consumed(16384)
     updates = [f for f in c.sent() if f[0] == WINDOW_UPDATE and f[2] == 0]
-    assert updates and int.from_bytes(updates[0][3], "big") >= http2.CONN_WINDOW // 2
+    assert updates == [(WINDOW_UPDATE, 0, 0, struct.pack(">I", 16384))]
+
+
+def test_stream_window_is_one_message_and_enforced() -> None:
+    c = Recorder(stream_window=1029, conn_window=65535)
+    assert any(f[0] == SETTINGS and struct.pack(">HI", 0x4, 1029) in f[3] for f in c.sent())
+    c.receive(PREFACE + frame(SETTINGS, 0, 0, b"") + frame(SETTINGS, ACK, 0, b""))
+    c.receive(frame(HEADERS, END_HEADERS, 1, block()) + frame(DATA, 0, 1, b"x" * 1029))
+    with pytest.raises(ProtocolViolation):
+        c.receive(frame(DATA, 0, 1, b"x"))
+    assert goaway_code(c) == http2.FLOW_CONTROL_ERROR
+    # Before our SETTINGS is acknowledged the client may use the default window.
+    c = Recorder(stream_window=1029, conn_window=65535)
+    c.receive(PREFACE + frame(SETTINGS, 0, 0, b""))
+    c.receive(frame(HEADERS, END_HEADERS, 1, block()) + frame(DATA, 0, 1, b"x" * 16384))
+    assert c.events[-1][0] == "data"
 
 
 def test_fuzzed_input_only_ever_raises_connection_errors() -> None:

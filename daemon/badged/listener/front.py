@@ -16,8 +16,9 @@ What it serves is exactly what the generated ``add_*Servicer_to_server``
 functions register (``MethodTable`` captures them) behind the same
 ``ErrorBoundary``: unary and server-streaming methods, gRPC framing,
 ``grpc-timeout`` deadlines, trailers-only errors, cancellation on
-RST_STREAM or disconnect, flow control in both directions, and no message
-compression (never advertised, so conforming clients never send it).
+RST_STREAM or disconnect, flow control in both directions, and gzip/deflate
+request messages (``grpc-accept-encoding`` is sent; answers are never
+compressed).
 
 Hardening: ``http2.py`` checks every frame against the RFC 9113 rules its
 docstring lists (a protocol error closes the connection with GOAWAY); non-POST
@@ -25,26 +26,49 @@ is 405 and a non-gRPC content type 415; at most ``http2.MAX_STREAMS`` concurrent
 streams per connection; request messages over ``max_message`` bytes are
 refused before they are buffered further; a client that stops reading has
 its own reading paused, so it cannot make the daemon buffer answers without
-bound; the per-uid connection cap of the old front is kept.
+bound. Issue 16 (hostile local users) added, with the numbers in
+``budget.FrontLimits``: receive windows that match the message cap and are
+enforced; per-uid budgets of connections, streams, buffered bytes and
+handlers (smallest for uids that match no policy rule), evicting that uid's
+oldest idle connection or stalled body at a cap; a global connection cap
+below the fd limit with a reserve for the admin socket; timeouts for the
+first request, a request body, an idle connection and an answer the client
+does not take (GOAWAY with the reason as debug data); a stream slot is held
+until its handler has ended; nothing is signed for a call that is gone or
+late (``callstate``); accept() failures pause accepting and are logged once
+per interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import itertools
 import logging
 import os
 import secrets
 import time
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
 
+from badged.listener.budget import (
+    Budget,
+    FrontLimits,
+    Ledger,
+    UidUsage,
+    connection_cap,
+    raise_fd_limit,
+)
+from badged.listener.callstate import CURRENT_CALL, CallGone
 from badged.listener.http2 import (
+    ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
     ProtocolViolation,
@@ -52,6 +76,7 @@ from badged.listener.http2 import (
     header_block,
     literal,
 )
+from badged.listener.logthrottle import Throttled
 from badged.listener.peers import PeerCredentials, PeerRegistry, read_peer
 from badged.listener.sockets import bind_unix
 
@@ -60,7 +85,12 @@ _logger = logging.getLogger(__name__)
 _GRPC = b"application/grpc"
 _RESERVED = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
                        b"grpc-accept-encoding"})
-_RESPONSE_BLOCK = header_block(((b":status", b"200"), (b"content-type", b"application/grpc")))
+ACCEPT_ENCODING = b"identity,deflate,gzip"
+_RESPONSE_BLOCK = header_block(((b":status", b"200"), (b"content-type", b"application/grpc"),
+                                (b"grpc-accept-encoding", ACCEPT_ENCODING)))
+# zlib wbits: "deflate" is the zlib format (RFC 1950) in grpc-core and grpc-js,
+# raw DEFLATE in some others; "gzip" RFC 1952. 47 detects zlib or gzip headers.
+_WBITS = {b"gzip": 31, b"deflate": 47}
 _OK_BLOCK = header_block(((b"grpc-status", b"0"),))
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
@@ -156,7 +186,8 @@ class ServicerContext:
         return max(0.0, deadline - asyncio.get_running_loop().time())
 
     def cancelled(self) -> bool:
-        return self._stream.reset
+        """True once the caller reset the call or went away: nothing it asked for is wanted."""
+        return self._stream.reset or self._stream.conn.closed
 
     def done(self) -> bool:
         return self._stream.finished
@@ -178,22 +209,26 @@ class ServicerContext:
 
 class _Stream:
     __slots__ = (
+        "blocked_since",
         "buf",
         "conn",
         "deadline",
+        "encoding",
         "finished",
         "handler",
         "headers_sent",
         "id",
         "metadata",
+        "opened",
         "path",
         "remote_closed",
         "reset",
+        "retired",
         "task",
         "window",
     )
 
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
+    def __init__(self, conn: _Connection, stream_id: int, opened: float) -> None:
         self.id = stream_id
         self.conn = conn
         self.path = ""
@@ -202,28 +237,50 @@ class _Stream:
         self.buf = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.deadline: float | None = None
+        self.encoding: bytes | None = None  # grpc-encoding other than identity
         self.finished = False  # we ended it (trailers sent, or reset)
         self.reset = False  # the peer reset it, or the connection went away
+        self.retired = False  # its slot and budget are given back (handler ended)
         self.headers_sent = False
         self.window: asyncio.Event | None = None
+        self.blocked_since: float | None = None  # waiting for the client's window
         self.remote_closed = False
+        self.opened = opened
+
+    def wanted(self) -> bool:
+        """Still worth working for: not reset, connection open, deadline not passed."""
+        if self.reset or self.conn.closed:
+            return False
+        return self.deadline is None or self.conn._loop.time() < self.deadline
+
+    def call_done(self, _task: object) -> None:
+        self.conn._call_done(self)
 
 
 class _Connection(ServerConnection, asyncio.Protocol):
     """One accepted client: its identity, its HTTP/2 framing, its calls."""
 
     def __init__(self, server: GrpcFront, channel: str) -> None:
-        super().__init__()
+        limits = server.limits
+        super().__init__(stream_window=limits.stream_window, conn_window=limits.conn_buffer,
+                         max_streams=limits.conn_streams)
         self.server = server
         self.channel = channel
         self.transport: asyncio.Transport | None = None
         self.name: str | None = None
+        self.uid = -1
+        self.usage: UidUsage[_Connection, _Stream] | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self._write_paused = False
+        self._paused_at = 0.0
         # Made by the loop's protocol factory: remembered, because on Python
         # 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
+        self.accepted = self._loop.time()
+        self.activity = 0  # requests so far (the sweeper compares it to see idleness)
+        self._idle_mark = -1
+        self._idle_since = self.accepted
 
     # -- connection life -------------------------------------------------
 
@@ -234,19 +291,35 @@ class _Connection(ServerConnection, asyncio.Protocol):
         try:
             peer = read_peer(transport.get_extra_info("socket"), self.channel)
         except OSError as exc:
-            _logger.warning("cannot read peer credentials", extra={"error": str(exc)})
+            server.refusals.note("cannot read peer credentials", error=str(exc))
             self.close()
             return
-        if server.registry.connections_of(peer.uid) >= server.max_per_uid:
-            _logger.warning("connection refused: per-uid limit",
-                            extra={"uid": peer.uid, "limit": server.max_per_uid})
+        usage = server.admit(self, peer.uid)
+        if usage is None:
             if peer.pidfd >= 0:
                 os.close(peer.pidfd)
+            self.flush()  # SETTINGS and the GOAWAY with the reason
             self.close()
             return
+        self.uid = peer.uid
+        self.usage = usage
+        server.ledger.add(usage, self.channel, self)
         self.name = server.register(peer)
         server.connections.add(self)
         self.flush()  # our SETTINGS and connection window
+
+    def refuse(self, reason: str) -> None:
+        """Turn away a new connection with a reason the client can log."""
+        self.goaway(ENHANCE_YOUR_CALM, reason.encode())
+
+    def expire(self, code: int, reason: str) -> None:
+        """End the connection now: GOAWAY(code, reason), then close."""
+        if self.closed:
+            return
+        self.server.expirations.note(reason, uid=self.uid)
+        self.goaway(code, reason.encode())
+        self.flush()
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -255,9 +328,12 @@ class _Connection(ServerConnection, asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        for stream in self.streams.values():
+        for stream in list(self.streams.values()):
             self._abandon(stream)
-        self.streams.clear()
+            if stream.task is None:
+                self._retire(stream)
+        if self.usage is not None:
+            self.server.ledger.remove(self.channel, self.uid, self)
         if self.name is not None:
             self.server.registry.release(self.name)
             self.name = None
@@ -268,12 +344,13 @@ class _Connection(ServerConnection, asyncio.Protocol):
     def shutdown(self) -> None:
         """Tell the client no new calls are taken here (GOAWAY); calls in flight go on."""
         if not self.closed:
-            self.goaway(NO_ERROR)
+            self.goaway(NO_ERROR, b"server shutting down")
             self.flush()
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
         self._write_paused = True
+        self._paused_at = self._loop.time()
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -294,8 +371,8 @@ class _Connection(ServerConnection, asyncio.Protocol):
         try:
             self.receive(data)
         except ProtocolViolation as exc:
-            _logger.info("HTTP/2 protocol error; closing connection",
-                         extra={"error": str(exc), "peer": self.name})
+            self.server.refusals.note("HTTP/2 protocol error; closing connection",
+                                      error=str(exc), uid=self.uid)
             self.flush()  # the GOAWAY
             self.close()
             return
@@ -308,11 +385,82 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         self.flush()
 
+    def sweep(self, now: float, limits: FrontLimits) -> None:
+        """Timeouts, checked about once a second by the front (not on the call path)."""
+        if self.closed or self.usage is None:
+            return
+        if self.activity == 0:
+            if now - self.accepted > limits.preface_timeout:
+                self.expire(NO_ERROR, f"no request within {limits.preface_timeout:g}s")
+            return
+        if self._write_paused and now - self._paused_at > limits.send_timeout:
+            self.expire(ENHANCE_YOUR_CALM, f"answers not read for {limits.send_timeout:g}s")
+            return
+        if not self.streams:
+            if self._idle_mark != self.activity:
+                self._idle_mark = self.activity
+                self._idle_since = now
+            elif now - self._idle_since > limits.idle_timeout:
+                self.expire(NO_ERROR, f"idle for {limits.idle_timeout:g}s")
+            return
+        self._idle_mark = -1
+        for stream in list(self.streams.values()):
+            if stream.task is None and not stream.finished:
+                if stream.deadline is not None and now >= stream.deadline:
+                    self._fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                elif now - stream.opened > limits.body_timeout:
+                    self.expire(ENHANCE_YOUR_CALM,
+                                f"request body not received within {limits.body_timeout:g}s")
+                    return
+            elif (stream.blocked_since is not None
+                  and now - stream.blocked_since > limits.send_timeout):
+                self.expire(ENHANCE_YOUR_CALM,
+                            f"answer not taken within {limits.send_timeout:g}s (flow control)")
+                return
+        self.flush()
+
     # -- framing hooks ---------------------------------------------------
 
+    def open_streams(self) -> int:
+        # Streams whose handler still runs hold their slot even after a reset,
+        # so MAX_CONCURRENT_STREAMS bounds the work in flight.
+        return len(self.streams)
+
+    def on_new_stream(self, sid: int) -> bool:
+        usage = self.usage
+        if usage is None:
+            return False
+        if usage.streams >= usage.budget.streams and not self._evict_waiting(usage):
+            self.server.refusals.note("stream refused: per-uid stream budget", uid=self.uid)
+            return False
+        return True
+
+    def _evict_waiting(self, usage: UidUsage[_Connection, _Stream]) -> bool:
+        """Reset this uid's oldest stream still waiting for its body; False if there is none."""
+        for victim in usage.waiting:
+            victim.conn._reset_stream(victim, "per-uid budget: oldest unfinished request")
+            return True
+        return False
+
+    def _reset_stream(self, stream: _Stream, reason: str) -> None:
+        self.server.refusals.note("request dropped", reason=reason, uid=self.uid)
+        if not stream.finished:
+            stream.finished = True
+            self.reset(stream.id, ENHANCE_YOUR_CALM)
+        self._abandon(stream)
+        if stream.task is None:
+            self._retire(stream)
+        self.flush()
+
     def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
-        stream = _Stream(self, sid)
+        usage = self.usage
+        assert usage is not None
+        stream = _Stream(self, sid, self._loop.time())
         self.streams[sid] = stream
+        usage.streams += 1
+        self.activity += 1
+        if not end:
+            usage.waiting[stream] = None
         method = path = ctype = b""
         metadata: list[tuple[str, str | bytes]] = []
         for key, value in headers:
@@ -329,11 +477,16 @@ class _Connection(ServerConnection, asyncio.Protocol):
                 if timeout is None:
                     self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT, "malformed grpc-timeout")
                     return
-                stream.deadline = asyncio.get_running_loop().time() + timeout
+                if timeout <= 0:
+                    self._fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                    return
+                stream.deadline = stream.opened + timeout
             elif key == b"grpc-encoding" and value != b"identity":
-                self._fail(stream, grpc.StatusCode.UNIMPLEMENTED,
-                           "message compression is not supported")
-                return
+                if value not in _WBITS:
+                    self._fail(stream, grpc.StatusCode.UNIMPLEMENTED,
+                               "message encoding not supported (identity, deflate, gzip are)")
+                    return
+                stream.encoding = value
             if key in _RESERVED:
                 continue
             name = key.decode("ascii", "replace")
@@ -363,20 +516,43 @@ class _Connection(ServerConnection, asyncio.Protocol):
     def on_data(self, sid: int, data: bytes, end: bool) -> None:
         stream = self.streams.get(sid)
         if stream is None or stream.finished or stream.handler is None:
+            self.consumed(len(data))  # dropped, not held
             return
         if data:
+            n = len(data)
             stream.buf += data
-            if len(stream.buf) > self.server.max_message + 5:
-                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"request message larger than {self.server.max_message} bytes")
-                return
+            usage = self.usage
+            assert usage is not None
+            usage.buffered += n
+            have = len(stream.buf)
+            if have >= 5:
+                # The prefix declares the size: refuse at once rather than wait
+                # for a body the stream window (one message) would not admit.
+                declared = int.from_bytes(stream.buf[1:5], "big")
+                if declared > self.server.max_message:
+                    self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"request message larger than {self.server.max_message} bytes")
+                    return
+                if have > 5 + declared:
+                    self._fail(stream, grpc.StatusCode.INTERNAL,
+                               "expected exactly one request message")
+                    return
+            while usage.buffered > usage.budget.buffered:
+                oldest = next(iter(usage.waiting), None)
+                if oldest is None:
+                    break
+                oldest.conn._reset_stream(oldest, "per-uid buffer budget: oldest unfinished request")
+                if oldest is stream:
+                    return
         if end:
             self._dispatch(stream)
 
     def on_reset(self, sid: int) -> None:
-        stream = self.streams.pop(sid, None)
+        stream = self.streams.get(sid)
         if stream is not None:
             self._abandon(stream)
+            if stream.task is None:
+                self._retire(stream)
 
     def on_window(self, sid: int) -> None:
         if sid == 0:
@@ -388,23 +564,74 @@ class _Connection(ServerConnection, asyncio.Protocol):
             if one is not None and one.window is not None:
                 one.window.set()
 
+    def _release(self, stream: _Stream) -> None:
+        """The stream's buffered request bytes are no longer held: reopen the windows."""
+        n = len(stream.buf)
+        if n:
+            stream.buf = bytearray()
+            self.consumed(n)
+            if self.usage is not None:
+                self.usage.buffered -= n
+        if self.usage is not None:
+            self.usage.waiting.pop(stream, None)
+
+    def _retire(self, stream: _Stream) -> None:
+        """Give back the stream's slot and budget, once: its handler (if any) has ended."""
+        if stream.retired:
+            return
+        stream.retired = True
+        self._release(stream)
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        if self.usage is not None:
+            self.usage.streams -= 1
+        # No cycles left for the collector: stream → task → coroutine → stream.
+        stream.task = None
+        stream.window = None
+        stream.handler = None
+
+    def _call_done(self, stream: _Stream) -> None:
+        self.server.call_done(None)
+        if self.usage is not None:
+            self.usage.handlers -= 1
+        self._retire(stream)
+
     def _dispatch(self, stream: _Stream) -> None:
         buf = stream.buf
         if len(buf) < 5 or len(buf) != 5 + int.from_bytes(buf[1:5], "big"):
             self._fail(stream, grpc.StatusCode.INTERNAL,
                        "expected exactly one request message")
             return
+        usage = self.usage
+        assert usage is not None
+        message: bytes | bytearray = buf[5:]
         if buf[0] != 0:
-            self._fail(stream, grpc.StatusCode.UNIMPLEMENTED,
-                       "message compression is not supported")
+            if buf[0] != 1 or stream.encoding is None:
+                self._fail(stream, grpc.StatusCode.INTERNAL,
+                           "compressed message without a grpc-encoding")
+                return
+            inflated = _inflate(bytes(message), stream.encoding, self.server.max_message)
+            if inflated is None:
+                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"request message larger than {self.server.max_message} bytes "
+                           "or not decodable")
+                return
+            message = inflated
+        if stream.deadline is not None and self._loop.time() >= stream.deadline:
+            self._fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            return
+        if usage.handlers >= usage.budget.handlers:
+            self.server.refusals.note("call refused: per-uid handler budget", uid=self.uid)
+            self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       "too many calls in flight for this user")
             return
         handler = stream.handler
         try:
-            request = handler.request_deserializer(bytes(buf[5:]))
+            request = handler.request_deserializer(bytes(message))
         except Exception:
             self._fail(stream, grpc.StatusCode.INTERNAL, "cannot parse the request message")
             return
-        stream.buf = bytearray()
+        self._release(stream)
         assert self.name is not None
         ctx = ServicerContext(self.name, stream.metadata, stream)
         if handler.unary_unary is not None:
@@ -415,8 +642,9 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, "client streaming is not served")
             return
         self.server.call_started()
+        usage.handlers += 1
         stream.task = task = self._loop.create_task(coro)
-        task.add_done_callback(self.server.call_done)
+        task.add_done_callback(stream.call_done)
 
     # -- calls -----------------------------------------------------------
 
@@ -443,6 +671,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
     async def _run(self, stream: _Stream, ctx: ServicerContext,
                    body: Callable[[], Awaitable[bytes | None]]) -> None:
         """Run a call under its deadline, then end the stream: answer or status."""
+        CURRENT_CALL.set(stream)  # this task's own context: see callstate
         try:
             if stream.deadline is None:
                 payload = await body()
@@ -456,9 +685,13 @@ class _Connection(ServerConnection, asyncio.Protocol):
             ctx.code, ctx.details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
             self._end_error(stream, ctx)
             return
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if stream.reset or self.closed:
                 return  # the caller went away; nobody to answer
+            if isinstance(exc, CallGone):  # refused to mint past the deadline
+                ctx.code, ctx.details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                self._end_error(stream, ctx)
+                return
             raise
         except Exception:
             _logger.exception("unhandled error", extra={"method": stream.path})
@@ -487,14 +720,16 @@ class _Connection(ServerConnection, asyncio.Protocol):
             data = memoryview(len(payload).to_bytes(5, "big") + payload)  # flag 0: uncompressed
             while data:
                 room = self.sendable(sid)
-                if room < 0:
+                if room is None:
                     return  # reset meanwhile
-                if room == 0:
+                if room <= 0:  # a window can go negative (SETTINGS): wait, like zero
                     self.flush()
                     if stream.window is None:
                         stream.window = asyncio.Event()
                     stream.window.clear()
+                    stream.blocked_since = self._loop.time()
                     await stream.window.wait()
+                    stream.blocked_since = None
                     if stream.reset or self.closed:
                         return
                     continue
@@ -504,7 +739,6 @@ class _Connection(ServerConnection, asyncio.Protocol):
             stream.finished = True
             block = _OK_BLOCK + header_block(_metadata_headers(trailing)) if trailing else _OK_BLOCK
             self.send_headers(sid, block, end=True)
-            self.streams.pop(sid, None)
         self.flush()
 
     def _end_error(self, stream: _Stream, ctx: ServicerContext) -> None:
@@ -526,13 +760,14 @@ class _Connection(ServerConnection, asyncio.Protocol):
         if not stream.headers_sent:
             block = _RESPONSE_BLOCK + block  # trailers-only answer
         self.send_headers(stream.id, block, end=True)
-        self.streams.pop(stream.id, None)
+        if stream.task is None:
+            self._retire(stream)  # no handler ran; with one, its end retires the stream
         self.flush()
 
     def _http_error(self, stream: _Stream, status: bytes) -> None:
         stream.finished = True
         self.send_headers(stream.id, header_block(((b":status", status),)), end=True)
-        self.streams.pop(stream.id, None)
+        self._retire(stream)
 
     def _abandon(self, stream: _Stream) -> None:
         stream.reset = True
@@ -540,6 +775,25 @@ class _Connection(ServerConnection, asyncio.Protocol):
             stream.window.set()
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
+
+
+def _inflate(data: bytes, encoding: bytes, cap: int) -> bytes | None:
+    """Decompress a request message; None if it is over ``cap`` bytes or not valid.
+
+    The output is bounded while decompressing (``max_length``), so a small
+    "zip bomb" never expands in memory beyond the message cap.
+    """
+    attempts = (_WBITS[encoding], -15) if encoding == b"deflate" else (_WBITS[encoding],)
+    for wbits in attempts:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(data, cap + 1)
+        except zlib.error:
+            continue
+        if len(out) > cap or inflater.unconsumed_tail or not inflater.eof:
+            return None
+        return out
+    return None
 
 
 def _metadata_headers(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[bytes, bytes], ...]:
@@ -575,11 +829,28 @@ class GrpcFront:
 
     def __init__(self, *, registry: PeerRegistry, methods: Mapping[str, Handler],
                  max_per_uid: int, max_message: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limits: FrontLimits | None = None,
+                 is_bound: Callable[[int], bool] | None = None) -> None:
+        if limits is None:
+            limits = FrontLimits(max_message=max_message, conn_buffer=max(
+                FrontLimits.conn_buffer, 4 * (max_message + 5)))
+        if limits.bound.connections != max_per_uid:
+            limits = replace(limits, bound=replace(limits.bound, connections=max_per_uid),
+                             unbound=replace(limits.unbound, connections=min(
+                                 max_per_uid, limits.unbound.connections)))
+        if limits.max_message != max_message:
+            raise ValueError("the front's windows must match the message cap")
+        limits.check()  # windows match the message cap; every budget fits one call
+        self.limits = limits
         self.registry = registry
         self.methods = dict(methods)
         self.max_per_uid = max_per_uid
         self.max_message = max_message
+        # Unknown callers get the small budget until policy says they may match.
+        self._is_bound = is_bound or (lambda uid: True)
+        self.ledger: Ledger[_Connection, _Stream] = Ledger()
+        self.max_connections = connection_cap(raise_fd_limit(), limits)
         self.connections: set[_Connection] = set()
         self.active_calls = 0  # handlers running now, on all connections
         self._clock = clock
@@ -587,6 +858,82 @@ class GrpcFront:
         self._servers: list[tuple[asyncio.Server, Path]] = []
         self._nonce = secrets.token_hex(4)
         self._counter = itertools.count()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._previous_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
+        self.refusals = Throttled(_logger)
+        self.expirations = Throttled(_logger)
+        self.accept_failures = Throttled(_logger, level=logging.WARNING)
+        self.evictions = 0
+
+    def budget_for(self, channel: str, uid: int) -> Budget:
+        limits = self.limits
+        if channel == "admin":
+            return limits.bound
+        return limits.bound if self._is_bound(uid) else limits.unbound
+
+    def admit(self, conn: _Connection, uid: int) -> UidUsage[_Connection, _Stream] | None:
+        """Make room for a new connection of ``uid``, or refuse it (None, reason queued).
+
+        At the uid's cap, its oldest idle connection goes; at the socket's cap,
+        the oldest idle connection of the uid holding the most. Only if none is
+        idle is the newcomer refused.
+        """
+        channel = conn.channel
+        usage = self.ledger.get(channel, uid, self.budget_for(channel, uid))
+        if len(usage.connections) >= usage.budget.connections and not self._evict_idle(usage):
+            self.refusals.note("connection refused: per-uid limit", uid=uid,
+                               limit=usage.budget.connections)
+            conn.refuse(f"per-uid connection limit ({usage.budget.connections})")
+            self.ledger.drop_if_empty(channel, uid)
+            return None
+        cap = (self.limits.admin_connections if channel == "admin"
+               else max(1, self.max_connections - self.limits.admin_connections))
+        if self.ledger.channel_total.get(channel, 0) >= cap:
+            heaviest = self.ledger.heaviest(channel)
+            if heaviest is None or not self._evict_idle(heaviest):
+                self.refusals.note("connection refused: server connection limit", uid=uid,
+                                   limit=cap)
+                conn.refuse(f"server connection limit ({cap})")
+                self.ledger.drop_if_empty(channel, uid)
+                return None
+        return usage
+
+    def _evict_idle(self, usage: UidUsage[_Connection, _Stream]) -> bool:
+        for victim in usage.connections:
+            if not victim.streams:
+                self.evictions += 1
+                victim.expire(NO_ERROR, "evicted: oldest idle connection at a connection limit")
+                return True
+        return False
+
+    async def _sweep(self) -> None:
+        """Timeouts of every connection, once per ``sweep_interval`` (off the call path)."""
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        while True:
+            await asyncio.sleep(limits.sweep_interval)
+            now = loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.sweep(now, limits)
+                except Exception:
+                    _logger.exception("front sweep failed on a connection; closing it")
+                    conn.close()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """accept() out of fds/memory: asyncio pauses accepting for a second and retries by
+        itself; log that once per interval with a count instead of a traceback each time."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                                      errno.ENOMEM):
+            self.accept_failures.note("accept failed; accepting paused and retried",
+                                      error=errno.errorcode.get(exc.errno or 0, "?"),
+                                      connections=len(self.connections))
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     def call_started(self) -> None:
         if self.active_calls:
@@ -625,6 +972,10 @@ class GrpcFront:
         """Listen on ``path`` with exactly ``mode`` (and group), then accept."""
         sock = bind_unix(path, mode=mode, group=group)
         loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+            self._previous_handler = loop.get_exception_handler()
+            loop.set_exception_handler(self._loop_exception)
         server = await loop.create_unix_server(lambda: _Connection(self, channel), sock=sock)
         self._servers.append((server, path))
         _logger.info("listening", extra={"socket": str(path), "channel": channel,
@@ -654,3 +1005,6 @@ class GrpcFront:
     def close_links(self) -> None:
         for conn in list(self.connections):
             conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

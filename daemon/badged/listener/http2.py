@@ -13,10 +13,27 @@ Rules enforced (each a connection error with GOAWAY unless noted):
 the client preface; frame size ≤ 16 KiB (we never raise MAX_FRAME_SIZE);
 odd, increasing client stream ids; CONTINUATION only right after an
 unfinished HEADERS on the same stream, and a header block ≤ 64 KiB before
-decoding; HPACK errors; SETTINGS/PING/WINDOW_UPDATE/RST_STREAM/PRIORITY
+decoding; any header block that cannot be fully decoded, a header list over
+16 KiB included (COMPRESSION_ERROR: the HPACK table may be half-updated, so
+the connection cannot go on); SETTINGS/PING/WINDOW_UPDATE/RST_STREAM/PRIORITY
 sizes and stream-0 rules; window overflow; PUSH_PROMISE from a client.
-Per stream: more than ``MAX_STREAMS`` open → RST_STREAM(REFUSED_STREAM);
+Per stream: more than ``max_streams`` open (``open_streams()``, which the
+front counts until a call's handler has ended) → RST_STREAM(REFUSED_STREAM);
 DATA after the client ended its side → RST_STREAM(STREAM_CLOSED).
+
+Receive flow control is *enforced*, because it is what bounds the memory a
+caller can make us hold before it is authorized: a stream's window is one
+request message (``stream_window``, checked at start-up to equal the message
+cap plus its 5-byte prefix) and is never reopened (a unary request fits in
+it); the connection window is the connection's buffer budget and reopens
+only by what the owner reports ``consumed`` (a body handed to its handler or
+dropped). DATA beyond either window is a FLOW_CONTROL_ERROR.
+
+Cheap frames that cost us work but carry none (RST_STREAM from the client,
+empty DATA or CONTINUATION, PRIORITY, unknown types) draw from a per-
+connection token bucket (``CALM_BURST``, refilled at ``CALM_RATE``/s); an
+empty bucket is GOAWAY(ENHANCE_YOUR_CALM), as nghttp2 and Go do against
+rapid-reset and CONTINUATION floods.
 
 Response header blocks are HPACK literals "without indexing" (no dynamic
 table on our side), so the encoder is a few byte joins.
@@ -25,6 +42,7 @@ table on our side), so the encoder is a few byte joins.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -50,10 +68,12 @@ MAX_HEADER_LIST = 16384
 MAX_STREAMS = 100
 _MAX_INDEXED_BLOCKS = 16  # distinct all-indexed header blocks remembered per connection
 _HIGH_BYTES = bytes(range(0x80, 0x100))
-STREAM_WINDOW = 1 << 20  # our SETTINGS_INITIAL_WINDOW_SIZE
-CONN_WINDOW = 1 << 24  # our connection receive window, topped up as data is consumed
-
-_SETTINGS = struct.pack(">HIHIHI", 0x3, MAX_STREAMS, 0x4, STREAM_WINDOW, 0x6, MAX_HEADER_LIST)
+DEFAULT_WINDOW = 65535  # the protocol's initial windows, before any SETTINGS
+STREAM_WINDOW = 128 * 1024 + 5  # default SETTINGS_INITIAL_WINDOW_SIZE: one 128 KiB message
+CONN_WINDOW = 4 * STREAM_WINDOW  # default connection receive window (buffer budget)
+WINDOW_UPDATE_STEP = 16384  # reopen the connection window once this much was consumed
+CALM_BURST = 1000  # cheap frames a connection may send in a burst...
+CALM_RATE = 200.0  # ...and per second after that
 
 
 class ProtocolViolation(Exception):
@@ -97,14 +117,31 @@ def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return bytes(out)
 
 
+def check_windows(stream_window: int, conn_window: int, max_streams: int) -> None:
+    """Invariants of the receive windows, checked whenever a connection is made.
+
+    The connection window can only be raised by WINDOW_UPDATE, never below
+    the protocol default; a stream window larger than the connection's
+    would let one stream be refused its own message.
+    """
+    if not 1 <= max_streams <= 2**31 - 1:
+        raise ValueError(f"max_streams {max_streams} out of range")
+    if not 5 < stream_window <= MAX_WINDOW:
+        raise ValueError(f"stream window {stream_window} out of range")
+    if not max(stream_window, DEFAULT_WINDOW) <= conn_window <= MAX_WINDOW:
+        raise ValueError(f"connection window {conn_window} must be at least the stream "
+                         f"window {stream_window} and {DEFAULT_WINDOW}")
+
+
 class StreamState:
     """Flow-control and life of one stream, as far as framing is concerned."""
 
-    __slots__ = ("id", "remote_closed", "send_window")
+    __slots__ = ("id", "recv_window", "remote_closed", "send_window")
 
-    def __init__(self, stream_id: int, send_window: int) -> None:
+    def __init__(self, stream_id: int, send_window: int, recv_window: int = STREAM_WINDOW) -> None:
         self.id = stream_id
         self.send_window = send_window
+        self.recv_window = recv_window
         self.remote_closed = False
 
 
@@ -115,9 +152,18 @@ class ServerConnection:
     so one socket write carries everything a batch of input caused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, stream_window: int = STREAM_WINDOW, conn_window: int = CONN_WINDOW,
+                 max_streams: int = MAX_STREAMS) -> None:
+        check_windows(stream_window, conn_window, max_streams)
         self.out = bytearray()
         self._in = bytearray()
+        self.stream_window = stream_window
+        self.conn_window = conn_window
+        self.max_streams = max_streams
+        self._recv_window = DEFAULT_WINDOW  # what the client may still send, connection-wide
+        self._settings_acked = False
+        self._calm_tokens = float(CALM_BURST)
+        self._calm_at = time.monotonic()
         self._preface = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
@@ -132,8 +178,11 @@ class ServerConnection:
         self.goaway_sent = False
         self._reset_ids: set[int] = set()  # recent streams we reset (bounded)
         self._reset_order: deque[int] = deque()
-        self.out += _SETTINGS_FRAME
-        self.out += frame(WINDOW_UPDATE, 0, 0, (CONN_WINDOW - 65535).to_bytes(4, "big"))
+        self.out += frame(SETTINGS, 0, 0, struct.pack(">HIHIHI", 0x3, max_streams,
+                                                      0x4, stream_window, 0x6, MAX_HEADER_LIST))
+        if conn_window > DEFAULT_WINDOW:
+            self.out += frame(WINDOW_UPDATE, 0, 0, (conn_window - DEFAULT_WINDOW).to_bytes(4, "big"))
+            self._recv_window = conn_window
 
     # -- hooks -----------------------------------------------------------
 
@@ -148,6 +197,33 @@ class ServerConnection:
 
     def on_window(self, sid: int) -> None:
         """Send window opened on ``sid`` (0: the whole connection)."""
+
+    def open_streams(self) -> int:
+        """Streams counted against ``max_streams``; the front also counts handlers still running."""
+        return len(self._state)
+
+    def on_new_stream(self, sid: int) -> bool:
+        """A new stream is about to open: False refuses it (REFUSED_STREAM)."""
+        return True
+
+    # -- flow control and abuse counters ---------------------------------
+
+    def consumed(self, n: int) -> None:
+        """``n`` received DATA bytes are no longer held: let the client send as much again."""
+        self._recv_consumed += n
+        if self._recv_consumed >= WINDOW_UPDATE_STEP:
+            self.out += frame(WINDOW_UPDATE, 0, 0, self._recv_consumed.to_bytes(4, "big"))
+            self._recv_window += self._recv_consumed
+            self._recv_consumed = 0
+
+    def calm(self, what: str) -> None:
+        """Draw one token for a cheap frame; none left is GOAWAY(ENHANCE_YOUR_CALM)."""
+        now = time.monotonic()
+        tokens = min(float(CALM_BURST), self._calm_tokens + (now - self._calm_at) * CALM_RATE)
+        self._calm_at = now
+        if tokens < 1.0:
+            raise ProtocolViolation(ENHANCE_YOUR_CALM, f"too many {what}")
+        self._calm_tokens = tokens - 1.0
 
     # -- input -----------------------------------------------------------
 
@@ -181,7 +257,7 @@ class ServerConnection:
                 self._frame(ftype, flags, sid, payload)
             del buf[:pos]
         except ProtocolViolation as exc:
-            self.goaway(exc.code)
+            self.goaway(exc.code, str(exc).encode("ascii", "replace"))
             raise
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
@@ -202,6 +278,7 @@ class ServerConnection:
                 raise ProtocolViolation(PROTOCOL_ERROR if sid == 0 else FRAME_SIZE_ERROR,
                                        "bad RST_STREAM")
             self._idle_check(sid)
+            self.calm("stream resets")
             st = self._state.pop(sid, None)
             if st is not None:
                 self.on_reset(sid)
@@ -213,6 +290,7 @@ class ServerConnection:
         elif ftype == PRIORITY:
             if sid == 0:
                 raise ProtocolViolation(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            self.calm("PRIORITY frames")
             if len(payload) != 5:
                 self.reset(sid, FRAME_SIZE_ERROR)
         elif ftype == GOAWAY:
@@ -221,7 +299,8 @@ class ServerConnection:
             # The client opens no more streams; it closes the socket when done.
         elif ftype == PUSH_PROMISE:
             raise ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # Unknown frame types are ignored (RFC 9113 §5.5).
+        else:
+            self.calm("unknown frames")  # otherwise ignored (RFC 9113 §5.5)
 
     def _idle_check(self, sid: int) -> None:
         if sid > self._last_stream:
@@ -230,23 +309,32 @@ class ServerConnection:
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise ProtocolViolation(PROTOCOL_ERROR, "DATA on stream 0")
-        self._recv_consumed += len(payload)  # flow control counts padding too
-        if self._recv_consumed >= CONN_WINDOW // 2:
-            self.out += frame(WINDOW_UPDATE, 0, 0, self._recv_consumed.to_bytes(4, "big"))
-            self._recv_consumed = 0
+        size = len(payload)  # flow control counts padding too
+        self._recv_window -= size
+        if self._recv_window < 0:
+            raise ProtocolViolation(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 raise ProtocolViolation(PROTOCOL_ERROR, "bad padding")
             payload = payload[1:len(payload) - payload[0]]
+        end = bool(flags & END_STREAM)
+        if not payload and not end:
+            self.calm("empty DATA frames")
         st = self._state.get(sid)
         if st is None:
             self._idle_check(sid)
-            return  # a stream we already closed or reset: drop
+            self.consumed(size)  # a stream we already closed or reset: dropped
+            return
+        st.recv_window -= size
+        if st.recv_window < 0:
+            raise ProtocolViolation(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+        if size != len(payload):
+            self.consumed(size - len(payload))  # padding is never held
         if st.remote_closed:
+            self.consumed(len(payload))
             self.reset(sid, STREAM_CLOSED)
             self.on_reset(sid)
             return
-        end = bool(flags & END_STREAM)
         if end:
             st.remote_closed = True
         self.on_data(sid, payload, end)
@@ -271,6 +359,8 @@ class ServerConnection:
         pending = self._continuation
         if pending is None or pending[0] != sid:
             raise ProtocolViolation(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        if not payload and not flags & END_HEADERS:
+            self.calm("empty CONTINUATION frames")
         pending[2].extend(payload)
         if len(pending[2]) > MAX_HEADER_BLOCK:
             raise ProtocolViolation(ENHANCE_YOUR_CALM, "header block too large")
@@ -278,8 +368,14 @@ class ServerConnection:
             self._continuation = None
             self._header_block(sid, pending[1], bytes(pending[2]))
 
-    def _decode(self, block: bytes) -> tuple[tuple[bytes, bytes], ...] | None:
-        """HPACK-decode ``block``; None when the header list is over the size limit.
+    def _decode(self, block: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """HPACK-decode ``block``, entirely or not at all (COMPRESSION_ERROR).
+
+        hpack raises mid-block (a header list over the limit, a bad index),
+        after part of the block may have changed its dynamic table: the
+        client's encoder and our decoder are then out of step, and every later
+        block on the connection could decode to other headers than were sent.
+        So any failure ends the connection (RFC 9113 §4.3).
 
         A client that indexes its headers (grpcio does) sends the same few
         bytes on every call, each a one-byte *indexed* field. Such a block
@@ -295,12 +391,8 @@ class ServerConnection:
             return known
         try:
             decoded = self._decoder.decode(block, raw=True)
-        except hpack.OversizedHeaderListError:
-            # The decoded state is still in sync: refuse the stream only. The
-            # block may have indexed new entries, so forget what was learnt.
+        except Exception as exc:  # hpack's own errors, and anything its decoder trips on
             self._indexed.clear()
-            return None
-        except hpack.HPACKError as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"HPACK: {type(exc).__name__}") from None
         headers = tuple([(bytes(k), bytes(v)) for k, v in decoded])
         if block.translate(None, _HIGH_BYTES):
@@ -332,13 +424,15 @@ class ServerConnection:
         self._last_stream = sid
         if self.goaway_sent:
             return  # after GOAWAY no new streams are processed
-        if headers is None:
-            self.reset(sid, ENHANCE_YOUR_CALM)
-            return
-        if len(self._state) >= MAX_STREAMS:
+        if self.open_streams() >= self.max_streams or not self.on_new_stream(sid):
             self.reset(sid, REFUSED_STREAM)
+            self.calm("refused streams")
             return
-        st = StreamState(sid, self._peer_initial)
+        # Before the client acknowledged our SETTINGS it may still use the
+        # protocol's default window (RFC 9113 §6.9.2).
+        window = (self.stream_window if self._settings_acked
+                  else max(self.stream_window, DEFAULT_WINDOW))
+        st = StreamState(sid, self._peer_initial, window)
         st.remote_closed = end
         self._state[sid] = st
         self.on_request(sid, headers, end)
@@ -349,6 +443,7 @@ class ServerConnection:
         if flags & ACK:
             if payload:
                 raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            self._settings_acked = True
             return
         if len(payload) % 6:
             raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS length")
@@ -410,11 +505,15 @@ class ServerConnection:
         if end:
             self._local_end(sid)
 
-    def sendable(self, sid: int) -> int:
-        """How many DATA bytes may go out on ``sid`` now."""
+    def sendable(self, sid: int) -> int | None:
+        """How many DATA bytes may go out on ``sid`` now (≤ 0: wait); None: the stream is gone.
+
+        A window can be negative (the client lowered INITIAL_WINDOW_SIZE after
+        we sent): that means wait for WINDOW_UPDATE, like zero.
+        """
         st = self._state.get(sid)
         if st is None:
-            return -1
+            return None
         return min(self.peer_window, st.send_window)
 
     def send_data(self, sid: int, data: bytes | memoryview) -> None:
@@ -435,11 +534,12 @@ class ServerConnection:
         if len(self._reset_order) > 256:
             self._reset_ids.discard(self._reset_order.popleft())
 
-    def goaway(self, code: int = NO_ERROR) -> None:
+    def goaway(self, code: int = NO_ERROR, debug: bytes = b"") -> None:
+        """GOAWAY once; ``debug`` is the reason a client can log (RFC 9113 §6.8)."""
         if not self.goaway_sent:
             self.goaway_sent = True
             self.out += frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big")
-                              + code.to_bytes(4, "big"))
+                              + code.to_bytes(4, "big") + debug[:256])
 
     def _local_end(self, sid: int) -> None:
         st = self._state.get(sid)
@@ -452,5 +552,4 @@ class ServerConnection:
             self.reset(sid, NO_ERROR)
 
 
-_SETTINGS_FRAME = frame(SETTINGS, 0, 0, _SETTINGS)
 _SETTINGS_ACK = frame(SETTINGS, ACK, 0, b"")

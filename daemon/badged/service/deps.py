@@ -20,6 +20,7 @@ from badged.core.clock import Clock
 from badged.errors import BadgedError
 from badged.identity.registry import AgentRegistry, SigningKey
 from badged.keystore.port import KeyHandle, KeyStore
+from badged.listener.callstate import CallGone, current_call, ensure_wanted
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
@@ -104,30 +105,47 @@ class SigningRunner:
     FetchToken +15 %). Below the threshold the wait would only add latency
     (4 clients: -3 to -14 %), so a signature runs at once as before. A
     gathered signature whose caller was cancelled meanwhile is not made.
+
+    Nothing is signed for a call that is no longer wanted (issue 16): right
+    before each signature -- inline, gathered, or handed to the TPM thread --
+    the front's per-call check (``callstate``) must say the caller is still
+    there and within its deadline, else ``CallGone`` is raised and no token
+    exists to be audited or leaked.
     """
 
     def __init__(self, *, off_loop: bool) -> None:
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="badged-sign")
                       if off_loop else None)
         self.in_flight: Callable[[], int] | None = None
-        self._gathered: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._gathered: list[tuple[Callable[[], Any], asyncio.Future[Any], Any]] = []
 
     async def run(self, fn: Callable[[], _T]) -> _T:
+        ensure_wanted()
         if self._pool is not None:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+            call = current_call()
+
+            def checked() -> _T:  # on the signing thread, right before the device works
+                if call is not None and not call.wanted():
+                    raise CallGone()
+                return fn()
+
+            return await asyncio.get_running_loop().run_in_executor(self._pool, checked)
         if self.in_flight is None or self.in_flight() < BATCH_MIN_IN_FLIGHT:
             return fn()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_T] = loop.create_future()
-        self._gathered.append((fn, fut))
+        self._gathered.append((fn, fut, current_call()))
         if len(self._gathered) == 1:
             loop.call_soon(self._sign_gathered)
         return await fut
 
     def _sign_gathered(self) -> None:
         gathered, self._gathered = self._gathered, []
-        for fn, fut in gathered:
+        for fn, fut, call in gathered:
             if fut.done():  # the caller was cancelled: no signature for nobody
+                continue
+            if call is not None and not call.wanted():
+                fut.cancel()  # reset or past its deadline meanwhile: the front sorts out which
                 continue
             try:
                 fut.set_result(fn())
