@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import hpack
 import pytest
@@ -290,3 +291,48 @@ def test_trailers_on_a_stream_we_reset_are_ignored() -> None:
     c.receive(frame(DATA, 0, 1, b"more") + frame(HEADERS, END_HEADERS | END_STREAM, 1, block()))
     c.receive(frame(HEADERS, END_HEADERS, 3, block()))
     assert c.events[-1][:2] == ("request", 3)
+
+
+def test_a_header_list_over_the_limit_ends_the_connection() -> None:
+    """hpack raises mid-block and may have half-updated its table: GOAWAY(COMPRESSION_ERROR),
+    never a refused stream on a connection whose decoder no longer matches the client's."""
+    c = opened()
+    enc = hpack.Encoder()
+    big = bytes(enc.encode([*REQUEST, ("x-pad", "a" * 9000), ("x-pad2", "b" * 9000)]))
+    with pytest.raises(ProtocolViolation):
+        c.receive(frame(HEADERS, END_HEADERS, 1, big[:16384]) if len(big) <= 16384 else
+                  frame(HEADERS, 0, 1, big[:16384]) + frame(CONTINUATION, END_HEADERS, 1, big[16384:]))
+    assert goaway_code(c) == http2.COMPRESSION_ERROR
+    assert not [e for e in c.events if e[0] == "request"]
+
+
+@pytest.mark.parametrize("name, flood", [
+    ("empty CONTINUATION", lambda: [frame(HEADERS, 0, 1, block()[:3])]
+     + [frame(CONTINUATION, 0, 1, b"")] * 5000),
+    ("empty DATA", lambda: [frame(HEADERS, END_HEADERS, 1, block())]
+     + [frame(DATA, 0, 1, b"")] * 5000),
+    ("rapid reset", lambda: [frame(HEADERS, END_HEADERS, 2 * i + 1, block())
+                             + frame(RST_STREAM, 0, 2 * i + 1, b"\0\0\0\x08") for i in range(5000)]),
+    ("PRIORITY", lambda: [frame(2, 0, 1, b"\0\0\0\0\x10")] * 5000),
+    ("unknown frames", lambda: [frame(0xEE, 0, 0, b"")] * 5000),
+])
+def test_floods_of_cheap_frames_get_enhance_your_calm(name: str, flood: Any) -> None:
+    c = opened()
+    frames = flood()
+    with pytest.raises(ProtocolViolation):
+        for i in range(0, len(frames), 50):
+            c.receive(b"".join(frames[i:i + 50]))
+    assert goaway_code(c) == http2.ENHANCE_YOUR_CALM
+    assert c.calm_spent() > http2.CALM_BURST - 1
+
+
+def test_a_steady_trickle_of_cheap_frames_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real client resets or pings now and then: the bucket refills with time."""
+    now = [1000.0]
+    monkeypatch.setattr(http2.time, "monotonic", lambda: now[0])
+    c = opened()
+    for i in range(3 * http2.CALM_BURST):
+        c.receive(frame(HEADERS, END_HEADERS, 2 * i + 1, block())
+                  + frame(RST_STREAM, 0, 2 * i + 1, b"\0\0\0\x08"))
+        now[0] += 1.0 / (http2.CALM_RATE / 2)
+    assert not [f for f in c.sent() if f[0] == GOAWAY]

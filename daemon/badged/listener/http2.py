@@ -216,6 +216,10 @@ class ServerConnection:
             self._recv_window += self._recv_consumed
             self._recv_consumed = 0
 
+    def calm_spent(self) -> float:
+        """Tokens drawn from the cheap-frame bucket (for tests and diagnostics)."""
+        return CALM_BURST - self._calm_tokens
+
     def calm(self, what: str) -> None:
         """Draw one token for a cheap frame; none left is GOAWAY(ENHANCE_YOUR_CALM)."""
         now = time.monotonic()

@@ -1,0 +1,371 @@
+"""Issue 16 on real sockets: what a hostile local caller can make the front hold, and for how long.
+
+Each test performs the attack against a live front (real Unix sockets, raw
+HTTP/2 frames or stock grpcio clients) with small limits, and fails if the
+attack works: bodies never finished, idle or silent connections, resets that
+free slots while handlers run, a window driven negative, an expired deadline,
+compressed bombs, per-uid hoarding of buffer budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import socket
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+
+from badged.listener.budget import Budget, FrontLimits
+from badged.listener.front import GrpcFront, MethodTable
+from badged.listener.peers import PeerRegistry
+from badged.service.errors import ErrorBoundary
+from tests.conftest import short_tmpdir
+
+Scenario = Callable[[GrpcFront, Path, dict[str, Any]], Awaitable[None]]
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST, SETTINGS, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 7, 8
+
+FAST = FrontLimits(max_message=1024, conn_streams=4, conn_buffer=65535,
+                   bound=Budget(connections=8, streams=64, handlers=64, buffered=1 << 20),
+                   unbound=Budget(connections=8, streams=64, handlers=64, buffered=1 << 20),
+                   preface_timeout=0.5, body_timeout=0.5, idle_timeout=0.8, send_timeout=0.5,
+                   sweep_interval=0.05)
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def _table(state: dict[str, Any]) -> MethodTable:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        state["echo_calls"] = state.get("echo_calls", 0) + 1
+        if request.startswith(b"big:"):
+            return b"z" * int(request[4:])
+        return request
+
+    async def stubborn(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """A handler that takes a while to notice cancellation (e.g. a hardware call)."""
+        state["stubborn_running"] = state.get("stubborn_running", 0) + 1
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.sleep(0.5))
+            raise
+        finally:
+            state["stubborn_running"] -= 1
+        return request
+
+    table = MethodTable()
+    table.add_registered_method_handlers("t.T", {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            echo, request_deserializer=_identity, response_serializer=_identity),
+        "Stubborn": grpc.unary_unary_rpc_method_handler(
+            stubborn, request_deserializer=_identity, response_serializer=_identity),
+    })
+    return table
+
+
+def _run(scenario: Scenario, limits: FrontLimits = FAST,
+         is_bound: Callable[[int], bool] | None = None) -> dict[str, Any]:
+    base = short_tmpdir("bfh")
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        methods = await _table(state).intercepted([ErrorBoundary(log_details=True)])
+        front = GrpcFront(registry=PeerRegistry(), methods=methods,
+                          max_per_uid=limits.bound.connections, max_message=limits.max_message,
+                          limits=limits, is_bound=is_bound)
+        public = base / "agent.sock"
+        await front.serve(public, channel="workload", mode=0o666)
+        try:
+            await scenario(front, public, state)
+        finally:
+            await front.stop_accepting()
+            await front.drain(1)
+            front.close_links()
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return state
+
+
+def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, stream) + payload
+
+
+def _headers(path: str = "/t.T/Echo", extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
+            ("content-type", "application/grpc"), *extra]
+
+
+class Raw:
+    """A hand-driven HTTP/2 client on one socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+
+    @classmethod
+    async def connect(cls, public: Path, *, preface: bool = True) -> Raw:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, str(public))
+        raw = cls(s)
+        if preface:
+            await raw.send(PREFACE + _frame(SETTINGS, 0, 0, b""))
+        return raw
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def request(self, sid: int, path: str = "/t.T/Echo", *, end: bool = False,
+                extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+        return _frame(HEADERS, 0x4 | (0x1 if end else 0), sid, self.enc.encode(_headers(path, extra)))
+
+    async def frames(self, until: Callable[[tuple[int, int, int, bytes]], bool],
+                     timeout: float = 5) -> list[tuple[int, int, int, bytes]]:
+        """Frames until one satisfies ``until`` or EOF (type -1)."""
+        loop = asyncio.get_running_loop()
+        out: list[tuple[int, int, int, bytes]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                while len(self.buf) >= 9 and len(self.buf) >= 9 + int.from_bytes(self.buf[:3], "big"):
+                    n = int.from_bytes(self.buf[:3], "big")
+                    f = (self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big"), self.buf[9:9 + n])
+                    self.buf = self.buf[9 + n:]
+                    out.append(f)
+                    if until(f):
+                        return out
+                try:
+                    chunk = await loop.sock_recv(self.sock, 65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    out.append((-1, 0, 0, b""))
+                    return out
+                self.buf += chunk
+
+    async def goaway(self, timeout: float = 5) -> tuple[int, bytes]:
+        got = await self.frames(lambda f: f[0] == GOAWAY, timeout)
+        frames = [f for f in got if f[0] == GOAWAY]
+        assert frames, f"no GOAWAY: {got}"
+        payload = frames[0][3]
+        return int.from_bytes(payload[4:8], "big"), payload[8:]
+
+    def status(self, frames: list[tuple[int, int, int, bytes]], sid: int) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for ftype, _flags, s, payload in frames:
+            if ftype == HEADERS and s == sid:
+                out.update((bytes(k), bytes(v)) for k, v in self.dec.decode(payload, raw=True))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _msg(body: bytes, flag: int = 0) -> bytes:
+    return bytes([flag]) + len(body).to_bytes(4, "big") + body
+
+
+def test_unfinished_bodies_time_out_and_release_their_budget() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        out = b""
+        for sid in (1, 3, 5):
+            out += raw.request(sid) + _frame(DATA, 0, sid, _msg(b"x" * 1000)[:600])
+        await raw.send(out)
+        await asyncio.sleep(0.2)
+        (conn,) = front.connections
+        assert conn.usage is not None and conn.usage.buffered == 1800
+        code, why = await raw.goaway(timeout=3)
+        assert code == 11 and b"request body" in why
+        assert (await raw.frames(lambda f: False))[-1][0] == -1, "connection not closed"
+        assert not front.connections and not front.ledger.usage, "budget not given back"
+        raw.close()
+
+    _run(scenario)
+
+
+def test_no_preface_and_idle_connections_are_closed_with_a_reason() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        silent = await Raw.connect(public, preface=False)
+        code, why = await silent.goaway(timeout=3)
+        assert code == 0 and b"no request" in why
+        idle = await Raw.connect(public)
+        await idle.send(idle.request(1, end=False) + _frame(DATA, 1, 1, _msg(b"hi")))
+        answered = await idle.frames(lambda f: f[0] == HEADERS and f[1] & 1 == 1)
+        assert idle.status(answered, 1)[b"grpc-status"] == b"0"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        code, why = await idle.goaway(timeout=3)
+        assert code == 0 and b"idle" in why and loop.time() - start >= 0.5
+        silent.close()
+        idle.close()
+
+    _run(scenario)
+
+
+def test_a_reset_call_keeps_its_slot_until_its_handler_ends() -> None:
+    """Rapid reset: RST_STREAM right after the request must not open a slot for more work."""
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        out = b""
+        for sid in (1, 3, 5, 7):  # conn_streams = 4
+            out += raw.request(sid, "/t.T/Stubborn") + _frame(DATA, 1, sid, _msg(b"s"))
+        await raw.send(out)
+        await asyncio.sleep(0.1)
+        assert state["stubborn_running"] == 4
+        await raw.send(b"".join(_frame(RST, 0, sid, b"\0\0\0\x08") for sid in (1, 3, 5, 7))
+                       + raw.request(9, end=False) + _frame(DATA, 1, 9, _msg(b"e")))
+        got = await raw.frames(lambda f: f[0] == RST and f[2] == 9, timeout=2)
+        assert got[-1][0] == RST and got[-1][3] == b"\0\0\0\x07", "REFUSED_STREAM expected"
+        assert state.get("echo_calls", 0) == 0
+        await asyncio.sleep(0.7)  # the stubborn handlers have ended now
+        assert state["stubborn_running"] == 0
+        await raw.send(raw.request(11, end=False) + _frame(DATA, 1, 11, _msg(b"e")))
+        got = await raw.frames(lambda f: f[0] == HEADERS and f[2] == 11 and f[1] & 1 == 1)
+        assert raw.status(got, 11)[b"grpc-status"] == b"0"
+        assert not front.connections or all(
+            not c.streams for c in front.connections), "slots leaked"
+        raw.close()
+
+    _run(scenario)
+
+
+def test_a_negative_send_window_waits_and_then_answers() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        await raw.send(_frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 600)))
+        await raw.send(raw.request(1) + _frame(DATA, 1, 1, _msg(b"big:2000")))
+        first = await raw.frames(lambda f: f[0] == DATA)
+        assert sum(len(f[3]) for f in first if f[0] == DATA) <= 600
+        # Lowering the initial window now drives the stream's window negative.
+        await raw.send(_frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 100)))
+        await asyncio.sleep(0.1)
+        await raw.send(_frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 10000)))
+        got = await raw.frames(lambda f: f[0] == HEADERS and f[1] & 1 == 1)
+        body = b"".join(f[3] for f in first + got if f[0] == DATA)
+        assert body == _msg(b"z" * 2000)
+        assert raw.status(got, 1)[b"grpc-status"] == b"0"
+        raw.close()
+
+    _run(scenario)
+
+
+def test_answers_the_client_never_takes_end_the_connection() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        await raw.send(_frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0)))
+        await raw.send(raw.request(1) + _frame(DATA, 1, 1, _msg(b"big:500")))
+        code, why = await raw.goaway(timeout=3)
+        assert code == 11 and b"answer not taken" in why
+        raw.close()
+
+    _run(scenario)
+
+
+def test_an_expired_deadline_is_refused_without_running_the_handler() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        await raw.send(raw.request(1, extra=(("grpc-timeout", "0n"),))
+                       + _frame(DATA, 1, 1, _msg(b"hi")))
+        got = await raw.frames(lambda f: f[0] == HEADERS and f[1] & 1 == 1)
+        assert raw.status(got, 1)[b"grpc-status"] == str(
+            grpc.StatusCode.DEADLINE_EXCEEDED.value[0]).encode()
+        assert state.get("echo_calls", 0) == 0
+        raw.close()
+
+    _run(scenario)
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_grpcio_compressed_requests_are_served(compression: grpc.Compression,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from badged.listener import front as front_module
+
+    inflated: list[bytes] = []
+    real = front_module._inflate
+
+    def counting(data: bytes, encoding: bytes, cap: int) -> bytes | None:
+        inflated.append(encoding)
+        return real(data, encoding, cap)
+
+    monkeypatch.setattr(front_module, "_inflate", counting)
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{public}", compression=compression) as ch:
+            echo = ch.unary_unary("/t.T/Echo", request_serializer=_identity,
+                                  response_deserializer=_identity)
+            assert await echo(b"a" * 900) == b"a" * 900
+
+        def per_call() -> bytes:  # the synchronous API, compression chosen per call
+            with grpc.insecure_channel(f"unix:{public}") as ch:
+                echo = ch.unary_unary("/t.T/Echo", request_serializer=_identity,
+                                      response_deserializer=_identity)
+                return bytes(echo(b"b" * 900, compression=compression, timeout=5))
+
+        assert await asyncio.get_running_loop().run_in_executor(None, per_call) == b"b" * 900
+
+    _run(scenario)
+    assert len(inflated) >= 2, "grpcio did not compress: the test proves nothing"
+
+
+def test_compression_bombs_and_unknown_encodings_are_refused() -> None:
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        bomb = gzip.compress(b"\0" * 10_000_000)  # 10 MB of zeros in ~10 KB
+        assert len(bomb) < 1024 * 16
+        small = zlib.compress(b"\0" * 2000)  # over the 1024-byte cap once inflated
+        await raw.send(raw.request(1, extra=(("grpc-encoding", "deflate"),))
+                       + _frame(DATA, 1, 1, _msg(small, 1)))
+        got = await raw.frames(lambda f: f[0] == HEADERS and f[2] == 1 and f[1] & 1 == 1)
+        assert raw.status(got, 1)[b"grpc-status"] == b"8"  # RESOURCE_EXHAUSTED
+        await raw.send(raw.request(3, extra=(("grpc-encoding", "snappy"),))
+                       + _frame(DATA, 1, 3, _msg(b"x", 1)))
+        got = await raw.frames(lambda f: f[0] == HEADERS and f[2] == 3 and f[1] & 1 == 1)
+        status = raw.status(got, 3)
+        assert status[b"grpc-status"] == b"12"
+        assert status[b"grpc-accept-encoding"] == b"identity,deflate,gzip"
+        assert state.get("echo_calls", 0) == 0
+        raw.close()
+
+    _run(scenario)
+
+
+def test_a_uid_over_its_buffer_budget_loses_its_oldest_unfinished_request() -> None:
+    limits = FrontLimits(max_message=1024, conn_streams=8, conn_buffer=65535,
+                         bound=Budget(connections=8, streams=64, handlers=64, buffered=2100),
+                         unbound=Budget(connections=2, streams=3, handlers=1, buffered=2100),
+                         sweep_interval=0.05)
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        await raw.send(raw.request(1) + _frame(DATA, 0, 1, _msg(b"x" * 1000)[:1000]))
+        await asyncio.sleep(0.05)
+        await raw.send(raw.request(3) + _frame(DATA, 0, 3, _msg(b"x" * 1000)[:1000]))
+        await asyncio.sleep(0.05)
+        # The third body pushes the uid over 2,100 bytes: stream 1 (oldest) is dropped.
+        await raw.send(raw.request(5) + _frame(DATA, 0, 5, _msg(b"x" * 1000)[:1000]))
+        got = await raw.frames(lambda f: f[0] == RST)
+        assert got[-1][2] == 1 and got[-1][3] == b"\0\0\0\x0b"
+        (conn,) = front.connections
+        assert conn.usage is not None and conn.usage.buffered == 2000
+        # The unbound budget: 3 streams for this uid; a 4th evicts the oldest waiting one.
+        await raw.send(raw.request(7) + raw.request(9))
+        got = await raw.frames(lambda f: f[0] == RST and f[2] == 3)
+        assert conn.usage.streams <= 3
+        raw.close()
+
+    _run(scenario, limits, is_bound=lambda uid: False)
