@@ -275,6 +275,62 @@ def example_config(policy: bool) -> None:
     click.echo(files("badged").joinpath("examples", name).read_text(), nl=False)
 
 
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="The daemon's TOML config.")
+@click.option("--dev", "dev_state", type=click.Path(path_type=Path), default=None,
+              help="Or: the state dir of `badged dev`.")
+@click.option("--trust-domain", default="example.org", show_default=True,
+              help="With --dev: the trust domain the dev daemon runs with.")
+@click.option("--adopt", "mode", flag_value="adopt", default=None,
+              help="Rebuild registry entries for unregistered keys from their labels and the "
+                   "audit log.")
+@click.option("--quarantine", "mode", flag_value="quarantine",
+              help="Relabel unregistered keys to badged/quarantine/... (never destroyed).")
+@click.option("--audit-move-aside", type=click.IntRange(min=1), default=None, metavar="SEQ",
+              help="Move a damaged audit record a checkpoint had sealed, and what follows, "
+                   "aside (audited; verify keeps reporting it).")
+@click.option("--purge-quarantine", is_flag=True,
+              help="Destroy quarantined keys (each destruction audited).")
+def recover(config_path: Path | None, dev_state: Path | None, trust_domain: str,
+            mode: str | None, audit_move_aside: int | None, purge_quarantine: bool) -> None:
+    """Resolve what makes start-up refuse: unregistered keys, sealed audit damage.
+
+    Run with the daemon stopped. Without an action flag it only reports.
+    Exit 0 when start-up will succeed, 1 when keys are still unregistered,
+    2 on an error.
+    """
+    from badged.recover import recover as run_recover
+
+    logsetup.configure("text", "WARNING")
+    if (config_path is None) == (dev_state is None):
+        raise click.UsageError("give exactly one of --config FILE or --dev STATE_DIR")
+    setup = None
+    try:
+        if dev_state is not None:
+            from badged.dev import prepare_existing
+
+            setup = prepare_existing(dev_state, trust_domain=trust_domain)
+            config = setup.config
+        else:
+            assert config_path is not None
+            config = load_config(config_path)
+        result = run_recover(config, mode=mode, audit_move_aside=audit_move_aside,
+                             purge_quarantine=purge_quarantine)
+    except BadgedError as exc:
+        click.echo(f"badged: {exc}", err=True)
+        sys.exit(2)
+    finally:
+        if setup is not None:
+            setup.close()
+    for line in result.lines():
+        click.echo(line)
+    if result.unregistered:
+        click.echo("badged: keys without a registry entry remain: choose --adopt or --quarantine",
+                   err=True)
+        sys.exit(1)
+
+
 def main() -> None:
     _set_process_name()
     os.umask(0o077)

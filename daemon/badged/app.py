@@ -9,6 +9,7 @@ reverse: stop accepting, let in-flight calls finish, then close the token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -22,10 +23,11 @@ from grpc_health.v1.health import aio as health_aio
 
 from badged.attest.process import ProcessAttestor
 from badged.audit.log import AuditConfig, AuditLog
+from badged.audit.reader import find_marked
 from badged.config import DaemonConfig
 from badged.core.clock import Clock, system_clock
 from badged.core.session_keys import Schedule
-from badged.errors import ConfigError, KeyNotFoundError
+from badged.errors import BadgedError, ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
 from badged.identity.registry import AgentRegistry
 from badged.identity.session import SessionKeyManager
@@ -66,6 +68,28 @@ def _prepare_socket_dir(path: Path) -> None:
     check_dir_safe(path, private=False)
 
 
+def lock_state_dir(config: DaemonConfig) -> int:
+    """One daemon (or ``badged recover``) per state dir, for its whole life.
+
+    An flock released on exit. Without it a second daemon could open the
+    same audit log and token state before discovering the public sockets
+    are taken. Returns the fd that holds the lock.
+    """
+    import fcntl
+
+    path = config.private_dir / "badged.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError("another badged is running with this state dir",
+                          path=str(config.state_dir)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class Daemon:
     """A running badged. ``start()`` then ``wait()``; ``stop()`` from a signal."""
 
@@ -98,16 +122,17 @@ class Daemon:
         self._lock_state_dir()
         if self._keystore is None:
             self._keystore = open_keystore(cfg.backend, cfg.keystore)
+        # Loaded before anything else is touched: a corrupt registry refuses
+        # the start with nothing changed (ConfigError names the file).
         self.agents = AgentRegistry(
             store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
-        self.agents.reconcile()
         policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
         if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
                             extra={"policy": str(cfg.policy_file)})
         self.policy = PolicyHolder(policy, cfg.policy_file)
-        device_key = self._device_key(self._keystore)
+        device_key, device_created = self._device_key(self._keystore)
         self._publish_device_key(device_key)
         # Refuses to start (ConfigError) on an unusable audit dir: no unaudited service.
         mirror = None
@@ -125,6 +150,20 @@ class Daemon:
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
+        if device_created:
+            audit.append_sync({"event": "key.created", "key": DEVICE_KEY, "reason": "device key"})
+        # Start-up reconcile, now that every step it takes can be audited.
+        # It never destroys a key the registry does not name: such keys make
+        # it refuse the start (UnregisteredKeysError, `badged recover`).
+        self.agents.set_audit(audit.append_sync)
+        audit_dir = cfg.effective_audit_dir
+        try:
+            self.agents.reconcile(lambda op: {str(r.get("event")) for r in
+                                              find_marked(audit_dir, op) if r.get("op") == op})
+        except BadgedError as exc:
+            with contextlib.suppress(BadgedError, OSError, ValueError):
+                audit.append_sync({"event": "daemon.refused", "reason": str(exc)[:1000]})
+            raise
         self.session_keys: SessionKeyManager | None = None
         session_file = cfg.private_dir / "session-keys.json"
         session_mode = cfg.effective_signing_mode == "session"
@@ -167,39 +206,30 @@ class Daemon:
         atomic_write(self.config.state_dir / "device-key.pem", pem, mode=0o644)
 
     @staticmethod
-    def _device_key(keystore: KeyStore) -> KeyHandle:
-        """The device key, generated in the token on first start."""
+    def _device_key(keystore: KeyStore) -> tuple[KeyHandle, bool]:
+        """The device key, generated in the token on first start (True: just made).
+
+        It signs the audit log's checkpoints, so it exists before the log is
+        open; its creation is audited as the log's first act.
+        """
         try:
-            return keystore.get(DEVICE_KEY)
+            return keystore.get(DEVICE_KEY), False
         except KeyNotFoundError:
             _logger.info("generating device key", extra={"key": DEVICE_KEY})
-            return keystore.generate(DEVICE_KEY)
+            return keystore.generate(DEVICE_KEY), True
 
     def _lock_state_dir(self) -> None:
-        """One daemon per state dir, for its whole life (flock, released on exit).
-
-        Without it a second daemon could open the same audit log and token
-        state before discovering the public sockets are taken.
-        """
-        import fcntl
-
-        path = self.config.private_dir / "badged.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError("another badged is running with this state dir",
-                              path=str(self.config.state_dir)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = lock_state_dir(self.config)
 
     # -- run -----------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.config
-        deps = self._build()
+        try:
+            deps = self._build()
+        except BaseException:
+            self._close_after_failed_start()
+            raise
         assert self.agents is not None
         for name in self._ensure_agents:
             if not any(a.name == name for a in self.agents.list(include_revoked=True)):
@@ -250,6 +280,16 @@ class Daemon:
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
                                      "admin": str(cfg.admin_socket)})
+
+    def _close_after_failed_start(self) -> None:
+        """A refused start still seals the audit log and closes the token."""
+        if self._audit is not None:
+            with contextlib.suppress(BadgedError, OSError, RuntimeError):
+                self._audit.close()
+            self._audit = None
+        if self._keystore is not None:
+            with contextlib.suppress(BadgedError, OSError):
+                self._keystore.close()
 
     async def _append_audit(self, event: Mapping[str, object]) -> None:
         if self._audit is not None:

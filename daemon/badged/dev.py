@@ -6,6 +6,11 @@ config, a policy binding a demo agent to the invoking user, and the demo agent
 itself, then serves both sockets under ``DIR/run``. Everything is explicit
 config that a production deployment would write too: there is no hidden test
 switch.
+
+Start-up reconcile is the production one: on a state dir whose token holds
+agent keys the registry does not name (``private/agents.json`` deleted or
+lost), ``badged dev`` refuses to start and names them -- it neither destroys
+them nor adopts them by itself; ``badged recover --dev DIR --adopt`` does.
 """
 
 from __future__ import annotations
@@ -166,3 +171,19 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str, backend: str = "s
         source=f"badged dev --state-dir {state_dir} --backend {backend}",
     )
     return setup
+
+
+def prepare_existing(state_dir: Path, *, trust_domain: str = "example.org") -> DevSetup:
+    """The config of an existing ``badged dev`` state dir (for ``badged recover --dev``).
+
+    Refuses a directory that is not one, rather than provisioning a fresh
+    token there: recovery must look at the keys that exist.
+    """
+    private = state_dir.absolute() / "private"
+    if not private.is_dir():
+        raise ConfigError("not a badged dev state dir (no private/)", path=str(state_dir))
+    marker = private / "dev-backend"
+    backend = marker.read_text().strip() if marker.exists() else "softhsm"
+    if backend == "softhsm" and not (private / "softhsm").exists():
+        raise ConfigError("no dev SoftHSM token in this state dir", path=str(state_dir))
+    return prepare(state_dir, agent="demo-agent", trust_domain=trust_domain, backend=backend)

@@ -127,6 +127,16 @@ class ConfigError(BadgedError):
         self.line = line
 
 
+class StateError(BadgedError):
+    """A state file (agent registry) could not be saved: the change did not happen.
+
+    The operator is told plainly that nothing changed, so retrying is safe.
+    """
+
+    code = ErrorCode.BACKEND_UNAVAILABLE
+    public_message = "state could not be saved; nothing changed"
+
+
 # -- key store errors: part of the key-store port's contract -------------------
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from badged.audit import verify
+from badged.audit import AuditConfig, AuditLog, verify
 from badged.audit.files import file_name, list_files
+from badged.errors import ConfigError
 from badged.keystore.port import KeyHandle
 from tests.audit.helpers import all_records, build_log, log_lines, open_log, rewrite
 
@@ -78,17 +79,43 @@ def test_clean_log_gets_no_recovery_record(audit_dir: Path) -> None:
     assert _recoveries(audit_dir) == []
 
 
-def test_invalid_record_followed_by_valid_ones_is_cut_from_there(
+def test_invalid_unsealed_record_followed_by_valid_ones_is_cut_from_there(
         audit_dir: Path, mem_key: KeyHandle) -> None:
-    build_log(audit_dir, mem_key, n=10, every=100)
+    build_log(audit_dir, None, n=10)  # no checkpoint: nothing sealed
     [(path, lines)] = log_lines(audit_dir)
     lines[6] = lines[6].replace(b"agent", b"AGENT")  # seq 7 damaged
     rewrite(path, lines)
     _reopen(audit_dir, mem_key)
     [rec] = _recoveries(audit_dir)
-    assert rec["seq"] == 7 and rec["cut_seqs"] == [8, 11]
-    assert "hash" in str(rec["reason"])
+    assert rec["seq"] == 7 and rec["cut_seqs"] == [8, 10]
+    assert "hash" in str(rec["reason"]) and "sealed" not in rec
     assert verify(audit_dir, mem_key.public_key()).ok
+
+
+def test_damaged_sealed_record_refuses_to_open_and_cuts_nothing(
+        audit_dir: Path, mem_key: KeyHandle) -> None:
+    from badged.audit.log import AuditTamperedError
+
+    build_log(audit_dir, mem_key, n=10, every=100)  # close checkpoint (seq 11) seals 1..10
+    [(path, lines)] = log_lines(audit_dir)
+    lines[6] = lines[6].replace(b"agent", b"AGENT")  # seq 7 damaged
+    rewrite(path, lines)
+    before = path.read_bytes()
+    with pytest.raises(AuditTamperedError, match=r"seq 7\b.*checkpoint seq 11.*move-aside 7"):
+        _reopen(audit_dir, mem_key)
+    assert path.read_bytes() == before  # nothing cut, nothing appended
+    assert not list(audit_dir.glob("*.cut-*"))
+    # The operator's explicit answer: only the damaged seq itself is accepted.
+    with pytest.raises(ConfigError, match=r"seq 7\b.*move-aside 7"):
+        AuditLog.open(AuditConfig(directory=audit_dir), signer=mem_key, move_aside_sealed=8)
+    log = AuditLog.open(AuditConfig(directory=audit_dir, checkpoint_seconds=None),
+                        signer=mem_key, move_aside_sealed=7)
+    log.close()
+    [rec] = _recoveries(audit_dir)
+    assert rec["sealed"] is True and rec["sealed_by"] == 11 and rec["seq"] == 7
+    report = verify(audit_dir, mem_key.public_key())
+    assert not report.ok and report.first_bad is not None
+    assert report.first_bad.code == "sealed_cut"
 
 
 def test_garbage_last_file_after_rotation_links_to_previous_file(audit_dir: Path) -> None:

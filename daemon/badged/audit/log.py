@@ -73,6 +73,7 @@ from badged.audit.record import (
     parse_time,
     seal,
 )
+from badged.audit.verify import sealed_in_cut
 from badged.errors import AuditError, BadgedError, ConfigError
 from badged.keystore.port import KeyHandle
 
@@ -182,6 +183,10 @@ class _Entry:
         self.error: BaseException | None = None
 
 
+class AuditTamperedError(ConfigError):
+    """A record a valid checkpoint had sealed is damaged: refuse to start, cut nothing."""
+
+
 class _FsyncError(Exception):
     """fsync failed: unlike a failed write this cannot be undone by truncating."""
 
@@ -285,6 +290,7 @@ class AuditLog:
         write: WriteFn = os.write,
         fsync: FsyncFn = os.fsync,
         mirror: MirrorFn | None = None,
+        move_aside_sealed: int | None = None,
     ) -> AuditLog:
         """Open (creating, recovering) the log and start its writer thread.
 
@@ -294,11 +300,18 @@ class AuditLog:
         ``write``/``fsync`` are seams for fault-injection tests. ``mirror``
         (e.g. :func:`badged.audit.mirror.syslog_mirror`) gets a copy of every
         durable batch, after the fact and best effort.
+
+        A damaged record that a valid checkpoint had sealed is tampering, not a
+        crash: :class:`AuditTamperedError` (a ConfigError: refuse to start).
+        ``move_aside_sealed=SEQ`` is the operator's explicit answer (``badged
+        recover --audit-move-aside SEQ``): cut from that damaged seq anyway,
+        stating it in the recovery record (``sealed: true``), which
+        ``verify`` then reports forever.
         """
         log = cls(config, clock=clock, signer=signer, write=write, fsync=fsync, mirror=mirror)
         try:
             log._open_dir()
-            log._recover_and_open_file()
+            log._recover_and_open_file(move_aside_sealed)
         except OSError as exc:
             log._release_lock()
             if exc.errno in _CONFIG_ERRNOS:
@@ -351,8 +364,13 @@ class AuditLog:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def _recover_and_open_file(self) -> None:
-        """Find the chain head; cut and seal a torn tail; open the file for append."""
+    def _recover_and_open_file(self, move_aside_sealed: int | None = None) -> None:
+        """Find the chain head; cut and seal a torn tail; open the file for append.
+
+        Only an *unsealed* tail is cut: if a checkpoint after the damage had
+        sealed it, the damage is tampering and the start is refused unless
+        the operator asked to move exactly that seq onwards aside.
+        """
         paths = files.list_files(self.directory)
         if not paths:
             self._open_file(self.directory / files.file_name(1))
@@ -365,7 +383,34 @@ class AuditLog:
         self._head = self._durable = head
         self._sealed_seq, self._last_event_seq = scan.sealed_seq, scan.last_event_seq
         if cut_reason is not None:
-            self._seal_cut(last, good_end, cut_reason, cut_lineno)
+            bad_seq = head.seq + 1
+            public = self._signer.public_key() if self._signer is not None else None
+            data = last.read_bytes()[good_end:]
+            sealer = sealed_in_cut(data, bad_seq, public)
+            sealed: dict[str, Any] = {}
+            if sealer is not None:
+                if move_aside_sealed != bad_seq:
+                    raise AuditTamperedError(
+                        f"audit log {last.name} line {cut_lineno} (seq {bad_seq}) is damaged "
+                        f"({cut_reason}) but the signed checkpoint seq {sealer} had sealed it: "
+                        "this is tampering, not a crash, and nothing was cut. Keep a copy of "
+                        "the audit directory, then run 'badged recover --audit-move-aside "
+                        f"{bad_seq}' (with the same --config or --dev STATE_DIR) to move seq "
+                        f"{bad_seq} onwards aside (audited) and start",
+                        path=str(self.directory))
+                sealed = {"sealed": True, "sealed_by": sealer,
+                          "operator": "badged recover --audit-move-aside"}
+                cut_reason = f"operator moved aside records sealed by checkpoint seq {sealer}: " \
+                             + cut_reason
+            elif move_aside_sealed is not None:
+                raise ConfigError(f"--audit-move-aside {move_aside_sealed}: seq "
+                                  f"{move_aside_sealed} is not a sealed damaged record "
+                                  f"(the damage starts at seq {bad_seq}, and is unsealed)",
+                                  path=str(self.directory))
+            self._seal_cut(last, good_end, cut_reason, cut_lineno, sealed)
+        elif move_aside_sealed is not None:
+            raise ConfigError(f"--audit-move-aside {move_aside_sealed}: the last audit file "
+                              "has no damaged record", path=str(self.directory))
         self._open_file(last)
 
     def _open_file(self, path: Path) -> None:
@@ -383,7 +428,8 @@ class AuditLog:
         self._fd, self._path, self._size = fd, path, size
         self._file_opened_at = self._clock()
 
-    def _seal_cut(self, path: Path, good_end: int, reason: str, lineno: int) -> None:
+    def _seal_cut(self, path: Path, good_end: int, reason: str, lineno: int,
+                  extra: dict[str, Any] | None = None) -> None:
         """Move a torn/invalid tail aside and seal the cut with a ``recovery`` record.
 
         Atomic by construction: the cut bytes are saved first, then the file is
@@ -412,6 +458,8 @@ class AuditLog:
         }
         if parsed:
             fields["cut_seqs"] = [min(parsed), max(parsed)]
+        if extra:
+            fields.update(extra)
         with self._cond:
             entry = self._chain_locked(fields, KIND_RECOVERY, internal=True)
         tmp = path.with_name(f".{path.name}.recover")

@@ -107,6 +107,25 @@ def tail(directory: Path | str, n: int = 20, *, agent: str | None = None,
     return list(found)[-n:] if n > 0 else []
 
 
+def find_marked(directory: Path | str, marker: str, *, last_files: int = 2
+                ) -> list[dict[str, Any]]:
+    """Records of the newest ``last_files`` files whose line contains ``marker``.
+
+    For start-up recovery: a registry change id is looked up only after a
+    crash, and only near the end of the log (the change was the last thing
+    in flight), so a byte search before parsing keeps it cheap on a long log.
+    """
+    needle = marker.encode()
+    found: list[dict[str, Any]] = []
+    for p in files.list_files(_dir(directory))[-last_files:]:
+        for line in files.iter_lines(p):
+            if needle in line.data:
+                rec = _parse(line)
+                if rec is not None:
+                    found.append(rec)
+    return found
+
+
 def export(directory: Path | str, out: BinaryIO, *, from_seq: int | None = None,
            agent: str | None = None, events: list[str] | None = None) -> int:
     """Write matching records as JSON Lines (stored bytes); return how many."""

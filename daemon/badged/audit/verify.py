@@ -24,14 +24,21 @@ What each finding means (``BadRecord.code``):
 * ``torn``: an incomplete line inside the log (at the very end it is only a
   warning, ``torn_tail``: a crash the daemon has not yet sealed);
 * ``unsealed_tail`` (``strict`` only): records after the last checkpoint --
-  their truncation would be undetectable.
+  their truncation would be undetectable;
+* ``sealed_cut``: a crash recovery's cut file holds records a checkpoint had
+  sealed, or an operator moved sealed records aside (``badged recover
+  --audit-move-aside``): history was lost, and stays reported;
+* ``cut_missing`` / ``cut_mismatch``: a recovery's cut-off bytes are gone or
+  changed, so whether they were sealed cannot be checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -197,6 +204,7 @@ class _Verifier:
                                            "record after the last valid checkpoint"))
         if rec["kind"] == KIND_RECOVERY:
             r.recoveries.append(BadRecord(*where, "recovery", _recovery_text(rec)))
+            self.check_cut(rec, where, line.path.parent)
         if CLOCK_BACKWARDS in rec:
             r.clock_steps_back += 1
         self.remember(seq, rec["hash"])
@@ -233,6 +241,39 @@ class _Verifier:
             self.report.sealed_seq = head_seq
             while self.unsealed and (self.unsealed[0].seq or 0) <= head_seq:
                 self.unsealed.popleft()
+
+    def check_cut(self, rec: dict[str, object], where: tuple[str, int, int],
+                  directory: Path) -> None:
+        """A recovery may only have cut what no checkpoint had sealed.
+
+        Recovery cuts a torn tail after a crash; records a signed checkpoint
+        had covered were acknowledged history, so a cut that holds them (or
+        an operator's explicit move-aside, marked ``sealed``) is lost history
+        and fails verification for good. The cut bytes are the evidence: if
+        they are gone or changed, nobody can tell, which fails too.
+        """
+        if rec.get("sealed") is True:
+            self.fail(BadRecord(*where, "sealed_cut",
+                                f"records from seq {where[2]} sealed by checkpoint seq "
+                                f"{rec.get('sealed_by')} were moved aside by the operator "
+                                f"to {rec.get('moved_to')} (tampering found at start-up)"))
+        moved = rec.get("moved_to")
+        if not isinstance(moved, str) or "/" in moved or not moved:
+            return
+        try:
+            data = (directory / moved).read_bytes()
+        except OSError:
+            self.fail(BadRecord(*where, "cut_missing",
+                                f"the cut-off bytes of this recovery ({moved}) are gone: "
+                                "cannot tell whether sealed records were cut"))
+        if hashlib.sha256(data).hexdigest() != rec.get("cut_sha256"):
+            self.fail(BadRecord(*where, "cut_mismatch",
+                                f"{moved} does not hold the bytes this recovery cut"))
+        sealer = sealed_in_cut(data, where[2], self.public_key)
+        if sealer is not None:
+            self.fail(BadRecord(*where, "sealed_cut",
+                                f"{moved} holds records from seq {where[2]} that checkpoint "
+                                f"seq {sealer} had sealed: sealed history was cut"))
 
     def remember(self, seq: int, digest: str) -> None:
         # Checkpoints seal recent heads (seconds old), so a bounded window of
@@ -294,6 +335,42 @@ def verify(
     if report.first_bad is not None:
         _logger.info("audit verify failed: %s", report.first_bad)
     return report
+
+
+def checkpoint_seals(rec: Mapping[str, object], seq: int,
+                     public_key: ec.EllipticCurvePublicKey | None) -> bool:
+    """Whether ``rec`` is a checkpoint that sealed the record numbered ``seq``.
+
+    With a public key the signature must verify (a forged checkpoint proves
+    nothing); without one every well-formed checkpoint counts -- the
+    cautious answer, since the question is "may this be cut?".
+    """
+    if rec.get("kind") != KIND_CHECKPOINT:
+        return False
+    head_seq = rec.get("head_seq")
+    if not isinstance(head_seq, int) or head_seq < seq:
+        return False
+    if public_key is None:
+        return True
+    try:
+        public_key.verify(decode_sig(str(rec.get("sig", ""))), checkpoint_statement(rec), _ES256)
+    except (InvalidSignature, ValueError, KeyError):
+        return False
+    return True
+
+
+def sealed_in_cut(data: bytes, first_seq: int,
+                  public_key: ec.EllipticCurvePublicKey | None) -> int | None:
+    """Seq of a checkpoint among cut-off bytes that had sealed ``first_seq`` or later."""
+    for raw in data.split(b"\n"):
+        try:
+            rec = parse_line(raw)
+        except RecordError:
+            continue
+        if checkpoint_seals(rec, first_seq, public_key):
+            seq = rec.get("seq")
+            return seq if isinstance(seq, int) else 0
+    return None
 
 
 def _peek_seq(data: bytes) -> int | None:

@@ -5,31 +5,56 @@ Every agent has two keys per version, both generated inside the token:
 * the *token key* signs access tokens and is published in the JWKS;
 * the *sign key* serves ``Sign`` over caller data and is never in the JWKS.
 
-Ordering makes crashes safe: metadata is written *before* keys are destroyed
-(revoke, rotate), and *after* keys are created (create, rotate). A crash can
-therefore leave only orphan or doomed keys, which :meth:`reconcile` sweeps at
-start -- never a published identity without its key, nor a revoked one that
-can still sign.
+Every change follows one protocol, so that a crash (kill -9, power loss) at
+any point leaves the token, the registry file and the audit log agreeing, and
+an operator who gets an error knows that nothing changed:
+
+1. the change in flight is written durably to ``agents.pending.json``;
+2. an *intent* record is made durable in the audit log (``agent.rotate.intent``);
+3. new keys are generated in the token (each audited, ``key.created``);
+4. a *copy* of the registry is changed and written durably (temp file, fsync,
+   rename, directory fsync) -- this rename is the commit point;
+5. a *completion* record is made durable (``agent.rotated``);
+6. only then is the copy swapped in: from this instant the daemon signs with
+   the new key, so every credential it signs comes after the audit record;
+7. keys the change retired are destroyed (each audited, ``key.destroyed``) and
+   the pending file is removed.
+
+If step 4 fails the new keys are destroyed (audited) and the operator gets
+:class:`~badged.errors.StateError`; in memory and in the registry nothing
+changed. At start-up :meth:`AgentRegistry.reconcile` compares the pending
+change with the registry and the audit log: a gap (intent without completion)
+is recorded as ``registry.recovered``; keys the registry does not know are
+never destroyed automatically -- the daemon refuses to start and names them
+(``badged recover`` adopts or quarantines them).
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
 import logging
 import re
+import secrets
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 from badged.core.clock import Clock
 from badged.core.jose import ec_public_jwk, jwk_thumbprint
 from badged.errors import (
     AlreadyExistsError,
+    BadgedError,
+    ConfigError,
     FailedPreconditionError,
     InvalidRequestError,
     KeyExistsError,
     KeyNotFoundError,
+    KeyStoreError,
     NotFoundError,
+    StateError,
 )
 from badged.identity.store import AgentRecord, AgentStore, KeyVersion
 from badged.keystore.port import KeyHandle, KeyStore
@@ -39,6 +64,23 @@ _logger = logging.getLogger(__name__)
 PUBLISH_LEEWAY = 30
 _AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TD_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")
+AGENT_KEY_PREFIX = "badged/agent/"
+QUARANTINE_PREFIX = "badged/quarantine/"
+_KEY_RE = re.compile(r"^badged/agent/(?P<agent>[a-z0-9][a-z0-9._-]{0,62})/v(?P<version>[1-9][0-9]{0,8})"
+                     r"/(?P<role>tok|sig)$")
+_MAX_KEY_NAME = 96
+
+AuditFn = Callable[[Mapping[str, Any]], object]
+"""Makes one audit event durable before returning (``AuditLog.append_sync``); raises if not."""
+FindOp = Callable[[str], set[str]]
+"""Event names the audit log holds for a registry change id (start-up recovery)."""
+
+
+@runtime_checkable
+class Relabeling(Protocol):
+    """Key stores that can rename a key in place (quarantine without destroying)."""
+
+    def relabel(self, name: str, new_name: str) -> None: ...
 
 
 def check_agent_name(name: str) -> str:
@@ -56,6 +98,67 @@ def check_trust_domain(td: str) -> str:
     return td
 
 
+def key_names(agent: str, version: int) -> tuple[str, str]:
+    """Token-key and sign-key names of one agent version, as labelled in the token."""
+    return (f"{AGENT_KEY_PREFIX}{agent}/v{version}/tok", f"{AGENT_KEY_PREFIX}{agent}/v{version}/sig")
+
+
+def parse_key_name(name: str) -> tuple[str, int, str] | None:
+    """(agent, version, "tok" | "sig") of an agent key label, or None."""
+    m = _KEY_RE.match(name)
+    if m is None:
+        return None
+    return m.group("agent"), int(m.group("version")), m.group("role")
+
+
+def quarantine_name(name: str, taken: Iterable[str]) -> str:
+    """Where a key goes in quarantine: ``badged/quarantine/agent/NAME/vN/tok``.
+
+    Readable when it fits the 96-character key-name limit and is free,
+    else a short unique name (the audit record keeps the mapping).
+    """
+    used = set(taken)
+    rest = name[len("badged/"):] if name.startswith("badged/") else name
+    candidate = QUARANTINE_PREFIX + rest
+    n = 1
+    while len(candidate) <= _MAX_KEY_NAME and candidate in used:
+        n += 1
+        candidate = f"{QUARANTINE_PREFIX}{rest}.{n}"
+    if len(candidate) > _MAX_KEY_NAME or candidate in used:
+        while True:
+            candidate = f"{QUARANTINE_PREFIX}k-{secrets.token_hex(8)}"
+            if candidate not in used:
+                break
+    return candidate
+
+
+def quarantine_key(keystore: KeyStore, name: str, audit: AuditFn | None, *, reason: str,
+                   op: str = "", **extra: Any) -> str:
+    """Relabel ``name`` out of the agent namespace (never destroys); audited first.
+
+    The audit record is written before the relabel: a crash in between leaves
+    the key under its old name, and the next start-up quarantines it again.
+    """
+    if not isinstance(keystore, Relabeling):
+        raise KeyStoreError(f"the {keystore.backend} key store cannot relabel keys",
+                            backend=keystore.backend)
+    new = quarantine_name(name, keystore.list())
+    kid = _kid_or_empty(keystore, name)
+    if audit is not None:
+        audit({"event": "key.quarantined", "key": name, "quarantined_as": new, "kid": kid,
+               "reason": reason, "op": op, **extra})
+    keystore.relabel(name, new)
+    _logger.warning("key quarantined", extra={"key": name, "as": new, "reason": reason})
+    return new
+
+
+def _kid_or_empty(keystore: KeyStore, name: str) -> str:
+    try:
+        return jwk_thumbprint(ec_public_jwk(keystore.get(name).public_key()))
+    except BadgedError:
+        return ""
+
+
 @dataclass(frozen=True)
 class SigningKey:
     """A key handle ready to sign, with the identifiers credentials carry."""
@@ -67,11 +170,34 @@ class SigningKey:
     version: int
 
 
+@dataclass
+class ReconcileReport:
+    """What start-up (or ``badged recover``) did to bring token and registry together."""
+
+    destroyed: builtins.list[str] = field(default_factory=builtins.list)
+    quarantined: dict[str, str] = field(default_factory=dict)
+    adopted: builtins.list[str] = field(default_factory=builtins.list)
+    missing: builtins.list[str] = field(default_factory=builtins.list)
+    recovered_op: str | None = None
+
+
+class UnregisteredKeysError(ConfigError):
+    """Agent keys in the token that the registry does not know: refuse to start."""
+
+    def __init__(self, keys: builtins.list[str]) -> None:
+        shown = ", ".join(keys[:6]) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
+        super().__init__(
+            f"key store: {len(keys)} keys have no registry entry ({shown}): run 'badged recover "
+            "--adopt' to rebuild the registry from them or 'badged recover --quarantine' to set "
+            "them aside (with the same --config or --dev STATE_DIR); nothing was destroyed")
+        self.keys = keys
+
+
 class AgentRegistry:
     """The set of agent identities of this device. Thread-safe."""
 
     def __init__(self, *, store: AgentStore, keystore: KeyStore, clock: Clock,
-                 trust_domain: str, max_token_ttl: int) -> None:
+                 trust_domain: str, max_token_ttl: int, audit: AuditFn | None = None) -> None:
         self._store = store
         self._keystore = keystore
         self._clock = clock
@@ -81,6 +207,15 @@ class AgentRegistry:
         self._lock = threading.RLock()
         self._agents = store.load()
         self._listeners: builtins.list[Callable[[str, str], None]] = []
+        self._audit_fn = audit
+        # Set when a change could be neither completed nor undone (the audit
+        # log failed too): further changes wait for the restart that resolves it.
+        self._unresolved: str | None = None
+        # The change in flight (lock held from _begin to the end of the change).
+        self._op_kind = ""
+        self._op_agent = ""
+        self._op_keys: builtins.list[str] = []
+        self._op_caller: dict[str, Any] = {}
 
     def add_listener(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(agent, "rotated" | "revoked")`` once that change is saved.
@@ -90,6 +225,10 @@ class AgentRegistry:
         Called with this registry's lock held: listeners must not call back.
         """
         self._listeners.append(listener)
+
+    def set_audit(self, audit: AuditFn) -> None:
+        """Attach the audit log (it is opened after the registry is loaded)."""
+        self._audit_fn = audit
 
     # -- queries ----------------------------------------------------------------
 
@@ -140,91 +279,339 @@ class AgentRegistry:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def create(self, name: str, description: str = "") -> AgentRecord:
+    def create(self, name: str, description: str = "", *,
+               caller: Mapping[str, Any] | None = None) -> AgentRecord:
         check_agent_name(name)
         if len(description) > 256:
             raise InvalidRequestError("description too long", public="description: at most 256 chars")
         with self._lock:
             if name in self._agents:
                 raise AlreadyExistsError(f"agent {name!r} exists")
+            op = self._begin("create", name, list(key_names(name, 1)), caller,
+                             description=description)
             now = int(self._clock())
-            version = self._new_version(name, 1, now)
+            version = self._new_version(name, 1, now, op)
             rec = AgentRecord(name=name, spiffe_id=self.spiffe_id(name), created_at=now,
                               description=description, versions=[version])
-            self._agents[name] = rec
-            self._save()
+            new = copy.deepcopy(self._agents)
+            new[name] = rec
+            self._commit(op, new, {"event": "agent.created", "version": 1,
+                                   "kid": version.token_kid, "sign_kid": version.sign_kid,
+                                   "description": description})
             _logger.info("agent created", extra={"agent": name, "kid": version.token_kid})
-            return rec
+            return copy.deepcopy(rec)
 
-    def rotate(self, name: str) -> AgentRecord:
+    def rotate(self, name: str, *, caller: Mapping[str, Any] | None = None) -> AgentRecord:
         with self._lock:
             rec = self.active(name)
-            now = int(self._clock())
             old = rec.current
-            new = self._new_version(name, old.version + 1, now)
-            old.state = "retired"
-            old.retired_at = now
-            old.publish_until = now + self._max_token_ttl + PUBLISH_LEEWAY
-            rec.versions.append(new)
-            self._save()
+            op = self._begin("rotate", name, list(key_names(name, old.version + 1)), caller,
+                             version=old.version + 1)
+            now = int(self._clock())
+            new_version = self._new_version(name, old.version + 1, now, op)
+            new = copy.deepcopy(self._agents)
+            changed = new[name]
+            retired = changed.current
+            retired.state = "retired"
+            retired.retired_at = now
+            retired.publish_until = now + self._max_token_ttl + PUBLISH_LEEWAY
+            changed.versions.append(new_version)
+            self._commit(op, new, {"event": "agent.rotated", "version": new_version.version,
+                                   "kid": new_version.token_kid,
+                                   "sign_kid": new_version.sign_kid,
+                                   "retired_kid": retired.token_kid,
+                                   "destroys": [retired.token_key, retired.sign_key]})
             self._notify(name, "rotated")
-            # Metadata first, then destroy: a crash here leaves a doomed key
-            # that reconcile() removes, never a retired key that still signs.
-            self._destroy_quietly(old.token_key)
-            self._destroy_quietly(old.sign_key)
-            _logger.info("agent rotated", extra={"agent": name, "version": new.version})
-            return rec
+            # Committed and audited: the retired private keys go now (their
+            # public half stays published until publish_until).
+            self._destroy_audited(op, [retired.token_key, retired.sign_key], "retired by rotate")
+            self._finish(op)
+            _logger.info("agent rotated", extra={"agent": name, "version": new_version.version})
+            return copy.deepcopy(changed)
 
-    def revoke(self, name: str, reason: str = "") -> AgentRecord:
+    def revoke(self, name: str, reason: str = "", *,
+               caller: Mapping[str, Any] | None = None) -> AgentRecord:
         with self._lock:
             rec = self.get(name)
             if rec.status == "revoked":
                 raise FailedPreconditionError(f"agent {name!r} already revoked")
-            rec.status = "revoked"
-            rec.revoked_at = int(self._clock())
-            rec.revoke_reason = reason[:256]
-            for v in rec.versions:
+            op = self._begin("revoke", name, [], caller, reason=reason[:256])
+            new = copy.deepcopy(self._agents)
+            changed = new[name]
+            changed.status = "revoked"
+            changed.revoked_at = int(self._clock())
+            changed.revoke_reason = reason[:256]
+            doomed: builtins.list[str] = []
+            for v in changed.versions:
                 if v.state == "active":
                     v.state = "retired"
-                    v.retired_at = rec.revoked_at
+                    v.retired_at = changed.revoked_at
                 v.publish_until = 0
-            self._save()
+                doomed += [v.token_key, v.sign_key]
+            self._commit(op, new, {"event": "agent.revoked", "reason": reason[:256],
+                                   "destroys": doomed})
             self._notify(name, "revoked")  # before the hardware calls, which may fail
-            for v in rec.versions:
-                self._destroy_quietly(v.token_key)
-                self._destroy_quietly(v.sign_key)
+            self._destroy_audited(op, doomed, "revoked")
+            self._finish(op)
             _logger.info("agent revoked", extra={"agent": name})
-            return rec
+            return copy.deepcopy(changed)
 
-    def reconcile(self) -> builtins.list[str]:
-        """Destroy token keys that metadata says must not exist (after a crash)."""
+    # -- start-up ------------------------------------------------------------------
+
+    def reconcile(self, find_op: FindOp | None = None, *, orphans: str = "refuse",
+                  history: Iterable[Mapping[str, Any]] | None = None) -> ReconcileReport:
+        """Bring token, registry and audit log together after a stop or a crash.
+
+        * a change in flight (pending file) is finished: its intent without a
+          completion is recorded as ``registry.recovered`` (applied or not,
+          decided by the registry file, the commit point); keys it made that
+          the registry does not hold are quarantined;
+        * keys the registry retired or revoked are destroyed (the committed
+          change said so; each destruction audited);
+        * any other agent key the registry does not know is an *orphan*:
+          ``orphans="refuse"`` raises :class:`UnregisteredKeysError` before
+          anything is changed; ``"quarantine"`` relabels them; ``"adopt"``
+          rebuilds registry entries from their labels and ``history`` (audit
+          records), quarantining what cannot be adopted.
+        """
         with self._lock:
-            wanted: set[str] = set()
-            for rec in self._agents.values():
-                if rec.status == "active":
-                    v = rec.current
-                    wanted |= {v.token_key, v.sign_key}
-            swept = [k for k in self._keystore.list()
-                     if k.startswith("badged/agent/") and k not in wanted]
-            for key in swept:
-                self._destroy_quietly(key)
-            if swept:
-                _logger.warning("swept keys without a live identity", extra={"count": len(swept)})
-            return swept
+            report = ReconcileReport()
+            pending = self._store.read_pending()
+            pending_keys = set(pending.get("keys") or []) if pending else set()
+            wanted, registered = self._key_sets()
+            in_token = [k for k in self._keystore.list() if k.startswith(AGENT_KEY_PREFIX)]
+            strays = [k for k in in_token if k not in registered and k not in pending_keys]
+            if strays and orphans == "refuse":
+                raise UnregisteredKeysError(strays)
+            if pending is not None:
+                report.recovered_op = self._recover_pending(pending, find_op, report)
+            for key in in_token:
+                if key in wanted or key in strays:
+                    continue
+                if key in registered:
+                    self._destroy_audited(str(pending.get("op", "")) if pending else "", [key],
+                                          "retired or revoked in the registry (finished at start)")
+                    report.destroyed.append(key)
+            if strays:
+                if orphans == "adopt":
+                    self._adopt(strays, history or [], report)
+                else:
+                    for key in strays:
+                        report.quarantined[key] = quarantine_key(
+                            self._keystore, key, self._audit_fn, reason="operator: badged recover "
+                            "--quarantine (no registry entry)")
+            present = set(self._keystore.list())
+            report.missing = sorted(k for k in wanted if k not in present)
+            if report.missing:
+                _logger.error("registry keys missing from the token; those agents cannot sign",
+                              extra={"keys": report.missing})
+            if pending is not None:
+                self._store.clear_pending()
+            return report
 
-    # -- helpers (lock held) -------------------------------------------------------
+    def _recover_pending(self, pending: Mapping[str, Any], find_op: FindOp | None,
+                         report: ReconcileReport) -> str:
+        op_id = str(pending.get("op", ""))
+        kind = str(pending.get("kind", "unknown"))
+        agent = str(pending.get("agent", ""))
+        keys = [str(k) for k in pending.get("keys") or []]
+        events = find_op(op_id) if (find_op is not None and op_id) else set()
+        _, registered = self._key_sets()
+        if kind == "revoke":
+            rec = self._agents.get(agent)
+            applied = rec is not None and rec.status == "revoked"
+        else:
+            applied = any(k in registered for k in keys)
+        had_intent = any(e.endswith(".intent") for e in events)
+        finished = any(e.endswith(".aborted") or e == "registry.recovered" for e in events)
+        completed = any(not e.endswith(".intent") and e.startswith("agent.") for e in events)
+        if (had_intent or completed) and not finished and not (completed and applied):
+            # The gap: an intent (or a completion the registry does not
+            # reflect) with nothing after it. Record what the commit point says.
+            self._audit({"event": "registry.recovered", "op": op_id, "change": kind,
+                         "agent": agent, "outcome": "applied" if applied else "not-applied",
+                         "keys": keys})
+        elif not had_intent and not completed:
+            _logger.info("registry change never started (no intent record)",
+                         extra={"op": op_id, "change": kind})
+        for key in keys:
+            if key not in registered and key in set(self._keystore.list()):
+                report.quarantined[key] = quarantine_key(
+                    self._keystore, key, self._audit_fn, op=op_id,
+                    reason=f"made by an interrupted {kind} of {agent} that did not take effect")
+        _logger.warning("registry change in flight at the last stop resolved",
+                        extra={"op": op_id, "change": kind, "applied": applied})
+        return op_id
 
-    def _new_version(self, name: str, version: int, now: int) -> KeyVersion:
-        token_name = f"badged/agent/{name}/v{version}/tok"
-        sign_name = f"badged/agent/{name}/v{version}/sig"
-        handles: list[KeyHandle] = []
-        for key_name in (token_name, sign_name):
+    def _adopt(self, strays: builtins.list[str], history: Iterable[Mapping[str, Any]],
+               report: ReconcileReport) -> None:
+        """Rebuild registry entries from orphan key labels and the audit log."""
+        groups: dict[str, dict[int, dict[str, str]]] = {}
+        leftovers: builtins.list[tuple[str, str]] = []
+        for key in strays:
+            parsed = parse_key_name(key)
+            if parsed is None:
+                leftovers.append((key, "label is not badged/agent/NAME/vN/tok|sig"))
+                continue
+            agent, version, role = parsed
+            groups.setdefault(agent, {}).setdefault(version, {})[role] = key
+        past = _History(history)
+        new = copy.deepcopy(self._agents)
+        adopted: builtins.list[tuple[AgentRecord, bool]] = []
+        now = int(self._clock())
+        for agent, versions in sorted(groups.items()):
+            complete = sorted(v for v, roles in versions.items() if len(roles) == 2)
+            reason = ""
+            if agent in new:
+                reason = "agent already in the registry with other keys"
+            elif not complete:
+                reason = "no complete token+sign key pair"
+            elif past.revoked(agent):
+                reason = "the audit log says this agent was revoked"
+            if reason:
+                leftovers += [(k, reason) for roles in versions.values() for k in roles.values()]
+                continue
+            best = complete[-1]
+            tok_name, sig_name = versions[best]["tok"], versions[best]["sig"]
+            tok_jwk = ec_public_jwk(self._keystore.get(tok_name).public_key())
+            sig_jwk = ec_public_jwk(self._keystore.get(sig_name).public_key())
+            tok_kid = jwk_thumbprint(tok_jwk)
+            created = past.created(agent)
+            kv = KeyVersion(version=best, token_key=tok_name, sign_key=sig_name,
+                                 token_kid=tok_kid, sign_kid=jwk_thumbprint(sig_jwk),
+                                 token_jwk=tok_jwk, sign_jwk=sig_jwk,
+                                 created_at=past.kid_time(tok_kid) or now)
+            rec = AgentRecord(name=agent, spiffe_id=self.spiffe_id(agent),
+                              created_at=created[0] if created else now,
+                              description=created[1] if created else "", versions=[kv])
+            new[agent] = rec
+            adopted.append((rec, past.kid_time(tok_kid) is not None))
+            leftovers += [(k, f"older than the adopted version v{best}")
+                          for n, roles in versions.items() if n != best for k in roles.values()]
+        op = secrets.token_hex(8)
+        self._audit({"event": "registry.adopt.intent", "op": op,
+                     "agents": [r.name for r, _ in adopted]})
+        for key, why in leftovers:
+            report.quarantined[key] = quarantine_key(self._keystore, key, self._audit_fn,
+                                                     reason=f"not adopted: {why}", op=op)
+        try:
+            self._store.save(new)
+        except OSError as exc:
+            self._audit({"event": "registry.adopt.aborted", "op": op,
+                         "reason": f"registry not saved: {exc.strerror}"})
+            raise StateError(f"agent registry not saved: {exc}") from None
+        for rec, matched in adopted:
+            v = rec.current
+            self._audit({"event": "agent.adopted", "op": op, "agent": rec.name,
+                         "version": v.version, "kid": v.token_kid, "sign_kid": v.sign_kid,
+                         "keys": [v.token_key, v.sign_key], "audit_match": matched})
+            report.adopted += [v.token_key, v.sign_key]
+        self._agents = new
+
+    # -- the change protocol (lock held) ----------------------------------------------
+
+    def _begin(self, kind: str, agent: str, keys: builtins.list[str],
+               caller: Mapping[str, Any] | None, **fields: Any) -> str:
+        """Steps 1-2: pending file, then the intent record. Raises: nothing changed."""
+        if self._unresolved is not None:
+            raise FailedPreconditionError(
+                f"an earlier registry change ({self._unresolved}) could not be completed or "
+                "undone; restart badged to recover it")
+        op = secrets.token_hex(8)
+        try:
+            self._store.write_pending({"op": op, "kind": kind, "agent": agent, "keys": keys})
+        except OSError as exc:
+            raise StateError(f"agent registry change not started: {exc}") from None
+        who = dict(caller) if caller is not None else {"internal": "badged"}
+        try:
+            self._audit({"event": f"agent.{kind}.intent", "op": op, "agent": agent,
+                         "keys": keys, "caller": who, **fields})
+        except BaseException:
+            self._clear_pending_quietly()
+            raise
+        self._op_caller, self._op_kind, self._op_agent, self._op_keys = who, kind, agent, keys
+        return op
+
+    def _commit(self, op: str, new: dict[str, AgentRecord], completion: dict[str, Any]) -> None:
+        """Steps 4-6: durable save, completion record, swap. Undoes on failure."""
+        try:
+            self._store.save(new)
+        except OSError as exc:
+            self._abort(op, f"registry not saved: {exc.strerror or exc}")
+            raise StateError(f"agent registry not saved ({exc}); nothing changed") from None
+        try:
+            self._audit({**completion, "op": op, "agent": self._op_agent,
+                         "caller": self._op_caller, "decision": "allow"})
+        except BaseException:
+            # Not audited: it must not take effect. Put the old file back; the
+            # keys made stay (their destruction could not be audited either)
+            # until start-up recovery quarantines them.
             try:
-                handles.append(self._keystore.generate(key_name))
-            except KeyExistsError:
-                # Orphan from a crash between key creation and metadata save.
-                self._keystore.destroy(key_name)
-                handles.append(self._keystore.generate(key_name))
+                self._store.save(self._agents)
+            except OSError:
+                _logger.error("registry change saved but not audited, and the old registry "
+                              "could not be restored; start-up recovery will record it",
+                              extra={"op": op})
+            self._unresolved = op
+            raise
+        self._agents = new
+
+    def _abort(self, op: str, why: str) -> None:
+        """A change failed before its commit: undo the keys it made, audited."""
+        left: builtins.list[str] = []
+        try:
+            # Names the intent declared did not exist when it began (a clash
+            # was quarantined first), so any key by those names is this change's.
+            present = set(self._keystore.list())
+            made = [k for k in self._op_keys if k in present]
+        except BadgedError:
+            made = list(self._op_keys)
+        try:
+            self._audit({"event": f"agent.{self._op_kind}.aborted", "op": op,
+                         "agent": self._op_agent, "reason": why, "destroys": made})
+        except BadgedError:
+            self._unresolved = op  # cannot audit the destruction: leave keys for start-up
+            return
+        for key in made:
+            try:
+                self._keystore.destroy(key)
+            except KeyNotFoundError:
+                pass
+            except BadgedError:
+                left.append(key)
+                continue
+            self._audit_quietly({"event": "key.destroyed", "key": key, "op": op,
+                                 "reason": "change aborted"})
+        if left:
+            self._unresolved = op
+            _logger.error("keys of an aborted change could not be destroyed; start-up "
+                          "recovery will quarantine them", extra={"keys": left})
+        else:
+            self._clear_pending_quietly()
+
+    def _finish(self, op: str) -> None:
+        self._clear_pending_quietly()
+
+    def _new_version(self, name: str, version: int, now: int, op: str) -> KeyVersion:
+        token_name, sign_name = key_names(name, version)
+        handles: builtins.list[KeyHandle] = []
+        try:
+            for key_name in (token_name, sign_name):
+                try:
+                    handle = self._keystore.generate(key_name)
+                except KeyExistsError:
+                    # A key of that name the registry does not know (made out of
+                    # band, or left by a change that could not be undone):
+                    # never destroyed, set aside with an audit record.
+                    quarantine_key(self._keystore, key_name, self._audit_fn, op=op,
+                                   reason="name needed by a new key version")
+                    handle = self._keystore.generate(key_name)
+                handles.append(handle)
+                self._audit({"event": "key.created", "key": key_name, "op": op,
+                             "kid": jwk_thumbprint(ec_public_jwk(handle.public_key()))})
+        except BaseException as exc:
+            self._abort(op, f"key generation failed: {exc}")
+            raise
         tok_jwk = ec_public_jwk(handles[0].public_key())
         sig_jwk = ec_public_jwk(handles[1].public_key())
         return KeyVersion(
@@ -233,15 +620,93 @@ class AgentRegistry:
             token_jwk=tok_jwk, sign_jwk=sig_jwk, created_at=now,
         )
 
-    def _destroy_quietly(self, key_name: str) -> None:
+    def _destroy_audited(self, op: str, keys: builtins.list[str], reason: str) -> None:
+        """Destroy keys a committed change retired; each destruction audited."""
+        for key in keys:
+            try:
+                self._keystore.destroy(key)
+            except KeyNotFoundError:
+                continue
+            except BadgedError as exc:
+                # Committed already; start-up finishes it.
+                _logger.error("retired key not destroyed yet", extra={"key": key, "error": str(exc)})
+                continue
+            self._audit_quietly({"event": "key.destroyed", "key": key, "op": op,
+                                 "reason": reason})
+
+    def _key_sets(self) -> tuple[set[str], set[str]]:
+        """(keys that must exist: current of active agents, every key the registry names)."""
+        wanted: set[str] = set()
+        registered: set[str] = set()
+        for rec in self._agents.values():
+            for v in rec.versions:
+                registered |= {v.token_key, v.sign_key}
+            if rec.status == "active":
+                v = rec.current
+                wanted |= {v.token_key, v.sign_key}
+        return wanted, registered
+
+    def _audit(self, event: Mapping[str, Any]) -> None:
+        if self._audit_fn is not None:
+            self._audit_fn(event)
+
+    def _audit_quietly(self, event: Mapping[str, Any]) -> None:
+        """For records after the commit point: the change stands even if this fails."""
         try:
-            self._keystore.destroy(key_name)
-        except KeyNotFoundError:
-            pass
+            self._audit(event)
+        except (BadgedError, OSError, ValueError) as exc:
+            _logger.error("audit record lost after a committed change",
+                          extra={"event": event.get("event"), "error": str(exc)})
+
+    def _clear_pending_quietly(self) -> None:
+        try:
+            self._store.clear_pending()
+        except OSError as exc:
+            # Harmless: start-up sees a resolved change and only removes the file.
+            _logger.warning("pending-change file not removed", extra={"error": str(exc)})
 
     def _notify(self, name: str, event: str) -> None:
         for listener in self._listeners:
             listener(name, event)
 
-    def _save(self) -> None:
-        self._store.save(self._agents)
+
+class _History:
+    """What the audit log says about agents, for adoption."""
+
+    def __init__(self, records: Iterable[Mapping[str, Any]]) -> None:
+        self._created: dict[str, tuple[int, str, int]] = {}
+        self._revoked: dict[str, int] = {}
+        self._kids: dict[str, int] = {}
+        for rec in records:
+            event, agent, seq = rec.get("event"), rec.get("agent"), rec.get("seq", 0)
+            if not isinstance(agent, str) or not isinstance(seq, int):
+                continue
+            when = _epoch(rec.get("time"))
+            if event == "agent.created":
+                self._created[agent] = (when, str(rec.get("description", "")), seq)
+            elif event == "agent.revoked":
+                self._revoked[agent] = seq
+            if event in ("agent.created", "agent.rotated", "agent.adopted") and \
+                    isinstance(rec.get("kid"), str):
+                self._kids[str(rec["kid"])] = when
+
+    def revoked(self, agent: str) -> bool:
+        created = self._created.get(agent)
+        revoked = self._revoked.get(agent)
+        return revoked is not None and (created is None or revoked > created[2])
+
+    def created(self, agent: str) -> tuple[int, str] | None:
+        c = self._created.get(agent)
+        return (c[0], c[1]) if c else None
+
+    def kid_time(self, kid: str) -> int | None:
+        return self._kids.get(kid)
+
+
+def _epoch(value: object) -> int:
+    if not isinstance(value, str):
+        return 0
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0

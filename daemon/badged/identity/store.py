@@ -2,12 +2,20 @@
 
 Keys live in the token; everything the token cannot hold (status, versions,
 published public JWKs of retired keys) lives here. The file is replaced
-atomically on every change, so a crash never leaves a half-written registry.
+atomically on every change (temp file, fsync, rename, directory fsync), so a
+crash never leaves a half-written registry.
+
+Next to it, ``agents.pending.json`` names the one registry change in flight
+(written durably *before* its audit intent record and before any key is
+made, removed once the change is complete). After a crash it tells start-up
+which change to finish or undo, without reading the whole audit log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +66,19 @@ class AgentStore:
     def __init__(self, path: Path) -> None:
         self._path = path
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def pending_path(self) -> Path:
+        return self._path.with_name(self._path.stem + ".pending.json")
+
+    def exists(self) -> bool:
+        return self._path.exists()
+
     def load(self) -> dict[str, AgentRecord]:
+        """The registry; ``{}`` when there is no file (the caller decides if that is OK)."""
         if not self._path.exists():
             return {}
         try:
@@ -71,12 +91,63 @@ class AgentStore:
                 rec = AgentRecord(**item, versions=versions)
                 agents[rec.name] = rec
             return agents
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"agent registry is corrupt: {exc}", path=str(self._path)) from None
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"agent registry is corrupt ({exc}); nothing was changed. Restore it from a "
+                "backup, or run 'badged recover' to rebuild it from the token and the audit log",
+                path=str(self._path)) from None
+        except OSError as exc:
+            raise ConfigError(f"agent registry unreadable: {exc.strerror}",
+                              path=str(self._path)) from None
 
     def save(self, agents: dict[str, AgentRecord]) -> None:
+        """Durably replace the file. Raises OSError; the old file is then intact."""
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "agents": [asdict(a) for a in sorted(agents.values(), key=lambda a: a.name)],
         }
-        atomic_write(self._path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        try:
+            atomic_write(self._path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        except OSError:
+            # atomic_write's temp file (same naming): do not leave it behind.
+            with contextlib.suppress(OSError):
+                self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}").unlink()
+            raise
+
+    def move_aside(self, suffix: str) -> Path | None:
+        """Rename an unusable registry out of the way (kept as evidence)."""
+        if not self._path.exists():
+            return None
+        dest = self._path.with_name(f"{self._path.name}.{suffix}")
+        os.replace(self._path, dest)
+        return dest
+
+    # -- the change in flight ----------------------------------------------------
+
+    def write_pending(self, op: dict[str, Any]) -> None:
+        atomic_write(self.pending_path, json.dumps(op, sort_keys=True).encode())
+
+    def read_pending(self) -> dict[str, Any] | None:
+        try:
+            raw = self.pending_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", path=str(self.pending_path)) from None
+        try:
+            op = json.loads(raw)
+        except ValueError:
+            op = None
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            # Torn only if written without atomic_write: treat as "unknown change".
+            return {"op": "", "kind": "unknown", "agent": "", "keys": []}
+        return op
+
+    def clear_pending(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pending_path.unlink()
+            dfd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

@@ -83,6 +83,18 @@ class MemoryKeyStore:
                 raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
             key._key = None
 
+    def relabel(self, name: str, new_name: str) -> None:
+        """Rename a key in place (quarantine): it keeps its private half."""
+        check_key_name(new_name)
+        with self._lock:
+            if new_name in self._keys:
+                raise KeyExistsError(f"key {new_name} exists", backend=self.backend)
+            key = self._keys.pop(name, None)
+            if key is None:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+            key._name = new_name
+            self._keys[new_name] = key
+
     def properties(self, name: str) -> KeyProperties:
         self.get(name)
         return KeyProperties(

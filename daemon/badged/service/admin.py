@@ -41,8 +41,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreateAgent(self, request: admin_pb2.CreateAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
-        rec = self._d.agents.create(check_agent_name(request.name), request.description)
-        await self._audit("agent.created", proc, rec.name, kid=rec.current.token_kid)
+        # The registry audits intent and completion itself, before the change takes effect.
+        rec = self._d.agents.create(check_agent_name(request.name), request.description,
+                                    caller=proc.summary())
         return agent_to_pb(rec, self._now())
 
     async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
@@ -60,16 +61,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RotateAgent(self, request: admin_pb2.RotateAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
-        rec = self._d.agents.rotate(check_agent_name(request.name))
-        await self._audit("agent.rotated", proc, rec.name, version=rec.current.version,
-                          kid=rec.current.token_kid)
+        rec = self._d.agents.rotate(check_agent_name(request.name), caller=proc.summary())
         return agent_to_pb(rec, self._now())
 
     async def RevokeAgent(self, request: admin_pb2.RevokeAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
-        rec = self._d.agents.revoke(check_agent_name(request.name), request.reason)
-        await self._audit("agent.revoked", proc, rec.name, reason=request.reason[:256])
+        rec = self._d.agents.revoke(check_agent_name(request.name), request.reason,
+                                    caller=proc.summary())
         return agent_to_pb(rec, self._now())
 
     # -- step-ups ---------------------------------------------------------------

@@ -285,6 +285,31 @@ class Pkcs11KeyStore:
 
         self._call(op)
 
+    def relabel(self, name: str, new_name: str) -> None:
+        """Rename a key pair in the token (quarantine instead of destroying it).
+
+        CKA_LABEL is modifiable on token objects; the session copy, if any,
+        is destroyed so nothing signs under the old name afterwards.
+        """
+        check_key_name(new_name)
+        import pkcs11
+
+        def op(session: Any) -> None:
+            if self._find_private(session, new_name) is not None:
+                raise KeyExistsError(f"key {new_name} exists", backend=self.backend)
+            if self._find_private(session, name) is None:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
+                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls,
+                                                     pkcs11.Attribute.LABEL: name})):
+                    if obj[pkcs11.Attribute.TOKEN]:
+                        obj[pkcs11.Attribute.LABEL] = new_name
+                    else:
+                        obj.destroy()
+            self._keys.pop(name, None)
+
+        self._call(op)
+
     def properties(self, name: str) -> KeyProperties:
         import pkcs11
 

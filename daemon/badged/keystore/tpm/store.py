@@ -743,6 +743,29 @@ class TpmKeyStore:
                 raise KeyNotFoundError(f"key {name} not found", backend=BACKEND) from None
             _logger.info("tpm key destroyed", extra={"key": name})
 
+    def relabel(self, name: str, new_name: str) -> None:
+        """Rename a key file (quarantine instead of destroying): header and file name."""
+        check_key_name(name)
+        check_key_name(new_name)
+        with self._lock:
+            if self._path(new_name).exists():
+                raise KeyExistsError(f"key {new_name} exists", backend=BACKEND)
+            self._read_blob(name)  # KeyNotFoundError; checks the header names it
+            data = self._path(name).read_bytes()
+            old_line, new_line = f"\nname: {name}\n".encode(), f"\nname: {new_name}\n".encode()
+            if old_line not in data:
+                raise KeyStoreError(f"key file of {name} has no name header", backend=BACKEND)
+            atomic_write(self._path(new_name), data.replace(old_line, new_line, 1), 0o600)
+            handle = self._loaded.pop(name, None)
+            self._blobs.pop(name, None)
+            if handle is not None and self._ectx is not None:
+                try:
+                    self._ectx.flush_context(handle)
+                except Exception:
+                    _logger.debug("flush of relabelled key failed", exc_info=True)
+            os.unlink(self._path(name))
+            _logger.info("tpm key relabelled", extra={"key": name, "as": new_name})
+
     def properties(self, name: str) -> KeyProperties:
         """Attributes as the TPM reports them for the loaded object (ReadPublic)."""
         check_key_name(name)
