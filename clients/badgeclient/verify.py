@@ -568,6 +568,7 @@ class Verifier:
                 raise ChainError("san_mismatch", "device attests for another trust domain")
             if chain:
                 self._check_same_trust_domain(chain[0], agent)
+                _check_device_scope(chain[0], agent)
         self._check_revoked(agent, thumb, chain)
         if kid is not None and kid in self.revocations.key_ids:
             raise RevokedError("revoked", "the attesting device key is revoked")
@@ -721,6 +722,7 @@ class Verifier:
             raise ChainError("san_mismatch", "certificate SAN is not the token's agent")
         if len(chain) > 1:
             self._check_same_trust_domain(chain[1], agent)
+            _check_device_scope(chain[1], agent, leaf=chain[0])
 
     def _check_times(self, c: Mapping[str, Any], now: float) -> None:
         exp = _num(c, "exp", required=True)
@@ -806,6 +808,57 @@ class Verifier:
         self.verify_dpop(dpop.proof, htm=dpop.htm, htu=dpop.htu, access_token=token,
                          nonce=dpop.nonce, jkt=jkt)
         return jkt
+
+
+AGENT_ORG = "badged agent"
+
+
+def permitted_agents(device_cert: x509.Certificate) -> frozenset[str] | None:
+    """Agent names a device certificate's name constraints permit; None = no constraints.
+
+    badged's CA writes them as directoryName subtrees ``O=badged agent,
+    CN=<name>`` (openssl enforces those on the agent certificate's subject).
+    A constraint of any other shape permits nothing here: fail closed.
+    """
+    try:
+        nc = device_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    out: set[str] = set()
+    for sub in nc.permitted_subtrees or ():
+        if not isinstance(sub, x509.DirectoryName):
+            continue
+        attrs = [list(rdn) for rdn in sub.value.rdns]
+        if [len(a) for a in attrs] != [1, 1]:
+            continue
+        o, cn = attrs[0][0], attrs[1][0]
+        if o.oid == x509.NameOID.ORGANIZATION_NAME and o.value == AGENT_ORG \
+                and cn.oid == x509.NameOID.COMMON_NAME and isinstance(cn.value, str):
+            out.add(cn.value)
+    return frozenset(out)
+
+
+def _check_device_scope(device_cert: x509.Certificate, agent: str, *,
+                        leaf: x509.Certificate | None = None) -> None:
+    """A device vouches only for the agents its certificate names.
+
+    The same rule openssl applies to the leaf's subject, applied here to the
+    SPIFFE ID a relying party acts on (``spiffe://TD/agent/<name>``), plus:
+    the leaf's subject must be that very agent, so a subject that satisfies
+    openssl cannot carry another agent's SAN.
+    """
+    permitted = permitted_agents(device_cert)
+    if permitted is None:
+        return
+    path = agent.split("/", 3)[3] if agent.count("/") >= 3 else ""
+    name = path[len("agent/"):] if path.startswith("agent/") else ""
+    if not name or "/" in name or name not in permitted:
+        raise ChainError("device_scope", "the issuing device was not enrolled for this agent")
+    if leaf is not None:
+        expected = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, AGENT_ORG),
+                              x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+        if leaf.subject != expected:
+            raise ChainError("device_scope", "certificate subject is not the agent of its SAN")
 
 
 def load_roots(pem: bytes) -> list[x509.Certificate]:

@@ -333,6 +333,25 @@ def test_attestation_before_enrollment_verifies_with_device_jwk(cred_daemon: Run
         v.verify_client_attestation(att.attestation, att.pop, audience=AS_ISSUER)
 
 
+def test_attestation_verifies_with_the_trust_bundle_key_set(cred_daemon: RunningDaemon,
+                                                            tmp_path: Path) -> None:
+    """`badgectl verify --kind attestation --jwks <(badgectl trust-bundle --jwks)`:
+    the device key signs attestations, and `badgectl jwks` (agent token keys) is
+    not the set to trust for them."""
+    env = cred_daemon.env()
+    with CredentialClient(cred_daemon.workload) as c:
+        att = c.client_attestation(audience=AS_ISSUER, client_id="oauth-client-1", agent=AGENT)
+    device_set, agent_set = tmp_path / "device.jwks", tmp_path / "agents.jwks"
+    device_set.write_text(ctl("credentials", "trust_bundle_command", "--jwks", env=env).stdout)
+    agent_set.write_text(json.dumps(_jwks(cred_daemon)))
+    args = ("--kind", "attestation", "--audience", AS_ISSUER, "--pop", att.pop, att.attestation)
+    ok = ctl("verify", "verify_command", "--jwks", str(device_set), *args, env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["agent"] == f"spiffe://example.org/agent/{AGENT}"
+    wrong = ctl("verify", "verify_command", "--jwks", str(agent_set), *args, env=env, check=False)
+    assert wrong.returncode == 1 and "unknown_kid" in wrong.stderr
+
+
 def test_enrollment_chain_openssl_and_revocation(cred_daemon: RunningDaemon, ca_dir: Path,
                                                  tmp_path: Path) -> None:
     env = cred_daemon.env()

@@ -138,8 +138,12 @@ def cert_command(out: Path, chain_out: Path | None, agent: str | None,
 @click.command("trust-bundle")
 @click.option("--chain-out", type=click.Path(path_type=Path, dir_okay=False), default=None)
 @click.option("--crl-out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--jwks", "as_jwks", is_flag=True,
+              help="Print only a JWK Set of the device key: what `badgectl verify --kind "
+                   "attestation --jwks` trusts before enrollment (`badgectl jwks` holds the "
+                   "agents' token keys, never the device key).")
 @socket_option
-def trust_bundle_command(chain_out: Path | None, crl_out: Path | None,
+def trust_bundle_command(chain_out: Path | None, crl_out: Path | None, as_jwks: bool,
                          socket_path: str | None) -> None:
     """Public material for relying parties: the device chain and the agent CRL."""
     with CredentialClient(socket_path) as c:
@@ -148,6 +152,9 @@ def trust_bundle_command(chain_out: Path | None, crl_out: Path | None,
         chain_out.write_text(b.device_chain_pem)
     if crl_out is not None and b.crl_pem:
         crl_out.write_text(b.crl_pem)
+    if as_jwks:
+        _emit({"keys": [b.device_jwk]})
+        return
     _emit({"enrolled": b.enrolled, "device_id": b.device_id, "device_jwk": b.device_jwk})
 
 
