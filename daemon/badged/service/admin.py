@@ -6,11 +6,17 @@ import os
 from typing import Any
 
 from badged.attest.process import ProcessAttributes
-from badged.errors import AttestationError, BadgedError, InvalidRequestError, NotFoundError
+from badged.errors import (
+    AttestationError,
+    BadgedError,
+    FailedPreconditionError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from badged.identity.registry import check_agent_name
 from badged.listener.peers import PeerCredentials, exe_identity, proc_start_time
 from badged.policy.loader import parse_duration
-from badged.policy.model import KINDS, Grant, Request
+from badged.policy.model import KINDS, Grant, Request, evaluate
 from badged.service import validate
 from badged.service.approvals import PendingApproval
 from badged.service.auth import require_operator, resolve_caller
@@ -101,6 +107,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         proc = self._operator(context)
         grant = self._d.grants.revoke_grant(request.id)
         await self._audit("grant.revoked", proc, grant.agent, grant=grant.id)
+        for item in self._d.approvals.cancel_for_grant(grant.id, by=user_name(proc.uid)):
+            await self._audit("approval.cancelled", proc, item.agent, approval=item.id,
+                              reason=item.comment, decision="deny")
         return self._grant_pb(grant)
 
     async def ListGrants(self, request: admin_pb2.ListGrantsRequest,
@@ -129,11 +138,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def DecideApproval(self, request: admin_pb2.DecideApprovalRequest,
                              context: Ctx) -> admin_pb2.Approval:
         proc = self._operator(context)
-        item = self._d.approvals.decide(request.id, approve=request.approve,
-                                        by=user_name(proc.uid), comment=request.comment)
+        item = self._d.approvals.decide(
+            request.id, approve=request.approve, by=user_name(proc.uid), by_uid=proc.uid,
+            comment=request.comment,
+            requester_may_approve=self._d.policy.current.requester_may_approve,
+            recheck=self._still_allowed)
         await self._audit("approval.decided", proc, item.agent, approval=item.id,
                           outcome=item.state, comment=item.comment)
+        if request.approve and item.state == "cancelled":
+            raise FailedPreconditionError(
+                f"approval {item.id}: {item.comment}",
+                public="the policy no longer allows this request; the approval was cancelled")
         return _approval_pb(item)
+
+    def _still_allowed(self, item: PendingApproval) -> str | None:
+        """The policy as it is now, for the request as it was made (budget aside:
+        the request already spent it when it asked)."""
+        d = self._d
+        decision = evaluate(d.policy.current, item.process.selectors(), item.request,
+                            now=d.clock(), default_ttl=d.default_ttl, max_ttl=d.max_ttl,
+                            grants=d.grants.grants(), delegations=d.grants.delegations())
+        if not decision.allowed:
+            return decision.reason
+        if decision.agent != item.agent:
+            return f"the caller is now {decision.agent}"
+        status = self._gate.agent_status(item.agent)
+        return None if status == "active" else f"agent is {status}"
 
     # -- delegations ----------------------------------------------------------
 
