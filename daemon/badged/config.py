@@ -20,7 +20,7 @@ from badged.errors import ConfigError
 from badged.keystore.pkcs11.store import Pkcs11Config
 from badged.keystore.tpm.store import TpmConfig
 from badged.keystore.uri import parse_pkcs11_uri
-from badged.listener.budget import MAX_CONNECTIONS, Budget, FrontLimits
+from badged.listener.budget import MAX_CONNECTIONS, Budget, FrontLimits, min_buffered
 from badged.policy.loader import parse_duration
 
 DEFAULT_SOCKET_DIR = Path("/run/badged")
@@ -427,7 +427,8 @@ def _front_limits(lim: dict[str, Any], max_conn: int,
     bound = Budget(connections=max_conn,
                    streams=count("streams_per_uid", base.bound.streams),
                    handlers=count("handlers_per_uid", base.bound.handlers),
-                   buffered=count("buffered_per_uid", base.bound.buffered))
+                   buffered=count("buffered_per_uid", max(
+                       base.bound.buffered, min_buffered(max_conn, base))))
     unbound = Budget(
         connections=count("unbound_connections_per_uid", min(max_conn, base.unbound.connections)),
         streams=count("unbound_streams_per_uid", base.unbound.streams),

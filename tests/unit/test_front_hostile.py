@@ -344,28 +344,42 @@ def test_compression_bombs_and_unknown_encodings_are_refused() -> None:
     _run(scenario)
 
 
-def test_a_uid_over_its_buffer_budget_loses_its_oldest_unfinished_request() -> None:
-    limits = FrontLimits(max_message=1024, conn_streams=8, conn_buffer=65535,
-                         bound=Budget(connections=8, streams=64, handlers=64, buffered=2100),
-                         unbound=Budget(connections=2, streams=3, handlers=1, buffered=2100),
+def test_the_windows_a_uid_is_granted_never_exceed_its_buffer_budget() -> None:
+    """Flow control is the bound: what a uid's connections may send plus what we hold stays
+    within its budget; sending past the grant is FLOW_CONTROL_ERROR, and a sibling
+    connection of the same uid is still served."""
+    budget = 2 * 65535 + 60005 + 10000
+    limits = FrontLimits(max_message=60000, conn_streams=8, conn_buffer=200000,
+                         bound=Budget(connections=8, streams=64, handlers=64, buffered=1 << 22),
+                         unbound=Budget(connections=2, streams=8, handlers=4, buffered=budget),
                          sweep_interval=0.05)
 
     async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
-        raw = await Raw.connect(public)
-        await raw.send(raw.request(1) + _frame(DATA, 0, 1, _msg(b"x" * 1000)[:1000]))
+        a = await Raw.connect(public)
+        got = await a.frames(lambda f: f[0] == WINDOW_UPDATE)
+        granted = 65535 + int.from_bytes(got[-1][3], "big")
+        # The second connection's initial window was reserved: A got only the rest.
+        assert granted == budget - 65535
+        b = await Raw.connect(public)
         await asyncio.sleep(0.05)
-        await raw.send(raw.request(3) + _frame(DATA, 0, 3, _msg(b"x" * 1000)[:1000]))
-        await asyncio.sleep(0.05)
-        # The third body pushes the uid over 2,100 bytes: stream 1 (oldest) is dropped.
-        await raw.send(raw.request(5) + _frame(DATA, 0, 5, _msg(b"x" * 1000)[:1000]))
-        got = await raw.frames(lambda f: f[0] == RST)
-        assert got[-1][2] == 1 and got[-1][3] == b"\0\0\0\x0b"
-        (conn,) = front.connections
-        assert conn.usage is not None and conn.usage.buffered == 2000
-        # The unbound budget: 3 streams for this uid; a 4th evicts the oldest waiting one.
-        await raw.send(raw.request(7) + raw.request(9))
-        got = await raw.frames(lambda f: f[0] == RST and f[2] == 3)
-        assert conn.usage.streams <= 3
-        raw.close()
+        usage = next(iter(front.ledger.usage.values()))
+        assert usage.exposure <= budget
+        out = b""
+        for sid in (1, 3, 5):
+            body = _msg(b"x" * 59000)[:45000]
+            out += a.request(sid) + b"".join(_frame(DATA, 0, sid, body[i:i + 15000])
+                                             for i in range(0, 45000, 15000))
+        await a.send(out)
+        await asyncio.sleep(0.1)
+        assert usage.buffered == 135000 and usage.exposure <= budget
+        await b.send(b.request(1) + _frame(DATA, 1, 1, _msg(b"sibling")))
+        answer = await b.frames(lambda f: f[0] == HEADERS and f[1] & 1 == 1)
+        assert b.status(answer, 1)[b"grpc-status"] == b"0"
+        await a.send(a.request(7) + _frame(DATA, 0, 7, b"\0" * (granted - 135000))
+                     + _frame(DATA, 0, 7, b"\0"))
+        code, why = await a.goaway()
+        assert code == 3 and b"connection window" in why  # FLOW_CONTROL_ERROR
+        a.close()
+        b.close()
 
     _run(scenario, limits, is_bound=lambda uid: False)

@@ -8,6 +8,17 @@ kept per connection (HTTP/2 flow control and MAX_CONCURRENT_STREAMS, in
 request bytes, handlers in flight) and for the whole daemon (a connection
 cap below the file-descriptor limit, with a reserve for the admin socket).
 
+Request bytes are bounded by flow control, not by dropping what was sent:
+``exposure`` is what a uid's connections may still send plus what they have
+sent and we still hold, and it never exceeds ``Budget.buffered``. Every
+connection starts with the protocol's 65,535-byte window (which cannot be
+withheld, hence ``buffered ≥ connections x 65,535 + one message``); more is
+granted, up to ``conn_buffer`` per connection, only while the uid's
+exposure has room, and given back as bodies are handed to handlers. A uid
+that fills its budget with bodies it never finishes simply stalls until the
+body timeout closes those connections: nothing is evicted and reopened, so
+it cannot churn the daemon's CPU either.
+
 A uid that matches no policy rule gets the smallest budget (``unbound``):
 it can still ask WhoAmI, read the JWKS or check health, but it cannot make
 the daemon hold much for it. The classification is conservative (``could
@@ -52,9 +63,9 @@ class FrontLimits:
 
     max_message: int = 128 * 1024
     conn_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
-    conn_buffer: int = 4 * (128 * 1024 + 5)  # connection receive window
-    bound: Budget = Budget(connections=256, streams=1024, handlers=256, buffered=16 << 20)
-    unbound: Budget = Budget(connections=16, streams=64, handlers=16, buffered=1 << 20)
+    conn_buffer: int = 1 << 20  # most receive window one connection is granted
+    bound: Budget = Budget(connections=256, streams=1024, handlers=256, buffered=32 << 20)
+    unbound: Budget = Budget(connections=16, streams=64, handlers=16, buffered=2 << 20)
     admin_connections: int = 64  # the admin socket's own reserve, outside the workload cap
     max_connections: int | None = None  # None: from RLIMIT_NOFILE (see connection_cap)
     preface_timeout: float = 10.0  # accept → first complete request headers
@@ -70,16 +81,29 @@ class FrontLimits:
 
     def check(self) -> None:
         """Invariants: windows match the message cap; budgets are positive and nested."""
-        from badged.listener.http2 import check_windows
+        from badged.listener.http2 import DEFAULT_WINDOW, check_windows
 
         check_windows(self.stream_window, self.conn_buffer, self.conn_streams)
+        if self.conn_buffer < self.stream_window:
+            raise ValueError(f"conn_buffer {self.conn_buffer} below one message "
+                             f"({self.stream_window}): a request could never complete")
         for name, b in (("bound", self.bound), ("unbound", self.unbound)):
-            if min(b.connections, b.streams, b.handlers) < 1 or b.buffered < self.stream_window:
+            if min(b.connections, b.streams, b.handlers) < 1:
                 raise ValueError(f"{name} budget {b} too small for one call")
+            if b.buffered < min_buffered(b.connections, self):
+                raise ValueError(f"{name} buffered budget {b.buffered} below "
+                                 f"{b.connections} connections x {DEFAULT_WINDOW} + one message")
         for what in ("preface_timeout", "body_timeout", "idle_timeout", "send_timeout",
                      "sweep_interval"):
             if getattr(self, what) <= 0:
                 raise ValueError(f"{what} must be positive")
+
+
+def min_buffered(connections: int, limits: FrontLimits) -> int:
+    """Every connection's initial window (it cannot be withheld) plus one whole message."""
+    from badged.listener.http2 import DEFAULT_WINDOW
+
+    return connections * DEFAULT_WINDOW + limits.stream_window
 
 
 def raise_fd_limit() -> int:
@@ -162,7 +186,8 @@ class UidUsage(Generic[_C, _S]):
     waiting: dict[_S, None] = field(default_factory=dict)  # streams still receiving a body
     streams: int = 0
     handlers: int = 0
-    buffered: int = 0
+    buffered: int = 0  # request bytes held now
+    exposure: int = 0  # buffered + what the connections may still send; ≤ budget.buffered
 
 
 class Ledger(Generic[_C, _S]):

@@ -64,13 +64,16 @@ from badged.listener.budget import (
     Ledger,
     UidUsage,
     connection_cap,
+    min_buffered,
     raise_fd_limit,
 )
 from badged.listener.callstate import CURRENT_CALL, CallGone
 from badged.listener.http2 import (
+    DEFAULT_WINDOW,
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
+    WINDOW_UPDATE_STEP,
     ProtocolViolation,
     ServerConnection,
     header_block,
@@ -262,7 +265,9 @@ class _Connection(ServerConnection, asyncio.Protocol):
 
     def __init__(self, server: GrpcFront, channel: str) -> None:
         limits = server.limits
-        super().__init__(stream_window=limits.stream_window, conn_window=limits.conn_buffer,
+        # The connection window starts at the protocol default; more is granted
+        # from the uid's budget once we know the uid (connection_made, _top_up).
+        super().__init__(stream_window=limits.stream_window, conn_window=DEFAULT_WINDOW,
                          max_streams=limits.conn_streams)
         self.server = server
         self.channel = channel
@@ -278,6 +283,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
         # 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self.accepted = self._loop.time()
+        self._top_up_below = limits.conn_buffer - WINDOW_UPDATE_STEP
         self.activity = 0  # requests so far (the sweeper compares it to see idleness)
         self._idle_mark = -1
         self._idle_since = self.accepted
@@ -304,8 +310,10 @@ class _Connection(ServerConnection, asyncio.Protocol):
         self.uid = peer.uid
         self.usage = usage
         server.ledger.add(usage, self.channel, self)
+        usage.exposure += DEFAULT_WINDOW  # the client may send that much already
         self.name = server.register(peer)
         server.connections.add(self)
+        self._top_up()
         self.flush()  # our SETTINGS and connection window
 
     def refuse(self, reason: str) -> None:
@@ -333,6 +341,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             if stream.task is None:
                 self._retire(stream)
         if self.usage is not None:
+            self.usage.exposure -= self.recv_window  # held bytes were released above
             self.server.ledger.remove(self.channel, self.uid, self)
         if self.name is not None:
             self.server.registry.release(self.name)
@@ -425,6 +434,29 @@ class _Connection(ServerConnection, asyncio.Protocol):
         # Streams whose handler still runs hold their slot even after a reset,
         # so MAX_CONCURRENT_STREAMS bounds the work in flight.
         return len(self.streams)
+
+    def consumed(self, n: int) -> None:
+        """Bytes no longer held go back to the uid's budget, then maybe to this connection."""
+        usage = self.usage
+        if usage is None:
+            return
+        usage.exposure -= n
+        if not self.closed and self.recv_window <= self._top_up_below:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        """Grant this connection window up to ``conn_buffer``, as far as the uid's budget allows."""
+        usage = self.usage
+        if usage is None or self.closed:
+            return
+        want = self.server.limits.conn_buffer - self.recv_window
+        # The initial windows of connections the uid may still open are spoken for.
+        unopened = usage.budget.connections - len(usage.connections)
+        room = usage.budget.buffered - usage.exposure - max(0, unopened) * DEFAULT_WINDOW
+        grant = min(want, room)
+        if grant >= WINDOW_UPDATE_STEP or (grant > 0 and grant == want):
+            usage.exposure += grant
+            self.grant(grant)
 
     def on_new_stream(self, sid: int) -> bool:
         usage = self.usage
@@ -537,13 +569,8 @@ class _Connection(ServerConnection, asyncio.Protocol):
                     self._fail(stream, grpc.StatusCode.INTERNAL,
                                "expected exactly one request message")
                     return
-            while usage.buffered > usage.budget.buffered:
-                oldest = next(iter(usage.waiting), None)
-                if oldest is None:
-                    break
-                oldest.conn._reset_stream(oldest, "per-uid buffer budget: oldest unfinished request")
-                if oldest is stream:
-                    return
+            if self.recv_window <= self._top_up_below:
+                self._top_up()  # bodies in progress: more window, if the uid has budget left
         if end:
             self._dispatch(stream)
 
@@ -834,11 +861,13 @@ class GrpcFront:
                  is_bound: Callable[[int], bool] | None = None) -> None:
         if limits is None:
             limits = FrontLimits(max_message=max_message, conn_buffer=max(
-                FrontLimits.conn_buffer, 4 * (max_message + 5)))
+                FrontLimits.conn_buffer, max_message + 5))
         if limits.bound.connections != max_per_uid:
-            limits = replace(limits, bound=replace(limits.bound, connections=max_per_uid),
-                             unbound=replace(limits.unbound, connections=min(
-                                 max_per_uid, limits.unbound.connections)))
+            bound = replace(limits.bound, connections=max_per_uid)
+            unbound = replace(limits.unbound,
+                              connections=min(max_per_uid, limits.unbound.connections))
+            limits = replace(limits, bound=replace(bound, buffered=max(
+                bound.buffered, min_buffered(bound.connections, limits))), unbound=unbound)
         if limits.max_message != max_message:
             raise ValueError("the front's windows must match the message cap")
         limits.check()  # windows match the message cap; every budget fits one call

@@ -121,16 +121,15 @@ def check_windows(stream_window: int, conn_window: int, max_streams: int) -> Non
     """Invariants of the receive windows, checked whenever a connection is made.
 
     The connection window can only be raised by WINDOW_UPDATE, never below
-    the protocol default; a stream window larger than the connection's
-    would let one stream be refused its own message.
+    the protocol default. (That a connection can be granted at least one
+    stream window is the front's invariant: ``FrontLimits.check``.)
     """
     if not 1 <= max_streams <= 2**31 - 1:
         raise ValueError(f"max_streams {max_streams} out of range")
     if not 5 < stream_window <= MAX_WINDOW:
         raise ValueError(f"stream window {stream_window} out of range")
-    if not max(stream_window, DEFAULT_WINDOW) <= conn_window <= MAX_WINDOW:
-        raise ValueError(f"connection window {conn_window} must be at least the stream "
-                         f"window {stream_window} and {DEFAULT_WINDOW}")
+    if not DEFAULT_WINDOW <= conn_window <= MAX_WINDOW:
+        raise ValueError(f"connection window {conn_window} out of range")
 
 
 class StreamState:
@@ -209,12 +208,24 @@ class ServerConnection:
     # -- flow control and abuse counters ---------------------------------
 
     def consumed(self, n: int) -> None:
-        """``n`` received DATA bytes are no longer held: let the client send as much again."""
+        """``n`` received DATA bytes are no longer held: let the client send as much again.
+
+        The front overrides this to grant from the caller's per-uid budget instead.
+        """
         self._recv_consumed += n
         if self._recv_consumed >= WINDOW_UPDATE_STEP:
-            self.out += frame(WINDOW_UPDATE, 0, 0, self._recv_consumed.to_bytes(4, "big"))
-            self._recv_window += self._recv_consumed
+            self.grant(self._recv_consumed)
             self._recv_consumed = 0
+
+    @property
+    def recv_window(self) -> int:
+        """What the client may still send on the connection (its receive window)."""
+        return self._recv_window
+
+    def grant(self, n: int) -> None:
+        """Open the connection receive window by ``n`` bytes (WINDOW_UPDATE)."""
+        self.out += frame(WINDOW_UPDATE, 0, 0, n.to_bytes(4, "big"))
+        self._recv_window += n
 
     def calm_spent(self) -> float:
         """Tokens drawn from the cheap-frame bucket (for tests and diagnostics)."""
