@@ -13,19 +13,21 @@ to the EK certificate, see docs/credentials.md)::
     badgectl ca sign req.json --dir CA --ek-ca ek-ca.pem --response resp.json \\
         --agent build-bot -o chain.pem
 
-Exit codes: 0 ok, 1 request refused (reason printed), 2 usage.
+Exit codes: 0 ok, 1 request refused (reason printed), 2 usage. ``--json``: results
+and errors as JSON on stdout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+
+from badgeclient._cli.options import EXIT_REFUSED, EXIT_USAGE, emit_json, fail, json_option
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +39,12 @@ ek_ca_option = click.option(
          "chains to one of them (and credential activation of its AK).")
 trust_domain_option = click.option("--trust-domain", "trust_domains", multiple=True,
                                    help="Only accept these trust domains (repeatable; default any).")
+
+
+def _json() -> bool:
+    """Was --json given to the running command? (errors then print as JSON)"""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
 
 
 @click.group("ca")
@@ -52,8 +60,7 @@ def _ek_ca_keys(ek_ca: Path | None) -> list[Any] | None:
     try:
         return [c.public_key() for c in x509.load_pem_x509_certificates(ek_ca.read_bytes())]
     except ValueError:
-        click.echo(f"badgectl: {ek_ca}: not PEM certificates", err=True)
-        sys.exit(2)
+        fail(EXIT_USAGE, "usage", f"{ek_ca}: not PEM certificates", as_json=_json())
 
 
 def _open(ca_dir: Path) -> Any:
@@ -63,15 +70,15 @@ def _open(ca_dir: Path) -> Any:
     try:
         return OperatorCA.open(ca_dir)
     except BadgedError as exc:
-        click.echo(f"badgectl: {exc}", err=True)
-        sys.exit(2)
+        fail(EXIT_USAGE, "usage", str(exc), as_json=_json())
 
 
 @ca_group.command("init")
 @dir_option
 @click.option("--name", default="badged lab root", show_default=True)
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
-def ca_init(ca_dir: Path, name: str, days: int) -> None:
+@json_option
+def ca_init(ca_dir: Path, name: str, days: int, as_json: bool) -> None:
     """Create the CA: key in a new token, self-signed root in DIR/root.pem."""
     from badged.enroll.ca import OperatorCA
     from badged.errors import BadgedError
@@ -79,9 +86,11 @@ def ca_init(ca_dir: Path, name: str, days: int) -> None:
     try:
         ca = OperatorCA.init(ca_dir, name=name, days=days, now=time.time())
     except BadgedError as exc:
-        click.echo(f"badgectl: {exc}", err=True)
-        sys.exit(2)
+        fail(EXIT_USAGE, "usage", str(exc), as_json=_json())
     ca.close()
+    if as_json:
+        emit_json({"root": str(ca_dir / "root.pem"), "dir": str(ca_dir)})
+        return
     click.echo(str(ca_dir / "root.pem"))
 
 
@@ -92,8 +101,9 @@ def ca_init(ca_dir: Path, name: str, days: int) -> None:
               help="Challenge to carry to the device (badgectl enroll activate).")
 @ek_ca_option
 @trust_domain_option
+@json_option
 def ca_challenge(request: Path, ca_dir: Path, out: Path, ek_ca: Path | None,
-                 trust_domains: tuple[str, ...]) -> None:
+                 trust_domains: tuple[str, ...], as_json: bool) -> None:
     """Verify a TPM REQUEST and challenge its AK (TPM2_MakeCredential to the EK)."""
     from badged.enroll.ca import RequestRejected
 
@@ -103,11 +113,13 @@ def ca_challenge(request: Path, ca_dir: Path, out: Path, ek_ca: Path | None,
         doc = ca.challenge(request.read_bytes(), now=time.time(),
                            trust_domains=frozenset(trust_domains), ek_ca_keys=ek_ca_keys)
     except RequestRejected as exc:
-        click.echo(f"badgectl: refused: {exc.reason}: {exc}", err=True)
-        sys.exit(1)
+        fail(EXIT_REFUSED, "refused", f"refused: {exc.reason}: {exc}", as_json=_json())
     finally:
         ca.close()
     out.write_text(json.dumps(doc, indent=2))
+    if as_json:
+        emit_json({"challenge": str(out), "device_id": doc["device_id"]})
+        return
     click.echo(f"{out}: challenge for device {doc['device_id']}; on the device run "
                f"badgectl enroll activate {out}")
 
@@ -127,9 +139,10 @@ def ca_challenge(request: Path, ca_dir: Path, out: Path, ek_ca: Path | None,
                    "constraints permit exactly these.")
 @click.option("--agents-from-request", is_flag=True,
               help="Permit the agents the request lists (printed; review them).")
+@json_option
 def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tuple[str, ...],
             ek_ca: Path | None, response: Path | None, agents: tuple[str, ...],
-            agents_from_request: bool) -> None:
+            agents_from_request: bool, as_json: bool) -> None:
     """Verify REQUEST (CSR signature, key evidence, activation, identity) and issue the chain."""
     from badged.core.x509 import to_pem
     from badged.enroll.ca import RequestRejected
@@ -143,13 +156,11 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tu
         except (ValueError, AttributeError):
             listed = []
         if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
-            click.echo("badgectl: the request's agent list is malformed", err=True)
-            sys.exit(1)
+            fail(EXIT_REFUSED, "refused", "the request's agent list is malformed", as_json=_json())
         permitted += listed
     if not permitted:
-        click.echo("badgectl: name the agents this device may vouch for: --agent NAME "
-                   "(repeatable) or --agents-from-request", err=True)
-        sys.exit(2)
+        fail(EXIT_USAGE, "usage", "name the agents this device may vouch for: --agent NAME "
+             "(repeatable) or --agents-from-request", as_json=_json())
     ek_ca_keys = _ek_ca_keys(ek_ca)
     ca = _open(ca_dir)
     try:
@@ -158,14 +169,18 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tu
                                 response=response.read_bytes() if response else None,
                                 agents=sorted(set(permitted)))
     except RequestRejected as exc:
-        click.echo(f"badgectl: refused: {exc.reason}: {exc}", err=True)
-        sys.exit(1)
+        fail(EXIT_REFUSED, "refused", f"refused: {exc.reason}: {exc}", as_json=_json())
     except InvalidRequestError as exc:
-        click.echo(f"badgectl: refused: {exc}", err=True)
-        sys.exit(1)
+        fail(EXIT_REFUSED, "refused", f"refused: {exc}", as_json=_json())
     finally:
         ca.close()
     out.write_text("".join(to_pem(c) for c in chain))
+    if as_json:
+        emit_json({"chain": str(out), "subject": chain[0].subject.rfc4514_string(),
+                   "serial": f"{chain[0].serial_number:x}",
+                   "not_after": f"{chain[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+                   "agents": sorted(set(permitted))})
+        return
     click.echo(f"{out}: device {chain[0].subject.rfc4514_string()} "
                f"serial {chain[0].serial_number:x} until {chain[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
                f"; may vouch for: {', '.join(sorted(set(permitted)))}")
@@ -177,7 +192,9 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tu
 @click.option("--device", "device_id", default=None, help="Every certificate of this device id.")
 @click.option("--cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="The device certificate (PEM; the first one in the file).")
-def ca_revoke(ca_dir: Path, serial: str | None, device_id: str | None, cert: Path | None) -> None:
+@json_option
+def ca_revoke(ca_dir: Path, serial: str | None, device_id: str | None, cert: Path | None,
+              as_json: bool) -> None:
     """Revoke a device certificate; its agents' certificates fall with it (publish `ca crl`)."""
     from cryptography import x509
 
@@ -190,19 +207,19 @@ def ca_revoke(ca_dir: Path, serial: str | None, device_id: str | None, cert: Pat
         try:
             number = int(serial.replace(":", ""), 16)
         except ValueError:
-            click.echo("badgectl: --serial must be hex", err=True)
-            sys.exit(2)
+            fail(EXIT_USAGE, "usage", "--serial must be hex", as_json=_json())
     if number is None and device_id is None:
-        click.echo("badgectl: name --serial, --cert or --device", err=True)
-        sys.exit(2)
+        fail(EXIT_USAGE, "usage", "name --serial, --cert or --device", as_json=_json())
     ca = _open(ca_dir)
     try:
         revoked = ca.revoke(now=time.time(), serial=number, device_id=device_id)
     except NotFoundError as exc:
-        click.echo(f"badgectl: {exc}", err=True)
-        sys.exit(1)
+        fail(EXIT_REFUSED, "refused", str(exc), as_json=_json())
     finally:
         ca.close()
+    if as_json:
+        emit_json({"revoked": [f"{n:x}" for n in revoked]})
+        return
     click.echo("revoked " + ", ".join(f"{s:x}" for s in revoked) + "; publish a new CRL "
                "(badgectl ca crl)")
 
@@ -210,7 +227,8 @@ def ca_revoke(ca_dir: Path, serial: str | None, device_id: str | None, cert: Pat
 @ca_group.command("crl")
 @dir_option
 @click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True)
-def ca_crl(ca_dir: Path, out: Path) -> None:
+@json_option
+def ca_crl(ca_dir: Path, out: Path, as_json: bool) -> None:
     """Write the CA's CRL (revoked device certificates), PEM, valid for a week."""
     from badged.core.x509 import to_pem
 
@@ -220,4 +238,7 @@ def ca_crl(ca_dir: Path, out: Path) -> None:
     finally:
         ca.close()
     out.write_text(to_pem(crl))
+    if as_json:
+        emit_json({"crl": str(out), "revoked": len(list(crl))})
+        return
     click.echo(f"{out}: {len(list(crl))} revoked device certificate(s)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from badgeclient._cli.options import admin_socket_option
+from badgeclient._cli.options import admin_socket_option, emit_json, json_option
 from badgeclient.credentials import EnrollmentClient
 
 _logger = logging.getLogger(__name__)
@@ -34,9 +34,11 @@ _logger = logging.getLogger(__name__)
               default=Path("device-enroll.json"), show_default=True,
               help="Where to write the enrollment request.")
 @click.option("--nonce", default="", help="Nonce from the CA, echoed in the evidence.")
+@json_option
 @admin_socket_option
 @click.pass_context
-def enroll_group(ctx: click.Context, out: Path, nonce: str, admin_socket: str | None) -> None:
+def enroll_group(ctx: click.Context, out: Path, nonce: str, as_json: bool,
+                 admin_socket: str | None) -> None:
     """Write this device's enrollment request (CSR + key evidence) for the CA."""
     ctx.ensure_object(dict)
     ctx.obj["admin_socket"] = admin_socket
@@ -46,6 +48,9 @@ def enroll_group(ctx: click.Context, out: Path, nonce: str, admin_socket: str | 
         request = c.request(nonce)
     out.write_text(request)
     device = json.loads(request)["device_id"]
+    if as_json:
+        emit_json({"request": str(out), "device_id": device})
+        return
     click.echo(f"wrote {out} for device {device}; take it to the CA (badgectl ca sign {out} "
                f"-o chain.pem; a TPM device first: badgectl ca challenge {out})")
 
@@ -55,34 +60,40 @@ def enroll_group(ctx: click.Context, out: Path, nonce: str, admin_socket: str | 
 @click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False),
               default=Path("device-activation.json"), show_default=True,
               help="Where to write the response for the CA.")
+@json_option
 @admin_socket_option
 @click.pass_context
-def enroll_activate(ctx: click.Context, challenge: Path, out: Path,
+def enroll_activate(ctx: click.Context, challenge: Path, out: Path, as_json: bool,
                     admin_socket: str | None) -> None:
     """Answer the CA's CHALLENGE with this device's TPM (TPM2_ActivateCredential)."""
     with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
         response = c.activate(challenge.read_text())
     out.write_text(response)
+    if as_json:
+        emit_json({"response": str(out)})
+        return
     click.echo(f"wrote {out}; take it back to the CA with the request "
                f"(badgectl ca sign REQUEST --response {out} ...)")
 
 
 @enroll_group.command("import")
 @click.argument("chain", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@json_option
 @admin_socket_option
 @click.pass_context
-def enroll_import(ctx: click.Context, chain: Path, admin_socket: str | None) -> None:
-    """Install CHAIN (PEM: device certificate first, then its issuers)."""
+def enroll_import(ctx: click.Context, chain: Path, as_json: bool, admin_socket: str | None) -> None:
+    """Install CHAIN (PEM: device certificate first, then its issuers); prints JSON."""
     with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
         status = c.import_chain(chain.read_text())
-    click.echo(json.dumps(asdict(status), indent=2, sort_keys=True))
+    emit_json(asdict(status))
 
 
 @enroll_group.command("status")
+@json_option
 @admin_socket_option
 @click.pass_context
-def enroll_status(ctx: click.Context, admin_socket: str | None) -> None:
-    """Is the device enrolled, by whom, until when, for which agents."""
+def enroll_status(ctx: click.Context, as_json: bool, admin_socket: str | None) -> None:
+    """Is the device enrolled, by whom, until when, for which agents (always JSON)."""
     with EnrollmentClient(admin_socket or ctx.obj.get("admin_socket")) as c:
         status = c.status()
-    click.echo(json.dumps(asdict(status), indent=2, sort_keys=True))
+    emit_json(asdict(status))

@@ -2,20 +2,37 @@
 the public client library, and maps every client error to one message and
 exit code in one place (``main``).
 
-Exit codes: 0 ok, 1 refused by the daemon, 2 usage, 3 daemon unavailable.
+Exit codes (``options.EXIT_*``): 0 ok, 1 refused, 2 usage or invalid request,
+3 daemon unavailable, 4 no permission to use the socket. With ``--json``
+every command prints one JSON document on stdout, errors included
+(``{"error": {"kind", "message", "status", "code", "exit_code"}}``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 from dataclasses import asdict
 from typing import Any
 
 import click
 
-from badgeclient._cli.options import admin_socket_option, socket_option
+from badgeclient._cli.options import (
+    EXIT_CODES_HELP,
+    EXIT_NO_ACCESS,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    about,
+    admin_socket_option,
+    current_socket,
+    current_subject,
+    emit_json,
+    fail,
+    json_option,
+    on_admin_socket,
+    socket_option,
+)
 from badgeclient.client import AdminClient, AgentInfo, WorkloadClient
 from badgeclient.errors import BadgeError, InvalidRequestError, UnavailableError
 
@@ -26,14 +43,17 @@ def _ts(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+_emit_json = emit_json
 
 
-@click.group()
-@click.version_option(package_name="badged")
+@click.group(epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="badged", prog_name="badgectl")
 def cli() -> None:
-    """badgectl: fetch credentials from badged and manage agent identities."""
+    """badgectl: fetch credentials from badged and manage agent identities.
+
+    Shell completion (bash): eval "$(_BADGECTL_COMPLETE=bash_source badgectl)"
+    (zsh: zsh_source, fish: fish_source).
+    """
 
 
 # -- agent-side commands ---------------------------------------------------------
@@ -66,9 +86,10 @@ def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None,
 
 
 @cli.command()
+@json_option
 @socket_option
-def jwks(socket_path: str | None) -> None:
-    """Print the JWK Set of every active agent token key."""
+def jwks(as_json: bool, socket_path: str | None) -> None:
+    """Print the JWK Set of every active agent token key (always JSON)."""
     with WorkloadClient(socket_path) as client:
         _emit_json(client.jwks())
 
@@ -103,9 +124,11 @@ def whoami(as_json: bool, socket_path: str | None) -> None:
 @click.option("--agent", default=None)
 @click.option("--in", "infile", type=click.File("rb"), default="-",
               help="Data to sign (default: stdin).")
+@json_option
 @socket_option
-def sign(context: str, agent: str | None, infile: Any, socket_path: str | None) -> None:
-    """Sign data with this agent's signing key (never its token key)."""
+def sign(context: str, agent: str | None, infile: Any, as_json: bool,
+         socket_path: str | None) -> None:
+    """Sign data with this agent's signing key (never its token key); prints JSON."""
     data = infile.read(64 * 1024 + 1)
     with WorkloadClient(socket_path) as client:
         sig = client.sign(data, context=context, agent=agent)
@@ -146,6 +169,7 @@ def _print_agent(a: AgentInfo, as_json: bool) -> None:
 @admin_socket_option
 def agent_create(name: str, description: str, as_json: bool, admin_socket: str | None) -> None:
     """Create an agent identity with fresh keys in the token."""
+    about(f"agent {name!r}")
     with AdminClient(admin_socket) as client:
         _print_agent(client.create_agent(name, description), as_json)
 
@@ -173,6 +197,7 @@ def agent_list(include_revoked: bool, as_json: bool, admin_socket: str | None) -
 @admin_socket_option
 def agent_show(name: str, as_json: bool, admin_socket: str | None) -> None:
     """Show one agent, its key versions and their publication window."""
+    about(f"agent {name!r}")
     with AdminClient(admin_socket) as client:
         _print_agent(client.get_agent(name), as_json)
 
@@ -183,6 +208,7 @@ def agent_show(name: str, as_json: bool, admin_socket: str | None) -> None:
 @admin_socket_option
 def agent_rotate(name: str, as_json: bool, admin_socket: str | None) -> None:
     """New key version; the old public key stays published until its tokens expire."""
+    about(f"agent {name!r}")
     with AdminClient(admin_socket) as client:
         _print_agent(client.rotate_agent(name), as_json)
 
@@ -194,6 +220,7 @@ def agent_rotate(name: str, as_json: bool, admin_socket: str | None) -> None:
 @admin_socket_option
 def agent_revoke(name: str, reason: str, as_json: bool, admin_socket: str | None) -> None:
     """Revoke: keys destroyed in the token, every later request refused."""
+    about(f"agent {name!r}")
     with AdminClient(admin_socket) as client:
         _print_agent(client.revoke_agent(name, reason), as_json)
 
@@ -218,25 +245,60 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _wants_json(argv: list[str]) -> bool:
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in args
+
+
+_fail = fail
+
+
+def _message(exc: BadgeError, label: str) -> str:
+    """``agent 'x': not found`` -- never ``not found: not found``."""
+    text = exc.message.strip()
+    if text.lower().startswith(label):
+        text = text[len(label):].lstrip(" :") or ""
+    subject = current_subject()
+    parts = [p for p in (subject, label, text) if p]
+    head = f"{parts[0]}: " if subject else ""
+    rest = parts[1:] if subject else parts
+    return head + ": ".join(rest)
+
+
+def _is_permission_problem(exc: BadgeError) -> bool:
+    return "permission denied" in exc.message.lower() and isinstance(exc, UnavailableError)
+
+
 def main() -> None:
+    as_json = _wants_json(sys.argv[1:])
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _fail(130, "aborted", "aborted", as_json=as_json)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2 if exc.exit_code == 2 else exc.exit_code)
+        if not as_json:
+            exc.show()
+            sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
+        _fail(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code, "usage", exc.format_message(),
+              as_json=True)
     except UnavailableError as exc:
-        click.echo(f"badgectl: unavailable: {exc.message}", err=True)
-        sys.exit(3)
+        sock = current_socket() or "the socket"
+        if _is_permission_problem(exc):
+            why = ("only root, the daemon's user and members of its operator_group may use it"
+                   if on_admin_socket() else "its directory or mode keeps this user out")
+            _fail(EXIT_NO_ACCESS, "no_access", f"permission denied on {sock}: {why}",
+                  as_json=as_json, status=exc.status, error_code="permission_denied")
+        _fail(EXIT_UNAVAILABLE, "unavailable", _message(exc, "unavailable"), as_json=as_json,
+              status=exc.status, error_code=exc.code)
     except InvalidRequestError as exc:
-        click.echo(f"badgectl: invalid request: {exc.message}", err=True)
-        sys.exit(2)
+        _fail(EXIT_USAGE, "invalid_request", _message(exc, "invalid request"), as_json=as_json,
+              status=exc.status, error_code=exc.code)
     except BadgeError as exc:
         label = (exc.status or type(exc).__name__).lower().replace("_", " ")
-        click.echo(f"badgectl: {label}: {exc.message}", err=True)
-        sys.exit(1)
+        _fail(EXIT_REFUSED, "refused", _message(exc, label), as_json=as_json, status=exc.status,
+              error_code=exc.code)
 
 
 if __name__ == "__main__":

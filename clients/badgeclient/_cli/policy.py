@@ -4,7 +4,6 @@ and policy check/explain/reload."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import sys
 from dataclasses import asdict
@@ -13,7 +12,15 @@ from typing import Any
 
 import click
 
-from badgeclient._cli.options import admin_socket_option, json_option, socket_option
+from badgeclient._cli.options import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    about,
+    admin_socket_option,
+    emit_json,
+    json_option,
+    socket_option,
+)
 from badgeclient.client import AdminClient, ApprovalInfo, DelegationInfo, GrantInfo, WorkloadClient
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)?$")
@@ -30,8 +37,7 @@ def _ts(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if epoch else "-"
 
 
-def _out(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+_out = emit_json
 
 
 def _grant_line(g: GrantInfo) -> str:
@@ -72,6 +78,7 @@ def _approval_block(a: ApprovalInfo) -> str:
 def grant_command(agent: str, bundle: str, duration: str, reason: str, as_json: bool,
                   admin_socket: str | None) -> None:
     """Step-up: add BUNDLE to AGENT for a bounded time."""
+    about(f"grant of bundle {bundle!r} to agent {agent!r}")
     with AdminClient(admin_socket) as a:
         g = a.grant_bundle(agent, bundle, duration_seconds=parse_for(duration), reason=reason)
     _out(asdict(g)) if as_json else click.echo(_grant_line(g))
@@ -100,11 +107,14 @@ def grants_list(include_inactive: bool, as_json: bool, admin_socket: str | None)
 
 @grants_group.command("revoke")
 @click.argument("grant_id")
+@json_option
 @admin_socket_option
-def grants_revoke(grant_id: str, admin_socket: str | None) -> None:
+def grants_revoke(grant_id: str, as_json: bool, admin_socket: str | None) -> None:
     """End a step-up early."""
+    about(f"grant {grant_id!r}")
     with AdminClient(admin_socket) as a:
-        click.echo(_grant_line(a.revoke_grant(grant_id)))
+        g = a.revoke_grant(grant_id)
+    _out(asdict(g)) if as_json else click.echo(_grant_line(g))
 
 
 # -- approvals --------------------------------------------------------------------------
@@ -129,10 +139,15 @@ def approvals_command(as_json: bool, admin_socket: str | None) -> None:
 def _decide(approve: bool) -> Any:
     @click.argument("approval_id")
     @click.option("--comment", default="")
+    @json_option
     @admin_socket_option
-    def cmd(approval_id: str, comment: str, admin_socket: str | None) -> None:
+    def cmd(approval_id: str, comment: str, as_json: bool, admin_socket: str | None) -> None:
+        about(f"approval {approval_id!r}")
         with AdminClient(admin_socket) as a:
             item = a.decide_approval(approval_id, approve=approve, comment=comment)
+        if as_json:
+            _out(asdict(item))
+            return
         click.echo(f"{item.id} {item.state} by {item.decided_by}")
 
     return cmd
@@ -189,10 +204,13 @@ def delegations_list(include_inactive: bool, as_json: bool, admin_socket: str | 
 
 @delegations_group.command("revoke")
 @click.argument("delegation_id")
+@json_option
 @admin_socket_option
-def delegations_revoke(delegation_id: str, admin_socket: str | None) -> None:
+def delegations_revoke(delegation_id: str, as_json: bool, admin_socket: str | None) -> None:
+    about(f"delegation {delegation_id!r}")
     with AdminClient(admin_socket) as a:
-        click.echo(_delegation_line(a.revoke_delegation(delegation_id)))
+        d = a.revoke_delegation(delegation_id)
+    _out(asdict(d)) if as_json else click.echo(_delegation_line(d))
 
 
 # -- policy --------------------------------------------------------------------------
@@ -205,21 +223,36 @@ def policy_group() -> None:
 
 @policy_group.command("check")
 @click.argument("path", type=click.Path(path_type=Path))
-def policy_check(path: Path) -> None:
-    """Validate a policy file offline; errors as FILE:LINE: reason."""
+@json_option
+def policy_check(path: Path, as_json: bool) -> None:
+    """Validate a policy file offline: every error as FILE:LINE: reason, and a warning
+    for each selector naming a user, group, uid or path this host does not have.
+
+    Exit 0 when the daemon would accept the file (warnings allowed), 1 otherwise.
+    """
     try:
-        from badged.errors import ConfigError
-        from badged.policy.loader import load_policy
+        import badged.policy.loader  # noqa: F401 -- the daemon's own loader decides
+        from badgeclient._cli.policycheck import check_policy
     except ImportError:  # pragma: no cover -- client-only install
         click.echo("badgectl: policy check needs the badged package installed", err=True)
-        sys.exit(2)
-    try:
-        policy = load_policy(path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    click.echo(f"{path}: OK ({len(policy.agents)} agent rules, {len(policy.bundles)} bundles"
-               + (", baseline" if policy.baseline else "") + ")")
+        sys.exit(EXIT_USAGE)
+    report = check_policy(path)
+    if as_json:
+        _out(report.as_dict())
+        sys.exit(0 if report.ok else EXIT_REFUSED)
+
+    def where(line: int | None) -> str:
+        return f"{path}:{line}" if line else str(path)
+
+    for e in report.errors:
+        click.echo(f"{where(e.line)}: {e.message}", err=True)
+    for w in report.warnings:
+        click.echo(f"{where(w.line)}: warning: {w.message}", err=True)
+    if not report.ok:
+        click.echo(f"{path}: {len(report.errors)} error(s)", err=True)
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"{path}: OK ({report.agents} agent rules, {report.bundles} bundles"
+               + (f", {len(report.warnings)} warning(s)" if report.warnings else "") + ")")
 
 
 @policy_group.command("explain")
@@ -253,14 +286,19 @@ def policy_explain(pid: int, audience: str, scopes: tuple[str, ...], kind: str, 
 
 
 @policy_group.command("reload")
+@json_option
 @admin_socket_option
-def policy_reload(admin_socket: str | None) -> None:
+def policy_reload(as_json: bool, admin_socket: str | None) -> None:
     """Apply the policy file now; an invalid file is rejected and the old one stays."""
+    about("policy reload")
     with AdminClient(admin_socket) as a:
         ok, error = a.reload_policy()
+    if as_json:
+        _out({"reloaded": ok, "error": error or None})
+        sys.exit(0 if ok else EXIT_REFUSED)
     if not ok:
         click.echo(f"policy rejected, previous policy still in force:\n{error}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_REFUSED)
     click.echo("policy reloaded")
 
 
