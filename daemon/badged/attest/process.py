@@ -19,9 +19,10 @@ Selectors the caller could forge are not emitted (docs/threat-model.md):
   right to any agent;
 * ``unix:path`` (and the parent chain) names a path only when the file the
   *daemon* finds at that path is the very file executing (same device and
-  inode), and only for callers in the daemon's mount namespace; a caller in
-  another namespace gets ``unix:path_other_mount_ns:`` instead, which only
-  rules that opt in (``other_mount_ns = true``) accept;
+  inode); the caller's own path, moreover, only for callers in the daemon's
+  mount namespace: one in another namespace gets
+  ``unix:path_other_mount_ns:`` instead, which only rules that opt in
+  (``other_mount_ns = true``) accept;
 * ``systemd:unit`` and ``container:id`` come only from cgroup directories
   that the caller cannot create or rename: the directory and every ancestor
   up to the cgroup2 root owned by root, not group/other-writable, and not
@@ -44,7 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from badged.errors import AttestationError
-from badged.listener.peers import PeerCredentials
+from badged.listener.peers import PeerCredentials, mount_namespace
 
 _logger = logging.getLogger(__name__)
 
@@ -166,8 +167,7 @@ class CgroupTrust:
         if not cgroup or self._mount is None:
             return None, None
         now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(cgroup)
+        hit = self._cache.get(cgroup)  # one dict read: atomic, no lock
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1], hit[2]
         unit = unit_of(cgroup)
@@ -304,7 +304,7 @@ class ProcessAttestor:
         self._path_ids: OrderedDict[str, tuple[float, int, int]] = OrderedDict()
         self._path_ttl = path_ttl
         self._cgroups = cgroups if cgroups is not None else CgroupTrust.discover()
-        self._mnt_ns = _mnt_ns(os.getpid())
+        self._mnt_ns = mount_namespace(os.getpid())
 
     def attest(self, peer: PeerCredentials) -> ProcessAttributes:
         if peer.lost.reason is not None:
@@ -392,10 +392,11 @@ class ProcessAttestor:
                 break
             path = exe.removesuffix(" (deleted)")
             chain.append(path)
-            # Same rule as the caller's own path: the daemon must find that
-            # very file there, and the ancestor must share our mount namespace.
-            verified.append(_mnt_ns(current) == self._mnt_ns
-                            and self._path_is(path, st.st_dev, st.st_ino))
+            # The daemon must find that very file at that path (a bind mount
+            # in the ancestor's own namespace does not pass). No namespace
+            # rule here: under a hardened unit the daemon has a mount
+            # namespace of its own, and ancestors are weaker evidence anyway.
+            verified.append(self._path_is(path, st.st_dev, st.st_ino))
         return tuple(chain), tuple(verified)
 
     def _cgroup(self, pid: int) -> str | None:
@@ -417,8 +418,7 @@ class ProcessAttestor:
         ``PATH_TTL`` (one dict lookup on the hot path).
         """
         now = time.monotonic()
-        with self._lock:
-            hit = self._path_ids.get(path)
+        hit = self._path_ids.get(path)  # one dict read: atomic, no lock
         if hit is None or now - hit[0] >= self._path_ttl:
             try:
                 st = os.stat(path)
@@ -476,14 +476,6 @@ class ProcessAttestor:
             while len(self._hashes) > self._cache_size:
                 self._hashes.popitem(last=False)
         return digest
-
-
-def _mnt_ns(pid: int) -> int:
-    """Inode of /proc/PID/ns/mnt (the namespace id); 0 when unreadable."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    except OSError:
-        return 0
 
 
 def _ppid(pid: int) -> int:
