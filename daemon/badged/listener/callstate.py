@@ -7,6 +7,12 @@ create something for the caller -- a hardware signature above all -- asks
 away, or whose ``grpc-timeout`` has passed gets nothing minted (issue 16: 5,000
 calls reset 0.5 ms after sending used to produce 4,028 ``token.issued`` records
 for 41 answers). Outside a front call (tests, the CLI) everything is wanted.
+
+A step that does create something then ``commit()``s the call: from there on
+neither a reset nor the deadline cancels it, so the audit record of what was
+made is always written (the answer is simply not delivered to a caller that
+left). Hence: a credential is audited if and only if it was made, and made
+only for a caller that was still there and in time.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Protocol
 
 class WantedCall(Protocol):
     def wanted(self) -> bool: ...
+
+    def commit(self) -> None: ...
 
 
 CURRENT_CALL: ContextVar[WantedCall | None] = ContextVar("badged_current_call", default=None)
@@ -46,3 +54,11 @@ def ensure_wanted() -> None:
     call = CURRENT_CALL.get()
     if call is not None and not call.wanted():
         raise CallGone()
+
+
+def commit_if_wanted(call: WantedCall | None) -> None:
+    """Right before making something for ``call``: refuse (``CallGone``) or commit to it."""
+    if call is not None:
+        if not call.wanted():
+            raise CallGone()
+        call.commit()

@@ -214,9 +214,11 @@ class _Stream:
     __slots__ = (
         "blocked_since",
         "buf",
+        "committed",
         "conn",
         "deadline",
         "encoding",
+        "expired",
         "finished",
         "handler",
         "headers_sent",
@@ -244,6 +246,8 @@ class _Stream:
         self.finished = False  # we ended it (trailers sent, or reset)
         self.reset = False  # the peer reset it, or the connection went away
         self.retired = False  # its slot and budget are given back (handler ended)
+        self.committed = False  # something was made for it: finish (audit) whatever happens
+        self.expired = False  # its deadline passed before it committed
         self.headers_sent = False
         self.window: asyncio.Event | None = None
         self.blocked_since: float | None = None  # waiting for the client's window
@@ -255,6 +259,9 @@ class _Stream:
         if self.reset or self.conn.closed:
             return False
         return self.deadline is None or self.conn._loop.time() < self.deadline
+
+    def commit(self) -> None:
+        self.committed = True
 
     def call_done(self, _task: object) -> None:
         self.conn._call_done(self)
@@ -699,23 +706,19 @@ class _Connection(ServerConnection, asyncio.Protocol):
                    body: Callable[[], Awaitable[bytes | None]]) -> None:
         """Run a call under its deadline, then end the stream: answer or status."""
         CURRENT_CALL.set(stream)  # this task's own context: see callstate
+        # The deadline cancels the call unless it has committed (see callstate):
+        # asyncio.timeout_at would also cancel one that is writing its audit record.
+        timer = (None if stream.deadline is None
+                 else self._loop.call_at(stream.deadline, self._deadline_passed, stream))
         try:
-            if stream.deadline is None:
-                payload = await body()
-            else:
-                async with asyncio.timeout_at(stream.deadline):
-                    payload = await body()
+            payload = await body()
         except grpc.aio.AbortError:
-            self._end_error(stream, ctx)
-            return
-        except TimeoutError:
-            ctx.code, ctx.details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
             self._end_error(stream, ctx)
             return
         except asyncio.CancelledError as exc:
             if stream.reset or self.closed:
                 return  # the caller went away; nobody to answer
-            if isinstance(exc, CallGone):  # refused to mint past the deadline
+            if stream.expired or isinstance(exc, CallGone):
                 ctx.code, ctx.details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
                 self._end_error(stream, ctx)
                 return
@@ -725,10 +728,20 @@ class _Connection(ServerConnection, asyncio.Protocol):
             ctx.code, ctx.details = grpc.StatusCode.INTERNAL, "internal error"
             self._end_error(stream, ctx)
             return
+        finally:
+            if timer is not None:
+                timer.cancel()
         if ctx.code is not None and ctx.code != grpc.StatusCode.OK:
             self._end_error(stream, ctx)
             return
         await self._send(stream, payload, end=True, trailing=ctx.trailing_metadata())
+
+    def _deadline_passed(self, stream: _Stream) -> None:
+        task = stream.task
+        if stream.committed or task is None or task.done():
+            return
+        stream.expired = True
+        task.cancel()
 
     async def send_message(self, stream: _Stream, message: Any) -> None:
         if stream.reset or stream.finished or self.closed:
@@ -800,8 +813,8 @@ class _Connection(ServerConnection, asyncio.Protocol):
         stream.reset = True
         if stream.window is not None:
             stream.window.set()
-        if stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        if stream.task is not None and not stream.task.done() and not stream.committed:
+            stream.task.cancel()  # a committed call finishes its audit record first
 
 
 def _inflate(data: bytes, encoding: bytes, cap: int) -> bytes | None:

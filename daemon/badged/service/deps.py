@@ -20,7 +20,7 @@ from badged.core.clock import Clock
 from badged.errors import BadgedError
 from badged.identity.registry import AgentRegistry, SigningKey
 from badged.keystore.port import KeyHandle, KeyStore
-from badged.listener.callstate import CallGone, current_call, ensure_wanted
+from badged.listener.callstate import CallGone, commit_if_wanted, current_call
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
@@ -110,7 +110,9 @@ class SigningRunner:
     before each signature -- inline, gathered, or handed to the TPM thread --
     the front's per-call check (``callstate``) must say the caller is still
     there and within its deadline, else ``CallGone`` is raised and no token
-    exists to be audited or leaked.
+    exists to be audited or leaked; if it is, the call is committed (no
+    longer cancelled by a reset or its deadline) so its audit record is
+    written.
     """
 
     def __init__(self, *, off_loop: bool) -> None:
@@ -120,21 +122,21 @@ class SigningRunner:
         self._gathered: list[tuple[Callable[[], Any], asyncio.Future[Any], Any]] = []
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        ensure_wanted()
+        call = current_call()
+        if call is not None and not call.wanted():
+            raise CallGone()
         if self._pool is not None:
-            call = current_call()
-
             def checked() -> _T:  # on the signing thread, right before the device works
-                if call is not None and not call.wanted():
-                    raise CallGone()
+                commit_if_wanted(call)
                 return fn()
 
             return await asyncio.get_running_loop().run_in_executor(self._pool, checked)
         if self.in_flight is None or self.in_flight() < BATCH_MIN_IN_FLIGHT:
+            commit_if_wanted(call)
             return fn()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_T] = loop.create_future()
-        self._gathered.append((fn, fut, current_call()))
+        self._gathered.append((fn, fut, call))
         if len(self._gathered) == 1:
             loop.call_soon(self._sign_gathered)
         return await fut
@@ -144,9 +146,11 @@ class SigningRunner:
         for fn, fut, call in gathered:
             if fut.done():  # the caller was cancelled: no signature for nobody
                 continue
-            if call is not None and not call.wanted():
-                fut.cancel()  # reset or past its deadline meanwhile: the front sorts out which
-                continue
+            if call is not None:
+                if not call.wanted():
+                    fut.cancel()  # reset or past its deadline meanwhile: the front sorts out which
+                    continue
+                call.commit()
             try:
                 fut.set_result(fn())
             except BaseException as exc:  # delivered to its own caller only
