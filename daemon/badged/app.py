@@ -18,8 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2_grpc
 
 from badged.attest.process import ProcessAttestor
 from badged.audit.log import AuditConfig, AuditLog
@@ -29,6 +28,7 @@ from badged.core.clock import Clock, system_clock
 from badged.core.session_keys import Schedule
 from badged.errors import BadgedError, ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
+from badged.health import HealthMonitor
 from badged.identity.registry import AgentRegistry
 from badged.identity.session import SessionKeyManager
 from badged.identity.store import AgentStore
@@ -45,6 +45,7 @@ from badged.service.admin import AdminServicer
 from badged.service.approvals import ApprovalBoard
 from badged.service.deps import PolicyHolder, ServiceDeps, SigningRunner
 from badged.service.errors import ErrorBoundary
+from badged.service.health import HealthServicer
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
 from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
@@ -101,7 +102,8 @@ class Daemon:
         self._clock = clock
         self._keystore = keystore
         self._front: GrpcFront | None = None
-        self._health: health_aio.HealthServicer | None = None
+        self._health: HealthServicer | None = None
+        self._monitor: HealthMonitor | None = None
         self._stopped = asyncio.Event()
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
@@ -248,7 +250,7 @@ class Daemon:
         from badged.service import credentials, enroll
         credentials.add_to_server(server, deps)
         enroll.add_to_server(server, deps)
-        self._health = health_aio.HealthServicer()
+        self._health = HealthServicer(deps.peers)
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         methods = await table.intercepted(
@@ -272,10 +274,7 @@ class Daemon:
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
-        for svc in ("", "badged.v1.WorkloadService", "badged.v1.AdminService",
-                    "badged.v1.CredentialService", "badged.v1.EnrollmentService",
-                    "SpiffeWorkloadAPI"):
-            await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        await self._start_health(deps)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
@@ -290,6 +289,22 @@ class Daemon:
         if self._keystore is not None:
             with contextlib.suppress(BadgedError, OSError):
                 self._keystore.close()
+
+    async def _start_health(self, deps: ServiceDeps) -> None:
+        """Per-service health from what issuing needs (badged.health), polled."""
+        audit, policy, health = self._audit, self.policy, self._health
+        assert audit is not None and policy is not None and health is not None
+        assert self._keystore is not None
+
+        def policy_problem() -> str | None:
+            return None if policy.current.agents else "the policy lets no agent be used"
+
+        self._monitor = HealthMonitor(
+            audit_dir=audit.directory, audit_log_problem=lambda: audit.problem,
+            audit_counts=lambda: (audit.stats.records, audit.stats.failed),
+            keystore=self._keystore, policy_problem=policy_problem, publish=health.publish)
+        await self._monitor.poll()
+        self._monitor.start()
 
     async def _append_audit(self, event: Mapping[str, object]) -> None:
         if self._audit is not None:
@@ -319,6 +334,8 @@ class Daemon:
             return
         self._stopping = True
         _logger.info("shutting down")
+        if self._monitor is not None:
+            await self._monitor.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._front is not None:

@@ -140,7 +140,8 @@ _KNOWN: dict[str, set[str]] = {
                "approval_timeout"},
     "log": {"format", "level", "error_details"},
     "keystore": {"backend", "uri", "module_path", "module_env", "tcti", "key_dir", "parent_handle",
-                 "key_auth_file", "signing_mode", "session_key_period", "session_key_copies"},
+                 "key_auth_file", "signing_mode", "session_key_period", "session_key_copies",
+                 "command_timeout"},
     "audit": {"dir", "syslog"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
@@ -272,6 +273,11 @@ def load_config(path: Path) -> DaemonConfig:
         fail("keystore", "backend", f"unknown keystore backend {backend!r} (known: pkcs11, tpm)")
         backend = "pkcs11"
     keystore: Pkcs11Config | TpmConfig
+    timeout = ks.get("command_timeout", 3.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0.05 <= timeout <= 600:
+        fail("keystore", "command_timeout", "command_timeout must be seconds, 0.05 to 600")
+        timeout = 3.0
+    timeout = float(timeout)
     if backend == "pkcs11":
         pkcs11_uri = "pkcs11:token=badged"
         for key in ("tcti", "key_dir", "parent_handle", "key_auth_file"):
@@ -296,7 +302,8 @@ def load_config(path: Path) -> DaemonConfig:
         module = path_opt(ks, "keystore", "module_path")
         copies = typed(ks, "keystore", "session_key_copies", bool, True)
         keystore = Pkcs11Config(uri=pkcs11_uri, module_path=str(module) if module else None,
-                                session_key_copies=copies)
+                                session_key_copies=copies,
+                                command_timeout=timeout)
     else:
         for key in ("uri", "module_path", "session_key_copies"):
             if key in ks:
@@ -321,7 +328,8 @@ def load_config(path: Path) -> DaemonConfig:
         key_dir = path_opt(ks, "keystore", "key_dir")
         auth = path_opt(ks, "keystore", "key_auth_file")
         keystore = TpmConfig(tcti=tcti, key_dir=str(key_dir or state_dir / "private" / "tpm-keys"),
-                             parent_handle=parent, key_auth_file=str(auth) if auth else None)
+                             parent_handle=parent, key_auth_file=str(auth) if auth else None,
+                             command_timeout=timeout)
     env = ks.get("module_env", {})
     module_env: list[tuple[str, str]] = []
     if not isinstance(env, dict):

@@ -725,6 +725,16 @@ class AuditLog:
                 # The file is the record of truth; a failing copy is only logged.
                 _logger.warning("audit mirror failed", exc_info=True)
 
+    @property
+    def problem(self) -> str | None:
+        """Why records cannot be made durable any more, or None (read-only, for
+        health checks; a full disk is seen by the caller with statvfs)."""
+        if self._poisoned is not None:
+            return f"audit log failed ({self._poisoned}); restart required"
+        if self._closing or self._closed:
+            return "audit log closed"
+        return None
+
     # -- checkpoints ------------------------------------------------------------
 
     def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -139,3 +139,15 @@ class KeyStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HealthReporter(Protocol):
+    """Optional: a backend that can say why it cannot sign now.
+
+    ``problem()`` must read state only -- no hardware command, no device
+    lock -- so health answers while the hardware hangs
+    (:mod:`badged.keystore.watchdog`).
+    """
+
+    def problem(self) -> str | None: ...

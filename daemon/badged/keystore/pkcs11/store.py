@@ -15,6 +15,16 @@ Three hardware facts shape this module (measured, see FINDINGS §2):
   token) signs without either: ~30 µs less CPU per signature in the daemon.
   How copies stay under control: :meth:`Pkcs11KeyStore._session_copy`.
 
+Deadlines (a :class:`~badged.keystore.watchdog.CallGuard`): every call waits
+for the token's lock at most ``command_timeout`` and fails at once while a
+call has held it longer, so a call hung in the module on some thread (an
+audit checkpoint, a health ping) costs other callers UNAVAILABLE, not a hang,
+and health reports the token as not answering. What it cannot cover: the
+call that hangs itself. Signatures run inline on the event loop for speed
+(~65 µs, less than a thread hand-off); SoftHSM works in process memory and
+local files and cannot hang short of the disk, so a module that talks to a
+network or USB HSM should be run with signing off the loop (docs/tpm.md).
+
 SoftHSM 2.6 has no CKM_ECDSA_SHA256: we hash in software and sign the digest
 with raw CKM_ECDSA, then DER-encode r||s to match ``cryptography``.
 """
@@ -50,6 +60,7 @@ from badged.keystore.port import (
     digest_for,
 )
 from badged.keystore.uri import Pkcs11Uri, parse_pkcs11_uri
+from badged.keystore.watchdog import CallGuard
 from badged.secrets import Secret, read_secret_file
 
 _logger = logging.getLogger(__name__)
@@ -67,6 +78,7 @@ class Pkcs11Config:
     uri: str
     module_path: str | None = None
     session_key_copies: bool = True
+    command_timeout: float = 3.0
 
     def parsed(self) -> Pkcs11Uri:
         return parse_pkcs11_uri(self.uri)
@@ -134,12 +146,15 @@ class Pkcs11KeyStore:
     backend = "pkcs11"
 
     def __init__(self, *, module_path: str, uri: Pkcs11Uri, pin: Secret,
-                 session_key_copies: bool = True) -> None:
+                 session_key_copies: bool = True, command_timeout: float = 3.0) -> None:
         self._module_path = module_path
         self._uri = uri
         self._pin = pin
         self._copies = session_key_copies
         self._lock = threading.RLock()
+        self._guard = CallGuard(self._lock, timeout=command_timeout, backend="pkcs11")
+        # Why the last call failed for want of the token (None once one succeeds).
+        self._down: str | None = None
         self._lib: Any = None
         self._session: Any = None
         self._keys: dict[str, _Pkcs11Key] = {}
@@ -159,7 +174,8 @@ class Pkcs11KeyStore:
         if uri.pin_source is None:
             raise ConfigError("the pkcs11 URI needs pin-source=file:/path (mode 0600)")
         return cls(module_path=module, uri=uri, pin=read_secret_file(uri.pin_source),
-                   session_key_copies=config.session_key_copies)
+                   session_key_copies=config.session_key_copies,
+                   command_timeout=config.command_timeout)
 
     # -- session management (call with the lock held) ----------------------------
 
@@ -196,16 +212,33 @@ class Pkcs11KeyStore:
         """Run ``fn(session)`` under the lock, reconnecting once if needed."""
         import pkcs11.exceptions as p11e
 
-        with self._lock:
+        self._guard.acquire("token call")
+        try:
             if self._session is None:
                 self._connect()
             try:
-                return fn(self._session)
+                result = fn(self._session)
             except p11e.PKCS11Error as exc:
                 err = _translate(exc)
                 if isinstance(err, KeyStoreUnavailableError):
                     self._drop_session()
                 raise err from None
+        except KeyStoreUnavailableError as exc:
+            self._down = exc.detail
+            raise
+        finally:
+            self._guard.release()
+        if self._down is not None:
+            self._down = None
+        return result
+
+    def problem(self) -> str | None:
+        """Why the token cannot sign now, or None; reads state only (health checks)."""
+        stuck = self._guard.problem()
+        if stuck is not None:
+            return f"token not answering: {stuck}"
+        down = self._down
+        return f"token unavailable: {down}" if down is not None else None
 
     def _drop_session(self) -> None:
         # Do not call session.close(): it would C_Logout every session, and the
@@ -338,7 +371,10 @@ class Pkcs11KeyStore:
         self._call(op)
 
     def close(self) -> None:
-        with self._lock:
+        if not self._lock.acquire(timeout=self._guard.timeout):
+            _logger.warning("token busy at close; leaving its session behind")
+            return
+        try:
             if self._session is not None:
                 try:
                     self._session.close()
@@ -346,6 +382,8 @@ class Pkcs11KeyStore:
                     _logger.debug("pkcs11 session close failed", exc_info=True)
             self._session = None
             self._keys.clear()
+        finally:
+            self._lock.release()
 
     # -- helpers (lock held) -------------------------------------------------------
 

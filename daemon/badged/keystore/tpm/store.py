@@ -3,7 +3,11 @@
 Facts that shape this module (measured, see FINDINGS §3):
 
 * One ESAPI context shared by threads breaks ("wrong order", hangs): every
-  call into it happens under ``self._lock``.
+  call into it happens on one thread (a :class:`DeviceWorker`) under
+  ``self._lock``. Callers wait for it at most ``command_timeout``, so a TPM
+  that stops answering costs them UNAVAILABLE, never a hang; public keys
+  come from the key files and never wait for the TPM (docs/tpm.md,
+  "Deadlines").
 * swtpm (and a TPM without a resource manager) has 3 slots for loaded
   objects, and ``ESAPI.close()`` frees none of them. So the store keeps exactly
   one storage primary loaded, at most ``cached_keys`` agent keys, and flushes
@@ -73,6 +77,7 @@ from badged.keystore.port import (
     check_key_name,
     digest_for,
 )
+from badged.keystore.watchdog import DeviceWorker
 from badged.secrets import read_secret_file
 
 _logger = logging.getLogger(__name__)
@@ -115,6 +120,10 @@ _RC_SESSION_MEMORY = 0x903
 _TRANSIENT_WARNINGS = {0x908, 0x90A, 0x920, 0x922, 0x923}  # YIELDED TESTING NV_RATE RETRY NV_UNAVAILABLE
 _TCTI_CONFIG_ERRORS = {0x15, 0x0B, 0x05, 0x03}  # NOT_SUPPORTED BAD_VALUE BAD_REFERENCE NOT_IMPLEMENTED
 _TPMA_PERMANENT_IN_LOCKOUT = 0x200
+SLOW_COMMAND_TIMEOUT = 60.0
+"""RSA-2048 key generation (the EK, for credential activation) takes seconds on real TPMs."""
+PING_TIMEOUT = 1.0
+"""A health ping is one GetCapability, sent only by the health monitor."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,11 @@ class TpmConfig:
     keys then become DA-protected (see the module docstring).
     ``cached_keys``: agent keys kept loaded between operations. Each costs a
     TPM object slot; swtpm has 3 (primary + cache + one for attestation).
+    ``command_timeout``: seconds a caller waits for one TPM command (a real
+    TPM signs in ~200 ms); past it the caller gets UNAVAILABLE and the TPM is
+    *stuck* until that command returns (badged.keystore.watchdog).
+    Commands that create RSA keys (credential activation) get
+    ``SLOW_COMMAND_TIMEOUT``.
     """
 
     tcti: str
@@ -139,6 +153,7 @@ class TpmConfig:
     parent_handle: int | None = None
     key_auth_file: str | None = None
     cached_keys: int = 1
+    command_timeout: float = 3.0
 
 
 def _rc_parts(rc: int) -> tuple[int, int]:
@@ -382,8 +397,16 @@ class TpmKeyStore:
         self._ek_cert_read = False
         # Bumped at every (re)connect: lets health checks and tests see recoveries.
         self.generation = 0
-        with self._lock:
-            self._connect()
+        # Why the last command failed for want of a TPM (None once one succeeds).
+        self._down: str | None = None
+        self._timeout = config.command_timeout
+        # Every command goes through this one thread: a hung TPM holds only it.
+        self._worker = DeviceWorker("badged-tpm", backend=BACKEND)
+        try:
+            self._worker.call("connecting to the TPM", self._connect_locked, self._timeout)
+        except BaseException:
+            self._worker.stop(0)
+            raise
 
     @classmethod
     def from_config(cls, config: TpmConfig) -> TpmKeyStore:
@@ -392,6 +415,8 @@ class TpmKeyStore:
                               "(e.g. device:/dev/tpmrm0, swtpm:path=/run/swtpm/sock)")
         if not 0 <= config.cached_keys <= 8:
             raise ConfigError("cached_keys must be between 0 and 8")
+        if not 0.05 <= config.command_timeout <= 600:
+            raise ConfigError("command_timeout must be between 0.05 and 600 seconds")
         if config.parent_handle is not None and not 0x81000000 <= config.parent_handle <= 0x817FFFFF:
             raise ConfigError(f"parent_handle 0x{config.parent_handle:x} is not a persistent handle")
         ensure_private_dir(Path(config.key_dir))
@@ -416,6 +441,15 @@ class TpmKeyStore:
         from tpm2_pytss import ESAPI
 
         return ESAPI(self._config.tcti)
+
+    def _connect_locked(self) -> None:
+        with self._lock:
+            try:
+                self._connect()
+            except KeyStoreUnavailableError as exc:
+                self._down = exc.detail
+                raise
+            self._down = None
 
     def _connect(self) -> None:
         """Open a fresh ESAPI context and (re-)create the storage primary."""
@@ -503,27 +537,52 @@ class TpmKeyStore:
         except Exception:
             _logger.debug("ESAPI close failed", exc_info=True)
 
-    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(esapi)`` under the lock; reconnect first if the last call failed.
+    def _call(self, what: str, fn: Callable[[Any], T], timeout: float | None = None) -> T:
+        """Run ``fn(esapi)`` on the TPM thread; reconnect first if the last call failed.
 
         No automatic retry inside one call: a caller sees UNAVAILABLE at once
-        (fail closed), and the next call starts from a fresh context.
+        (fail closed), and the next call starts from a fresh context. The
+        caller waits at most ``timeout`` (``command_timeout``); a TPM that
+        does not answer holds the TPM thread, never the caller.
         """
+        if self._auth_latch is not None:
+            raise self._auth_latch
+        return self._worker.call(what, lambda: self._call_locked(what, fn),
+                                 self._timeout if timeout is None else timeout)
+
+    def _call_locked(self, what: str, fn: Callable[[Any], T]) -> T:
         from tpm2_pytss import TSS2_Exception
 
         with self._lock:
             if self._auth_latch is not None:
                 raise self._auth_latch
             if self._ectx is None:
-                self._connect()
+                self._connect_locked()
             try:
-                return fn(self._ectx)
+                result = fn(self._ectx)
             except TSS2_Exception as exc:
                 err = translate(exc, what)
                 if isinstance(err, KeyStoreUnavailableError):
+                    self._down = err.detail
                     self._drop_context()
                 _logger.warning("tpm operation failed", extra={"op": what, "rc": err.raw})
                 raise err from None
+            self._down = None
+            return result
+
+    def problem(self) -> str | None:
+        """Why the TPM cannot sign now, or None; reads state only (health checks).
+
+        Never waits for the TPM or its lock, so health and JWKS answer while a
+        command hangs.
+        """
+        stuck = self._worker.problem()
+        if stuck is not None:
+            return f"TPM not answering: {stuck}"
+        if self._auth_latch is not None:
+            return "TPM refused the key auth value (restart with the right key_auth_file)"
+        down = self._down
+        return f"TPM unreachable: {down}" if down is not None else None
 
     def _key_auth_call(self, what: str, fn: Callable[[], T]) -> T:
         """Run one TPM command whose session 1 is the agent key's auth value.
@@ -712,10 +771,11 @@ class TpmKeyStore:
         return self._call(f"generating key {name}", op)
 
     def get(self, name: str) -> KeyHandle:
+        """A handle from the key file (cached): no TPM command and no lock, so
+        JWKS, health and admin never wait behind a signature (or a hung TPM)."""
         check_key_name(name)
-        with self._lock:
-            blob = self._read_blob(name)
-            return _TpmKey(self, name, blob.public_key)
+        blob = self._read_blob(name)
+        return _TpmKey(self, name, blob.public_key)
 
     def list(self) -> Sequence[str]:
         try:
@@ -729,19 +789,29 @@ class TpmKeyStore:
         """Delete the key file. The TPM keeps nothing, so without the file (and
         any backup of it) the key can never be loaded again."""
         check_key_name(name)
-        with self._lock:
-            handle = self._loaded.pop(name, None)
-            self._blobs.pop(name, None)
-            if handle is not None and self._ectx is not None:
-                try:
-                    self._ectx.flush_context(handle)
-                except Exception:
-                    _logger.debug("flush of destroyed key failed", exc_info=True)
-            try:
-                os.unlink(self._path(name))
-            except FileNotFoundError:
-                raise KeyNotFoundError(f"key {name} not found", backend=BACKEND) from None
-            _logger.info("tpm key destroyed", extra={"key": name})
+        # The file goes first, without the TPM: a hung TPM cannot keep a
+        # destroyed key usable. Freeing its slot is done on the TPM thread.
+        self._blobs.pop(name, None)
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"key {name} not found", backend=BACKEND) from None
+        _logger.info("tpm key destroyed", extra={"key": name})
+
+        def flush() -> None:
+            with self._lock:
+                self._blobs.pop(name, None)
+                handle = self._loaded.pop(name, None)
+                if handle is not None and self._ectx is not None:
+                    try:
+                        self._ectx.flush_context(handle)
+                    except Exception:
+                        _logger.debug("flush of destroyed key failed", exc_info=True)
+
+        try:
+            self._worker.call(f"unloading key {name}", flush, self._timeout)
+        except KeyStoreUnavailableError:
+            _logger.warning("destroyed key file; TPM did not answer the flush", extra={"key": name})
 
     def relabel(self, name: str, new_name: str) -> None:
         """Rename a key file (quarantine instead of destroying): header and file name."""
@@ -784,8 +854,7 @@ class TpmKeyStore:
                        "parent": self._parent_label(), "da_protected": str(not attrs & NO_DA).lower()},
             )
 
-        with self._lock:
-            self._read_blob(name)  # KeyNotFound / corrupt without touching the TPM
+        self._read_blob(name)  # KeyNotFound / corrupt without touching the TPM
         return self._call(f"reading key {name}", op)
 
     def ping(self) -> None:
@@ -804,12 +873,19 @@ class TpmKeyStore:
                     self._lockout_warned = True
                     _logger.warning("TPM is in dictionary-attack lockout (agent keys are noDA: unaffected)")
 
-        self._call("ping", op)
+        self._call("ping", op, timeout=min(self._timeout, PING_TIMEOUT))
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_context()
-            self._blobs.clear()
+        def drop() -> None:
+            with self._lock:
+                self._drop_context()
+
+        try:
+            self._worker.call("closing", drop, self._timeout)
+        except KeyStoreUnavailableError:
+            _logger.warning("TPM did not answer at close; leaving its context behind")
+        self._worker.stop()
+        self._blobs.clear()
 
     # -- signing (through _TpmKey) -------------------------------------------------------
 
@@ -896,8 +972,7 @@ class TpmKeyStore:
                 ek_certificate=self._ek_cert(ectx),
             )
 
-        with self._lock:
-            self._read_blob(name)  # not-found / corrupt without touching the TPM
+        self._read_blob(name)  # not-found / corrupt without touching the TPM
         return self._call(f"attesting key {name}", op)
 
     def ek_certificate(self) -> bytes | None:
@@ -968,7 +1043,7 @@ class TpmKeyStore:
             return bytes(out)
 
         try:
-            return self._call("activating a credential", op)
+            return self._call("activating a credential", op, timeout=SLOW_COMMAND_TIMEOUT)
         except KeyStoreError as exc:
             if isinstance(exc, KeyStoreUnavailableError | KeyStoreAuthError):
                 raise
