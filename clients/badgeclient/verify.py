@@ -37,7 +37,15 @@ Rules applied everywhere (each is a test in tests/credentials):
 * ``jti`` is required and remembered until the credential expires (replay);
 * revoked SPIFFE IDs, key ids and certificate serials are refused;
 * a token with ``cnf.jkt`` is accepted only with a valid DPoP proof from
-  that key.
+  that key, and a DPoP proof is accepted only with a token bound to it;
+* each credential type has its own ``typ`` and is accepted only as itself:
+  an access token is ``JWT``/``at+jwt`` and carries the daemon's issuer
+  (``issuer=``, or ``badged_issuer`` of the JWKS), a client assertion is
+  ``client-authentication+jwt``, so one signed by the same agent key never
+  passes for the other;
+* every trusted key names its agent (JWKS member ``badged_agent``, or the
+  certificate's SAN): the token's ``sub`` (``act.sub`` when delegated) must
+  be that agent, so one agent's key cannot speak for another.
 """
 
 from __future__ import annotations
@@ -77,7 +85,10 @@ _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _SPIFFE_RE = re.compile(r"^spiffe://[a-z0-9.-]+(/[A-Za-z0-9._-]+)+$")
 
 TOKEN_TYPS = frozenset({"JWT", "at+jwt"})
+ASSERTION_TYP = "client-authentication+jwt"
 DPOP_TYP = "dpop+jwt"
+JWK_AGENT_MEMBER = "badged_agent"
+JWKS_ISSUER_MEMBER = "badged_issuer"
 ATTESTATION_TYP = "oauth-client-attestation+jwt"
 ATTESTATION_POP_TYP = "oauth-client-attestation-pop+jwt"
 
@@ -439,6 +450,9 @@ class Verifier:
     ``roots``: root certificates trusted for ``x5c`` chains.
     ``clock``: seconds since the epoch; injected so tests and replays can
     move time. ``skew``: leeway for exp/nbf/iat, at most 300 s.
+    ``issuer``: the daemon's ``iss`` for access tokens; by default the JWKS's
+    ``badged_issuer`` member (``badgectl jwks`` writes it). Access tokens
+    are refused when neither is known.
     """
 
     def __init__(self, *, jwks: Mapping[str, Any] | None = None,
@@ -446,7 +460,8 @@ class Verifier:
                  skew: int = DEFAULT_SKEW, max_lifetime: int = 24 * 3600,
                  max_bytes: int = DEFAULT_MAX_BYTES, replay_cache: ReplayCache | None = None,
                  revocations: Revocations | None = None, dpop_max_age: int = 60,
-                 hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None) -> None:
+                 hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
+                 issuer: str | None = None) -> None:
         if not 0 <= skew <= MAX_SKEW:
             raise ValueError(f"skew must be 0..{MAX_SKEW} seconds")
         # Session-mode keys (JWKS entries carrying a certification) are only
@@ -457,10 +472,18 @@ class Verifier:
                               if isinstance(k, Mapping) and "badged_cert" in k}
         self._hardware_keys = hardware_keys
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        # kid -> the SPIFFE ID of the agent that key belongs to, as the JWKS says.
+        self._key_agents: dict[str, str] = {}
         for jwk in (jwks or {}).get("keys", []):
             kid = jwk.get("kid") if isinstance(jwk, Mapping) else None
             if isinstance(kid, str) and jwk.get("kty") == "EC":
                 self._keys[kid] = public_key_from_jwk(jwk)
+                named = jwk.get(JWK_AGENT_MEMBER)
+                if isinstance(named, str) and _SPIFFE_RE.match(named):
+                    self._key_agents[kid] = named
+        doc_issuer = self._jwks_doc.get(JWKS_ISSUER_MEMBER)
+        self._issuer = issuer if issuer is not None else (
+            doc_issuer if isinstance(doc_issuer, str) and doc_issuer else None)
         self._roots = list(roots)
         self._clock = clock
         self._skew = skew
@@ -474,19 +497,29 @@ class Verifier:
 
     def verify_token(self, token: str, *, audience: str, issuer: str | None = None,
                      dpop: DpopRequest | None = None, require_dpop: bool = False) -> VerifiedToken:
-        """A badged access token (``typ`` JWT), optionally DPoP-bound."""
+        """A badged access token (``typ`` JWT), optionally DPoP-bound.
+
+        ``issuer`` overrides the Verifier's; one of them must be known.
+        ``dpop``: the proof presented with the token -- it requires a token
+        bound to its key (``cnf.jkt``). ``require_dpop`` refuses unbound tokens.
+        """
         now = self._clock()
         jws = _parse(token, max_bytes=self._max_bytes, typs=TOKEN_TYPS)
+        expected_iss = issuer if issuer is not None else self._issuer
+        if expected_iss is None:
+            raise ClaimsError("issuer_unknown",
+                              "no expected issuer (pass issuer= or a JWKS with badged_issuer)")
         key, kid, chain = self._resolve_key(jws, now)
         _check_signature(jws, key)
         c = jws.claims
         self._check_times(c, now)
         self._check_audience(c, audience)
         iss = _str(c, "iss")
-        if issuer is not None and iss != issuer:
+        if iss != expected_iss:
             raise ClaimsError("wrong_issuer", "unexpected iss")
         agent, user = self._subjects(c)
         self._check_chain_names(chain, agent)
+        self._check_key_agent(kid, chain, agent)
         self._check_session_chain(token, kid, agent, now)
         self._check_revoked(agent, kid, chain)
         jkt = self._check_binding(c, token, dpop, require_dpop, now)
@@ -501,9 +534,14 @@ class Verifier:
 
     def verify_client_assertion(self, assertion: str, *, audience: str,
                                 client_id: str | None = None) -> VerifiedToken:
-        """An RFC 7523 client assertion: ``iss`` = ``sub`` = client id, for ``audience``."""
+        """An RFC 7523 client assertion: ``iss`` = ``sub`` = client id, for ``audience``.
+
+        ``agent`` in the result is the agent the signing key belongs to (JWKS
+        ``badged_agent`` or the certificate SAN); a SPIFFE client id must be
+        that agent.
+        """
         now = self._clock()
-        jws = _parse(assertion, max_bytes=self._max_bytes, typs=(None, "JWT"))
+        jws = _parse(assertion, max_bytes=self._max_bytes, typs=(ASSERTION_TYP,))
         key, kid, chain = self._resolve_key(jws, now)
         _check_signature(jws, key)
         c = jws.claims
@@ -514,11 +552,15 @@ class Verifier:
             raise ClaimsError("iss_sub_mismatch", "iss and sub must both be the client id")
         if client_id is not None and sub != client_id:
             raise ClaimsError("wrong_subject", "unexpected client id")
-        agent = sub
         if chain:
             agent = self._leaf_spiffe_id(chain[0])
             if sub.startswith("spiffe://") and sub != agent:
                 raise ChainError("san_mismatch", "client id names another SPIFFE ID than the certificate")
+        else:
+            agent = self._named_agent(kid)
+            if sub.startswith("spiffe://") and sub != agent:
+                raise UntrustedKeyError("key_agent_mismatch",
+                                        "client id names another agent than the signing key's")
         self._check_revoked(agent, kid, chain)
         jti = _str(c, "jti")
         self._replay.check_and_add(f"ca\x00{iss}\x00{jti}",
@@ -561,6 +603,12 @@ class Verifier:
         spiffe = a.get("agent")
         if isinstance(spiffe, str) and _SPIFFE_RE.match(spiffe):
             agent = spiffe
+        if client_id.startswith("spiffe://") and client_id != agent:
+            raise ClaimsError("wrong_subject", "attested client id names another agent")
+        named = self._key_agents.get(thumb)
+        if named is not None and named != agent:
+            raise UntrustedKeyError("key_agent_mismatch",
+                                    "attested key belongs to another agent")
         if agent.startswith("spiffe://"):
             # A device attests only for agents of its own trust domain.
             if not attester.startswith("spiffe://") or \
@@ -769,6 +817,23 @@ class Verifier:
         if chain.agent != agent:
             raise UntrustedKeyError("session_chain", "session key certified for another agent")
 
+    def _named_agent(self, kid: str | None) -> str:
+        """The agent a JWKS key belongs to; a key that names none is not trusted
+        to speak for any agent."""
+        named = self._key_agents.get(kid) if kid is not None else None
+        if named is None:
+            raise UntrustedKeyError("key_not_named", "the trusted key does not name its agent")
+        return named
+
+    def _check_key_agent(self, kid: str | None, chain: Sequence[x509.Certificate],
+                         agent: str) -> None:
+        """The token speaks for the agent whose key signed it, and no other."""
+        if chain:
+            return  # _check_chain_names: the certificate SAN is the agent
+        if self._named_agent(kid) != agent:
+            raise UntrustedKeyError("key_agent_mismatch",
+                                    "token names another agent than the key that signed it")
+
     @staticmethod
     def _subjects(c: Mapping[str, Any]) -> tuple[str, str | None]:
         sub = _str(c, "sub")
@@ -800,6 +865,10 @@ class Verifier:
         if jkt is None:
             if require_dpop:
                 raise DpopError("token_not_bound", "token is not DPoP-bound")
+            if dpop is not None:
+                # A proof says "this request uses a DPoP-bound token": a bearer
+                # token under it would be taken as proven when it is not.
+                raise DpopError("token_not_bound", "a DPoP proof came with an unbound token")
             return None
         if not isinstance(jkt, str):
             raise ClaimsError("bad_claim", "cnf.jkt must be a string")

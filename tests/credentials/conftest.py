@@ -22,6 +22,7 @@ AS_ISSUER = "https://as.example.com"
 RS = "https://rs.example.com"
 AGENT = "demo-agent"
 REV_AGENT = "rev-agent"
+CLIENT_ID = "oauth-client-1"  # listed for AGENT in the policy: the one foreign id it may use
 
 
 def policy(uid: int, gid: int) -> str:
@@ -41,6 +42,7 @@ max_ttl = "5m"
 name = "{AGENT}"
 selectors = ["unix:uid:{uid}"]
 bundles = ["creds"]
+client_ids = ["{CLIENT_ID}"]
 
 [[agent]]
 name = "{REV_AGENT}"

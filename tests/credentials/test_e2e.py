@@ -167,7 +167,7 @@ def test_assertion_claims_and_independent_verification(cred_daemon: RunningDaemo
     with CredentialClient(cred_daemon.workload) as c:
         a = c.client_assertion(audience=AS_TOKEN, agent=AGENT, ttl_seconds=30)
     header, _ = _segments(a.assertion)
-    assert header == {"alg": "ES256", "kid": a.key_id, "typ": "JWT"}
+    assert header == {"alg": "ES256", "kid": a.key_id, "typ": "client-authentication+jwt"}
     claims = jwt.decode(a.assertion, KeySet.import_key_set(jwks),  # type: ignore[arg-type]
                         algorithms=["ES256"]).claims
     assert claims["iss"] == claims["sub"] == a.client_id == f"spiffe://example.org/agent/{AGENT}"

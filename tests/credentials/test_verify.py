@@ -50,6 +50,7 @@ from badged.keystore.port import KeyHandle
 NOW = 1_800_000_000
 AGENT = "spiffe://example.org/agent/a"
 AUD = "https://api.example.com"
+ISSUER = "spiffe://example.org/badged"
 
 
 class Env:
@@ -58,7 +59,10 @@ class Env:
         self.agent = self.keys.generate("agent")
         self.other = self.keys.generate("other")
         self.kid = jwk_thumbprint(ec_public_jwk(self.agent.public_key()))
-        self.jwks = {"keys": [{**ec_public_jwk(self.agent.public_key()), "kid": self.kid}]}
+        # As badgectl jwks writes it: the issuer, and each key naming its agent.
+        self.jwks = {"keys": [{**ec_public_jwk(self.agent.public_key()), "kid": self.kid,
+                               "badged_agent": AGENT}],
+                     "badged_issuer": ISSUER}
         self.clock = FixedClock(NOW)
 
     def verifier(self, **kw: Any) -> Verifier:
@@ -66,7 +70,7 @@ class Env:
 
     def token(self, *, key: KeyHandle | None = None, kid: str | None = None, ttl: int = 300,
               now: float = NOW, extra: dict[str, Any] | None = None, jti: str = "j1") -> str:
-        claims = build_claims(issuer="spiffe://example.org/badged", subject=AGENT, audience=AUD,
+        claims = build_claims(issuer=ISSUER, subject=AGENT, audience=AUD,
                               scopes=("read",), ttl_seconds=ttl, now=now, jti=jti, extra=extra)
         return mint_token(claims=claims, key=key or self.agent, key_id=kid or self.kid).token
 
@@ -88,7 +92,7 @@ def test_good_token_gives_typed_result(env: Env) -> None:
 
 
 def test_delegated_token_names_user_and_agent(env: Env) -> None:
-    claims = {"iss": "i", "sub": "spiffe://example.org/user/alice", "aud": AUD, "iat": NOW,
+    claims = {"iss": ISSUER, "sub": "spiffe://example.org/user/alice", "aud": AUD, "iat": NOW,
               "exp": NOW + 60, "jti": "d", "act": {"sub": AGENT}}
     r = env.verifier().verify_token(raw_jws({"alg": "ES256", "kid": env.kid, "typ": "JWT"},
                                             claims, env.agent), audience=AUD)
@@ -157,7 +161,7 @@ MUTATIONS: list[tuple[str, Callable[[Env], str], type[VerificationError], str]] 
      ClaimsError, "bad_claim"),
     ("wrong audience", lambda e: _aud(e, "https://other.example"), ClaimsError, "wrong_audience"),
     ("sub not SPIFFE", lambda e: raw_jws({"alg": "ES256", "kid": e.kid, "typ": "JWT"},
-                                         {"iss": "i", "sub": "root", "aud": AUD, "exp": NOW + 9,
+                                         {"iss": ISSUER, "sub": "root", "aud": AUD, "exp": NOW + 9,
                                           "jti": "x"}, e.agent), ClaimsError, "bad_subject"),
 ]
 
@@ -191,7 +195,7 @@ def _dup_claims(e: Env) -> str:
 
 
 def _aud(e: Env, aud: str) -> str:
-    claims = build_claims(issuer="i", subject=AGENT, audience=aud, scopes=(), ttl_seconds=60,
+    claims = build_claims(issuer=ISSUER, subject=AGENT, audience=aud, scopes=(), ttl_seconds=60,
                           now=NOW, jti="x")
     return mint_token(claims=claims, key=e.agent, key_id=e.kid).token
 
@@ -343,7 +347,8 @@ def test_client_assertion_rules(env: Env) -> None:
                                                 env.agent, env.kid)
     v = env.verifier()
     r = v.verify_client_assertion(mk(), audience="https://as/token", client_id="client-1")
-    assert r.agent == "client-1" and r.jti == "a1"
+    # The agent is the one the signing key belongs to, whatever the client id.
+    assert r.agent == AGENT and r.claims["sub"] == "client-1" and r.jti == "a1"
     with pytest.raises(ReplayError):
         v.verify_client_assertion(mk(), audience="https://as/token")
     with pytest.raises(ClaimsError) as aud:
@@ -352,7 +357,8 @@ def test_client_assertion_rules(env: Env) -> None:
     with pytest.raises(ClaimsError) as cid:
         v.verify_client_assertion(mk(jti="a3"), audience="https://as/token", client_id="client-2")
     assert cid.value.reason == "wrong_subject"
-    mixed = raw_jws({"alg": "ES256", "kid": env.kid}, {"iss": "a", "sub": "b",
+    mixed = raw_jws({"alg": "ES256", "kid": env.kid, "typ": assertions.ASSERTION_TYP},
+                    {"iss": "a", "sub": "b",
                                                        "aud": "https://as/token",
                                                        "exp": NOW + 30, "jti": "m"}, env.agent)
     with pytest.raises(ClaimsError) as mix:
@@ -379,7 +385,7 @@ class Pki:
 
 
 def _x5c_token(env: Env, pki: Pki, *, sub: str = AGENT, jti: str = "x1") -> str:
-    claims = build_claims(issuer="i", subject=sub, audience=AUD, scopes=(), ttl_seconds=120,
+    claims = build_claims(issuer=ISSUER, subject=sub, audience=AUD, scopes=(), ttl_seconds=120,
                           now=NOW, jti=jti)
     return raw_jws({"alg": "ES256", "typ": "JWT", "x5c": pki.x5c(pki.leaf, pki.device)}, claims,
                    env.agent)
@@ -387,7 +393,7 @@ def _x5c_token(env: Env, pki: Pki, *, sub: str = AGENT, jti: str = "x1") -> str:
 
 def test_x5c_chain_to_root(env: Env) -> None:
     pki = Pki(env)
-    v = Verifier(roots=[pki.root], clock=env.clock)
+    v = Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER)
     r = v.verify_token(_x5c_token(env, pki), audience=AUD)
     assert r.agent == AGENT and len(r.chain) == 2
 
@@ -425,7 +431,7 @@ def test_x5c_refusals(env: Env, case: str, mutate: Any, exc: type[VerificationEr
         revocations = Revocations.from_crl(bx.to_pem(crl).encode(), pki.device, now=NOW)
     elif callable(mutate):
         token = mutate(env, pki, None)
-    v = Verifier(roots=roots, clock=env.clock, revocations=revocations)
+    v = Verifier(roots=roots, clock=env.clock, issuer=ISSUER, revocations=revocations)
     with pytest.raises(exc) as info:
         v.verify_token(token, audience=AUD)
     assert info.value.reason == reason, case
@@ -459,7 +465,7 @@ def test_client_attestation_via_device_chain(env: Env) -> None:
             client_id="client-1", audience="https://as", now=NOW, ttl_seconds=60, jti=jti,
             challenge=challenge), key or env.agent)
 
-    v = Verifier(roots=[pki.root], clock=env.clock)
+    v = Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER)
     r = v.verify_client_attestation(att, pop("p1"), audience="https://as", challenge="c")
     assert r.agent == AGENT and r.attestation is not None
     assert r.attestation.hwkey["never_extractable"] is True
@@ -501,11 +507,11 @@ def test_agent_key_cannot_pose_as_attester(env: Env) -> None:
 def test_device_key_cannot_mint_agent_tokens_or_assertions(env: Env) -> None:
     """A CA certificate (the device's) is not an agent leaf: tokens it signs are refused."""
     pki = Pki(env)
-    claims = build_claims(issuer="i", subject="spiffe://example.org/device/d1", audience=AUD,
+    claims = build_claims(issuer=ISSUER, subject="spiffe://example.org/device/d1", audience=AUD,
                           scopes=(), ttl_seconds=60, now=NOW, jti="dv")
     token = raw_jws({"alg": "ES256", "typ": "JWT", "x5c": pki.x5c(pki.device)}, claims, pki.dev)
     with pytest.raises(ChainError) as info:
-        Verifier(roots=[pki.root], clock=env.clock).verify_token(token, audience=AUD)
+        Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER).verify_token(token, audience=AUD)
     assert info.value.reason == "chain_untrusted"
 
 
@@ -513,10 +519,10 @@ def test_assertion_sub_must_match_certificate_san(env: Env) -> None:
     pki = Pki(env)
     claims = assertions.client_assertion_claims(client_id="spiffe://example.org/agent/b",
                                                 audience=AUD, now=NOW, ttl_seconds=60, jti="s1")
-    a = raw_jws({"alg": "ES256", "typ": "JWT", "x5c": pki.x5c(pki.leaf, pki.device)}, claims,
-                env.agent)
+    a = raw_jws({"alg": "ES256", "typ": assertions.ASSERTION_TYP,
+                 "x5c": pki.x5c(pki.leaf, pki.device)}, claims, env.agent)
     with pytest.raises(ChainError) as info:
-        Verifier(roots=[pki.root], clock=env.clock).verify_client_assertion(a, audience=AUD)
+        Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER).verify_client_assertion(a, audience=AUD)
     assert info.value.reason == "san_mismatch"
 
 
@@ -534,12 +540,12 @@ def test_attestation_for_another_trust_domain_or_by_revoked_device(env: Env) -> 
         return assertions.mint_attestation_pop(assertions.attestation_pop_claims(
             client_id="c", audience="https://as", now=NOW, ttl_seconds=60, jti=jti), env.agent)
 
-    v = Verifier(roots=[pki.root], clock=env.clock)
+    v = Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER)
     with pytest.raises(ChainError) as td:
         v.verify_client_attestation(attestation("spiffe://other.org/agent/a"), pop("1"),
                                     audience="https://as")
     assert td.value.reason == "san_mismatch"
-    revoked = Verifier(roots=[pki.root], clock=env.clock,
+    revoked = Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER,
                        revocations=Revocations(serials=frozenset({pki.device.serial_number})))
     with pytest.raises(RevokedError):
         revoked.verify_client_attestation(attestation(AGENT), pop("2"), audience="https://as")

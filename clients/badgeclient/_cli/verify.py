@@ -10,6 +10,12 @@ operator gives -- a JWKS (``badgectl jwks``) or the org root certificate
     badgectl verify --root root.pem --crl crl.pem --device-chain chain.pem --kind attestation \\
         --pop POP --audience https://as ATTESTATION
 
+An access token must carry the daemon's issuer (``--issuer``, or the
+``badged_issuer`` member of the JWKS that ``badgectl jwks`` writes), its
+access-token ``typ`` (an assertion is refused as a token), and the ``sub``
+of the agent its key belongs to. ``--require-dpop`` refuses bearer tokens;
+a ``--dpop`` proof with an unbound token is refused anyway.
+
 Exit codes: 0 verified (result as JSON on stdout), 1 refused (reason on
 stderr), 2 usage.
 """
@@ -57,7 +63,8 @@ def _result(r: Any) -> dict[str, Any]:
 @click.option("--kind", type=click.Choice(["token", "assertion", "attestation", "dpop"]),
               default="token", show_default=True)
 @click.option("--audience", "-a", default=None, help="Expected aud (required except for dpop).")
-@click.option("--issuer", default=None, help="Expected iss (tokens).")
+@click.option("--issuer", default=None,
+              help="Expected iss (tokens); default: badged_issuer from --jwks.")
 @click.option("--client-id", default=None, help="Expected client id (assertions).")
 @click.option("--jwks", type=_FILE, default=None, help="Trusted JWK Set (JSON).")
 @click.option("--root", type=_FILE, default=None, help="Trusted root certificate(s), PEM.")
@@ -69,12 +76,14 @@ def _result(r: Any) -> dict[str, Any]:
 @click.option("--htm", default=None)
 @click.option("--htu", default=None)
 @click.option("--nonce", default=None)
+@click.option("--require-dpop", is_flag=True,
+              help="Tokens: refuse a token that is not DPoP-bound (cnf.jkt).")
 @click.option("--skew", type=click.IntRange(0, 300), default=30, show_default=True)
 def verify_command(credential: str, kind: str, audience: str | None, issuer: str | None,
                    client_id: str | None, jwks: Path | None, root: Path | None, crl: Path | None,
                    device_chain: Path | None, pop: str | None, challenge: str | None,
                    dpop_proof: str | None, htm: str | None, htu: str | None, nonce: str | None,
-                   skew: int) -> None:
+                   require_dpop: bool, skew: int) -> None:
     """Verify CREDENTIAL (or stdin) and print the typed result as JSON."""
     now = time.time()
     if kind != "dpop" and audience is None:
@@ -99,7 +108,8 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
         result: Any
         if kind == "token":
             req = DpopRequest(dpop_proof, htm or "", htu or "", nonce) if dpop_proof else None
-            result = verifier.verify_token(cred, audience=audience or "", issuer=issuer, dpop=req)
+            result = verifier.verify_token(cred, audience=audience or "", issuer=issuer, dpop=req,
+                                           require_dpop=require_dpop)
         elif kind == "assertion":
             result = verifier.verify_client_assertion(cred, audience=audience or "",
                                                       client_id=client_id)

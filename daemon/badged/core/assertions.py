@@ -3,7 +3,12 @@
 * RFC 7523 client assertions for ``private_key_jwt`` client authentication:
   ``iss`` = ``sub`` = client id, ``aud`` = the token endpoint (or AS issuer),
   ``exp`` seconds away, unique ``jti``; signed by the agent's token key,
-  ``kid`` = its RFC 7638 thumbprint (as published in the JWKS).
+  ``kid`` = its RFC 7638 thumbprint (as published in the JWKS). ``typ`` is
+  ``client-authentication+jwt`` (draft-ietf-oauth-rfc7523bis, registered
+  with IANA), not ``JWT``: the same key signs access tokens, and an
+  assertion must never pass for one (access-token verifiers accept only
+  ``JWT``/``at+jwt``). Which client id the agent may use is decided by the
+  service (its own SPIFFE ID, or one the policy lists), never here.
 * draft-ietf-oauth-attestation-based-client-auth: the *Client Attestation*
   (``typ`` ``oauth-client-attestation+jwt``) is issued by the device key --
   the attester -- for the agent key (``cnf.jwk``) and summarizes the
@@ -27,6 +32,7 @@ from badged.keystore.port import KeyHandle
 _logger = logging.getLogger(__name__)
 
 ES256 = ec.ECDSA(hashes.SHA256())
+ASSERTION_TYP = "client-authentication+jwt"
 ATTESTATION_TYP = "oauth-client-attestation+jwt"
 ATTESTATION_POP_TYP = "oauth-client-attestation-pop+jwt"
 MAX_ASSERTION_TTL = 300
@@ -52,7 +58,7 @@ def mint_client_assertion(claims: Mapping[str, Any], key: KeyHandle, key_id: str
                           x5c: Sequence[str] = ()) -> str:
     """``x5c`` (agent certificate first) lets a server that trusts only the
     organization's root verify the assertion without a registered JWKS."""
-    header: dict[str, Any] = {"alg": "ES256", "kid": key_id, "typ": "JWT"}
+    header: dict[str, Any] = {"alg": "ES256", "kid": key_id, "typ": ASSERTION_TYP}
     if x5c:
         header["x5c"] = list(x5c)
     return encode_jws(header, claims, lambda data: key.sign(data, ES256))

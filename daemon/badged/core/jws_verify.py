@@ -39,8 +39,16 @@ def _segment(text: str) -> dict[str, Any]:
 
 
 def verify_es256(token: str, *, keys: Mapping[str, ec.EllipticCurvePublicKey], audience: str,
-                 now: float, skew: int = 30) -> dict[str, Any]:
-    """Claims of a valid token for ``audience``; raises InvalidRequestError otherwise."""
+                 now: float, skew: int = 30, typs: frozenset[str | None] | None = None,
+                 issuer: str | None = None,
+                 key_agents: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Claims of a valid token for ``audience``; raises InvalidRequestError otherwise.
+
+    ``typs``: the JOSE ``typ`` values accepted (an access token is not a
+    client assertion signed by the same key). ``issuer``: the required ``iss``.
+    ``key_agents``: kid → the SPIFFE ID of the agent that key belongs to; the
+    token's ``sub`` (or ``act.sub`` when delegated) must be that agent.
+    """
     if len(token) > MAX_TOKEN:
         raise _fail("too large")
     parts = token.split(".")
@@ -49,6 +57,8 @@ def verify_es256(token: str, *, keys: Mapping[str, ec.EllipticCurvePublicKey], a
     header, claims = _segment(parts[0]), _segment(parts[1])
     if header.get("alg") != "ES256":
         raise _fail("algorithm must be ES256")
+    if typs is not None and header.get("typ") not in typs:
+        raise _fail("not an access token (typ)")
     key = keys.get(str(header.get("kid")))
     if key is None:
         raise _fail("unknown key id")
@@ -74,4 +84,11 @@ def verify_es256(token: str, *, keys: Mapping[str, ec.EllipticCurvePublicKey], a
         raise _fail("audience mismatch")
     if not isinstance(claims.get("sub"), str):
         raise _fail("no subject")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise _fail("issuer mismatch")
+    if key_agents is not None:
+        act = claims.get("act")
+        agent = act.get("sub") if isinstance(act, dict) else claims["sub"]
+        if key_agents.get(str(header.get("kid"))) != agent:
+            raise _fail("signed by another agent's key")
     return claims

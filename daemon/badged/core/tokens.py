@@ -19,7 +19,19 @@ from badged.core.jose import b64url, canonical_json, encode_jws_raw, encode_jws_
 from badged.keystore.port import KeyHandle
 
 ES256 = ec.ECDSA(hashes.SHA256())
+# Access tokens keep ``typ: JWT``: stock SPIFFE libraries accept only "JWT"
+# or "JOSE" on a JWT-SVID, and every badged access token is one. What makes
+# them distinct is that nothing else badged signs with an agent key says
+# "JWT" any more: client assertions are ``client-authentication+jwt``
+# (draft-ietf-oauth-rfc7523bis), attestation PoPs and DPoP proofs have their
+# own types, so verifiers that accept only ACCESS_TOKEN_TYPS refuse them.
 TOKEN_TYP = "JWT"  # noqa: S105 -- a JOSE header value, not a secret
+ACCESS_TOKEN_TYPS: frozenset[str | None] = frozenset({TOKEN_TYP, "at+jwt"})
+# The JWKS member that names the agent a key belongs to (its SPIFFE ID): a
+# verifier checks the token's sub (or act.sub) against the key that signed.
+JWK_AGENT_MEMBER = "badged_agent"
+# The JWK Set member carrying the daemon's issuer, which access tokens must name.
+JWKS_ISSUER_MEMBER = "badged_issuer"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from badged.core.clock import Clock
 from badged.core.jose import ec_public_jwk, jwk_thumbprint
+from badged.core.tokens import JWK_AGENT_MEMBER
 from badged.errors import (
     AlreadyExistsError,
     BadgedError,
@@ -273,8 +274,10 @@ class AgentRegistry:
                     continue
                 for v in rec.versions:
                     if v.state == "active" or v.publish_until > now:
+                        # Each key names its agent: a verifier refuses a
+                        # token whose sub is another agent than its signer.
                         keys.append({**v.token_jwk, "kid": v.token_kid, "use": "sig",
-                                     "alg": "ES256"})
+                                     "alg": "ES256", JWK_AGENT_MEMBER: rec.spiffe_id})
         return {"keys": keys}
 
     # -- lifecycle ----------------------------------------------------------------

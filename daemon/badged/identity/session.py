@@ -64,6 +64,7 @@ from badged.core.session_keys import (
     public_key_from_jwk,
     verify_certification,
 )
+from badged.core.tokens import JWK_AGENT_MEMBER
 from badged.errors import FailedPreconditionError, KeyStoreError, KeyStoreUnavailableError
 from badged.fsutil import atomic_write
 from badged.identity.registry import AgentRegistry, SigningKey
@@ -230,8 +231,10 @@ class SessionKeyManager:
         with self._lock:
             self._expire(now)
             for agent in sorted(self._published):
-                if agent in active:
-                    keys.extend(p.entry() for p in self._published[agent])
+                if agent in active:  # each key names its agent, as in the registry
+                    spiffe_id = self._registry.spiffe_id(agent)
+                    keys.extend({**p.entry(), JWK_AGENT_MEMBER: spiffe_id}
+                                for p in self._published[agent])
         return {"keys": keys}
 
     def sweep(self) -> None:

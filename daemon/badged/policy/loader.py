@@ -69,8 +69,11 @@ _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description"}
 _RULE_FLAGS = ("allow_any_user", "other_mount_ns")
-_AGENT_KEYS = {"name", "selectors", "bundles", "description", *_RULE_FLAGS}
-_BIND_KEYS = (_BUNDLE_KEYS | {"agent", "selectors", *_RULE_FLAGS}) - {"rate", "approval"}
+_AGENT_KEYS = {"name", "selectors", "bundles", "description", "client_ids", *_RULE_FLAGS}
+_BIND_KEYS = ((_BUNDLE_KEYS | {"agent", "selectors", "client_ids", *_RULE_FLAGS})
+              - {"rate", "approval"})
+_CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+_AGENT_ID_RE = re.compile(r"^spiffe://[^/]+/agent/([^/]+)$")
 _TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation", "approval"}
 
 
@@ -198,7 +201,8 @@ class _Parser:
         return value
 
     def rule(self, entry: dict[str, Any], name: str, sels: frozenset[str],
-             bundle_names: tuple[str, ...], start: int, what: str) -> AgentRule:
+             bundle_names: tuple[str, ...], start: int, what: str,
+             client_ids: frozenset[str] = frozenset()) -> AgentRule:
         """An agent rule, refused when it binds by what runs but not by who runs it."""
         any_user = self.flag(entry, "allow_any_user", start, what)
         other_ns = self.flag(entry, "other_mount_ns", start, what)
@@ -220,7 +224,7 @@ class _Parser:
                             f"and this rule has none")
         return AgentRule(agent=name, selectors=sels, bundles=bundle_names,
                          source=f"{self.short}:{start + 1}", allow_any_user=any_user,
-                         other_mount_ns=other_ns)
+                         other_mount_ns=other_ns, client_ids=client_ids)
 
     def check_gates(self, rule: AgentRule, baseline: Bundle | None,
                     bundles: dict[str, Bundle], start: int, what: str) -> None:
@@ -240,6 +244,32 @@ class _Parser:
                     f"different approval/rate: {desc}. {kind} requests carry no audience or "
                     f"scope, so every one of them matches all these bundles; allow {kind} "
                     f"in one of them only, or give them the same approval and rate")
+
+    def client_ids(self, entry: dict[str, Any], start: int, what: str, agent: str,
+                   earlier: list[AgentRule]) -> frozenset[str]:
+        """Optional ``client_ids``: extra OAuth client ids this agent may name.
+
+        An id is the operator's statement "this OAuth client is that agent", so
+        it may not be another agent's SPIFFE ID, and one id may not belong to
+        two agents (either could then authenticate as the other's client).
+        """
+        try:
+            ids = _strings(entry, "client_ids", required=False)
+            for cid in ids:
+                if not _CLIENT_ID_RE.match(cid):
+                    raise ValueError(f"client id {cid[:40]!r}: 1-256 printable ASCII chars")
+                m = _AGENT_ID_RE.match(cid)
+                if cid.startswith("spiffe://") and (m is None or m.group(1) != agent):
+                    raise ValueError(f"client id {cid!r}: a SPIFFE ID may only be the "
+                                     f"agent's own (spiffe://TD/agent/{agent})")
+                for rule in earlier:
+                    if rule.agent != agent and cid in rule.client_ids:
+                        raise ValueError(f"client id {cid!r} already belongs to agent "
+                                         f"{rule.agent!r} ({rule.source})")
+        except ValueError as exc:
+            raise self.fail(self.where.key(start, "client_ids"),
+                            f"{what} ({agent}): {exc}") from None
+        return frozenset(ids)
 
     def agent_name(self, entry: dict[str, Any], key: str, start: int, what: str) -> str:
         name = entry.get(key)
@@ -301,7 +331,8 @@ class _Parser:
                     raise self.fail(self.where.key(start, "selectors"),
                                     f"{what} ({name}): same selectors as {earlier.agent!r} at "
                                     f"{earlier.source}; every such caller would be ambiguous")
-            rule = self.rule(entry, name, sels, tuple(names), start, what)
+            rule = self.rule(entry, name, sels, tuple(names), start, what,
+                             self.client_ids(entry, start, what, name, rules))
             self.check_gates(rule, baseline, bundles, start, what)
             rules.append(rule)
         for idx, entry in enumerate(self._array(doc, "bind")):
@@ -314,10 +345,11 @@ class _Parser:
             name = self.agent_name(entry, "agent", start, what)
             sels = self.selectors(entry, start, f"{what} ({name})")
             inline = {k: v for k, v in entry.items()
-                      if k not in ("agent", "selectors", *_RULE_FLAGS)}
+                      if k not in ("agent", "selectors", "client_ids", *_RULE_FLAGS)}
             bundle_name = f"bind.{name}.{start + 1}"
             bundles[bundle_name] = self.bundle(bundle_name, inline, start, allowed=_BUNDLE_KEYS)
-            rule = self.rule(entry, name, sels, (bundle_name,), start, what)
+            rule = self.rule(entry, name, sels, (bundle_name,), start, what,
+                             self.client_ids(entry, start, what, name, rules))
             self.check_gates(rule, baseline, bundles, start, what)
             rules.append(rule)
         delegators: frozenset[str] = frozenset()

@@ -137,6 +137,10 @@ class AgentRule:
     # unix:path also matches callers in another mount namespace (the daemon
     # still requires the very file it finds at that path: same dev/inode).
     other_mount_ns: bool = False
+    # OAuth client ids (besides the agent's own SPIFFE ID) that a client
+    # assertion or attestation may name for this agent: the operator's word,
+    # never the request's (docs/credentials.md, "Which client_id").
+    client_ids: frozenset[str] = frozenset()
     # The selectors with unix:path: spelled as the attestor spells it for a
     # caller in another mount namespace; None unless other_mount_ns.
     foreign: frozenset[str] | None = field(default=None, init=False, compare=False)

@@ -1,10 +1,13 @@
 """Credential service: attested credential requests and proofs of possession.
 
-Same request path as the workload service -- caller from the kernel
-(``resolve_caller``), decision by policy (the shared :class:`PolicyGate`,
-kinds ``assertion``, ``dpop`` and ``csr``), signing in the token, durable
-audit record, then the answer. The audit record names the credential by
-``jti``/serial and SHA-256, never by its bytes.
+Every RPC that hands out a credential is a kind of the one issuance pipeline
+(:mod:`badged.service.issuance`: caller from the kernel, decision by policy
+-- kinds ``assertion``, ``dpop`` and ``csr`` --, the caller's own agent key,
+signing in the token, durable audit record, then the answer); the handlers
+here validate, say what to mint, and marshal. The audit record names the
+credential by ``jti``/serial and SHA-256, never by its bytes. A client
+assertion's or attestation's client id is the agent's own SPIFFE ID unless
+the policy lists another one for that agent (``client_ids``).
 
 Keys: everything an agent presents is signed with its *token key* (the key
 published in the JWKS and certified in its X.509 certificate), so one key
@@ -18,6 +21,7 @@ import base64
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,12 +38,11 @@ from badged.enroll.store import EnrollmentStore, IssuedCert
 from badged.errors import FailedPreconditionError, InvalidRequestError
 from badged.identity.registry import SigningKey
 from badged.keystore.attest import KeyAttestation, KeyAttester
-from badged.policy.model import Decision, Request
+from badged.policy.model import Request
 from badged.service import validate
-from badged.service.auth import resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
-from badged.service.workload import PolicyGate
+from badged.service.issuance import Authorized, Caller, Issuance, Minted
 from badged_proto.v1 import credentials_pb2, credentials_pb2_grpc
 
 _logger = logging.getLogger(__name__)
@@ -58,9 +61,11 @@ def _der_b64(cert: x509.Certificate) -> str:
     return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")
 
 
-def _client_id(value: str, default: str) -> str:
+def _client_id(value: str) -> str:
+    """The requested client id, bounded; ``""`` asks for the agent's own SPIFFE ID.
+    Whether the caller may *use* it is the pipeline's decision."""
     if not value:
-        return default
+        return ""
     if len(value) > MAX_CLIENT_ID or not _PRINTABLE.match(value):
         raise InvalidRequestError("bad client_id",
                                   public=f"client_id must be 1-{MAX_CLIENT_ID} printable ASCII chars")
@@ -88,18 +93,11 @@ def _origin(htu: str) -> str:
 class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
     def __init__(self, deps: ServiceDeps) -> None:
         self._d = deps
-        self._gate = PolicyGate(deps)
+        self._issue = Issuance(deps)
         self._enroll = EnrollmentStore(deps.state_dir)
         self._ca = AgentCertificateAuthority(self._enroll, device_key=deps.device_key)
 
-    # -- shared steps ------------------------------------------------------------------
-
-    async def _authorize(self, context: Ctx, req: Request
-                         ) -> tuple[ProcessAttributes, SigningKey, Decision]:
-        peer, proc = resolve_caller(self._d, context, "workload")
-        decision, _ = await self._gate.enforce(proc, peer, req)
-        key = self._gate.key(decision, self._d.agents.token_key)
-        return proc, key, decision
+    # -- shared steps (run inside a mint, where signatures run) ----------------------
 
     def _device_x5c(self) -> list[str]:
         chain = self._enroll.device_chain() or []
@@ -112,25 +110,24 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
                                           public="device is not enrolled (badgectl enroll)")
         return chain
 
-    async def _agent_cert(self, key: SigningKey, chain: list[x509.Certificate],
-                          proc: ProcessAttributes, rule: str) -> IssuedCert:
-        """The agent's current certificate, issued (and audited) when it has
-        less than half its life left."""
+    def _agent_cert(self, key: SigningKey, chain: list[x509.Certificate], caller: Caller,
+                    rule: str) -> tuple[IssuedCert, Mapping[str, Any] | None]:
+        """The agent's current certificate, issued when it has less than half
+        its life left; with the audit record of a fresh issuance."""
         now = self._d.clock()
         issued = self._ca.current(key, now)
         if issued is not None:
-            return issued
+            return issued, None
         try:
-            issued = await self._d.signing.run(lambda: self._ca.issue(key, chain, now))
+            issued = self._ca.issue(key, chain, now)
         except ValueError as exc:
             raise FailedPreconditionError(f"cannot issue: {exc}",
                                           public="device certificate has expired") from None
-        await self._d.audit.append({
-            "event": "certificate.issued", "agent": key.agent, "caller": proc.summary(),
+        return issued, {
+            "event": "certificate.issued", "agent": key.agent, "caller": caller.summary(),
             "decision": "allow", "rule": rule, "kid": key.kid, "serial": f"{issued.serial:x}",
             "exp": issued.not_after, "credential_sha256": _sha256(issued.pem),
-        })
-        return issued
+        }
 
     def _device_spiffe(self) -> str:
         return device_spiffe_id(self._d.trust_domain, device_id(self._d.device_key))
@@ -160,28 +157,35 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         agent = validate.agent_name(request.agent)
         ttl = _ttl(request.ttl_seconds, DEFAULT_ASSERTION_TTL, assertions.MAX_ASSERTION_TTL,
                    "assertion")
-        proc, key, decision = await self._authorize(
-            context, Request(kind="assertion", agent=agent, audience=audience, ttl=ttl))
-        rule = decision.rule
-        client_id = _client_id(request.client_id, key.spiffe_id)
-        x5c: list[str] = []
-        if request.include_x5c:
-            chain = self._chain()
-            issued = await self._agent_cert(key, chain, proc, rule)
-            x5c = [_der_b64(x509.load_pem_x509_certificate(issued.pem.encode("ascii")))]
-            x5c += [_der_b64(c) for c in chain if c.issuer != c.subject]
-        claims = assertions.client_assertion_claims(client_id=client_id, audience=audience,
-                                                    now=d.clock(), ttl_seconds=ttl, jti=d.new_jti())
-        token = await d.signing.run(
-            lambda: assertions.mint_client_assertion(claims, key.handle, key.kid, x5c=x5c))
-        await d.audit.append({
-            "event": "assertion.issued", "agent": key.agent, "caller": proc.summary(),
-            "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
-            "decision": "allow", "rule": rule, "jti": claims["jti"], "kid": key.kid,
-            "exp": claims["exp"], "credential_sha256": _sha256(token),
-        })
+        requested = _client_id(request.client_id)
+        include_x5c = request.include_x5c
+        caller = self._issue.caller(context)
+
+        def mint(auth: Authorized) -> Minted[tuple[str, dict[str, Any]]]:
+            key, client_id = auth.key, auth.client_id
+            x5c: list[str] = []
+            before: tuple[Mapping[str, Any], ...] = ()
+            if include_x5c:
+                chain = self._chain()
+                issued, fresh = self._agent_cert(key, chain, caller, auth.decision.rule)
+                before = (fresh,) if fresh is not None else ()
+                x5c = [_der_b64(x509.load_pem_x509_certificate(issued.pem.encode("ascii")))]
+                x5c += [_der_b64(c) for c in chain if c.issuer != c.subject]
+            claims = assertions.client_assertion_claims(
+                client_id=client_id, audience=audience, now=d.clock(), ttl_seconds=ttl,
+                jti=d.new_jti())
+            token = assertions.mint_client_assertion(claims, key.handle, key.kid, x5c=x5c)
+            return Minted((token, claims), claims["sub"], {
+                "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
+                "jti": claims["jti"], "exp": claims["exp"], "credential_sha256": _sha256(token),
+            }, before)
+
+        auth, (token, claims) = await self._issue.issue(
+            caller, Request(kind="assertion", agent=agent, audience=audience, ttl=ttl),
+            "assertion.issued", d.agents.token_key, mint, client_id=requested)
+        key = auth.key
         return credentials_pb2.ClientAssertionResponse(
-            assertion=token, agent=key.agent, spiffe_id=key.spiffe_id, client_id=client_id,
+            assertion=token, agent=key.agent, spiffe_id=key.spiffe_id, client_id=auth.client_id,
             jti=claims["jti"], expires_at=claims["exp"], key_id=key.kid)
 
     async def ClientAttestation(self, request: credentials_pb2.ClientAttestationRequest,
@@ -191,44 +195,45 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         agent = validate.agent_name(request.agent)
         # 0: the policy's default lifetime (the daemon default capped by the
         # bundle), like tokens; an explicit ttl is checked against the cap.
-        requested = _ttl(request.ttl_seconds, 0, assertions.MAX_ATTESTATION_TTL, "attestation")
+        requested_ttl = _ttl(request.ttl_seconds, 0, assertions.MAX_ATTESTATION_TTL,
+                             "attestation")
         challenge = request.challenge or None
         if challenge is not None and (len(challenge) > 512 or not _PRINTABLE.match(challenge)):
             raise InvalidRequestError("bad challenge",
                                       public="challenge must be 1-512 printable ASCII chars")
-        proc, key, decision = await self._authorize(
-            context, Request(kind="assertion", agent=agent, audience=audience, ttl=requested))
-        rule = decision.rule
-        ttl = requested or decision.ttl
-        client_id = _client_id(request.client_id, key.spiffe_id)
-        now = d.clock()
-        pop_claims = assertions.attestation_pop_claims(
-            client_id=client_id, audience=audience, now=now, ttl_seconds=POP_TTL, jti=d.new_jti(),
-            challenge=challenge)
+        requested = _client_id(request.client_id)
+        caller = self._issue.caller(context)
 
-        def mint() -> tuple[dict[str, object], dict[str, Any], str, str]:
+        def mint(auth: Authorized) -> Minted[tuple[str, str, int, str]]:
             # Three hardware operations (certify, device and agent signatures).
-            ev = self._evidence_claims(key, proc, now, ttl)
+            key, client_id = auth.key, auth.client_id
+            ttl = requested_ttl or auth.decision.ttl
+            now = d.clock()
+            pop_claims = assertions.attestation_pop_claims(
+                client_id=client_id, audience=audience, now=now, ttl_seconds=POP_TTL,
+                jti=d.new_jti(), challenge=challenge)
+            ev = self._evidence_claims(key, caller.proc, now, ttl)
             att_claims = assertions.client_attestation_claims(
                 attester=self._device_spiffe(), client_id=client_id,
                 agent_key=key.handle.public_key(), now=now, ttl_seconds=ttl, evidence=ev)
             attestation = assertions.mint_client_attestation(att_claims, d.device_key,
                                                              x5c=self._device_x5c())
-            return ev, att_claims, attestation, assertions.mint_attestation_pop(pop_claims,
-                                                                                 key.handle)
+            pop = assertions.mint_attestation_pop(pop_claims, key.handle)
+            return Minted((attestation, pop, att_claims["exp"], pop_claims["jti"]),
+                          att_claims["sub"], {
+                "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
+                "jti": pop_claims["jti"], "exp": att_claims["exp"],
+                "credential_sha256": _sha256(attestation), "pop_sha256": _sha256(pop),
+                "hwkey": ev.get("hwkey"),
+            })
 
-        ev, att_claims, attestation, pop = await d.signing.run(mint)
-        await d.audit.append({
-            "event": "attestation.issued", "agent": key.agent, "caller": proc.summary(),
-            "request": {"audience": audience, "client_id": client_id, "ttl": ttl},
-            "decision": "allow", "rule": rule, "jti": pop_claims["jti"], "kid": key.kid,
-            "exp": att_claims["exp"], "credential_sha256": _sha256(attestation),
-            "pop_sha256": _sha256(pop), "hwkey": ev.get("hwkey"),
-        })
+        auth, (attestation, pop, exp, pop_jti) = await self._issue.issue(
+            caller, Request(kind="assertion", agent=agent, audience=audience, ttl=requested_ttl),
+            "attestation.issued", d.agents.token_key, mint, client_id=requested)
+        key = auth.key
         return credentials_pb2.ClientAttestationResponse(
             client_attestation=attestation, client_attestation_pop=pop, agent=key.agent,
-            spiffe_id=key.spiffe_id, client_id=client_id, expires_at=att_claims["exp"],
-            pop_jti=pop_claims["jti"])
+            spiffe_id=key.spiffe_id, client_id=auth.client_id, expires_at=exp, pop_jti=pop_jti)
 
     async def DpopProof(self, request: credentials_pb2.DpopProofRequest,
                         context: Ctx) -> credentials_pb2.DpopProofResponse:
@@ -239,22 +244,29 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
             htu = dpop.normalize_htu(request.htu)
         except ValueError as exc:
             raise _bad(exc) from None
-        proc, key, decision = await self._authorize(
-            context, Request(kind="dpop", agent=agent, audience=_origin(htu)))
-        try:
-            claims = dpop.proof_claims(htm=htm, htu=htu, now=d.clock(), jti=d.new_jti(),
-                                       access_token=request.access_token or None,
-                                       nonce=request.nonce or None)
-        except ValueError as exc:
-            raise _bad(exc) from None
-        proof = await d.signing.run(lambda: dpop.mint_proof(claims, key.handle))
-        await d.audit.append({
-            "event": "dpop.issued", "agent": key.agent, "caller": proc.summary(),
-            "request": {"htm": htm, "htu": htu, "bound_token": "ath" in claims,
-                        "nonce": bool(request.nonce)},
-            "decision": "allow", "rule": decision.rule, "jti": claims["jti"], "kid": key.kid,
-            "credential_sha256": _sha256(proof),
-        })
+        access_token = request.access_token or None
+        nonce = request.nonce or None
+        caller = self._issue.caller(context)
+
+        def mint(auth: Authorized) -> Minted[tuple[str, dict[str, Any]]]:
+            key = auth.key
+            try:
+                claims = dpop.proof_claims(htm=htm, htu=htu, now=d.clock(), jti=d.new_jti(),
+                                           access_token=access_token, nonce=nonce)
+            except ValueError as exc:
+                raise _bad(exc) from None
+            proof = dpop.mint_proof(claims, key.handle)
+            # A proof names no subject: it speaks for the key, the agent's own.
+            return Minted((proof, claims), key.spiffe_id, {
+                "request": {"htm": htm, "htu": htu, "bound_token": "ath" in claims,
+                            "nonce": nonce is not None},
+                "jti": claims["jti"], "credential_sha256": _sha256(proof),
+            })
+
+        auth, (proof, claims) = await self._issue.issue(
+            caller, Request(kind="dpop", agent=agent, audience=_origin(htu)), "dpop.issued",
+            d.agents.token_key, mint)
+        key = auth.key
         return credentials_pb2.DpopProofResponse(proof=proof, jkt=key.kid, jti=claims["jti"],
                                                  issued_at=claims["iat"], agent=key.agent)
 
@@ -262,32 +274,43 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
                         context: Ctx) -> credentials_pb2.CreateCsrResponse:
         d = self._d
         agent = validate.agent_name(request.agent)
-        proc, key, decision = await self._authorize(context, Request(kind="csr", agent=agent))
-        rule = decision.rule
-        now = d.clock()
+        caller = self._issue.caller(context)
 
-        def make() -> tuple[str, x509.CertificateSigningRequest]:
-            ev = evidence.sign_evidence(self._evidence_claims(key, proc, now, 3600),
+        def mint(auth: Authorized) -> Minted[tuple[str, str]]:
+            key = auth.key
+            ev = evidence.sign_evidence(self._evidence_claims(key, caller.proc, d.clock(), 3600),
                                         device_key=d.device_key, x5c=self._device_x5c())
-            return ev, build_csr(key.handle, common_name=key.agent, uris=[key.spiffe_id],
-                                 evidence=ev.encode("ascii"))
+            csr = build_csr(key.handle, common_name=key.agent, uris=[key.spiffe_id],
+                            evidence=ev.encode("ascii"))
+            pem = to_pem(csr)
+            return Minted((pem, ev), key.spiffe_id, {"credential_sha256": _sha256(pem)})
 
-        ev, csr = await d.signing.run(make)
-        pem = to_pem(csr)
-        await d.audit.append({
-            "event": "csr.issued", "agent": key.agent, "caller": proc.summary(),
-            "decision": "allow", "rule": rule, "kid": key.kid, "credential_sha256": _sha256(pem),
-        })
+        auth, (pem, ev) = await self._issue.issue(
+            caller, Request(kind="csr", agent=agent), "csr.issued", d.agents.token_key, mint)
+        key = auth.key
         return credentials_pb2.CreateCsrResponse(csr_pem=pem, evidence=ev, agent=key.agent,
                                                  spiffe_id=key.spiffe_id)
 
     async def GetAgentCertificate(self, request: credentials_pb2.GetAgentCertificateRequest,
                                   context: Ctx) -> credentials_pb2.GetAgentCertificateResponse:
         agent = validate.agent_name(request.agent)
-        proc, key, decision = await self._authorize(context, Request(kind="csr", agent=agent))
-        rule = decision.rule
-        chain = self._chain()
-        issued = await self._agent_cert(key, chain, proc, rule)
+        caller = self._issue.caller(context)
+
+        def mint(auth: Authorized) -> Minted[tuple[IssuedCert, list[x509.Certificate]]]:
+            key = auth.key
+            chain = self._chain()
+            issued, fresh = self._agent_cert(key, chain, caller, auth.decision.rule)
+            # A fresh certificate gets its own certificate.issued record first;
+            # every answer, fresh or not, is recorded as served.
+            return Minted((issued, chain), key.spiffe_id, {
+                "serial": f"{issued.serial:x}", "exp": issued.not_after,
+                "credential_sha256": _sha256(issued.pem), "fresh": fresh is not None,
+            }, (fresh,) if fresh is not None else ())
+
+        auth, (issued, chain) = await self._issue.issue(
+            caller, Request(kind="csr", agent=agent), "certificate.served",
+            self._d.agents.token_key, mint)
+        key = auth.key
         return credentials_pb2.GetAgentCertificateResponse(
             certificate_pem=issued.pem,
             chain_pem="".join(to_pem(c) for c in chain if c.issuer != c.subject),

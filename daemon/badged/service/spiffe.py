@@ -27,14 +27,14 @@ from google.protobuf import struct_pb2
 
 from badged.core.jose import public_key_from_jwk
 from badged.core.jws_verify import verify_es256
-from badged.core.tokens import build_claims, mint_token
+from badged.core.tokens import ACCESS_TOKEN_TYPS, JWK_AGENT_MEMBER, IssuedToken, build_claims, mint_token
 from badged.errors import BadgedError, InvalidRequestError, PolicyDeniedError
 from badged.policy.model import Request
 from badged.service import validate
 from badged.service.auth import resolve_caller
 from badged.service.deps import ServiceDeps
 from badged.service.errors import ERROR_TRAILER, STATUS_FOR, Ctx
-from badged.service.workload import PolicyGate
+from badged.service.issuance import Authorized, Issuance, Minted
 from badged_proto.spiffe import workload_pb2, workload_pb2_grpc
 
 _logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _require_header(context: Ctx) -> None:
 class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def __init__(self, deps: ServiceDeps) -> None:
         self._d = deps
-        self._gate = PolicyGate(deps)
+        self._issue = Issuance(deps)
 
     def _agent_of(self, spiffe_id: str) -> str | None:
         if not spiffe_id:
@@ -76,28 +76,25 @@ class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         if not audiences:
             raise InvalidRequestError("no audience", public="audience must be specified")
         agent = self._agent_of(request.spiffe_id)
-        peer, proc = resolve_caller(d, context, "workload")
-        ttl = 0
-        rules = []
-        for aud in audiences:  # every audience must be allowed, for the same agent
-            decision, _ = await self._gate.enforce(proc, peer, Request(kind="token", agent=agent,
-                                                                       audience=aud))
-            agent = decision.agent
-            ttl = decision.ttl if not ttl else min(ttl, decision.ttl)
-            rules.append(decision.rule)
-        key = self._gate.key(decision, d.tokens.token_key)
-        claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=audiences,
-                              scopes=(), ttl_seconds=ttl, now=d.clock(), jti=d.new_jti())
-        issued = await d.signing.run(
-            lambda: mint_token(claims=claims, key=key.handle, key_id=key.kid))
-        await d.audit.append({
-            "event": "jwt_svid.issued", "agent": key.agent, "caller": proc.summary(),
-            "request": {"audiences": audiences, "ttl": ttl}, "decision": "allow",
-            "rule": "; ".join(rules), "jti": issued.jti, "kid": key.kid, "exp": issued.expires_at,
-            "credential_sha256": hashlib.sha256(issued.token.encode()).hexdigest(),
-        })
+        caller = self._issue.caller(context)
+        # Every audience must be allowed, for the same agent (the pipeline pins it).
+        reqs = [Request(kind="token", agent=agent, audience=aud) for aud in audiences]
+
+        def mint(auth: Authorized) -> Minted[IssuedToken]:
+            key, ttl = auth.key, auth.decision.ttl
+            claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=audiences,
+                                  scopes=(), ttl_seconds=ttl, now=d.clock(), jti=d.new_jti())
+            issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+            return Minted(issued, key.spiffe_id, {
+                "request": {"audiences": audiences, "ttl": ttl}, "jti": issued.jti,
+                "exp": issued.expires_at,
+                "credential_sha256": hashlib.sha256(issued.token.encode()).hexdigest(),
+            })
+
+        auth, issued = await self._issue.issue(caller, reqs, "jwt_svid.issued",
+                                               d.tokens.token_key, mint)
         return workload_pb2.JWTSVIDResponse(
-            svids=[workload_pb2.JWTSVID(spiffe_id=key.spiffe_id, svid=issued.token)])
+            svids=[workload_pb2.JWTSVID(spiffe_id=auth.key.spiffe_id, svid=issued.token)])
 
     async def FetchJWTBundles(self, request: workload_pb2.JWTBundlesRequest,
                               context: Ctx) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
@@ -136,12 +133,18 @@ class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             raise InvalidRequestError("no svid", public="svid must be specified")
         resolve_caller(self._d, context, "workload")
         keys = {}
+        agents = {}
         for jwk in self._d.tokens.jwks()["keys"]:
             try:
                 keys[jwk["kid"]] = public_key_from_jwk(jwk)
+                agents[jwk["kid"]] = jwk[JWK_AGENT_MEMBER]
             except (KeyError, ValueError):
                 continue
-        claims = verify_es256(request.svid, keys=keys, audience=audience, now=self._d.clock())
+        # Only this daemon's access tokens: its issuer, an access-token typ,
+        # and the key that signed must be the named agent's (an assertion
+        # or a PoP by the same key is not a JWT-SVID).
+        claims = verify_es256(request.svid, keys=keys, audience=audience, now=self._d.clock(),
+                              typs=ACCESS_TOKEN_TYPS, issuer=self._d.issuer, key_agents=agents)
         out = struct_pb2.Struct()
         out.update(_jsonable(claims))
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(claims["sub"]), claims=out)

@@ -1,0 +1,302 @@
+"""The one issuance pipeline: attest → policy gate → key → sign → durable audit → answer.
+
+Every credential badged hands out -- access token, ``Sign`` signature, client
+assertion, client attestation, DPoP proof, CSR, agent certificate, SPIFFE
+JWT-SVID -- goes through :meth:`Issuance.issue`. The servicers only turn
+protobuf into a :class:`~badged.policy.model.Request` and a *mint* function,
+and the result back into protobuf. So the rules that make an identity
+unborrowable live here once, and a new credential kind cannot forget them:
+
+* the caller is the :class:`Caller` snapshot taken from the connection (kernel
+  peer credentials + attested process), never anything in the request;
+* the policy decides which agent that caller is; the signing key is *that*
+  agent's key, chosen here, and the mint function gets nothing else to sign
+  with;
+* the identity a credential speaks for (``sub``, ``client_id``, SAN) is the
+  agent's own SPIFFE ID, or a client id the policy lists for that agent
+  (:meth:`Issuance.client_id`); the mint function reports what it named and
+  the pipeline refuses to answer with anything else (``names_other``);
+* the audit record is durable before the answer leaves; a credential whose
+  record could not be written is never sent.
+
+Cost on the hot path (FetchToken, Sign): one small tuple for the caller and
+one for the grant, one closure for the mint; no extra dicts, no extra awaits
+besides the pipeline coroutine itself (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from badged.attest.process import ProcessAttributes
+from badged.errors import (
+    BadgedError,
+    FailedPreconditionError,
+    PolicyDeniedError,
+    RateLimitedError,
+)
+from badged.identity.registry import SigningKey
+from badged.listener.peers import PeerCredentials
+from badged.policy.model import Bundle, Decision, Request, evaluate
+from badged.service.approvals import PendingApproval
+from badged.service.auth import resolve_caller
+from badged.service.deps import ServiceDeps
+from badged.service.errors import Ctx
+
+_logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+KeyGetter = Callable[[str], SigningKey]
+
+
+class Caller(NamedTuple):
+    """Who is calling, fixed for the whole call: what the kernel said about the
+    connection and what attestation read about the process behind it.
+
+    Immutable, and the only source of the caller's identity in the pipeline:
+    nothing in a request can change it.
+    """
+
+    peer: PeerCredentials
+    proc: ProcessAttributes
+
+    @property
+    def selectors(self) -> frozenset[str]:
+        return self.proc.selectors()
+
+    def summary(self) -> dict[str, object]:
+        return self.proc.summary()
+
+
+class Authorized(NamedTuple):
+    """What the gate allowed: the decision, the approval if one was needed, the
+    key of the agent the caller *is*, and the client id the credential may
+    carry (the agent's SPIFFE ID unless the policy lists another)."""
+
+    decision: Decision
+    approval: PendingApproval | None
+    key: SigningKey
+    client_id: str
+
+
+class Minted(NamedTuple, Generic[_T]):
+    """A mint function's result.
+
+    ``names``: the identity the credential speaks for (its ``sub``, client id
+    or SAN); the pipeline checks it is the caller's own. ``record``: the
+    kind's own audit fields. ``before``: further audit events that must be
+    durable first (e.g. an agent certificate issued on the way).
+    """
+
+    value: _T
+    names: str
+    record: Mapping[str, Any]
+    before: tuple[Mapping[str, Any], ...] = ()
+
+
+class PolicyGate:
+    """Decide, enforce budget and approval, audit denials."""
+
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._d = deps
+
+    def decide(self, proc: ProcessAttributes, req: Request, *, consume: bool = True) -> Decision:
+        d = self._d
+        now = d.clock()
+
+        def budget(agent: str, bundle: Bundle) -> float | None:
+            return d.limiter.wait_time(agent, bundle, now)
+
+        decision = evaluate(d.policy.current, proc.selectors(), req, now=now,
+                            default_ttl=d.default_ttl, max_ttl=d.max_ttl, grants=d.grants.grants(),
+                            delegations=d.grants.delegations(), budget=budget)
+        if decision.allowed and decision.agent is not None:
+            status = self.agent_status(decision.agent)
+            if status != "active":
+                decision = Decision(False, decision.agent, decision.rule, f"agent is {status}",
+                                    trace=decision.trace)
+        if decision.allowed and consume and decision.bundle is not None:
+            bundle = self._bundle(decision.bundle)
+            if bundle is not None and decision.agent is not None:
+                d.limiter.consume(decision.agent, bundle, now)
+        return decision
+
+    def _bundle(self, name: str) -> Bundle | None:
+        policy = self._d.policy.current
+        if policy.baseline is not None and policy.baseline.name == name:
+            return policy.baseline
+        return policy.bundles.get(name)
+
+    def agent_status(self, name: str) -> str:
+        try:
+            return self._d.agents.get(name).status
+        except BadgedError:
+            return "missing"
+
+    async def enforce(self, proc: ProcessAttributes, peer: PeerCredentials, req: Request,
+                      reason: str = "") -> tuple[Decision, PendingApproval | None]:
+        d = self._d
+        decision = self.decide(proc, req)
+        if not decision.allowed:
+            await d.audit.append({
+                "event": f"{req.kind}.denied", "agent": decision.agent,
+                "caller": proc.summary(), "request": request_summary(req),
+                "decision": "deny", "rule": decision.rule, "reason": decision.reason,
+                "trace": list(decision.trace),
+            })
+            _logger.info("denied", extra={"agent": decision.agent, "uid": proc.uid,
+                                          "pid": proc.pid, "explain": decision.explain(),
+                                          "trace": "; ".join(decision.trace)})
+            if decision.retry_after is not None:
+                raise RateLimitedError(decision.reason, retry_after=decision.retry_after)
+            raise PolicyDeniedError(decision.reason, public=public_reason(decision))
+        approval = None
+        if decision.approval_required:
+            _logger.info("approval required", extra={"agent": decision.agent,
+                                                     "bundle": decision.bundle})
+            try:
+                approval = await d.approvals.request(decision, req, reason, proc, peer)
+            except PolicyDeniedError as exc:
+                await d.audit.append({
+                    "event": "approval.refused", "agent": decision.agent,
+                    "caller": proc.summary(), "request": request_summary(req),
+                    "decision": "deny", "rule": decision.rule, "reason": exc.detail,
+                })
+                raise
+            await d.audit.append({
+                "event": "approval.granted", "agent": decision.agent, "approval": approval.id,
+                "approved_by": approval.decided_by, "request": request_summary(req),
+                "caller": proc.summary(), "decision": "allow", "rule": decision.rule,
+            })
+        return decision, approval
+
+    def key(self, decision: Decision, getter: KeyGetter) -> SigningKey:
+        assert decision.agent is not None
+        try:
+            return getter(decision.agent)
+        except FailedPreconditionError:
+            # Revoked between decision and signing: refuse like any denial.
+            raise PolicyDeniedError(f"agent {decision.agent} revoked",
+                                    public="denied by policy: agent is revoked") from None
+
+
+class Issuance:
+    """The pipeline every credential kind goes through (see the module docstring)."""
+
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._d = deps
+        self.gate = PolicyGate(deps)
+
+    def caller(self, context: Ctx) -> Caller:
+        """The attested caller of this call, from its connection (never the request)."""
+        peer, proc = resolve_caller(self._d, context, "workload")
+        return Caller(peer, proc)
+
+    async def issue(self, caller: Caller, requests: Request | Sequence[Request], event: str,
+                    key_of: KeyGetter, mint: Callable[[Authorized], Minted[_T]], *,
+                    reason: str = "", client_id: str | None = None) -> tuple[Authorized, _T]:
+        """Run one issuance: gate, key, name check, sign, audit, then return.
+
+        ``requests``: one policy request, or several that must all be allowed
+        for the same agent (a JWT-SVID with several audiences). ``client_id``:
+        the client id the caller asked for (``""``: its own SPIFFE ID), for
+        kinds that carry one. ``mint`` runs where hardware signatures run
+        (:class:`~badged.service.deps.SigningRunner`).
+        """
+        d = self._d
+        decision, approval = await self._decide(caller, requests, reason)
+        key = self.gate.key(decision, key_of)
+        cid = key.spiffe_id
+        if client_id:
+            cid = await self.client_id(caller, decision, key, client_id, requests)
+        auth = Authorized(decision, approval, key, cid)
+        minted = await d.signing.run(lambda: mint(auth))
+        if minted.names != key.spiffe_id and minted.names != cid:
+            # A mint function named someone else: a bug, never an answer.
+            _logger.error("credential names another identity; not sent",
+                          extra={"event": event, "agent": key.agent})
+            raise BadgedError(f"{event} named {minted.names[:100]!r}, not {key.spiffe_id!r}")
+        for rec in minted.before:
+            await d.audit.append(rec)
+        await d.audit.append({
+            "event": event, "agent": key.agent, "caller": caller.proc.summary(),
+            "decision": "allow", "rule": decision.rule, "bundle": decision.bundle,
+            "kid": key.kid, "approval": approval.id if approval is not None else None,
+            **minted.record,
+        })
+        return auth, minted.value
+
+    async def _decide(self, caller: Caller, requests: Request | Sequence[Request],
+                      reason: str) -> tuple[Decision, PendingApproval | None]:
+        if isinstance(requests, Request):
+            return await self.gate.enforce(caller.proc, caller.peer, requests, reason)
+        decision: Decision | None = None
+        approval: PendingApproval | None = None
+        rules: list[str] = []
+        ttl = 0
+        agent: str | None = None
+        for req in requests:  # every one must be allowed, for the same agent
+            if agent is not None:
+                req = replace(req, agent=agent)
+            decision, approved = await self.gate.enforce(caller.proc, caller.peer, req, reason)
+            approval = approval or approved
+            agent = decision.agent
+            ttl = decision.ttl if not ttl else min(ttl, decision.ttl)
+            rules.append(decision.rule)
+        if decision is None:
+            raise BadgedError("no request to decide")
+        return replace(decision, rule="; ".join(rules), ttl=ttl), approval
+
+    async def client_id(self, caller: Caller, decision: Decision, key: SigningKey,
+                        requested: str, requests: Request | Sequence[Request]) -> str:
+        """The client id a credential may carry: the agent's own SPIFFE ID, or
+        one the policy lists (``client_ids``) on a rule that binds this caller
+        to this agent. Anything else is refused and audited: one agent must
+        never be able to authenticate as another agent's OAuth client."""
+        if requested == key.spiffe_id:
+            return requested
+        selectors = caller.proc.selectors()
+        for rule in self._d.policy.current.agents:
+            if rule.agent == key.agent and requested in rule.client_ids \
+                    and rule.matches(selectors):
+                return requested
+        req = requests if isinstance(requests, Request) else requests[0]
+        await self._d.audit.append({
+            "event": f"{req.kind}.denied", "agent": key.agent, "caller": caller.proc.summary(),
+            "request": {**request_summary(req), "client_id": requested}, "decision": "deny",
+            "rule": decision.rule,
+            "reason": f"client_id {requested[:100]!r} is not this agent's own",
+        })
+        _logger.info("denied: foreign client_id", extra={"agent": key.agent,
+                                                        "uid": caller.proc.uid,
+                                                        "pid": caller.proc.pid})
+        raise PolicyDeniedError(
+            f"client_id {requested[:100]!r} is neither {key.spiffe_id} nor listed for it",
+            public="denied by policy: client_id must be this agent's own SPIFFE ID "
+                   "or a client id the policy lists for this agent")
+
+
+def request_summary(req: Request) -> dict[str, Any]:
+    return {"kind": req.kind, "agent": req.agent, "audience": req.audience,
+            "scopes": list(req.scopes), "ttl": req.ttl, "delegation": req.delegation}
+
+
+def public_reason(decision: Decision) -> str:
+    """A caller-safe phrase: what was wrong with *its own* request, no rule text."""
+    reason = decision.reason
+    for needle, phrase in (
+        ("agent is revoked", "agent is revoked"),
+        ("agent is missing", "agent does not exist"),
+        ("several agents", "caller may act as several agents; name one with agent="),
+        ("delegation", "no such active delegation for this agent, or outside it"),
+        ("audience", "audience not allowed for this agent"),
+        ("scopes", "scope not allowed for this agent"),
+        ("ttl", "ttl above this agent's cap"),
+        ("kind", "operation not allowed for this agent"),
+    ):
+        if needle in reason:
+            return f"denied by policy: {phrase}"
+    return "denied by policy: no identity for this caller"
