@@ -177,8 +177,10 @@ def test_jwks_names_each_keys_agent_and_the_issuer(xd: RunningDaemon) -> None:
 
 
 def _validate_svid(d: RunningDaemon, token: str, audience: str) -> tuple[bool, str]:
-    """The daemon's own SPIFFE ValidateJWTSVID, over raw gRPC."""
-    from badged_proto.spiffe import workload_pb2, workload_pb2_grpc
+    """The daemon's own SPIFFE ValidateJWTSVID, over raw gRPC with py-spiffe's
+    stubs (the same proto package as badged's: one of them per process)."""
+    pytest.importorskip("spiffe")
+    from spiffe._proto import workload_pb2, workload_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{d.workload}") as ch:
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)
