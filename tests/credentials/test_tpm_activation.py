@@ -374,3 +374,20 @@ def test_operator_flow_with_a_tpm_daemon(tpm_daemon: Any, ca: Path, tmp_path: Pa
     ok = subprocess.run(["openssl", "verify", "-CAfile", str(ca / "root.pem"), "-untrusted",
                          str(untrusted), str(leaf)], capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.slow
+def test_online_enrollment_over_the_rpc(tpm_daemon: Any, ca: Path) -> None:
+    """`badgectl ca enroll`: the same exchange in one command, over the admin socket."""
+    from tests.credentials.conftest import AGENT
+
+    env = tpm_daemon.env()
+    ek_ca = tpm_daemon.state / "private" / "swtpm" / "ca" / "issuercert.pem"
+    r = ctl("ca", "ca_group", "enroll", "--dir", str(ca), "--agent", AGENT, "--ek-ca", str(ek_ca),
+            env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["attestation"] == "tpm2-activated-ak" and out["permitted_agents"] == [AGENT]
+    # without --ek-ca the TPM evidence is refused, not signed as something weaker
+    r = ctl("ca", "ca_group", "enroll", "--dir", str(ca), "--agent", AGENT, env=env, check=False)
+    assert r.returncode == 1 and "ek_ca_required" in r.stderr, r.stderr

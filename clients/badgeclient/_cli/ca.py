@@ -13,6 +13,11 @@ to the EK certificate, see docs/credentials.md)::
     badgectl ca sign req.json --dir CA --ek-ca ek-ca.pem --response resp.json \\
         --agent build-bot -o chain.pem
 
+or online, when the CA runs where it can reach the daemon's admin socket
+(the same documents over the enrollment RPC)::
+
+    badgectl ca enroll --dir CA --ek-ca ek-ca.pem --agent build-bot
+
 Exit codes: 0 ok, 1 request refused (reason printed), 2 usage. ``--json``: results
 and errors as JSON on stdout.
 """
@@ -184,6 +189,49 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tu
     click.echo(f"{out}: device {chain[0].subject.rfc4514_string()} "
                f"serial {chain[0].serial_number:x} until {chain[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
                f"; may vouch for: {', '.join(sorted(set(permitted)))}")
+
+
+@ca_group.command("enroll")
+@dir_option
+@ek_ca_option
+@trust_domain_option
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True)
+@click.option("--agent", "agents", multiple=True, required=True,
+              help="An agent the device may vouch for (repeatable).")
+@click.option("--admin-socket", default=None, help="The daemon's admin socket.")
+def ca_enroll(ca_dir: Path, ek_ca: Path | None, trust_domains: tuple[str, ...], days: int,
+              agents: tuple[str, ...], admin_socket: str | None) -> None:
+    """Online enrollment of a local daemon: request, (TPM) challenge and
+    activation, signature and import, over the enrollment RPC."""
+    from badgeclient.credentials import EnrollmentClient
+    from badged.core.x509 import to_pem
+    from badged.enroll.ca import RequestRejected
+    from badged.errors import InvalidRequestError
+
+    ek_ca_keys = _ek_ca_keys(ek_ca)
+    with EnrollmentClient(admin_socket) as client:
+        request = client.request().encode()
+        ca = _open(ca_dir)
+        try:
+            response = None
+            if ek_ca_keys is not None:
+                challenge = ca.challenge(request, now=time.time(),
+                                         trust_domains=frozenset(trust_domains),
+                                         ek_ca_keys=ek_ca_keys)
+                response = client.activate(json.dumps(challenge)).encode()
+            chain = ca.sign_request(request, days=days, now=time.time(),
+                                    trust_domains=frozenset(trust_domains),
+                                    ek_ca_keys=ek_ca_keys, response=response,
+                                    agents=sorted(set(agents)))
+        except RequestRejected as exc:
+            fail(EXIT_REFUSED, "refused", f"refused: {exc.reason}: {exc}", as_json=_json())
+        except InvalidRequestError as exc:
+            fail(EXIT_REFUSED, "refused", f"refused: {exc}", as_json=_json())
+        finally:
+            ca.close()
+        status = client.import_chain("".join(to_pem(c) for c in chain))
+    emit_json({"device_id": status.device_id, "attestation": status.attestation,
+               "permitted_agents": list(status.permitted_agents), "not_after": status.not_after})
 
 
 @ca_group.command("revoke")
