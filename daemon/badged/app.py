@@ -43,6 +43,7 @@ from badged.policy.model import Policy
 from badged.policy.ratelimit import RateLimiter
 from badged.service.admin import AdminServicer
 from badged.service.approvals import ApprovalBoard
+from badged.service.denials import DenialCounter, install_refusal_log_limits
 from badged.service.deps import PolicyHolder, ServiceDeps, SigningRunner
 from badged.service.errors import ErrorBoundary
 from badged.service.health import HealthServicer
@@ -112,6 +113,7 @@ class Daemon:
         # hardware); PKCS#11 inline (~65 µs on SoftHSM). See SigningRunner.
         self._signing = SigningRunner(off_loop=config.backend == "tpm")
         self._lock_fd = -1
+        self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- build -------------------------------------------------------------------
@@ -183,7 +185,8 @@ class Daemon:
                 self.session_keys = None
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
-            attestor=ProcessAttestor(), audit=audit, clock=self._clock, new_jti=_new_jti,
+            attestor=ProcessAttestor(), audit=self._denials.wrap(audit), clock=self._clock,
+            new_jti=_new_jti,
             issuer=cfg.effective_issuer, default_ttl=cfg.default_ttl, max_ttl=cfg.max_ttl,
             admin_uids=frozenset({0, os.geteuid()}), operator_gid=cfg.operator_gid(),
             device_key=device_key, keystore=self._keystore, state_dir=cfg.state_dir,
@@ -253,6 +256,7 @@ class Daemon:
         self._health = HealthServicer(deps.peers)
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        install_refusal_log_limits()
         methods = await table.intercepted(
             [ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)])
         policy_holder = self.policy
@@ -346,6 +350,7 @@ class Daemon:
             await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})
         finally:
             if self._audit is not None:
+                await self._denials.aclose()  # counts of repeated denials still pending
                 await self._audit.aclose()  # signs a final checkpoint
             self._signing.close()  # after the front drained: no signature in flight
             if self._keystore is not None:

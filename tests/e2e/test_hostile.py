@@ -81,3 +81,39 @@ def test_unfinished_bodies_from_an_unbound_uid_stay_bounded_and_time_out(
     assert all(e["goaway"] or e["closed"] for e in ended), f"connections still open: {reasons}"
     assert any("request body not received" in r for r in reasons), reasons
     assert report["elapsed"] < 20, "connections outlived the body timeout"
+
+
+def _audit_records(state: Path) -> list[dict[str, object]]:
+    from badged.audit.reader import iter_records
+
+    return list(iter_records(state / "audit"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_a_flood_of_denials_becomes_counted_records_and_few_log_lines(fresh_state: Path) -> None:
+    from tests.e2e.conftest import start_daemon
+
+    os.chmod(fresh_state.parent, 0o755)
+    d = start_daemon(fresh_state)
+    try:
+        before = sum(f.stat().st_size for f in (fresh_state / "audit").iterdir())
+        log_before = len(d.log_text())
+        n = 600
+        out = subprocess.run([sys.executable, str(HERE / "flood_denials.py"), str(NOBODY),
+                              str(d.workload), str(n)], capture_output=True, text=True,
+                             env=d.env(), timeout=120, check=True)
+        assert json.loads(out.stdout) == {"refused": n}
+        grown = sum(f.stat().st_size for f in (fresh_state / "audit").iterdir()) - before
+        log_grown = len(d.log_text()) - log_before
+    finally:
+        d.stop()
+    records = _audit_records(fresh_state)
+    denied = [r for r in records if r.get("decision") == "deny"]
+    counted = [r for r in records if r.get("event") == "denial.repeated"]
+    # One full record per kind of denial (the first), the rest counted at shutdown.
+    assert 1 <= len(denied) <= 3, [r.get("event") for r in denied]
+    assert sum(int(str(r["count"])) for r in counted) + len(denied) == n, counted
+    first = denied[0]
+    assert len(json.dumps(first)) < 4000, "echoed request fields not capped"
+    assert grown < 20_000, f"audit grew {grown} bytes for {n} identical denials"
+    assert log_grown < 5_000, f"log grew {log_grown} bytes for {n} denials"
