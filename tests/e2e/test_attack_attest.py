@@ -539,6 +539,11 @@ def test_agent_cannot_create_a_delegation(ad: RunningDaemon) -> None:
     # nobody is in [delegation] allow, but it is also the agent nobody-agent.
     attack = _client(ad, py, "delegate", "--agent", "nobody-agent", "--uid", str(NOBODY))
     assert _denied(attack), attack
+    from badged.audit import tail
+
+    assert any(r.get("event") == "delegation.denied"
+               and "agents may not delegate" in str(r.get("reason"))
+               for r in tail(ad.state / "audit", 20))
     # Control: a person (a uid no agent rule matches) delegates to the agent.
     human = _client(ad, py, "delegate", "--agent", "nobody-agent", "--uid", str(HUMAN))
     assert human["ok"] is True, human

@@ -23,7 +23,13 @@ from badged.core.tokens import ES256, JWKS_ISSUER_MEMBER, IssuedToken, build_cla
 from badged.errors import InvalidRequestError, PolicyDeniedError
 from badged.identity.registry import SigningKey
 from badged.policy.loader import parse_duration
-from badged.policy.model import Request, bundles_in_effect, candidates, may_delegate, missing_selectors
+from badged.policy.model import (
+    Request,
+    bundles_in_effect,
+    candidates,
+    delegation_refusal,
+    missing_selectors,
+)
 from badged.service import validate
 from badged.service.auth import require_operator, resolve_caller
 from badged.service.deps import ServiceDeps
@@ -216,11 +222,12 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         reason = validate.reason(request.reason)
         _, proc = resolve_caller(d, context, "workload")
         policy = d.policy.current
-        if not may_delegate(policy, proc.selectors()):
+        refusal = delegation_refusal(policy, proc.selectors())
+        if refusal is not None:  # not a listed delegator, or itself an agent
             await d.audit.append({"event": "delegation.denied", "agent": agent,
                                   "caller": proc.summary(), "decision": "deny",
-                                  "reason": "caller matches no [delegation] allow selector"})
-            raise PolicyDeniedError(f"uid {proc.uid} may not delegate",
+                                  "reason": refusal})
+            raise PolicyDeniedError(f"uid {proc.uid} may not delegate: {refusal}",
                                     public="denied by policy: this user may not delegate")
         if self._gate.agent_status(agent) != "active":
             raise PolicyDeniedError(f"delegation to {agent}: agent not active",
