@@ -132,6 +132,26 @@ def _file_problems(what: str, path: Path) -> list[Problem]:
     return []
 
 
+def _writable_by_others(what: str, path: Path) -> list[Problem]:
+    """A config or policy file others can write decides what the daemon grants.
+
+    World-writable is refused; group-writable is a warning (a group of
+    operators editing the policy is a legitimate choice, but say so).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []  # reported where the file is read
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o002:
+        return [Problem(what, f"{path} has mode {mode:04o}: any local user can rewrite it; "
+                              f"chmod o-w (0640 root:badged is the documented mode)")]
+    if mode & 0o020:
+        return [Problem(what, f"{path} has mode {mode:04o}: members of its group can rewrite it",
+                        fatal=False)]
+    return []
+
+
 def _secret_problems(what: str, path: str) -> list[Problem]:
     try:
         read_secret_file(path)
@@ -244,10 +264,13 @@ def _policy_problems(config: DaemonConfig) -> list[Problem]:
     if config.policy_file is None:
         return [Problem("[daemon] policy_file", "not set: the policy grants nothing "
                                                 "(deny by default)", fatal=False)]
+    modes = _writable_by_others("[daemon] policy_file", config.policy_file)
     try:
         policy = load_policy(config.policy_file)
     except BadgedError as exc:
-        return [Problem("[daemon] policy_file", str(exc))]
+        return [Problem("[daemon] policy_file", str(exc)), *modes]
+    if modes:
+        return modes
     if not policy.agents:
         return [Problem("[daemon] policy_file", f"{config.policy_file} grants nothing "
                                                 "(deny by default)", fatal=False)]
@@ -257,6 +280,8 @@ def _policy_problems(config: DaemonConfig) -> list[Problem]:
 def offline(config: DaemonConfig) -> list[Problem]:
     """Every check that needs no token login; fatal problems first."""
     out: list[Problem] = []
+    if config.source.startswith("/") or Path(config.source).exists():
+        out += _writable_by_others("config", Path(config.source))
     out += _dir_problems("[daemon] state_dir", config.state_dir, private=False,
                          created_by="create it owned by the daemon's user, or with systemd "
                                     "StateDirectory=badged")

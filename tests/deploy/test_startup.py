@@ -111,6 +111,7 @@ def test_check_finds_host_problems_offline(layout: Layout) -> None:
     cfg = layout.config.read_text().replace(layout.module, "/usr/lib/nope/libnope.so")
     layout.config.write_text(cfg)
     os.chown(layout.run_dir, 0, 0)  # as if RuntimeDirectory= were missing from the unit
+    os.chmod(layout.etc / "policy.toml", 0o666)
     proc = layout.user.run(layout.badged("check", "--config", str(layout.config)), env=user_env())
     assert proc.returncode == 1
     out = proc.stderr
@@ -118,6 +119,7 @@ def test_check_finds_host_problems_offline(layout: Layout) -> None:
     assert "PKCS#11 module not found: /usr/lib/nope/libnope.so" in out
     assert "group 'no-such-group-x' does not exist" in out
     assert f"{layout.run_dir} is owned by uid 0" in out and "Traceback" not in out
+    assert "policy.toml has mode 0666: any local user can rewrite it" in out
 
 
 def test_wrong_pin_names_token_and_pin_file_and_warns(layout: Layout) -> None:
