@@ -199,10 +199,11 @@ def ca_sign(request: Path, ca_dir: Path, out: Path, days: int, trust_domains: tu
 @click.option("--agent", "agents", multiple=True, required=True,
               help="An agent the device may vouch for (repeatable).")
 @click.option("--admin-socket", default=None, help="The daemon's admin socket.")
+@json_option
 def ca_enroll(ca_dir: Path, ek_ca: Path | None, trust_domains: tuple[str, ...], days: int,
-              agents: tuple[str, ...], admin_socket: str | None) -> None:
+              agents: tuple[str, ...], admin_socket: str | None, as_json: bool) -> None:
     """Online enrollment of a local daemon: request, (TPM) challenge and
-    activation, signature and import, over the enrollment RPC."""
+    activation, signature and import, over the enrollment RPC (prints JSON)."""
     from badgeclient.credentials import EnrollmentClient
     from badged.core.x509 import to_pem
     from badged.enroll.ca import RequestRejected
