@@ -301,6 +301,7 @@ class AgentRegistry:
             self._commit(op, new, {"event": "agent.created", "version": 1,
                                    "kid": version.token_kid, "sign_kid": version.sign_kid,
                                    "description": description})
+            self._finish(op)
             _logger.info("agent created", extra={"agent": name, "kid": version.token_kid})
             return copy.deepcopy(rec)
 
@@ -431,9 +432,11 @@ class AgentRegistry:
         if (had_intent or completed) and not finished and not (completed and applied):
             # The gap: an intent (or a completion the registry does not
             # reflect) with nothing after it. Record what the commit point says.
+            kids = [v.token_kid for rec in self._agents.values() for v in rec.versions
+                    if v.token_key in keys] if applied else []
             self._audit({"event": "registry.recovered", "op": op_id, "change": kind,
                          "agent": agent, "outcome": "applied" if applied else "not-applied",
-                         "keys": keys})
+                         "keys": keys, "kid": kids[0] if kids else None})
         elif not had_intent and not completed:
             _logger.info("registry change never started (no intent record)",
                          extra={"op": op_id, "change": kind})

@@ -31,9 +31,10 @@ with raw CKM_ECDSA, then DER-encode r||s to match ``cryptography``.
 
 from __future__ import annotations
 
-import hashlib
+import builtins
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -263,7 +264,12 @@ class Pkcs11KeyStore:
                 {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters(_P256_OID)},
                 local=True,
             )
-            key_id = hashlib.sha256(name.encode()).digest()[:16]
+            # A random CKA_ID pairs the private and public halves for life,
+            # whatever happens to their labels: a destroy or relabel
+            # interrupted between the two objects (kill -9) can leave a
+            # half under another label, and a later key of the same name
+            # must never pair with that debris (see _public_of).
+            key_id = secrets.token_bytes(16)
             params.generate_keypair(
                 store=True,
                 label=name,
@@ -305,13 +311,21 @@ class Pkcs11KeyStore:
         import pkcs11
 
         def op(session: Any) -> None:
-            found = False
-            # Without a CKA_TOKEN filter: the key's session copy goes too.
-            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
-                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls,
-                                                     pkcs11.Attribute.LABEL: name})):
-                    found = found or bool(obj[pkcs11.Attribute.TOKEN])
-                    obj.destroy()
+            priv = self._find_private(session, name)
+            found = priv is not None
+            # The public half by pairing id (after an interrupted relabel it
+            # may carry another label; a public merely *labelled* ``name``
+            # may be another key's).
+            pubs = self._public_of(session, priv, name) if priv is not None else []
+            # Private first, without a CKA_TOKEN filter: the session copy goes
+            # too. Interrupted after it, what is left is a public half that
+            # pairs with nothing.
+            for obj in list(session.get_objects({
+                    pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                    pkcs11.Attribute.LABEL: name})):
+                obj.destroy()
+            for obj in pubs:
+                obj.destroy()
             self._keys.pop(name, None)
             if not found:
                 raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
@@ -332,13 +346,19 @@ class Pkcs11KeyStore:
                 raise KeyExistsError(f"key {new_name} exists", backend=self.backend)
             if self._find_private(session, name) is None:
                 raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
-            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
-                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls,
-                                                     pkcs11.Attribute.LABEL: name})):
-                    if obj[pkcs11.Attribute.TOKEN]:
-                        obj[pkcs11.Attribute.LABEL] = new_name
-                    else:
-                        obj.destroy()
+            priv = self._find_private(session, name)
+            pubs = self._public_of(session, priv, name)
+            # Private half first: interrupted here, the public half keeps the
+            # old label but still pairs with it by CKA_ID.
+            for obj in list(session.get_objects({
+                    pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                    pkcs11.Attribute.LABEL: name})):
+                if obj[pkcs11.Attribute.TOKEN]:
+                    obj[pkcs11.Attribute.LABEL] = new_name
+                else:
+                    obj.destroy()  # the session copy
+            for obj in pubs:
+                obj[pkcs11.Attribute.LABEL] = new_name
             self._keys.pop(name, None)
 
         self._call(op)
@@ -398,14 +418,12 @@ class Pkcs11KeyStore:
         return objs[0] if objs else None
 
     def _load(self, session: Any, name: str) -> _Pkcs11Key:
-        import pkcs11
         from pkcs11.util.ec import encode_ec_public_key
 
         priv = self._find_private(session, name)
         if priv is None:
             raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
-        pubs = list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
-                                         pkcs11.Attribute.LABEL: name}))
+        pubs = self._public_of(session, priv, name)
         if len(pubs) != 1:
             raise KeyStoreError(f"public half of {name} missing", backend=self.backend)
         public = serialization.load_der_public_key(encode_ec_public_key(pubs[0]))
@@ -415,6 +433,27 @@ class Pkcs11KeyStore:
                          token_obj=priv)
         self._keys[name] = key
         return key
+
+    def _public_of(self, session: Any, priv: Any, name: str) -> builtins.list[Any]:
+        """The public half of ``priv``: paired by CKA_ID, else (old tokens) by label.
+
+        Pairing by id survives a relabel or destroy interrupted between the
+        two objects; the label is the fallback when the id is shared
+        (keys made before ids were random, whose id was derived from the name).
+        """
+        import pkcs11
+
+        pub_cls = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
+                   pkcs11.Attribute.TOKEN: True}
+        try:
+            key_id = bytes(priv[pkcs11.Attribute.ID])
+        except Exception:  # no CKA_ID on a foreign key
+            key_id = b""
+        if key_id:
+            by_id = list(session.get_objects({**pub_cls, pkcs11.Attribute.ID: key_id}))
+            if len(by_id) == 1:
+                return by_id
+        return list(session.get_objects({**pub_cls, pkcs11.Attribute.LABEL: name}))
 
     def _current(self, session: Any, name: str) -> _Pkcs11Key:
         """The cached key of this session, loading it if needed (lock held).
