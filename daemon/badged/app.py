@@ -316,9 +316,25 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.stop()))
-        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.stop()))
+        loop.add_signal_handler(signal.SIGTERM, self._stop_from_signal)
+        loop.add_signal_handler(signal.SIGINT, self._stop_from_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+
+    def _stop_from_signal(self) -> None:
+        """Stop in a task we keep and whose outcome we read.
+
+        A bare ``create_task(self.stop())`` drops the task: any error in it
+        (a poisoned audit log failing the ``daemon.stopped`` record) ended as
+        "Task exception was never retrieved" on stderr at exit.
+        """
+        task = asyncio.get_running_loop().create_task(self.stop())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _logger.error("background task failed: %s", task.exception())
 
     def reload_policy(self) -> None:
         """SIGHUP: reload, and audit the outcome like `badgectl policy reload`."""
@@ -330,7 +346,7 @@ class Daemon:
                  "error": str(error) if error else None}
         task = asyncio.get_running_loop().create_task(self._append_audit(event))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopping:  # SIGTERM and SIGINT may both arrive
@@ -348,6 +364,10 @@ class Daemon:
             self._front.close_links()
         try:
             await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})
+        except BadgedError as exc:
+            # A poisoned or full audit log: the stop goes on (it must), and
+            # says so once instead of raising out of a signal-handler task.
+            _logger.error("daemon.stopped not audited: %s", exc)
         finally:
             if self._audit is not None:
                 await self._denials.aclose()  # counts of repeated denials still pending

@@ -9,11 +9,14 @@ start-up, no change takes effect unaudited, an error means nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -278,3 +281,87 @@ def test_edited_sealed_audit_record_refuses_start_until_moved_aside(fresh_state:
                                 capture_output=True, text=True, env=env)
         assert verify.returncode == 1, verify.stdout
         assert "sealed" in verify.stdout + verify.stderr
+
+
+def test_stale_temporary_sockets_of_dead_daemons_are_removed(fresh_state: Path) -> None:
+    import socket
+
+    run = fresh_state / "run"
+    run.mkdir(parents=True, mode=0o755)
+    os.chmod(fresh_state, 0o755)
+    os.chmod(run, 0o755)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+
+    def leftover(name: str) -> Path:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(run / name))
+        s.close()  # the file stays, like after a kill between bind and rename
+        return run / name
+
+    stale = [leftover(f".agent.sock.{dead.pid}"), leftover(f".admin.sock.{dead.pid}")]
+    live = leftover(f".agent.sock.{os.getpid()}")  # a live process's: not ours to remove
+    d = start_daemon(fresh_state)
+    try:
+        assert not any(p.exists() for p in stale)
+        assert live.exists()
+    finally:
+        assert d.stop() == 0
+    assert sorted(p.name for p in run.iterdir()) == [live.name]
+
+
+@contextlib.contextmanager
+def ext4_loop(where: Path, size_mb: int = 16) -> Iterator[Path]:
+    """A real ext4 filesystem on a loop device mounted at ``where`` (skips if we cannot)."""
+    if shutil.which("mkfs.ext4") is None or shutil.which("mount") is None:
+        pytest.skip("mkfs.ext4/mount not available")
+    image = Path(tempfile.mkstemp(prefix="bext4", dir="/tmp")[1])
+    try:
+        os.truncate(image, size_mb * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        where.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-o", "loop", str(image), str(where)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a loop device here: {res.stderr.strip()}")
+        try:
+            os.chmod(where, 0o700)
+            yield where
+        finally:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def ext4_shutdown(where: Path) -> None:
+    """EXT4_IOC_SHUTDOWN (NOLOGFLUSH): every later write, truncate and fsync fails with EIO,
+    as on a disk that died or a filesystem the kernel turned read-only after an error."""
+    import fcntl
+
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))
+    finally:
+        os.close(fd)
+
+
+def test_sigterm_with_a_poisoned_audit_log_stops_cleanly(fresh_state: Path) -> None:
+    fresh_state.mkdir(mode=0o755)
+    os.chmod(fresh_state, 0o755)
+    with ext4_loop(fresh_state / "audit") as audit:
+        d = start_daemon(fresh_state)
+        try:
+            with WorkloadClient(d.workload) as w:
+                w.fetch_token(audience="demo")
+                ext4_shutdown(audit)
+                with pytest.raises(UnavailableError):
+                    w.fetch_token(audience="demo")  # the write fails, the cut-back too: poisoned
+                with pytest.raises(UnavailableError):
+                    w.fetch_token(audience="demo")  # poisoned: nothing more is issued
+        finally:
+            rc = d.stop()
+        log = d.log_text()
+        assert rc == 0, log[-2000:]
+        assert "Task exception was never retrieved" not in log
+        assert "Traceback" not in log
+        assert "daemon.stopped not audited" in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -26,8 +27,9 @@ def bind_unix(path: Path, *, mode: int, group: int | None) -> socket.socket:
         if _socket_is_live(path):
             raise ConfigError("another daemon is listening here", path=str(path))
         path.unlink()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    if tmp.exists():
+    remove_stale_temps(path)
+    tmp = temp_name(path, os.getpid())
+    if tmp.exists() or tmp.is_symlink():
         tmp.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
@@ -49,6 +51,53 @@ def bind_unix(path: Path, *, mode: int, group: int | None) -> socket.socket:
     sock.listen(512)
     sock.setblocking(False)
     return sock
+
+
+def temp_name(path: Path, pid: int) -> Path:
+    """The name a socket is bound under before it is renamed to ``path``."""
+    return path.with_name(f".{path.name}.{pid}")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove ``.NAME.<pid>`` sockets left by daemons that died between bind and rename.
+
+    Only sockets of our uid, only of processes that no longer exist (or our
+    own pid, from an earlier start in this process): a live daemon's
+    temporary name -- it may be binding right now -- is left alone.
+    """
+    removed: list[Path] = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(prefix):]
+        if not entry.name.startswith(prefix) or not pid_text.isdigit():
+            continue
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def _socket_is_live(path: Path) -> bool:
