@@ -4,6 +4,7 @@
     badged dev --state-dir /tmp/badged-demo     # embedded default (SoftHSM)
     badged dev --state-dir /tmp/b --backend tpm # throwaway swtpm, session-key mode
     badged check --config FILE [--online]       # validate everything, exit
+    badged recover --config FILE --adopt        # when start-up refused (docs/audit.md)
 
 Exit codes: 0 stopped cleanly; 2 refused to start (config, permissions,
 token); 1 failed after it was ready. Every start-up failure is one line
