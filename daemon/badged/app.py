@@ -24,7 +24,7 @@ from badged.attest.process import ProcessAttestor
 from badged.audit.log import AuditConfig, AuditLog
 from badged.audit.reader import find_marked
 from badged.config import DaemonConfig
-from badged.core.clock import Clock, system_clock
+from badged.core.clock import Clock, StepDetector, system_clock
 from badged.core.session_keys import Schedule
 from badged.errors import BadgedError, ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
@@ -105,6 +105,7 @@ class Daemon:
         self._front: GrpcFront | None = None
         self._health: HealthServicer | None = None
         self._monitor: HealthMonitor | None = None
+        self._clock_watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.agents: AgentRegistry | None = None
         self.policy: PolicyHolder | None = None
@@ -279,6 +280,7 @@ class Daemon:
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
         await self._start_health(deps)
+        self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
@@ -309,6 +311,29 @@ class Daemon:
             keystore=self._keystore, policy_problem=policy_problem, publish=health.publish)
         await self._monitor.poll()
         self._monitor.start()
+
+    async def _watch_clock(self, every: float = 1.0) -> None:
+        """Audit wall-clock steps (compared with the monotonic clock every second).
+
+        Nothing needs fixing when one happens -- budgets, grants, delegations
+        and timers count on the monotonic clock -- but claims and records carry
+        wall time, so an auditor must see where it jumped. Session keys are
+        swept at once: their ``use_until`` is wall time (docs/time.md).
+        """
+        detector = StepDetector(self._clock)
+        while True:
+            await asyncio.sleep(every)
+            delta = detector.check()
+            if delta is None:
+                continue
+            _logger.warning("wall clock stepped", extra={"delta_seconds": round(delta, 3)})
+            if self.session_keys is not None:
+                self.session_keys.sweep()
+            try:
+                await self._append_audit({"event": "clock.stepped",
+                                          "delta_seconds": round(delta, 3)})
+            except BadgedError as exc:  # the audit log's own failure is health's job
+                _logger.error("clock step not audited", extra={"error": str(exc)})
 
     async def _append_audit(self, event: Mapping[str, object]) -> None:
         if self._audit is not None:
@@ -354,6 +379,8 @@ class Daemon:
             return
         self._stopping = True
         _logger.info("shutting down")
+        if self._clock_watch is not None:
+            self._clock_watch.cancel()
         if self._monitor is not None:
             await self._monitor.stop()
         if self._health is not None:

@@ -174,6 +174,7 @@ class SessionKeyManager:
         self._generation: dict[str, int] = {}
         self._retry_after: dict[str, float] = {}
         self.certifications = 0  # hardware signs made: for tests and the bench
+        self._sweep_timer: object | None = None
         self._load()
         registry.add_listener(self._on_agent_change)
 
@@ -245,6 +246,27 @@ class SessionKeyManager:
                 if now >= p.use_until:
                     self._retire(p)
             self._expire(now)
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        """One timer, for the earliest ``use_until`` of a held key, re-armed by
+        every sweep. ``use_until`` is wall time and the timer counts on the
+        monotonic clock: after a wall-clock step back the timer fires early
+        and the sweep arms the next one (issue 15: such a key stayed held with
+        no timer at all); after a step forward the daemon sweeps as soon as
+        it sees the step (badged.app)."""
+        if self._scheduler is None:
+            return
+        with self._lock:
+            ends = [p.use_until for p in (*self._current.values(), *self._next.values())
+                    if p.handle is not None]
+            old, self._sweep_timer = self._sweep_timer, None
+            if ends:
+                delay = max(0.0, min(ends) - self._clock())
+                self._sweep_timer = self._scheduler(delay, self.sweep)
+        cancel = getattr(old, "cancel", None)
+        if callable(cancel):
+            cancel()
 
     def active_private_keys(self) -> int:
         """How many private session keys the daemon holds now (tests, metrics)."""
@@ -342,7 +364,7 @@ class SessionKeyManager:
             self._published.setdefault(name, []).append(new)
             self._retry_after.pop(name, None)
         if self._scheduler is not None:
-            self._scheduler(max(0.0, new.use_until - now), self.sweep)
+            self._arm_sweep()
             if self._background is not None:
                 background = self._background
 

@@ -3,6 +3,17 @@
 Kept in ``private/grants.json`` (atomic replace, 0600) so a restart neither
 loses an operator's step-up nor resurrects a revoked one. Expired entries are
 kept for a day for ``list --all`` and then dropped.
+
+Time (issue 15: after a -15 s step of the wall clock a 30 s grant was still
+active 40 s later): the file and the audit log keep the *record* -- wall-clock
+``created_at``/``expires_at`` as granted. In memory every entry counts down on
+the monotonic clock: when it is granted or loaded, its start and end are
+placed on the monotonic clock (``span``), and what :meth:`GrantStore.grants`
+and :meth:`GrantStore.delegations` hand out are the same entries with
+``created_at``/``expires_at`` projected onto the wall clock of *now*. A 30 s
+grant therefore lasts 30 s whatever the wall clock does while the daemon
+runs. Across a restart only the wall clock carries over: the remaining time
+is ``expires_at - now`` at load (docs/time.md).
 """
 
 from __future__ import annotations
@@ -12,24 +23,39 @@ import secrets
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from badged.core.clock import Clock
+from badged.core.clock import Clock, Monotonic, monotonic_clock
 from badged.errors import ConfigError, NotFoundError
 from badged.fsutil import atomic_write
 from badged.policy.model import Delegation, Grant
 
 _KEEP_EXPIRED = 86400
+_T = TypeVar("_T", Grant, Delegation)
 
 
 class GrantStore:
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(self, path: Path, clock: Clock, monotonic: Monotonic = monotonic_clock) -> None:
         self._path = path
         self._clock = clock
+        self._mono = monotonic
         self._lock = threading.Lock()
         self._grants: dict[str, Grant] = {}
         self._delegations: dict[str, Delegation] = {}
+        # id -> (start, end) on the monotonic clock: what actually counts down.
+        self._span: dict[str, tuple[float, float]] = {}
         self._load()
+
+    def _place(self, entry_id: str, created_at: float, expires_at: float) -> None:
+        """Put a recorded (wall-clock) lifetime on the monotonic clock, as of now."""
+        wall, mono = self._clock(), self._mono()
+        self._span[entry_id] = (mono - (wall - created_at), mono + (expires_at - wall))
+
+    def _view(self, entry: _T) -> _T:
+        """The entry with its lifetime projected onto the wall clock of now."""
+        start, end = self._span[entry.id]
+        wall, mono = self._clock(), self._mono()
+        return replace(entry, created_at=wall - (mono - start), expires_at=wall + (end - mono))
 
     def _load(self) -> None:
         if not self._path.exists():
@@ -37,18 +63,25 @@ class GrantStore:
         try:
             doc = json.loads(self._path.read_text())
             for g in doc.get("grants", []):
-                self._grants[g["id"]] = Grant(**g)
+                grant = Grant(**g)
+                self._grants[grant.id] = grant
+                self._place(grant.id, grant.created_at, grant.expires_at)
             for d in doc.get("delegations", []):
                 d["audiences"] = frozenset(d["audiences"])
                 d["scopes"] = frozenset(d["scopes"])
-                self._delegations[d["id"]] = Delegation(**d)
+                deleg = Delegation(**d)
+                self._delegations[deleg.id] = deleg
+                self._place(deleg.id, deleg.created_at, deleg.expires_at)
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"grant store is corrupt: {exc}", path=str(self._path)) from None
 
     def _save(self) -> None:
-        horizon = self._clock() - _KEEP_EXPIRED
-        self._grants = {k: g for k, g in self._grants.items() if g.expires_at > horizon}
-        self._delegations = {k: d for k, d in self._delegations.items() if d.expires_at > horizon}
+        horizon = self._mono() - _KEEP_EXPIRED
+        self._grants = {k: g for k, g in self._grants.items() if self._span[k][1] > horizon}
+        self._delegations = {k: d for k, d in self._delegations.items()
+                             if self._span[k][1] > horizon}
+        live = self._grants.keys() | self._delegations.keys()
+        self._span = {k: v for k, v in self._span.items() if k in live}
 
         def enc(obj: Any) -> Any:
             if isinstance(obj, frozenset):
@@ -68,6 +101,7 @@ class GrantStore:
                   expires_at=now + duration, reason=reason, granted_by=granted_by)
         with self._lock:
             self._grants[g.id] = g
+            self._place(g.id, g.created_at, g.expires_at)
             self._save()
         return g
 
@@ -82,8 +116,9 @@ class GrantStore:
         return g
 
     def grants(self) -> list[Grant]:
+        """Every grant, its lifetime projected onto the wall clock of now."""
         with self._lock:
-            return sorted(self._grants.values(), key=lambda g: g.created_at)
+            return [self._view(g) for g in sorted(self._grants.values(), key=lambda g: g.created_at)]
 
     # -- delegations ----------------------------------------------------------------
 
@@ -95,6 +130,7 @@ class GrantStore:
                        expires_at=now + duration, reason=reason)
         with self._lock:
             self._delegations[d.id] = d
+            self._place(d.id, d.created_at, d.expires_at)
             self._save()
         return d
 
@@ -109,5 +145,6 @@ class GrantStore:
         return d
 
     def delegations(self) -> dict[str, Delegation]:
+        """Every delegation, its lifetime projected onto the wall clock of now."""
         with self._lock:
-            return dict(self._delegations)
+            return {k: self._view(d) for k, d in self._delegations.items()}

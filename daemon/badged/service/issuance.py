@@ -108,7 +108,7 @@ class PolicyGate:
         now = d.clock()
 
         def budget(agent: str, bundle: Bundle) -> float | None:
-            return d.limiter.wait_time(agent, bundle, now)
+            return d.limiter.wait_time(agent, bundle)
 
         decision = evaluate(d.policy.current, proc.selectors(), req, now=now,
                             default_ttl=d.default_ttl, max_ttl=d.max_ttl, grants=d.grants.grants(),
@@ -121,7 +121,7 @@ class PolicyGate:
         if decision.allowed and consume and decision.bundle is not None:
             bundle = self._bundle(decision.bundle)
             if bundle is not None and decision.agent is not None:
-                d.limiter.consume(decision.agent, bundle, now)
+                d.limiter.consume(decision.agent, bundle)
         return decision
 
     def _bundle(self, name: str) -> Bundle | None:
