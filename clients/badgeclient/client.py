@@ -76,6 +76,7 @@ class AgentMatch:
     scopes: list[str]
     max_ttl_seconds: int
     kinds: list[str]
+    assurance: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class AgentInfo:
     revoked_at: int
     revoke_reason: str
     description: str
+    assurance: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def _agent(pb: admin_pb2.Agent) -> AgentInfo:
         keys=[KeyVersionInfo(k.version, k.token_kid, k.sign_kid, k.state, k.created_at,
                              k.retired_at, k.publish_until) for k in pb.keys],
         created_at=pb.created_at, revoked_at=pb.revoked_at, revoke_reason=pb.revoke_reason,
-        description=pb.description)
+        description=pb.description, assurance=pb.assurance)
 
 
 class _Base:
@@ -278,7 +280,7 @@ class WorkloadClient(_Base):
             pid=p.pid, uid=p.uid, gid=p.gid, exe=p.exe, exe_sha256=p.exe_sha256,
             selectors=list(p.selectors),
             agents=[AgentMatch(a.agent, a.spiffe_id, a.rule, list(a.audiences), list(a.scopes),
-                               a.max_ttl_seconds, list(a.kinds)) for a in r.agents],
+                               a.max_ttl_seconds, list(a.kinds), a.assurance) for a in r.agents],
             misses=[{"agent": m.agent, "rule": m.rule, "reason": m.reason} for m in r.misses])
 
 

@@ -230,6 +230,8 @@ class VerifiedToken:
     dpop_jkt: str | None = None
     attestation: AttestationSummary | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
+    # foundation | enterprise | advanced: see token_assurance (tokens only).
+    assurance: str = "foundation"
 
     def __repr__(self) -> str:
         return f"VerifiedToken(agent={self.agent!r}, user={self.user!r}, jti={self.jti!r})"
@@ -461,9 +463,13 @@ class Verifier:
                  max_bytes: int = DEFAULT_MAX_BYTES, replay_cache: ReplayCache | None = None,
                  revocations: Revocations | None = None, dpop_max_age: int = 60,
                  hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
-                 issuer: str | None = None) -> None:
+                 issuer: str | None = None, min_assurance: str | None = None) -> None:
         if not 0 <= skew <= MAX_SKEW:
             raise ValueError(f"skew must be 0..{MAX_SKEW} seconds")
+        if min_assurance is not None and min_assurance not in ASSURANCE_LEVELS:
+            raise ValueError(f"min_assurance must be one of {', '.join(ASSURANCE_LEVELS)}")
+        # Tokens below this level are refused (assurance_too_low).
+        self._min_assurance = min_assurance
         # Session-mode keys (JWKS entries carrying a certification) are only
         # accepted with their chain to a hardware key checked; ``hardware_keys``
         # pins those keys (thumbprint -> key) instead of trusting the JWKS.
@@ -523,6 +529,11 @@ class Verifier:
         self._check_session_chain(token, kid, agent, now)
         self._check_revoked(agent, kid, chain)
         jkt = self._check_binding(c, token, dpop, require_dpop, now)
+        level = token_assurance(c, chain)
+        if self._min_assurance is not None and \
+                ASSURANCE_LEVELS.index(level) < ASSURANCE_LEVELS.index(self._min_assurance):
+            raise ClaimsError("assurance_too_low",
+                              f"agent assurance {level} is below {self._min_assurance}")
         jti = _str(c, "jti")
         self._replay.check_and_add(f"tok\x00{iss}\x00{jti}",
                                    until=float(c["exp"]) + self._skew, now=now)
@@ -530,7 +541,8 @@ class Verifier:
         return VerifiedToken(
             agent=agent, user=user, issuer=iss, audience=self._aud_tuple(c),
             scopes=tuple(scope.split()) if isinstance(scope, str) else (), jti=jti,
-            expires_at=int(c["exp"]), key_id=kid, chain=tuple(chain), dpop_jkt=jkt, claims=c)
+            expires_at=int(c["exp"]), key_id=kid, chain=tuple(chain), dpop_jkt=jkt, claims=c,
+            assurance=level)
 
     def verify_client_assertion(self, assertion: str, *, audience: str,
                                 client_id: str | None = None) -> VerifiedToken:
@@ -880,6 +892,46 @@ class Verifier:
 
 
 AGENT_ORG = "badged agent"
+ASSURANCE_LEVELS = ("foundation", "enterprise", "advanced")
+# The operator CA's statement of what it verified about a device key
+# (badged.core.x509.DEVICE_ATTESTATION_OID; canonical JSON with "evidence").
+DEVICE_ATTESTATION_OID = x509.ObjectIdentifier("2.25.54195680950305630700219462399422570192")
+
+
+def device_evidence(device_cert: x509.Certificate) -> str:
+    """``tpm2-activated-ak``, ``token-statement`` or "" (no statement)."""
+    try:
+        ext = device_cert.extensions.get_extension_for_oid(DEVICE_ATTESTATION_OID).value
+    except x509.ExtensionNotFound:
+        return ""
+    if not isinstance(ext, x509.UnrecognizedExtension):
+        return ""
+    try:
+        doc = json.loads(ext.value)
+    except ValueError:
+        return ""
+    return str(doc.get("evidence", "")) if isinstance(doc, dict) else ""
+
+
+def token_assurance(claims: Mapping[str, Any], chain: Sequence[x509.Certificate]) -> str:
+    """The assurance level a verified token establishes.
+
+    The daemon computes the level from verified facts and signs it into the
+    ``assurance`` claim; a relying party that trusts the daemon's JWKS takes
+    it from there. With an ``x5c`` chain verified to the org root the
+    relying party checks the facts itself and the claim is capped by them:
+    ``advanced`` only if the device certificate carries the CA's
+    ``tpm2-activated-ak`` statement, else ``enterprise``. A missing or
+    unknown claim is ``foundation`` (a badged key is always a token key).
+    """
+    claimed = claims.get("assurance")
+    level = claimed if isinstance(claimed, str) and claimed in ASSURANCE_LEVELS \
+        else ASSURANCE_LEVELS[0]
+    if len(chain) > 1:
+        cap = "advanced" if device_evidence(chain[1]) == "tpm2-activated-ak" else "enterprise"
+        if ASSURANCE_LEVELS.index(level) > ASSURANCE_LEVELS.index(cap):
+            level = cap
+    return level
 
 
 def permitted_agents(device_cert: x509.Certificate) -> frozenset[str] | None:

@@ -150,7 +150,7 @@ def test_device_a_cannot_vouch_for_device_b_agent(org: Org) -> None:
         refused.stderr
     assert _openssl(org, org.b, bob_by_b).returncode == 0
     # the Verifier: the same rule on the SPIFFE ID, and the subject must be the SAN's agent
-    v = Verifier(roots=[org.root])
+    v = Verifier(roots=[org.root], issuer=f"spiffe://{TD}/badged")
     assert v.verify_token(_token(agent_key, alice, org.a, f"spiffe://{TD}/agent/alice", "t1"),
                           audience=AUD).agent == f"spiffe://{TD}/agent/alice"
     assert v.verify_token(_token(agent_key, bob_by_b, org.b, f"spiffe://{TD}/agent/bob", "t2"),
@@ -185,7 +185,7 @@ def test_device_attests_only_for_its_agents(org: Org) -> None:
             client_id="c", audience="https://as", now=now, ttl_seconds=60, jti=jti), agent_key)
         return att, pop
 
-    v = Verifier(roots=[org.root])
+    v = Verifier(roots=[org.root], issuer=f"spiffe://{TD}/badged")
     assert v.verify_client_attestation(*attestation(f"spiffe://{TD}/agent/alice", "p1"),
                                        audience="https://as").agent.endswith("/alice")
     with pytest.raises(ChainError) as info:
@@ -252,7 +252,7 @@ def test_revoked_device_takes_its_agents_with_it(org: Org) -> None:
     assert fine.returncode == 0, fine.stderr
     # the Verifier with the CA's CRL
     revs = Revocations.from_crl(root_crl.read_bytes(), org.root, now=time.time())
-    v = Verifier(roots=[org.root], revocations=revs)
+    v = Verifier(roots=[org.root], revocations=revs, issuer=f"spiffe://{TD}/badged")
     with pytest.raises(RevokedError):
         v.verify_token(_token(agent_key, alice, org.a, f"spiffe://{TD}/agent/alice", "r1"),
                        audience=AUD)

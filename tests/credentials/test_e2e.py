@@ -551,3 +551,37 @@ def test_cli_dpop_reads_token_from_stdin_and_attestation_json(cred_daemon: Runni
     assert _segments(att["client_attestation_pop"])[1]["challenge"] == "c-9"
     bundle = json.loads(ctl("credentials", "trust_bundle_command", env=env).stdout)
     assert bundle["device_jwk"]["kid"] == _segments(att["client_attestation"])[0]["kid"]
+
+
+def _verify_at(env: dict[str, str], token: str, jwks: dict[str, Any], tmp: Path,
+               level: str) -> subprocess.CompletedProcess[str]:
+    path = tmp / f"jwks-{level}.json"
+    path.write_text(json.dumps(jwks))
+    return ctl("verify", "verify_command", "--jwks", str(path), "--audience", "demo",
+               "--min-assurance", level, token, env=env, check=False)
+
+
+def test_assurance_of_a_softhsm_agent(cred_daemon: RunningDaemon, ca_dir: Path,
+                                      tmp_path: Path) -> None:
+    """A PKCS#11 agent on an enrolled device is `enterprise`: its token's own
+    statement is not verified hardware attestation, so `--min-assurance
+    advanced` refuses its tokens; an agent outside the enrollment is `foundation`."""
+    env = cred_daemon.env()
+    with CredentialClient(cred_daemon.workload) as c:
+        if not c.trust_bundle().enrolled:
+            _enroll(cred_daemon, ca_dir, tmp_path)
+    with WorkloadClient(cred_daemon.workload) as w:
+        tok = w.fetch_token(audience="demo", agent=AGENT, scopes=["read"])
+        jwks = w.jwks()
+        me = w.whoami()
+    assert _segments(tok.token)[1]["assurance"] == "enterprise"
+    assert {a.agent: a.assurance for a in me.agents}[AGENT] == "enterprise"
+    with AdminClient(cred_daemon.admin) as admin:
+        assert admin.get_agent(AGENT).assurance == "enterprise"
+    refused = _verify_at(env, tok.token, jwks, tmp_path, "advanced")
+    assert refused.returncode == 1 and "assurance_too_low" in refused.stderr, refused.stderr
+    ok = _verify_at(env, tok.token, jwks, tmp_path, "enterprise")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["assurance"] == "enterprise"
+    shown = ctl("main", "cli", "agent", "show", AGENT, env=env)
+    assert "assurance enterprise" in shown.stdout

@@ -391,3 +391,35 @@ def test_online_enrollment_over_the_rpc(tpm_daemon: Any, ca: Path) -> None:
     # without --ek-ca the TPM evidence is refused, not signed as something weaker
     r = ctl("ca", "ca_group", "enroll", "--dir", str(ca), "--agent", AGENT, env=env, check=False)
     assert r.returncode == 1 and "ek_ca_required" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_tpm_agent_is_advanced_after_activation(tpm_daemon: Any, ca: Path,
+                                                tmp_path: Path) -> None:
+    """After an activated enrollment the TPM agent's tokens carry `advanced`
+    and pass `badgectl verify --min-assurance advanced`."""
+    from badgeclient import AdminClient, WorkloadClient
+    from tests.credentials.conftest import AGENT
+
+    env = tpm_daemon.env()
+    ek_ca = tpm_daemon.state / "private" / "swtpm" / "ca" / "issuercert.pem"
+    r = ctl("ca", "ca_group", "enroll", "--dir", str(ca), "--agent", AGENT, "--ek-ca", str(ek_ca),
+            env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    with WorkloadClient(tpm_daemon.workload) as w:
+        tok = w.fetch_token(audience="demo", agent=AGENT, scopes=["read"])
+        jwks = w.jwks()
+        me = w.whoami()
+    claims = json.loads(base64.urlsafe_b64decode(tok.token.split(".")[1] + "=="))
+    assert claims["assurance"] == "advanced"
+    assert {a.agent: a.assurance for a in me.agents}[AGENT] == "advanced"
+    with AdminClient(tpm_daemon.admin) as admin:
+        assert admin.get_agent(AGENT).assurance == "advanced"
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks))
+    ok = ctl("verify", "verify_command", "--jwks", str(path), "--audience", "demo",
+             "--min-assurance", "advanced", tok.token, env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["assurance"] == "advanced"
+    who = ctl("main", "cli", "whoami", env=env)
+    assert f"{AGENT} (" in who.stdout and "assurance=advanced" in who.stdout

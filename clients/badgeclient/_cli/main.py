@@ -111,7 +111,7 @@ def whoami(as_json: bool, socket_path: str | None) -> None:
     if not me.agents:
         click.echo("agents:  none -- no policy binding matches this process (deny by default)")
     for a in me.agents:
-        click.echo(f"agent:   {a.agent} ({a.spiffe_id})")
+        click.echo(f"agent:   {a.agent} ({a.spiffe_id}) assurance={a.assurance or '-'}")
         click.echo(f"  because {a.rule}; kinds={','.join(a.kinds)} "
                    f"audiences={','.join(a.audiences)} scopes={','.join(a.scopes) or '-'} "
                    f"max_ttl={a.max_ttl_seconds}s")
@@ -154,6 +154,8 @@ def _print_agent(a: AgentInfo, as_json: bool) -> None:
         _emit_json(asdict(a))
         return
     click.echo(f"{a.name}  {a.status}  {a.spiffe_id}")
+    if a.assurance:
+        click.echo(f"  assurance {a.assurance}")
     click.echo(f"  created {_ts(a.created_at)}"
                + (f", revoked {_ts(a.revoked_at)} ({a.revoke_reason or 'no reason'})"
                   if a.revoked_at else ""))

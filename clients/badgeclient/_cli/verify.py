@@ -46,7 +46,7 @@ def _read_credential(value: str) -> str:
 
 def _result(r: Any) -> dict[str, Any]:
     doc = {k: getattr(r, k) for k in ("agent", "user", "issuer", "audience", "scopes", "jti",
-                                      "expires_at", "key_id", "dpop_jkt")
+                                      "expires_at", "key_id", "dpop_jkt", "assurance")
            if hasattr(r, k)}
     if getattr(r, "chain", ()):
         doc["chain"] = [c.subject.rfc4514_string() for c in r.chain]
@@ -79,13 +79,18 @@ def _result(r: Any) -> dict[str, Any]:
 @click.option("--require-dpop", is_flag=True,
               help="Tokens: refuse a token that is not DPoP-bound (cnf.jkt).")
 @click.option("--skew", type=click.IntRange(0, 300), default=30, show_default=True)
+@click.option("--min-assurance", type=click.Choice(["foundation", "enterprise", "advanced"]),
+              default=None, help="Refuse tokens whose agent assurance level is lower "
+                                 "(docs/credentials.md \"Assurance levels\").")
 def verify_command(credential: str, kind: str, audience: str | None, issuer: str | None,
                    client_id: str | None, jwks: Path | None, root: Path | None, crl: Path | None,
                    device_chain: Path | None, pop: str | None, challenge: str | None,
                    dpop_proof: str | None, htm: str | None, htu: str | None, nonce: str | None,
-                   require_dpop: bool, skew: int) -> None:
+                   require_dpop: bool, skew: int, min_assurance: str | None) -> None:
     """Verify CREDENTIAL (or stdin) and print the typed result as JSON."""
     now = time.time()
+    if min_assurance is not None and kind != "token":
+        raise click.UsageError("--min-assurance applies to --kind token")
     if kind != "dpop" and audience is None:
         raise click.UsageError("--audience is required")
     if (kind == "dpop" or dpop_proof) and not (htm and htu):
@@ -102,7 +107,7 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
             click.echo(f"badgectl: refused: {exc.reason}", err=True)
             sys.exit(1)
     verifier = Verifier(jwks=json.loads(jwks.read_text()) if jwks else None, roots=roots,
-                        skew=skew, revocations=revocations)
+                        skew=skew, revocations=revocations, min_assurance=min_assurance)
     cred = _read_credential(credential)
     try:
         result: Any

@@ -516,6 +516,7 @@ class Agent(_message.Message):
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     REVOKE_REASON_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ASSURANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     spiffe_id: _builtins.str
     status: _builtins.str
@@ -524,6 +525,10 @@ class Agent(_message.Message):
     revoked_at: _builtins.int
     revoke_reason: _builtins.str
     description: _builtins.str
+    assurance: _builtins.str
+    """foundation | enterprise | advanced (GetAgent only), computed from verified
+    facts: docs/credentials.md "Assurance levels".
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]: ...
     def __init__(
@@ -538,10 +543,11 @@ class Agent(_message.Message):
         revoked_at: _builtins.int = ...,
         revoke_reason: _builtins.str = ...,
         description: _builtins.str = ...,
+        assurance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_version", b"current_version", "description", b"description", "keys", b"keys", "name", b"name", "revoke_reason", b"revoke_reason", "revoked_at", b"revoked_at", "spiffe_id", b"spiffe_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "created_at", b"created_at", "current_version", b"current_version", "description", b"description", "keys", b"keys", "name", b"name", "revoke_reason", b"revoke_reason", "revoked_at", b"revoked_at", "spiffe_id", b"spiffe_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -268,11 +268,16 @@ class AgentMatch(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     MAX_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
+    ASSURANCE_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     spiffe_id: _builtins.str
     rule: _builtins.str
     """Where the rule that matched lives, e.g. "policy.toml:12"."""
     max_ttl_seconds: _builtins.int
+    assurance: _builtins.str
+    """foundation | enterprise | advanced, computed from verified facts
+    (docs/credentials.md "Assurance levels"); tokens carry it as "assurance".
+    """
     @_builtins.property
     def audiences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -289,10 +294,11 @@ class AgentMatch(_message.Message):
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         max_ttl_seconds: _builtins.int = ...,
         kinds: _abc.Iterable[_builtins.str] | None = ...,
+        assurance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audiences", b"audiences", "kinds", b"kinds", "max_ttl_seconds", b"max_ttl_seconds", "rule", b"rule", "scopes", b"scopes", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "assurance", b"assurance", "audiences", b"audiences", "kinds", b"kinds", "max_ttl_seconds", b"max_ttl_seconds", "rule", b"rule", "scopes", b"scopes", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

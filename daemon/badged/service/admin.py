@@ -6,6 +6,8 @@ import os
 from typing import Any
 
 from badged.attest.process import ProcessAttributes
+from badged.enroll.assurance import AssuranceOracle
+from badged.enroll.store import EnrollmentStore
 from badged.errors import (
     AttestationError,
     BadgedError,
@@ -31,6 +33,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, deps: ServiceDeps) -> None:
         self._d = deps
         self._gate = PolicyGate(deps)
+        self._assurance = AssuranceOracle(EnrollmentStore(deps.state_dir), deps.keystore)
 
     def _operator(self, context: Ctx) -> ProcessAttributes:
         _, proc = resolve_caller(self._d, context, "admin")
@@ -62,7 +65,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetAgent(self, request: admin_pb2.GetAgentRequest,
                        context: Ctx) -> admin_pb2.Agent:
         self._operator(context)
-        return agent_to_pb(self._d.agents.get(check_agent_name(request.name)), self._now())
+        out = agent_to_pb(self._d.agents.get(check_agent_name(request.name)), self._now())
+        if out.status == "active":
+            # facts() may read the TPM's AK once per installed chain: off the loop.
+            await self._d.signing.run(self._assurance.facts)
+            out.assurance = self._assurance.level(out.name, self._d.clock())
+        return out
 
     async def RotateAgent(self, request: admin_pb2.RotateAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:

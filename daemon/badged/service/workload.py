@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from badged.attest.process import ProcessAttributes
 from badged.core.signing import signed_message
 from badged.core.tokens import ES256, JWKS_ISSUER_MEMBER, IssuedToken, build_claims, mint_token
+from badged.enroll.assurance import CLAIM as ASSURANCE_CLAIM
+from badged.enroll.assurance import AssuranceOracle
+from badged.enroll.store import EnrollmentStore
 from badged.errors import InvalidRequestError, PolicyDeniedError
 from badged.identity.registry import SigningKey
 from badged.policy.loader import parse_duration
@@ -55,6 +58,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         self._issue = Issuance(deps)
         self._gate = self._issue.gate
         self._pems: dict[str, str] = {}
+        self._assurance = AssuranceOracle(EnrollmentStore(deps.state_dir), deps.keystore)
 
     def _public_pem(self, key: SigningKey) -> str:
         """The key's SPKI PEM, encoded once per key instead of once per Sign (~6 µs).
@@ -101,6 +105,7 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
             if approval is not None:
                 extra["approval"] = {"id": approval.id, "by": approval.decided_by,
                                      "at": int(approval.decided_at)}
+            extra[ASSURANCE_CLAIM] = self._assurance.level(key.agent, d.clock())
             claims = build_claims(issuer=d.issuer, subject=subject, audience=audience,
                                   scopes=scopes, ttl_seconds=decision.ttl, now=d.clock(),
                                   jti=d.new_jti(), extra=extra)
@@ -168,6 +173,8 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         selectors = proc.selectors()
         policy = d.policy.current
         now = d.clock()
+        # facts() may read the TPM's AK once per installed chain: off the loop.
+        await d.signing.run(self._assurance.facts)
         matches = []
         for rule in candidates(policy, selectors):
             if self._gate.agent_status(rule.agent) != "active":
@@ -177,7 +184,8 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
                     agent=rule.agent, spiffe_id=d.agents.spiffe_id(rule.agent),
                     rule=f"{rule.source} via {why}", audiences=sorted(bundle.audiences),
                     scopes=sorted(bundle.scopes), max_ttl_seconds=bundle.max_ttl,
-                    kinds=sorted(bundle.kinds)))
+                    kinds=sorted(bundle.kinds),
+                    assurance=self._assurance.level(rule.agent, now)))
         misses = []
         if self._is_operator(proc):
             misses = [
