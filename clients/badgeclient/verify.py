@@ -36,6 +36,11 @@ Rules applied everywhere (each is a test in tests/credentials):
   skew (at most 5 minutes); lifetimes above ``max_lifetime`` are refused;
 * ``jti`` is required and remembered until the credential expires (replay);
 * revoked SPIFFE IDs, key ids and certificate serials are refused;
+* a device vouches only for the agents its certificate names (name
+  constraints, ``device_scope``), for certificates and attestations alike;
+* ``min_assurance``: tokens below that level (``assurance`` claim, capped by
+  the device certificate's statement when an ``x5c`` chain is checked) are
+  refused (``assurance_too_low``);
 * a token with ``cnf.jkt`` is accepted only with a valid DPoP proof from
   that key, and a DPoP proof is accepted only with a token bound to it;
 * each credential type has its own ``typ`` and is accepted only as itself:

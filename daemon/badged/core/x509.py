@@ -8,15 +8,18 @@ The chain a relying party sees is::
 
     operator root CA  (badgectl ca init; key in its own token)
       └─ device certificate   CA:TRUE, pathlen 0, issues for its trust domain,
-         │                    SAN = spiffe://TD/device/ID; key = the device key
-         └─ agent certificate CA:FALSE, SAN URI = the agent's SPIFFE ID,
+         │                    SAN = spiffe://TD/device/ID; key = the device key;
+         │                    name constraints: the agents it was enrolled for;
+         │                    the CA's attestation statement
+         └─ agent certificate CA:FALSE, subject O=badged agent, CN=<agent>,
+                              SAN URI = the agent's SPIFFE ID,
                               minutes-to-hours validity; key = the agent's
                               token key
 
 so a relying party that trusts only the organization's root can verify any
 agent on any enrolled device (``openssl verify -CAfile root.pem -untrusted
 device.pem agent.pem``), and the device can issue for nothing outside its
-trust domain.
+trust domain and the agents its certificate names.
 
 ``cryptography``'s builders sign with any ``EllipticCurvePrivateKey``; the
 :class:`HandlePrivateKey` adapter below makes a token key look like one
