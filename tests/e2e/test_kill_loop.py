@@ -27,7 +27,6 @@ CI runs 50 iterations (BADGED_KILL_ITERATIONS). Soak::
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import random
@@ -41,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from badged.audit import verify
-from badged.audit.reader import iter_records
-from badged.core.jose import public_key_from_jwk
 from tests.conftest import require_or_skip, short_tmpdir
+from tests.e2e.state_checks import check_restart_invariants, check_tokens
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
 
@@ -56,10 +53,6 @@ CHILD = Path(__file__).with_name("state_kill_child.py")
 ITERATIONS = int(os.environ.get("BADGED_KILL_ITERATIONS", "50"))
 SEED = int(os.environ.get("BADGED_KILL_SEED", "1515"))
 STEPS = 36  # numbered protocol steps a child may die at (a few ops' worth)
-
-
-def _b64(seg: str) -> bytes:
-    return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
 
 
 def _read_until_ready(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
@@ -81,71 +74,6 @@ def _read_until_ready(proc: subprocess.Popen[bytes], timeout: float = 60) -> dic
     proc.kill()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     raise AssertionError(f"child did not get ready (start-up refused?): {buf[-500:]!r}\n{err}")
-
-
-def _check_restart_invariants(state_dir: Path, snap: dict[str, Any]) -> None:
-    reg_path = state_dir / "private" / "agents.json"
-    agents = json.loads(reg_path.read_text())["agents"] if reg_path.exists() else []
-    labels: list[str] = snap["labels"]
-    kids: dict[str, str] = snap["kids"]
-    wanted: dict[str, str] = {}
-    for a in agents:
-        if a["status"] == "active":
-            cur = [v for v in a["versions"] if v["state"] == "active"][-1]
-            wanted[cur["token_key"]] = cur["token_kid"]
-            wanted[cur["sign_key"]] = cur["sign_kid"]
-    in_token = {k for k in labels if k.startswith("badged/agent/")}
-    assert in_token == set(wanted), (sorted(in_token ^ set(wanted)), "token vs registry")
-    for k in labels:
-        assert k.startswith(("badged/agent/", "badged/quarantine/")) or k == "badged/device/v1", k
-    for k, kid in wanted.items():
-        assert kids[k] == kid, f"{k}: token key is not the one the registry names"
-
-    recs = list(iter_records(state_dir / "audit"))
-    commits = {r["kid"]: r for r in recs if r["event"] in ("agent.created", "agent.rotated")
-               or (r["event"] == "registry.recovered" and r["outcome"] == "applied"
-                   and r.get("kid"))}
-    for a in agents:
-        for v in a["versions"]:
-            rec = commits.get(v["token_kid"])
-            assert rec is not None and rec["agent"] == a["name"], (
-                f"{a['name']} v{v['version']}: registry change without its audit record")
-        if a["status"] == "revoked":
-            assert any(r.get("agent") == a["name"] and (
-                r["event"] == "agent.revoked" or (r["event"] == "registry.recovered"
-                                                  and r["change"] == "revoke"
-                                                  and r["outcome"] == "applied"))
-                       for r in recs), f"{a['name']}: revoked without an audit record"
-    intents = {r["op"] for r in recs if str(r["event"]).endswith(".intent")}
-    terminal = {r.get("op") for r in recs
-                if r["event"] in ("agent.created", "agent.rotated", "agent.revoked",
-                                  "registry.recovered") or str(r["event"]).endswith(".aborted")}
-    assert intents <= terminal, f"intent without completion or recovery: {intents - terminal}"
-    seen_kids = {r.get("kid") for r in recs if r["event"] in ("key.created", "key.quarantined")}
-    for k, kid in kids.items():
-        assert kid in seen_kids, f"{k} is in the token but its creation was never audited"
-
-
-def _check_tokens(state_dir: Path, tokens: list[str]) -> int:
-    agents = json.loads((state_dir / "private" / "agents.json").read_text())["agents"]
-    jwks = {v["token_kid"]: v["token_jwk"] for a in agents for v in a["versions"]}
-    recs = list(iter_records(state_dir / "audit"))
-    issued = {r["jti"]: r["seq"] for r in recs if r["event"] == "token.issued"}
-    commit_seq = {r["kid"]: r["seq"] for r in recs
-                  if r["event"] in ("agent.created", "agent.rotated", "registry.recovered")
-                  and r.get("kid")}
-    for tok in tokens:
-        h, p, s = tok.split(".")
-        header, payload = json.loads(_b64(h)), json.loads(_b64(p))
-        kid, jti = header["kid"], payload["jti"]
-        assert kid in jwks, f"token {jti} signed by a key the registry never held"
-        sig = _b64(s)
-        der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-        pub = public_key_from_jwk(jwks[kid])
-        pub.verify(der, f"{h}.{p}".encode(), ec.ECDSA(hashes.SHA256()))
-        assert jti in issued, f"token {jti} verifies but was never audited"
-        assert commit_seq[kid] < issued[jti], f"token {jti} signed before its key was audited"
-    return len(tokens)
 
 
 def test_kill_9_during_create_rotate_revoke_keeps_state_and_audit_consistent(
@@ -174,7 +102,7 @@ def test_kill_9_during_create_rotate_revoke_keeps_state_and_audit_consistent(
             assert proc.stdin is not None
             try:
                 snap = _read_until_ready(proc)
-                _check_restart_invariants(base, snap)
+                check_restart_invariants(base, snap)
                 proc.stdin.write(b"go\n")
                 proc.stdin.flush()
                 if kill_at < 0:
@@ -192,7 +120,7 @@ def test_kill_9_during_create_rotate_revoke_keeps_state_and_audit_consistent(
                     tokens.append(line[6:])
                 elif line.startswith("ack "):
                     acks[line.split()[1]] += 1
-        checked = _check_tokens(base, tokens)
+        checked = check_tokens(base, tokens)
         device = serialization.load_pem_public_key(snap["device"].encode())
         assert isinstance(device, ec.EllipticCurvePublicKey)
         report = verify(base / "audit", device)

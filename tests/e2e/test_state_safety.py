@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,3 +366,54 @@ def test_sigterm_with_a_poisoned_audit_log_stops_cleanly(fresh_state: Path) -> N
         assert "Task exception was never retrieved" not in log
         assert "Traceback" not in log
         assert "daemon.stopped not audited" in log
+
+
+def test_kill_9_of_the_real_daemon_during_admin_changes(fresh_state: Path) -> None:
+    """The real daemon, SIGKILLed while an operator creates/rotates/revokes over the
+    admin socket: every restart succeeds (never refused, nothing destroyed that the
+    registry names) and the invariants of tests/e2e/state_checks.py hold."""
+    import random
+    import signal
+    import threading
+
+    from badgeclient import BadgeError
+    from tests.e2e.state_checks import check_restart_invariants
+
+    rng = random.Random(15)
+    n = 0
+    for _ in range(5):
+        d = start_daemon(fresh_state)
+        check_restart_invariants(fresh_state, {"labels": token_labels(fresh_state),
+                                               "kids": {}})
+        stop = threading.Event()
+
+        def churn(admin: Path, stop: threading.Event) -> None:
+            nonlocal n
+            try:
+                with AdminClient(admin) as a:
+                    while not stop.is_set():
+                        n += 1
+                        names = [x.name for x in a.list_agents()]
+                        roll = rng.random()
+                        if roll < 0.35 or len(names) < 3:
+                            a.create_agent(f"k{n}")
+                        elif roll < 0.8:
+                            a.rotate_agent(rng.choice(names))
+                        else:
+                            a.revoke_agent(rng.choice([x for x in names if x != "demo-agent"]))
+            except (BadgeError, OSError):
+                pass  # the daemon died under us
+
+        t = threading.Thread(target=churn, args=(d.admin, stop))
+        t.start()
+        time.sleep(rng.uniform(0.3, 1.5))
+        d.stop(signal.SIGKILL)
+        stop.set()
+        t.join(timeout=30)
+    d = start_daemon(fresh_state)
+    try:
+        check_restart_invariants(fresh_state, {"labels": token_labels(fresh_state), "kids": {}})
+        with WorkloadClient(d.workload) as w:
+            w.fetch_token(audience="demo")
+    finally:
+        assert d.stop() == 0
