@@ -316,6 +316,7 @@ def recover(config_path: Path | None, dev_state: Path | None, trust_domain: str,
         else:
             assert config_path is not None
             config = load_config(config_path)
+            config.apply_module_env()  # before the key-store library is first loaded
         result = run_recover(config, mode=mode, audit_move_aside=audit_move_aside,
                              purge_quarantine=purge_quarantine)
     except BadgedError as exc:

@@ -417,3 +417,48 @@ def test_kill_9_of_the_real_daemon_during_admin_changes(fresh_state: Path) -> No
             w.fetch_token(audience="demo")
     finally:
         assert d.stop() == 0
+
+
+def test_recover_with_a_production_config(state_with_two_agents: Path) -> None:
+    """``badged recover --config`` on the same state, described by a config file as in
+    production (module_env carries SOFTHSM2_CONF): reports, then quarantines."""
+    state = state_with_two_agents
+    hsm = state / "private" / "softhsm"
+    from badged.softhsm import find_module
+
+    config = state.parent / "badged.toml"
+    config.write_text(f"""[daemon]
+state_dir = "{state}"
+workload_socket = "{state}/run/agent.sock"
+admin_socket = "{state}/run/admin.sock"
+trust_domain = "example.org"
+policy_file = "{state}/policy.toml"
+
+[keystore]
+backend = "pkcs11"
+uri = "pkcs11:token=badged-dev?pin-source=file:{hsm}/user.pin"
+module_path = "{find_module()}"
+
+[keystore.module_env]
+SOFTHSM2_CONF = "{hsm}/softhsm2.conf"
+
+[audit]
+dir = "{state}/audit"
+""")
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env["PYTHONPATH"] = _pythonpath()
+
+    def recover(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(badged_cmd("recover", "--config", str(config), *args),
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    ok = recover()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "nothing to do" in ok.stdout
+    (state / "private" / "agents.json").unlink()
+    refused = recover()
+    assert refused.returncode == 1 and refused.stdout.count("unregistered") == 4
+    q = recover("--quarantine")
+    assert q.returncode == 0, q.stdout + q.stderr
+    assert q.stdout.count("quarantined: badged/agent/") == 4
+    assert agent_keys(token_labels(state)) == []
