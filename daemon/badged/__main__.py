@@ -197,10 +197,12 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None,
               help="Throwaway SoftHSM token, or a throwaway swtpm run for the daemon's lifetime.")
 @click.option("--signing-mode", type=click.Choice(["direct", "session"]), default=None,
               help="Default: direct on softhsm, session on tpm (docs/tpm.md).")
+@click.option("--metrics", "metrics", is_flag=True,
+              help="Serve Prometheus metrics on STATE_DIR/run/metrics.sock (badgectl metrics).")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
         approval_timeout: int, unsafe_audit_no_fsync: bool, backend: str,
-        signing_mode: str | None) -> None:
+        signing_mode: str | None, metrics: bool) -> None:
     """Run on a throwaway SoftHSM token or swtpm under STATE_DIR (development mode)."""
     from badged.dev import prepare
 
@@ -213,7 +215,10 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
         config = setup.config.with_overrides(log_format=ctx.obj.get("log_format"),
                                              log_level=ctx.obj.get("log_level"),
                                              approval_timeout=approval_timeout,
-                                             unsafe_audit_no_fsync=unsafe_audit_no_fsync or None)
+                                             unsafe_audit_no_fsync=unsafe_audit_no_fsync or None,
+                                             metrics_listen=str(setup.config.workload_socket.parent
+                                                                / "metrics.sock")
+                                             if metrics else None)
         _run(config, ensure_agent=agent)
     finally:
         setup.close()  # the dev swtpm lives exactly as long as the daemon

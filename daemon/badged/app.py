@@ -37,6 +37,7 @@ from badged.keystore.port import KeyHandle, KeyStore
 from badged.listener.budget import Classifier
 from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
+from badged.metrics import Metrics, attach, combine_mirrors
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
@@ -114,6 +115,8 @@ class Daemon:
         # hardware); PKCS#11 inline (~65 µs on SoftHSM). See SigningRunner.
         self._signing = SigningRunner(off_loop=config.backend == "tpm")
         self._lock_fd = -1
+        # [metrics] listen: off by default; when on, see badged.metrics.
+        self.metrics = Metrics() if config.metrics_listen is not None else None
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -152,6 +155,9 @@ class Daemon:
             _logger.warning("UNSAFE: audit records are not fsync'd (benchmark mode); "
                             "acknowledged credentials may be unaudited after a power loss")
             fsync = unsafe_no_fsync
+        if self.metrics is not None:  # counted from the durable records
+            mirror = combine_mirrors(mirror, self.metrics.observe_audit)
+            fsync = self.metrics.timed_fsync(fsync)
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
@@ -259,7 +265,8 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         install_refusal_log_limits()
         methods = await table.intercepted(
-            [ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)])
+            ([self.metrics.interceptor()] if self.metrics is not None else [])
+            + [ErrorBoundary(log_details=cfg.log_error_details, audit=deps.audit)])
         policy_holder = self.policy
         assert policy_holder is not None
         front = GrpcFront(registry=deps.peers, methods=methods,
@@ -281,6 +288,10 @@ class Daemon:
                           mode=0o660 if gid is not None else 0o600, group=gid)
         await self._start_health(deps)
         self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
+        if self.metrics is not None and cfg.metrics_listen is not None:
+            attach(self.metrics, front=front, audit=self._audit, keystore=self._keystore,
+                   monitor=self._monitor)
+            await self.metrics.serve(cfg.metrics_listen, group=gid)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
@@ -385,6 +396,8 @@ class Daemon:
             await self._monitor.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._front is not None:
             await self._front.stop_accepting()
             await self._front.drain(grace)

@@ -65,6 +65,8 @@ class DaemonConfig:
     # SOFTHSM2_CONF: set in this process before the module's first load, so a
     # non-root daemon can use its own token without a wrapper script.
     module_env: tuple[tuple[str, str], ...] = ()
+    # Prometheus endpoint: a Unix socket path or a loopback host:port; None = off.
+    metrics_listen: str | None = None
     # [limits]: what any local caller can make the front hold (issue 16).
     front_limits: FrontLimits = field(default_factory=FrontLimits)
     source: str = "<defaults>"
@@ -143,6 +145,7 @@ _KNOWN: dict[str, set[str]] = {
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies",
                  "command_timeout"},
     "audit": {"dir", "syslog"},
+    "metrics": {"listen"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
                "unbound_connections_per_uid", "unbound_streams_per_uid",
@@ -227,6 +230,7 @@ def load_config(path: Path) -> DaemonConfig:
         return body if isinstance(body, dict) else {}
 
     d, log, ks, audit = table("daemon"), table("log"), table("keystore"), table("audit")
+    metrics = table("metrics")
 
     def typed(section: dict[str, Any], sname: str, key: str, typ: type[T], default: T) -> T:
         value = section.get(key, default)
@@ -377,6 +381,15 @@ def load_config(path: Path) -> DaemonConfig:
     max_ttl = duration(d, "daemon", "max_ttl", 3600)
     if default_ttl > max_ttl:
         fail("daemon", "default_ttl", "default_ttl must not exceed max_ttl")
+    listen = typed(metrics, "metrics", "listen", str, "") or None
+    if listen is not None:
+        from badged.metrics import parse_listen
+
+        try:
+            parse_listen(listen)
+        except ConfigError as exc:
+            fail("metrics", "listen", exc.detail)
+            listen = None
     cfg = DaemonConfig(
         state_dir=state_dir,
         workload_socket=path_opt(d, "daemon", "workload_socket") or DEFAULT_SOCKET_DIR / "agent.sock",

@@ -293,6 +293,8 @@ def offline(config: DaemonConfig) -> list[Problem]:
                              created_by="create it owned by the daemon's user")
     out += _socket_problems("[daemon] workload_socket", config.workload_socket)
     out += _socket_problems("[daemon] admin_socket", config.admin_socket)
+    if config.metrics_listen is not None and config.metrics_listen.startswith("/"):
+        out += _socket_problems("[metrics] listen", Path(config.metrics_listen))
     out += _group_problems(config.operator_group)
     out += _keystore_problems(config)
     out += _policy_problems(config)

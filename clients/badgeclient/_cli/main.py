@@ -234,6 +234,7 @@ def _register_commands() -> None:
     from badgeclient._cli.credentials import COMMANDS as CREDENTIAL_COMMANDS
     from badgeclient._cli.enroll import enroll_group
     from badgeclient._cli.health import health_command
+    from badgeclient._cli.metrics import metrics_command
     from badgeclient._cli.policy import COMMANDS as POLICY_COMMANDS
     from badgeclient._cli.verify import verify_command
 
@@ -244,6 +245,7 @@ def _register_commands() -> None:
     cli.add_command(ca_group, "ca")
     cli.add_command(verify_command, "verify")
     cli.add_command(health_command, "health")
+    cli.add_command(metrics_command, "metrics")
 
 
 _register_commands()
