@@ -416,3 +416,25 @@ def test_cancelled_calls_leave_no_reference_cycles() -> None:
     state = _run(scenario, limits)
     # 40 cancelled calls; a cycle per call would leave hundreds of objects.
     assert state["garbage"] < 40, f"{state['garbage']} objects only the cycle collector could free"
+
+
+def test_running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() -> None:
+    """EMFILE at accept: no traceback per failure (hundreds of thousands were logged), one
+    line per interval with a count, and clients waiting in the backlog are served once
+    descriptors are back, without a restart."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "daemon")]))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("emfile_child.py"))],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["failures"] >= 2, report  # accept was retried, and failed, more than once
+    assert report["log_lines"] == 1, report
+    assert report["tracebacks"] == 0, report
+    assert report["served"] == 4, report
