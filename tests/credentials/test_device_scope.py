@@ -281,3 +281,27 @@ def test_name_constraints_are_the_agent_subjects() -> None:
     plain = bx.device_certificate(ca_key=ca, ca_cert=root, device_public=dev.public_key(),
                                   device_id="d", trust_domain=TD, now=now, days=1, serial=3)
     assert bx.permitted_agents(plain) is None
+
+
+def test_relative_ca_dir_works_from_anywhere(softhsm_available: None, tmp_path: Path) -> None:
+    """`ca init --dir rel` then `ca sign --dir ../rel` from another directory:
+    the CA's token configuration must not depend on the cwd that created it."""
+    import os
+    import sys
+
+    def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        code = ("from badgeclient._cli.ca import ca_group as c; "
+                "c.main(prog_name='badgectl', standalone_mode=True)")
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=dict(os.environ),
+                              capture_output=True, text=True, check=False, timeout=60)
+
+    assert run(tmp_path, "init", "--dir", "rel-ca").returncode == 0
+    key = MemoryKeyStore().generate("device-rel")
+    doc = enrollment_request(device_key=key, props=GOOD, trust_domain=TD, now=time.time())
+    (tmp_path / "req.json").write_text(json.dumps(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run(elsewhere, "sign", "../req.json", "--dir", "../rel-ca", "-o", "chain.pem",
+            "--agent", "alice")
+    assert r.returncode == 0, r.stderr
+    assert x509.load_pem_x509_certificates((elsewhere / "chain.pem").read_bytes())
