@@ -197,12 +197,15 @@ def _softhsm_problems(config: DaemonConfig, module: str | None) -> list[Problem]
     env = dict(config.module_env)
     conf = env.get("SOFTHSM2_CONF") or os.environ.get("SOFTHSM2_CONF")
     what = "[keystore] module_env"
+    hint = ""
     if conf is None:
-        default = Path("/etc/softhsm/softhsm2.conf")
-        if not os.access(default, os.R_OK):
-            return [Problem(what, "SoftHSM needs its config: set module_env = { SOFTHSM2_CONF = "
-                                  "\"/etc/badged/softhsm2.conf\" } (docs/deploy.md)")]
-        return []
+        # SoftHSM's compiled-in default: shared, and usually not the daemon's.
+        conf = "/etc/softhsm/softhsm2.conf"
+        hint = ("; give badged its own: module_env = { SOFTHSM2_CONF = "
+                "\"/etc/badged/softhsm2.conf\" } (docs/deploy.md)")
+        if not os.access(conf, os.R_OK):
+            return [Problem(what, f"SoftHSM would read {conf}, which {_user_name()} cannot "
+                                  f"read{hint}")]
     out = _file_problems(what, Path(conf))
     if out:
         return out
@@ -216,10 +219,10 @@ def _softhsm_problems(config: DaemonConfig, module: str | None) -> list[Problem]
             tokendir = Path(value.strip())
             if not tokendir.is_dir():
                 out.append(Problem(what, f"SoftHSM token directory {tokendir} (from {conf}) "
-                                         f"does not exist"))
+                                         f"does not exist{hint}"))
             elif not os.access(tokendir, os.R_OK | os.W_OK | os.X_OK):
                 out.append(Problem(what, f"SoftHSM token directory {tokendir} (from {conf}) "
-                                         f"is not readable and writable by {_user_name()}"))
+                                         f"is not readable and writable by {_user_name()}{hint}"))
     return out
 
 

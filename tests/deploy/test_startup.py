@@ -122,6 +122,15 @@ def test_check_finds_host_problems_offline(layout: Layout) -> None:
     assert "policy.toml has mode 0666: any local user can rewrite it" in out
 
 
+def test_missing_module_env_is_named(layout: Layout) -> None:
+    """Without SOFTHSM2_CONF, SoftHSM reads the shared default the daemon's user cannot use."""
+    layout.config.write_text("\n".join(line for line in layout.config.read_text().splitlines()
+                                       if not line.startswith("module_env")) + "\n")
+    proc = layout.user.run(layout.badged("check", "--config", str(layout.config)), env=user_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "[keystore] module_env: SoftHSM" in proc.stderr and "SOFTHSM2_CONF" in proc.stderr
+
+
 def test_wrong_pin_names_token_and_pin_file_and_warns(layout: Layout) -> None:
     layout.pin.write_text("0000-wrong\n")
     proc = layout.user.run(layout.badged("check", "--config", str(layout.config), "--online"),
