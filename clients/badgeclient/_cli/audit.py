@@ -10,10 +10,10 @@ Exit codes: 0 ok, 1 verification failed (first bad record printed), 2 usage
 
 Examples::
 
-    badgectl audit tail -n 50 --agent deploy-bot
-    badgectl audit tail --follow --json
-    badgectl audit verify --pubkey /etc/badged/device.pem
-    badgectl audit export --from 1000 > audit.jsonl
+    badgectl audit tail --dir /var/lib/badged/audit -n 50 --agent deploy-bot
+    badgectl audit tail --dir /var/lib/badged/audit --follow --json
+    badgectl audit verify --dir /var/lib/badged/audit --pubkey /var/lib/badged/device-key.pem
+    badgectl audit export --dir /var/lib/badged/audit --from 1000 > audit.jsonl
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _dir_option(func: F) -> F:
+    # Required, no default: on a host with several daemons (or a copy being
+    # checked) silently reading /var/lib/badged/audit would show another log.
     return click.option(
-        "--dir", "directory", envvar="BADGED_AUDIT_DIR", default=DEFAULT_DIR,
-        show_default=True,
+        "--dir", "directory", envvar="BADGED_AUDIT_DIR", required=True,
         type=click.Path(file_okay=False, dir_okay=True, exists=True, path_type=Path),
-        help="Audit log directory [env BADGED_AUDIT_DIR].",
+        help=f"Audit log directory, e.g. {DEFAULT_DIR} [env BADGED_AUDIT_DIR; required].",
     )(func)
 
 
@@ -176,9 +177,11 @@ def verify_cmd(from_seq: int | None, pubkey: Path | None, strict: bool, as_json:
               help="Only events whose name starts with this; repeatable.")
 @click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True,
               help="Write here instead of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Accepted for consistency: the output "
+              "is always JSON Lines.")
 @_dir_option
 def export_cmd(from_seq: int | None, agent: str | None, events: tuple[str, ...],
-               output: Any, directory: Path) -> None:
+               output: Any, as_json: bool, directory: Path) -> None:
     """Write records as JSON Lines for a SIEM (stored bytes, so hashes still check)."""
     from badged.audit import reader
 
