@@ -93,10 +93,12 @@ def _set_process_name() -> None:
         pass
 
 
-async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None) -> None:
+async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None,
+                 state_lock_fd: int = -1) -> None:
     from badged.app import Daemon
 
-    daemon = Daemon(config, ensure_agents=(ensure_agent,) if ensure_agent else ())
+    daemon = Daemon(config, ensure_agents=(ensure_agent,) if ensure_agent else (),
+                    state_lock_fd=state_lock_fd)
     try:
         await daemon.start()
     except Exception as exc:
@@ -138,12 +140,12 @@ async def _serve(config: DaemonConfig, *, ensure_agent: str | None = None) -> No
     await daemon.wait()
 
 
-def _run(config: DaemonConfig, *, ensure_agent: str | None = None) -> None:
+def _run(config: DaemonConfig, *, ensure_agent: str | None = None, state_lock_fd: int = -1) -> None:
     logsetup.configure(config.log_format, config.log_level)
     try:
         _preflight(config)
         config.apply_module_env()  # before the key-store library is first loaded
-        asyncio.run(_serve(config, ensure_agent=ensure_agent))
+        asyncio.run(_serve(config, ensure_agent=ensure_agent, state_lock_fd=state_lock_fd))
     except StartupFailed as exc:
         _die(str(exc))
     except BadgedError as exc:
@@ -219,7 +221,7 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
                                              metrics_listen=str(setup.config.workload_socket.parent
                                                                 / "metrics.sock")
                                              if metrics else None)
-        _run(config, ensure_agent=agent)
+        _run(config, ensure_agent=agent, state_lock_fd=setup.lock_fd)
     finally:
         setup.close()  # the dev swtpm lives exactly as long as the daemon
 

@@ -97,7 +97,8 @@ class Daemon:
     """A running badged. ``start()`` then ``wait()``; ``stop()`` from a signal."""
 
     def __init__(self, config: DaemonConfig, *, clock: Clock = system_clock,
-                 keystore: KeyStore | None = None, ensure_agents: tuple[str, ...] = ()) -> None:
+                 keystore: KeyStore | None = None, ensure_agents: tuple[str, ...] = (),
+                 state_lock_fd: int = -1) -> None:
         self.config = config
         self._ensure_agents = ensure_agents
         self._stopping = False
@@ -114,7 +115,8 @@ class Daemon:
         # The tpm backend signs on a thread (~200 ms per signature on real
         # hardware); PKCS#11 inline (~65 µs on SoftHSM). See SigningRunner.
         self._signing = SigningRunner(off_loop=config.backend == "tpm")
-        self._lock_fd = -1
+        # Already held when `badged dev` locked the state dir before starting swtpm.
+        self._lock_fd = state_lock_fd
         # [metrics] listen: off by default; when on, see badged.metrics.
         self.metrics = Metrics() if config.metrics_listen is not None else None
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
@@ -231,7 +233,8 @@ class Daemon:
             return keystore.generate(DEVICE_KEY), True
 
     def _lock_state_dir(self) -> None:
-        self._lock_fd = lock_state_dir(self.config)
+        if self._lock_fd < 0:
+            self._lock_fd = lock_state_dir(self.config)
 
     # -- run -----------------------------------------------------------------------
 

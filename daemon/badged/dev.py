@@ -1,7 +1,8 @@
 """``badged dev``: the embedded default, so a newcomer sees it work at once.
 
 Creates, under one state directory, a throwaway SoftHSM token (or, with
-``--backend tpm``, a throwaway swtpm that runs as long as the daemon), a
+``--backend tpm``, a throwaway swtpm that runs as long as the daemon and is
+restarted if it dies), a
 config, a policy binding a demo agent to the invoking user, and the demo agent
 itself, then serves both sockets under ``DIR/run``. Everything is explicit
 config that a production deployment would write too: there is no hidden test
@@ -27,7 +28,7 @@ from badged.fsutil import check_dir_safe, ensure_private_dir
 from badged.keystore.pkcs11.store import Pkcs11Config
 from badged.keystore.tpm.store import TpmConfig
 from badged.softhsm import provision
-from badged.swtpm import MAX_SOCKET_PATH, SwtpmProcess
+from badged.swtpm import MAX_SOCKET_PATH, SwtpmProcess, SwtpmSupervisor
 from badged.swtpm import provision as provision_tpm
 
 BACKENDS = ("softhsm", "tpm")
@@ -80,17 +81,29 @@ requester_may_approve = true
 
 @dataclass
 class DevSetup:
-    """The config to run with, and what must be stopped when the daemon stops."""
+    """The config to run with, and what must be stopped when the daemon stops.
+
+    ``lock_fd`` holds the state dir's lock (``private/badged.lock``), taken
+    before anything is started: the daemon adopts it instead of locking
+    again, and it is released only after swtpm has stopped.
+    """
 
     config: DaemonConfig
     swtpm: SwtpmProcess | None = None
+    supervisor: SwtpmSupervisor | None = None
     temp_dirs: list[Path] = field(default_factory=list)
+    lock_fd: int = -1
 
     def close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.swtpm is not None:
             self.swtpm.stop()
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
 def _check_backend_marker(private: Path, backend: str) -> None:
@@ -140,6 +153,24 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str, backend: str = "s
         os.chmod(state_dir, 0o755)  # noqa: S103 -- holds run/ for other users
     private = state_dir / "private"
     ensure_private_dir(private)
+    # Before anything is started or touched: a second `badged dev` on this
+    # state dir must stop here, not start a swtpm (which would take the
+    # running daemon's swtpm sockets) and then find the daemon's lock taken.
+    from badged.app import lock_state_dir
+
+    lock_fd = lock_state_dir(DaemonConfig(state_dir=state_dir))
+    try:
+        setup = _prepare_locked(state_dir, private, agent=agent, trust_domain=trust_domain,
+                                backend=backend, signing_mode=signing_mode)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    setup.lock_fd = lock_fd
+    return setup
+
+
+def _prepare_locked(state_dir: Path, private: Path, *, agent: str, trust_domain: str,
+                    backend: str, signing_mode: str | None) -> DevSetup:
     _check_backend_marker(private, backend)
     policy = state_dir / "policy.toml"
     if not policy.exists():
@@ -152,6 +183,8 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str, backend: str = "s
     keystore: Pkcs11Config | TpmConfig
     if backend == "tpm":
         setup.swtpm, setup.temp_dirs = _start_swtpm(private)
+        setup.supervisor = SwtpmSupervisor(setup.swtpm)
+        setup.supervisor.start()
         keystore = TpmConfig(tcti=setup.swtpm.tcti, key_dir=str(private / "tpm-keys"))
     else:
         token = provision(private / "softhsm", label="badged-dev")

@@ -19,11 +19,13 @@ Never for production: swtpm keeps its secrets in ordinary files.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ TCTI_LIBS = (
 _STATE_FILE = "tpm2-00.permall"
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; leave room for ".ctrl" and the NUL
 _PR_SET_PDEATHSIG = 1
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class SwtpmProcess:
     def start(self, timeout: float = 5.0) -> None:
         if self.running:
             raise RuntimeError("swtpm already running")
+        if _serving(self.sock):
+            # Someone else's live swtpm (another daemon's): never take its socket.
+            raise ConfigError("a swtpm is already serving this socket", path=str(self.sock))
         for stale in (self.sock, Path(f"{self.sock}.ctrl")):
             stale.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
@@ -203,3 +209,70 @@ class SwtpmProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _serving(sock: Path) -> bool:
+    """Whether something accepts connections on ``sock`` now."""
+    if not sock.exists():
+        return False
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class SwtpmSupervisor:
+    """Restarts a dev swtpm that died, for as long as its daemon runs.
+
+    ``badged dev --backend tpm`` owns its swtpm: if it crashes or is killed,
+    the daemon's TPM calls fail (UNAVAILABLE, health NOT_SERVING) until a TPM
+    answers again, so the supervisor starts it again on the same state --
+    after 0.2 s, backing off to 10 s while it keeps dying -- and the key
+    store reconnects by itself on its next call or health ping.
+    """
+
+    POLL_S = 0.2
+    MAX_BACKOFF_S = 10.0
+
+    def __init__(self, swtpm: SwtpmProcess) -> None:
+        self._swtpm = swtpm
+        self._stop = threading.Event()
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._main, name="badged-swtpm-supervisor",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop supervising (before stopping swtpm itself)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.MAX_BACKOFF_S + 6)
+
+    def _main(self) -> None:
+        backoff, started = self.POLL_S, time.monotonic()
+        while not self._stop.wait(self.POLL_S):
+            proc = self._swtpm.proc
+            if proc is None or proc.poll() is None:
+                continue
+            # Dying again right after a start: back off; else restart quickly.
+            recent = time.monotonic() - started < 5
+            backoff = min(backoff * 2, self.MAX_BACKOFF_S) if recent else self.POLL_S
+            _logger.warning("dev swtpm exited (status %s); restarting in %.1f s",
+                            proc.returncode, backoff)
+            if self._stop.wait(backoff):
+                return
+            started = time.monotonic()
+            try:
+                self._swtpm.start()
+            except (ConfigError, OSError) as exc:
+                _logger.error("dev swtpm restart failed: %s", exc)
+                continue
+            self.restarts += 1
+            _logger.warning("dev swtpm restarted")
