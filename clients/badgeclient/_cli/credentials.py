@@ -58,9 +58,10 @@ def assertion_command(audience: str, client_id: str, ttl: int, include_x5c: bool
 @click.option("--client-id", default="")
 @click.option("--challenge", default="", help="Server-provided challenge for the PoP.")
 @click.option("--ttl", type=int, default=0, help="Attestation lifetime (0 = 3600 s).")
+@json_option
 @agent_option
 @socket_option
-def attestation_command(audience: str, client_id: str, challenge: str, ttl: int,
+def attestation_command(audience: str, client_id: str, challenge: str, ttl: int, as_json: bool,
                         agent: str | None, socket_path: str | None) -> None:
     """OAuth client attestation + PoP (attestation-based client auth), as JSON."""
     with CredentialClient(socket_path) as c:
@@ -103,12 +104,20 @@ def dpop_command(htm: str, htu: str, access_token_file: Path | None, nonce: str,
 @click.command("csr")
 @click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the PEM CSR here (default: stdout).")
+@json_option
 @agent_option
 @socket_option
-def csr_command(out: Path | None, agent: str | None, socket_path: str | None) -> None:
+def csr_command(out: Path | None, as_json: bool, agent: str | None,
+                socket_path: str | None) -> None:
     """PKCS#10 CSR for the agent key, with badged attestation evidence inside."""
     with CredentialClient(socket_path) as c:
         csr = c.create_csr(agent=agent)
+    if as_json:
+        if out is not None:
+            out.write_text(csr.csr_pem)
+        _emit({"csr_pem": csr.csr_pem, "spiffe_id": csr.spiffe_id,
+               "out": str(out) if out is not None else None})
+        return
     if out is None:
         click.echo(csr.csr_pem, nl=False)
     else:
@@ -121,9 +130,10 @@ def csr_command(out: Path | None, agent: str | None, socket_path: str | None) ->
               help="Agent certificate (PEM).")
 @click.option("--chain-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Device chain without the root (PEM), for -untrusted.")
+@json_option
 @agent_option
 @socket_option
-def cert_command(out: Path, chain_out: Path | None, agent: str | None,
+def cert_command(out: Path, chain_out: Path | None, as_json: bool, agent: str | None,
                  socket_path: str | None) -> None:
     """The agent's X.509 certificate from the enrolled device (renewed at half life)."""
     with CredentialClient(socket_path) as c:
@@ -142,9 +152,10 @@ def cert_command(out: Path, chain_out: Path | None, agent: str | None,
               help="Print only a JWK Set of the device key: what `badgectl verify --kind "
                    "attestation --jwks` trusts before enrollment (`badgectl jwks` holds the "
                    "agents' token keys, never the device key).")
+@json_option
 @socket_option
 def trust_bundle_command(chain_out: Path | None, crl_out: Path | None, as_jwks: bool,
-                         socket_path: str | None) -> None:
+                         as_json: bool, socket_path: str | None) -> None:
     """Public material for relying parties: the device chain and the agent CRL."""
     with CredentialClient(socket_path) as c:
         b = c.trust_bundle()

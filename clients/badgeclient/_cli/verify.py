@@ -31,6 +31,7 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.options import EXIT_REFUSED, fail, json_option
 from badgeclient.verify import DpopRequest, Revocations, VerificationError, Verifier, load_roots
 
 _logger = logging.getLogger(__name__)
@@ -82,11 +83,13 @@ def _result(r: Any) -> dict[str, Any]:
 @click.option("--min-assurance", type=click.Choice(["foundation", "enterprise", "advanced"]),
               default=None, help="Refuse tokens whose agent assurance level is lower "
                                  "(docs/credentials.md \"Assurance levels\").")
+@json_option
 def verify_command(credential: str, kind: str, audience: str | None, issuer: str | None,
                    client_id: str | None, jwks: Path | None, root: Path | None, crl: Path | None,
                    device_chain: Path | None, pop: str | None, challenge: str | None,
                    dpop_proof: str | None, htm: str | None, htu: str | None, nonce: str | None,
-                   require_dpop: bool, skew: int, min_assurance: str | None) -> None:
+                   require_dpop: bool, skew: int, min_assurance: str | None,
+                   as_json: bool) -> None:
     """Verify CREDENTIAL (or stdin) and print the typed result as JSON."""
     now = time.time()
     if min_assurance is not None and kind != "token":
@@ -104,8 +107,7 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
         try:
             revocations = Revocations.from_crl(crl.read_bytes(), issuer_cert, now=now)
         except VerificationError as exc:
-            click.echo(f"badgectl: refused: {exc.reason}", err=True)
-            sys.exit(1)
+            fail(EXIT_REFUSED, "refused", f"refused: {exc.reason}", as_json=as_json)
     verifier = Verifier(jwks=json.loads(jwks.read_text()) if jwks else None, roots=roots,
                         skew=skew, revocations=revocations, min_assurance=min_assurance)
     cred = _read_credential(credential)
@@ -129,7 +131,6 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
             click.echo(json.dumps({"jkt": d.jkt, "htm": d.htm, "htu": d.htu, "jti": d.jti,
                                    "iat": d.iat}, indent=2, sort_keys=True))
     except VerificationError as exc:
-        click.echo(f"badgectl: refused: {exc}", err=True)
-        sys.exit(1)
+        fail(EXIT_REFUSED, "refused", f"refused: {exc}", as_json=as_json)
     if result is not None:
         click.echo(json.dumps(_result(result), indent=2, sort_keys=True, default=list))
