@@ -423,3 +423,26 @@ def test_tpm_agent_is_advanced_after_activation(tpm_daemon: Any, ca: Path,
     assert json.loads(ok.stdout)["assurance"] == "advanced"
     who = ctl("main", "cli", "whoami", env=env)
     assert f"{AGENT} (" in who.stdout and "assurance=advanced" in who.stdout
+
+
+@needs_tools
+def test_our_ecc_challenge_opens_with_tpm2_activatecredential(swtpm_instance: SwtpmInstance,
+                                                              tmp_path: Path) -> None:
+    """The ECC half of MakeCredential (ECDH + KDFe, TCG template L-2) for an
+    ECC P-256 EK that tpm2-tools created: tpm2_activatecredential recovers our
+    secret. (badged's own devices answer with their RSA EK.)"""
+    d = tmp_path
+    _tools(swtpm_instance, "tpm2_createek", "-c", "ek.ctx", "-G", "ecc", "-u", "ek.pub", cwd=d)
+    _tools(swtpm_instance, "tpm2_readpublic", "-c", "ek.ctx", "-f", "pem", "-o", "ek.pem", cwd=d)
+    _tools(swtpm_instance, "tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc",
+           "-g", "sha256", "-s", "ecdsa", "-n", "ak.name", "-u", "ak.pub", cwd=d)
+    ek_key = serialization.load_pem_public_key((d / "ek.pem").read_bytes())
+    assert isinstance(ek_key, ec.EllipticCurvePublicKey)
+    secret = os.urandom(32)
+    cred = te.make_credential(ek_key, (d / "ak.name").read_bytes(), secret)
+    (d / "cred.blob").write_bytes(TOOLS_MAGIC + cred.credential_blob + cred.encrypted_secret)
+    _tools(swtpm_instance, "tpm2_startauthsession", "--policy-session", "-S", "session.ctx", cwd=d)
+    _tools(swtpm_instance, "tpm2_policysecret", "-S", "session.ctx", "-c", "e", cwd=d)
+    _tools(swtpm_instance, "tpm2_activatecredential", "-c", "ak.ctx", "-C", "ek.ctx",
+           "-i", "cred.blob", "-o", "secret.out", "-P", "session:session.ctx", cwd=d)
+    assert (d / "secret.out").read_bytes() == secret

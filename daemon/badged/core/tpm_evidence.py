@@ -373,21 +373,54 @@ def _aes_cfb_encrypt(key: bytes, data: bytes) -> bytes:
     return bytes(out)
 
 
-def make_credential(ek_public_key: rsa.RSAPublicKey, ak_name: bytes,
+def _kdfe(z: bytes, label: bytes, party_u: bytes, party_v: bytes, bits: int) -> bytes:
+    """TPM KDFe (Part 1, 11.4.10.3): SP 800-56A concatenation KDF, SHA-256:
+    H(counter || Z || label-with-NUL || PartyUInfo || PartyVInfo), counter from 1."""
+    out = b""
+    counter = 1
+    while len(out) * 8 < bits:
+        out += hashlib.sha256(struct.pack(">I", counter) + z + label + party_u + party_v).digest()
+        counter += 1
+    return out[:bits // 8]
+
+
+def _ecc_seed(ek: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
+    """Seed and TPM2B_ENCRYPTED_SECRET content for an ECC EK: one-pass ECDH
+    with an ephemeral key, then KDFe(Z, "IDENTITY", ephemeral.x, EK.x)."""
+    size = (ek.curve.key_size + 7) // 8
+    ephemeral = ec.generate_private_key(ek.curve)
+    z = ephemeral.exchange(ec.ECDH(), ek)  # the x coordinate of the shared point
+    eph = ephemeral.public_key().public_numbers()
+    ex, ey = eph.x.to_bytes(size, "big"), eph.y.to_bytes(size, "big")
+    ek_x = ek.public_numbers().x.to_bytes(size, "big")
+    seed = _kdfe(z, b"IDENTITY\x00", ex, ek_x, 256)
+    point = struct.pack(">H", size) + ex + struct.pack(">H", size) + ey  # TPMS_ECC_POINT
+    return seed, point
+
+
+def make_credential(ek_public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, ak_name: bytes,
                     secret: bytes | None = None) -> CredentialChallenge:
-    """TPM2_MakeCredential in software, for an RSA-2048 EK (TCG template L-1:
-    SHA-256, AES-128-CFB). Only the TPM holding that EK can recover ``secret``,
-    and only into the object whose Name is ``ak_name``."""
-    if not isinstance(ek_public_key, rsa.RSAPublicKey) or ek_public_key.key_size != 2048:
-        raise _fail("credential activation supports RSA-2048 EKs only")
+    """TPM2_MakeCredential in software, for an EK of the TCG default templates
+    with SHA-256 and AES-128-CFB: RSA-2048 (L-1: the seed is RSA-OAEP-SHA256
+    encrypted with label "IDENTITY\\0") or ECC P-256 (L-2: ECDH + KDFe). Only
+    the TPM holding that EK can recover ``secret``, and only into the object
+    whose Name is ``ak_name``."""
+    rsa_ek = isinstance(ek_public_key, rsa.RSAPublicKey) and ek_public_key.key_size == 2048
+    ecc_ek = isinstance(ek_public_key, ec.EllipticCurvePublicKey) and \
+        isinstance(ek_public_key.curve, ec.SECP256R1)
+    if not (rsa_ek or ecc_ek):
+        raise _fail("credential activation supports RSA-2048 and ECC P-256 EKs only")
     if len(ak_name) != 34 or ak_name[:2] != b"\x00\x0b":
         raise _fail("AK name must be a SHA-256 TPM Name (34 bytes)")
     secret = os.urandom(32) if secret is None else secret
     if not 1 <= len(secret) <= 32:
         raise _fail("credential secret must be 1..32 bytes")
-    seed = os.urandom(32)
-    encrypted_seed = ek_public_key.encrypt(seed, padding.OAEP(
-        mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"IDENTITY\x00"))
+    if isinstance(ek_public_key, ec.EllipticCurvePublicKey):
+        seed, encrypted_seed = _ecc_seed(ek_public_key)
+    else:
+        seed = os.urandom(32)
+        encrypted_seed = ek_public_key.encrypt(seed, padding.OAEP(
+            mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"IDENTITY\x00"))
     sym_key = _kdfa(seed, b"STORAGE", ak_name, 128)
     enc_identity = _aes_cfb_encrypt(sym_key, struct.pack(">H", len(secret)) + secret)
     hmac_key = _kdfa(seed, b"INTEGRITY", b"", 256)
