@@ -73,7 +73,9 @@ def _preflight(config: DaemonConfig) -> None:
     if fatal:
         line = fatal[0].line()
         if len(fatal) > 1:
-            line += f" (and {len(fatal) - 1} more: badged check --config {config.source})"
+            how = (f": badged check --config {config.source}" if Path(config.source).is_file()
+                   else "")
+            line += f" (and {len(fatal) - 1} more{how})"
         raise StartupFailed(line)
 
 

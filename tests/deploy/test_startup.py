@@ -170,3 +170,15 @@ def test_operator_group_without_membership_leaves_no_sockets(layout: Layout) -> 
         assert ok.returncode == 0, ok.stderr
     finally:
         subprocess.run(["groupdel", group], check=False)
+
+
+def test_check_on_a_tpm_config_names_the_device(tmp_path: Path) -> None:
+    cfg = tmp_path / "badged.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}/state"\nworkload_socket = "{tmp_path}/a.sock"\n'
+                   f'admin_socket = "{tmp_path}/b.sock"\n[keystore]\nbackend = "tpm"\n'
+                   'tcti = "device:/dev/no-such-tpm"\n')
+    proc = subprocess.run([sys.executable, "-m", "badged", "check", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "[keystore] tcti: TPM device /dev/no-such-tpm does not exist" in proc.stderr
