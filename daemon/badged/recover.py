@@ -125,7 +125,8 @@ def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: 
             return {str(r.get("event")) for r in find_marked(audit_dir, op) if r.get("op") == op}
 
         try:
-            history = list(iter_records(audit_dir, events=["agent."])) if mode == "adopt" else []
+            history = list(iter_records(audit_dir, events=["agent.", "registry.recovered"])) \
+                if mode == "adopt" else []
             result.report = registry.reconcile(find_op, orphans=mode or "refuse",
                                                history=history)
         except UnregisteredKeysError as exc:

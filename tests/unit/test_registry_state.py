@@ -160,3 +160,46 @@ def test_key_names_and_quarantine_names() -> None:
     long = f"badged/agent/{'a' * 63}/v12345/sig"  # 98 chars in quarantine
     q = quarantine_name(long, [])
     assert q.startswith("badged/quarantine/k-") and len(q) <= 96
+
+
+@pytest.mark.parametrize("completed", [False, True])
+def test_adopt_into_a_lost_registry_prefers_the_audited_version(tmp_path: Path,
+                                                                 completed: bool) -> None:
+    """A rotate was in flight (v2 made) when the registry was lost: adoption takes
+    v2 only if the audit log says the rotate completed, else v1 (and sets v2 aside)."""
+    ks, audit = MemoryKeyStore(), Audit()
+    reg = _registry(tmp_path, ks, audit)
+    reg.create("bot")
+    v1_kid = reg.get("bot").current.token_kid
+
+    class Died(BaseException):
+        pass
+
+    def die(event: Mapping[str, Any]) -> None:
+        audit(event)
+        if event.get("event") == "agent.rotated":
+            raise Died  # after its completion record
+
+    def save_dies(agents: Any) -> None:
+        raise Died  # before the commit point
+
+    if completed:
+        reg.set_audit(die)
+    else:
+        reg._store.save = save_dies  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        reg.rotate("bot")
+    if completed:  # the retired v1 keys were not destroyed yet: the crash came first
+        assert "badged/agent/bot/v1/tok" in ks.list()
+    (tmp_path / "agents.json").unlink()
+    reg2 = _registry(tmp_path, ks, audit)
+    history = [r for r in audit.records if str(r["event"]).startswith("agent.")]
+    report = reg2.reconcile(audit.find_op, orphans="adopt", history=history)
+    rec = reg2.get("bot")
+    assert rec.current.version == (2 if completed else 1)
+    if not completed:
+        assert rec.current.token_kid == v1_kid
+    assert sorted(report.quarantined) == ([f"badged/agent/bot/v{1 if completed else 2}/{r}"
+                                           for r in ("sig", "tok")])
+    [adopted] = [r for r in audit.records if r["event"] == "agent.adopted"]
+    assert adopted["audit_match"] is True

@@ -381,14 +381,19 @@ class AgentRegistry:
         with self._lock:
             report = ReconcileReport()
             pending = self._store.read_pending()
-            pending_keys = set(pending.get("keys") or []) if pending else set()
+            # Adopting into a lost registry: the file cannot say whether the
+            # change in flight was applied, so its keys go to adoption (which
+            # prefers versions the audit log says were completed).
+            lost = orphans == "adopt" and not self._store.exists()
+            pending_keys = set(pending.get("keys") or []) if pending and not lost else set()
             wanted, registered = self._key_sets()
             in_token = [k for k in self._keystore.list() if k.startswith(AGENT_KEY_PREFIX)]
             strays = [k for k in in_token if k not in registered and k not in pending_keys]
             if strays and orphans == "refuse":
                 raise UnregisteredKeysError(strays)
             if pending is not None:
-                report.recovered_op = self._recover_pending(pending, find_op, report)
+                report.recovered_op = self._recover_pending(pending, find_op, report,
+                                                            registry_lost=lost)
             for key in in_token:
                 if key in wanted or key in strays:
                     continue
@@ -414,7 +419,7 @@ class AgentRegistry:
             return report
 
     def _recover_pending(self, pending: Mapping[str, Any], find_op: FindOp | None,
-                         report: ReconcileReport) -> str:
+                         report: ReconcileReport, *, registry_lost: bool = False) -> str:
         op_id = str(pending.get("op", ""))
         kind = str(pending.get("kind", "unknown"))
         agent = str(pending.get("agent", ""))
@@ -434,13 +439,16 @@ class AgentRegistry:
             # reflect) with nothing after it. Record what the commit point says.
             kids = [v.token_kid for rec in self._agents.values() for v in rec.versions
                     if v.token_key in keys] if applied else []
+            outcome = "applied" if applied else "not-applied"
+            if registry_lost:
+                outcome = "registry-lost: keys left to adoption"
             self._audit({"event": "registry.recovered", "op": op_id, "change": kind,
-                         "agent": agent, "outcome": "applied" if applied else "not-applied",
+                         "agent": agent, "outcome": outcome,
                          "keys": keys, "kid": kids[0] if kids else None})
         elif not had_intent and not completed:
             _logger.info("registry change never started (no intent record)",
                          extra={"op": op_id, "change": kind})
-        for key in keys:
+        for key in [] if registry_lost else keys:
             if key not in registered and key in set(self._keystore.list()):
                 report.quarantined[key] = quarantine_key(
                     self._keystore, key, self._audit_fn, op=op_id,
@@ -477,7 +485,12 @@ class AgentRegistry:
             if reason:
                 leftovers += [(k, reason) for roles in versions.values() for k in roles.values()]
                 continue
-            best = complete[-1]
+            # The newest version the audit log says was completed; without
+            # one (history lost too), the newest complete pair.
+            audited = [v for v in complete
+                       if past.kid_time(jwk_thumbprint(ec_public_jwk(
+                           self._keystore.get(versions[v]["tok"]).public_key()))) is not None]
+            best = (audited or complete)[-1]
             tok_name, sig_name = versions[best]["tok"], versions[best]["sig"]
             tok_jwk = ec_public_jwk(self._keystore.get(tok_name).public_key())
             sig_jwk = ec_public_jwk(self._keystore.get(sig_name).public_key())
@@ -692,8 +705,9 @@ class _History:
                 self._created[agent] = (when, str(rec.get("description", "")), seq)
             elif event == "agent.revoked":
                 self._revoked[agent] = seq
-            if event in ("agent.created", "agent.rotated", "agent.adopted") and \
-                    isinstance(rec.get("kid"), str):
+            completed = event in ("agent.created", "agent.rotated", "agent.adopted") or (
+                event == "registry.recovered" and rec.get("outcome") == "applied")
+            if completed and isinstance(rec.get("kid"), str):
                 self._kids[str(rec["kid"])] = when
 
     def revoked(self, agent: str) -> bool:
