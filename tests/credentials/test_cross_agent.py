@@ -249,12 +249,12 @@ store.close()
 """
 
 
-def _forge(d: RunningDaemon, signer: str, claims: dict[str, Any]) -> str:
+def _forge(d: RunningDaemon, signer: str, claims: dict[str, Any], typ: str = "JWT") -> str:
     """A token signed by ``signer``'s *real* hardware token key (what a
     compromised signer, or the pre-fix assertion path, could produce)."""
     kid = next(k["kid"] for k in _jwks(d)["keys"]
                if k["badged_agent"] == f"spiffe://{TD}/agent/{signer}")
-    header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+    header = {"alg": "ES256", "kid": kid, "typ": typ}
     out = subprocess.run([sys.executable, "-c", _FORGE, str(d.state),
                           f"badged/agent/{signer}/v1/tok", json.dumps(header), json.dumps(claims)],
                          env=d.env(), capture_output=True, text=True, timeout=60)
@@ -288,6 +288,25 @@ def test_a_key_cannot_speak_for_another_agent(xd: RunningDaemon) -> None:
         assert cli.returncode == 1 and "key_agent_mismatch" in cli.stderr, cli
         ok, why = _validate_svid(xd, forged, "demo")
         assert not ok and "another agent" in why, why
+
+
+def test_an_assertion_for_another_agent_is_refused_by_verifiers(xd: RunningDaemon) -> None:
+    """What the pre-fix daemon minted (issue 13 §1): iss = sub = deploy-bot's
+    SPIFFE ID under low-agent's key. A relying party must refuse it too."""
+    now = int(time.time())
+    claims = {"iss": VICTIM_ID, "sub": VICTIM_ID, "aud": AS_TOKEN, "iat": now, "nbf": now,
+              "exp": now + 60, "jti": "fa-1"}
+    forged = _forge(xd, LOW, claims, typ="client-authentication+jwt")
+    with pytest.raises(UntrustedKeyError) as info:
+        Verifier(jwks=_jwks(xd)).verify_client_assertion(forged, audience=AS_TOKEN,
+                                                         client_id=VICTIM_ID)
+    assert info.value.reason == "key_agent_mismatch"
+    cli = _badgectl_verify(xd, forged, AS_TOKEN, "--kind", "assertion", "--client-id", VICTIM_ID)
+    assert cli.returncode == 1 and "key_agent_mismatch" in cli.stderr, cli
+    # Control: the same forging path naming low-agent itself is accepted.
+    own = _forge(xd, LOW, {**claims, "iss": LOW_ID, "sub": LOW_ID, "jti": "fa-2"},
+                 typ="client-authentication+jwt")
+    assert Verifier(jwks=_jwks(xd)).verify_client_assertion(own, audience=AS_TOKEN).agent == LOW_ID
 
 
 def test_issuer_is_required(xd: RunningDaemon) -> None:
