@@ -32,7 +32,9 @@ def _emit(doc: dict[str, Any]) -> None:
 
 @click.command("assertion")
 @click.option("--audience", "-a", required=True, help="Token endpoint (aud) of the OAuth server.")
-@click.option("--client-id", default="", help="OAuth client id (default: the agent's SPIFFE ID).")
+@click.option("--client-id", default="",
+              help="OAuth client id: the agent's SPIFFE ID (default) or one the policy "
+                   "lists for the agent (client_ids); anything else is refused.")
 @click.option("--ttl", type=int, default=0, help="Lifetime in seconds, 1..300 (0 = 60).")
 @click.option("--x5c", "include_x5c", is_flag=True,
               help="Carry the agent's certificate chain (enrolled devices).")
@@ -55,7 +57,8 @@ def assertion_command(audience: str, client_id: str, ttl: int, include_x5c: bool
 
 @click.command("attestation")
 @click.option("--audience", "-a", required=True, help="The authorization server (PoP aud).")
-@click.option("--client-id", default="")
+@click.option("--client-id", default="",
+              help="Attested client id (sub): as for `assertion`, own or policy-listed only.")
 @click.option("--challenge", default="", help="Server-provided challenge for the PoP.")
 @click.option("--ttl", type=int, default=0, help="Attestation lifetime (0 = 3600 s).")
 @json_option
