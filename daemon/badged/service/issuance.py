@@ -87,13 +87,14 @@ class Minted(NamedTuple, Generic[_T]):
 
     ``names``: the identity the credential speaks for (its ``sub``, client id
     or SAN); the pipeline checks it is the caller's own. ``record``: the
-    kind's own audit fields. ``before``: further audit events that must be
-    durable first (e.g. an agent certificate issued on the way).
+    kind's own audit fields, a fresh dict the pipeline completes and logs.
+    ``before``: further audit events that must be durable first (e.g. an
+    agent certificate issued on the way).
     """
 
     value: _T
     names: str
-    record: Mapping[str, Any]
+    record: dict[str, Any]
     before: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -221,12 +222,19 @@ class Issuance:
             raise BadgedError(f"{event} named {minted.names[:100]!r}, not {key.spiffe_id!r}")
         for rec in minted.before:
             await d.audit.append(rec)
-        await d.audit.append({
-            "event": event, "agent": key.agent, "caller": caller.proc.summary(),
-            "decision": "allow", "rule": decision.rule, "bundle": decision.bundle,
-            "kid": key.kid, "approval": approval.id if approval is not None else None,
-            **minted.record,
-        })
+        # The kind's own fields, completed in place (no second dict on the hot
+        # path); the pipeline's fields are written last, so a kind cannot
+        # change who is recorded as the agent, the caller or the decision.
+        record = minted.record
+        record["event"] = event
+        record["agent"] = key.agent
+        record["caller"] = caller.proc.summary()
+        record["decision"] = "allow"
+        record["rule"] = decision.rule
+        record["bundle"] = decision.bundle
+        record["kid"] = key.kid
+        record["approval"] = approval.id if approval is not None else None
+        await d.audit.append(record)
         return auth, minted.value
 
     async def _decide(self, caller: Caller, requests: Request | Sequence[Request],
