@@ -279,8 +279,12 @@ def test_audit_records_jti_and_hash_never_the_credential(cred_daemon: RunningDae
     text = "".join(f.read_text() for f in sorted((cred_daemon.state / "audit").rglob("*"))
                    if f.is_file() and f.suffix in (".jsonl", ".json", ""))
     events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    # Repeated refusals of one kind (same uid, rule, reason with the caller's
+    # values masked) are written once per window and then counted
+    # (service/denials.py): an earlier test's audience refusal may be the one
+    # written in full.
     denied = [e for e in events if e.get("event") == "assertion.denied"
-              and "audited-denial" in json.dumps(e)]
+              and e.get("agent") == AGENT]
     assert denied and denied[0]["decision"] == "deny"
     assert a.jti in text and p.jti in text
     assert hashlib.sha256(a.assertion.encode()).hexdigest() in text

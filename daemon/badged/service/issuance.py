@@ -212,7 +212,7 @@ class Issuance:
         key = self.gate.key(decision, key_of)
         cid = key.spiffe_id
         if client_id:
-            cid = await self.client_id(caller, decision, key, client_id, requests)
+            cid = await self.client_id(caller, decision, key, client_id, requests, event)
         auth = Authorized(decision, approval, key, cid)
         minted = await d.signing.run(lambda: mint(auth))
         if minted.names != key.spiffe_id and minted.names != cid:
@@ -259,7 +259,8 @@ class Issuance:
         return replace(decision, rule="; ".join(rules), ttl=ttl), approval
 
     async def client_id(self, caller: Caller, decision: Decision, key: SigningKey,
-                        requested: str, requests: Request | Sequence[Request]) -> str:
+                        requested: str, requests: Request | Sequence[Request],
+                        event: str) -> str:
         """The client id a credential may carry: the agent's own SPIFFE ID, or
         one the policy lists (``client_ids``) on a rule that binds this caller
         to this agent. Anything else is refused and audited: one agent must
@@ -273,7 +274,9 @@ class Issuance:
                 return requested
         req = requests if isinstance(requests, Request) else requests[0]
         await self._d.audit.append({
-            "event": f"{req.kind}.denied", "agent": key.agent, "caller": caller.proc.summary(),
+            # Named after the credential (assertion.denied, attestation.denied).
+            "event": event.rsplit(".", 1)[0] + ".denied", "agent": key.agent,
+            "caller": caller.proc.summary(),
             "request": {**request_summary(req), "client_id": requested}, "decision": "deny",
             "rule": decision.rule,
             "reason": f"client_id {requested[:100]!r} is not this agent's own",
