@@ -23,14 +23,13 @@ statement inside it and the key store itself. Cached per installed chain
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from badged.core.tpm_evidence import tpm_name
 from badged.core.x509 import device_attestation, permitted_agents
@@ -48,6 +47,10 @@ LEVELS = (FOUNDATION, ENTERPRISE, ADVANCED)
 CLAIM = "assurance"
 """The access-token claim that carries the level."""
 EVIDENCE_TPM_ACTIVATED = "tpm2-activated-ak"
+RECHECK_SECONDS = 1.0
+"""How stale the chain facts may be: a token is minted per call, and a stat of
+the chain file per token would cost more than the rest of the lookup; an
+import or a replaced chain shows within a second."""
 
 
 def rank(level: str) -> int:
@@ -73,23 +76,30 @@ class AssuranceOracle:
         self._store = store
         self._keystore = keystore
         self._lock = threading.Lock()
-        self._cache: tuple[bytes, DeviceFacts] | None = None
+        self._cache: tuple[tuple[int, bytes], DeviceFacts] | None = None
+        self._checked = float("-inf")  # monotonic time of the last look at the chain
 
     def facts(self) -> DeviceFacts:
+        cache = self._cache
+        if cache is not None and time.monotonic() - self._checked < RECHECK_SECONDS:
+            return cache[1]
         try:
             chain = self._store.device_chain()
         except BadgedError:
-            return DeviceFacts(enrolled=False)
+            chain = None
         if not chain:
-            return DeviceFacts(enrolled=False)
+            facts = DeviceFacts(enrolled=False)
+            with self._lock:
+                self._cache, self._checked = ((0, b""), facts), time.monotonic()
+            return facts
         leaf = chain[0]
-        ident = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).digest()
-        with self._lock:
-            if self._cache is not None and self._cache[0] == ident:
-                return self._cache[1]
+        ident = (leaf.serial_number, leaf.signature)
+        if cache is not None and cache[0] == ident:
+            self._checked = time.monotonic()
+            return cache[1]
         facts = self._compute(leaf)
         with self._lock:
-            self._cache = (ident, facts)
+            self._cache, self._checked = (ident, facts), time.monotonic()
         return facts
 
     def _compute(self, leaf: x509.Certificate) -> DeviceFacts:
