@@ -108,6 +108,11 @@ def test_read_peer_on_real_socketpair() -> None:
         assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
         assert peer.pidfd >= 0, "kernel should support SO_PEERPIDFD (Linux >= 6.5)"
         assert peer.is_alive()
+        # The executable is fixed at accept, with the mount namespace.
+        st = os.stat("/proc/self/exe")
+        assert peer.exe is not None and peer.exe.same_file(st.st_dev, st.st_ino)
+        assert peer.exe.ctime_ns == st.st_ctime_ns and peer.exe.mnt_ns > 0
+        assert peer.lost.reason is None
         reg = PeerRegistry()
         reg.register("badged-x", peer)
         assert reg.lookup("badged-x") is peer
