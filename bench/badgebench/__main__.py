@@ -399,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--keep-state", action="store_true",
                     help="keep the temp state dir (token, PIN, logs) for debugging")
+    ap.add_argument("--hostile", action="store_true",
+                    help="issue 16's targets under hostile local users (root; --duration, "
+                         "default 60 s; --clients, default 16)")
     args = ap.parse_args(argv)
+    if args.hostile:
+        return _hostile(args)
 
     plan = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
@@ -543,6 +548,25 @@ def main(argv: list[str] | None = None) -> int:
         why = report.plot(rep, png)
         print(f"plot: {png}" if why is None else f"plot: not written ({why})")
     return 0
+
+
+def _hostile(args: argparse.Namespace) -> int:
+    """``--hostile``: the attack run and its target table (badgebench.hostile)."""
+    import json
+
+    from badgebench.hostile import print_table, run_hostile
+
+    src = args.badged_src.resolve()
+    for sub in ("clients", "daemon"):
+        sys.path.insert(0, str(src / sub))
+    duration = args.duration or 60.0
+    clients = int(args.clients.split(",")[-1]) if args.clients else 16
+    result = run_hostile(src, duration=duration, settle=min(30.0, max(5.0, duration / 2)),
+                         legit_clients=clients)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0 if all(t[3] is not False for t in result["targets"]) else 1
 
 
 def _markdown(rep: Report) -> str:
