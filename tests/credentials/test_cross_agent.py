@@ -209,6 +209,18 @@ def _badgectl_verify(d: RunningDaemon, token: str, audience: str, *extra: str
                           input=token, env=d.env(), capture_output=True, text=True, timeout=60)
 
 
+def _example(d: RunningDaemon, token: str, audience: str) -> subprocess.CompletedProcess[str]:
+    """clients/examples/verify_token.py: a relying party on joserfc, not badged code."""
+    pytest.importorskip("joserfc")
+    base = d.state.parent
+    (base / "jwks.json").write_text(json.dumps(_jwks(d)))
+    (base / "token.json").write_text(json.dumps({"token": token}))
+    example = HERE.parent.parent / "clients" / "examples" / "verify_token.py"
+    return subprocess.run([sys.executable, str(example), str(base / "token.json"),
+                           str(base / "jwks.json"), audience],
+                          env=d.env(), capture_output=True, text=True, timeout=60)
+
+
 def test_an_assertion_is_not_an_access_token_anywhere(xd: RunningDaemon) -> None:
     # The attack of issue 13 §1 with the caller's *own* client id: sub is the
     # agent's SPIFFE ID, aud a resource server, signed by the agent's key.
@@ -223,6 +235,8 @@ def test_an_assertion_is_not_an_access_token_anywhere(xd: RunningDaemon) -> None
     assert cli.returncode == 1 and "wrong_typ" in cli.stderr, cli
     ok, why = _validate_svid(xd, assertion, "demo")
     assert not ok and "typ" in why, why
+    example = _example(xd, assertion, "demo")
+    assert example.returncode == 1 and "typ" in example.stderr, example
     # The attestation PoP (signed by the same agent key) is no token either.
     att = as_nobody(xd, "attestation", "demo", "")
     assert att["ok"], att
@@ -236,6 +250,7 @@ def test_an_assertion_is_not_an_access_token_anywhere(xd: RunningDaemon) -> None
     assert Verifier(jwks=_jwks(xd)).verify_token(tok["credential"], audience="demo").agent == LOW_ID
     assert _badgectl_verify(xd, tok["credential"], "demo").returncode == 0
     assert _validate_svid(xd, tok["credential"], "demo") == (True, LOW_ID)
+    assert _example(xd, tok["credential"], "demo").returncode == 0
 
 
 _FORGE = r"""
@@ -295,6 +310,8 @@ def test_a_key_cannot_speak_for_another_agent(xd: RunningDaemon) -> None:
         assert cli.returncode == 1 and "key_agent_mismatch" in cli.stderr, cli
         ok, why = _validate_svid(xd, forged, "demo")
         assert not ok and "another agent" in why, why
+        example = _example(xd, forged, "demo")
+        assert example.returncode == 1 and "another agent" in example.stderr, example
 
 
 def test_an_assertion_for_another_agent_is_refused_by_verifiers(xd: RunningDaemon) -> None:
