@@ -165,8 +165,8 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
 
         Only an operator also learns about the other agents' rules and which
         selectors it lacks for them: for anyone else that list is a map of
-        what to forge (issue 13), so a non-operator gets only a count-free
-        hint that some rule did not match.
+        what to forge (issue 13), so a non-operator gets no misses at all (an
+        operator can ask ``badgectl policy explain --pid``).
         """
         d = self._d
         _, proc = resolve_caller(d, context, "workload")
@@ -194,11 +194,6 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
                     reason="missing selectors: " + ", ".join(missing_selectors(r, selectors)))
                 for r in policy.agents if not r.matches(selectors)
             ]
-        elif not matches:
-            misses = [workload_pb2.RuleMiss(
-                agent="", rule="",
-                reason="no agent rule binds this caller (an operator can see why: "
-                       "badgectl policy explain)")]
         return workload_pb2.WhoAmIResponse(
             process=workload_pb2.ProcessInfo(
                 pid=proc.pid, uid=proc.uid, gid=proc.gid, groups=list(proc.groups),
