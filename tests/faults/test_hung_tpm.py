@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from badgeclient import UnavailableError, WorkloadClient
+from badgeclient import AdminClient, UnavailableError, WorkloadClient
 from tests.faults.probes import NOT_SERVING, SERVING, Health, Loader
 from tests.session.test_session_e2e import _create_agent, _start_tpm_daemon
 from tests.tpm_fixtures import SwtpmInstance
@@ -78,6 +78,14 @@ def test_stopped_tpm_never_stalls_jwks_or_health(mode: str, swtpm_instance: Swtp
             with pytest.raises(UnavailableError):
                 reader.sign(b"while stopped")
             assert time.monotonic() - t0 < DEADLINE + 0.5
+            with AdminClient(d.admin, timeout=10) as admin:
+                t0 = time.monotonic()
+                assert [a.name for a in admin.list_agents()] == ["demo-agent"]
+                assert time.monotonic() - t0 < PROBE_LIMIT
+                t0 = time.monotonic()
+                with pytest.raises(UnavailableError):  # key generation: the TPM is stuck
+                    admin.create_agent("while-stopped")
+                assert time.monotonic() - t0 < DEADLINE + 0.5
             during = [loader.outcome.ok for loader in loaders]
         finally:
             os.kill(swtpm_pid, signal.SIGCONT)

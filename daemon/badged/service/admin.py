@@ -51,8 +51,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
         # The registry audits intent and completion itself, before the change takes effect.
-        rec = self._d.agents.create(check_agent_name(request.name), request.description,
-                                    caller=proc.summary())
+        # Key generation is a hardware call: where signatures run, off the loop
+        # on a TPM (a hung TPM then costs this call UNAVAILABLE, not the loop).
+        name = check_agent_name(request.name)
+        rec = await self._d.signing.run(lambda: self._d.agents.create(
+            name, request.description, caller=proc.summary()))
         return agent_to_pb(rec, self._now())
 
     async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
@@ -75,14 +78,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RotateAgent(self, request: admin_pb2.RotateAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
-        rec = self._d.agents.rotate(check_agent_name(request.name), caller=proc.summary())
+        name = check_agent_name(request.name)
+        rec = await self._d.signing.run(lambda: self._d.agents.rotate(name, caller=proc.summary()))
         return agent_to_pb(rec, self._now())
 
     async def RevokeAgent(self, request: admin_pb2.RevokeAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:
         proc = self._operator(context)
-        rec = self._d.agents.revoke(check_agent_name(request.name), request.reason,
-                                    caller=proc.summary())
+        name = check_agent_name(request.name)
+        rec = await self._d.signing.run(lambda: self._d.agents.revoke(
+            name, request.reason, caller=proc.summary()))
         return agent_to_pb(rec, self._now())
 
     # -- step-ups ---------------------------------------------------------------

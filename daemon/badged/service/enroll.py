@@ -91,17 +91,18 @@ class EnrollmentServicer(enroll_pb2_grpc.EnrollmentServiceServicer):
             raise InvalidRequestError("bad nonce", public=f"nonce: at most {MAX_NONCE} printable chars")
         proc = self._operator(context)
         store = d.keystore
-        props = store.properties(d.device_key.name)
         certify = None
         if isinstance(store, KeyAttester):
             def certify(nonce_bytes: bytes) -> KeyAttestation:
                 return store.attest(d.device_key.name, nonce_bytes)
         agents = [a.name for a in d.agents.list()]
-        # The CSR signature and (TPM) the certify are hardware calls: off the loop
-        # where the device's signatures run.
+        # Reading the key's properties (TPM ReadPublic), the CSR signature and
+        # (TPM) the certify are hardware calls: off the loop where the device's
+        # signatures run.
         doc = await d.signing.run(lambda: enrollment_request(
-            device_key=d.device_key, props=props, trust_domain=d.trust_domain, now=d.clock(),
-            nonce=nonce, certify=certify, agents=agents))
+            device_key=d.device_key, props=store.properties(d.device_key.name),
+            trust_domain=d.trust_domain, now=d.clock(), nonce=nonce, certify=certify,
+            agents=agents))
         await d.audit.append({"event": "enrollment.requested", "caller": proc.summary(),
                               "decision": "allow", "device_id": doc["device_id"]})
         return enroll_pb2.RequestEnrollmentResponse(
