@@ -221,3 +221,45 @@ client_ids = ["spiffe://example.org/agent/a", "a-prod"]
 """)
     rule = load_policy(policy).agents[0]
     assert rule.client_ids == frozenset({"spiffe://example.org/agent/a", "a-prod"})
+
+
+def test_verifier_refuses_an_attestation_naming_another_agent() -> None:
+    """A device-signed attestation whose client id is another agent's SPIFFE ID,
+    or whose attested key the JWKS names for another agent, is refused."""
+    from badgeclient.verify import ClaimsError, UntrustedKeyError, Verifier
+    from badged.core import assertions
+    from badged.core.jose import ec_public_jwk, jwk_thumbprint
+    from tests.credentials.test_verify import AGENT, ISSUER, NOW, Env, Pki
+
+    env = Env()
+    pki = Pki(env)
+    dev_id = jwk_thumbprint(ec_public_jwk(pki.dev.public_key()))
+
+    def att(client_id: str) -> str:
+        return assertions.mint_client_attestation(assertions.client_attestation_claims(
+            attester=f"spiffe://example.org/device/{dev_id}", client_id=client_id,
+            agent_key=env.agent.public_key(), now=NOW, ttl_seconds=600,
+            evidence={"agent": AGENT}), pki.dev, x5c=pki.x5c(pki.device))
+
+    def pop(client_id: str, jti: str) -> str:
+        return assertions.mint_attestation_pop(assertions.attestation_pop_claims(
+            client_id=client_id, audience="https://as", now=NOW, ttl_seconds=60, jti=jti),
+            env.agent)
+
+    v = Verifier(roots=[pki.root], clock=env.clock, issuer=ISSUER)
+    victim = "spiffe://example.org/agent/victim"
+    with pytest.raises(ClaimsError) as info:
+        v.verify_client_attestation(att(victim), pop(victim, "1"), audience="https://as")
+    assert info.value.reason == "wrong_subject"
+    # Control: its own id, or a plain OAuth client id, passes.
+    assert v.verify_client_attestation(att(AGENT), pop(AGENT, "2"),
+                                       audience="https://as").agent == AGENT
+    assert v.verify_client_attestation(att("c1"), pop("c1", "3"), audience="https://as").agent \
+        == AGENT
+    # A JWKS that names the attested key as another agent's wins over the claim.
+    jwks = {"keys": [{**ec_public_jwk(env.agent.public_key()), "kid": env.kid,
+                      "badged_agent": victim}], "badged_issuer": ISSUER}
+    named = Verifier(jwks=jwks, roots=[pki.root], clock=env.clock)
+    with pytest.raises(UntrustedKeyError) as mismatch:
+        named.verify_client_attestation(att("c1"), pop("c1", "4"), audience="https://as")
+    assert mismatch.value.reason == "key_agent_mismatch"
