@@ -139,6 +139,7 @@ def test_a_credential_naming_someone_else_is_never_answered(tmp_path: Path) -> N
         _run(issuance, caller, names=_spiffe("other"))
     assert not isinstance(info.value, PolicyDeniedError)
     assert not [r for r in audit.records if r["event"] == "assertion.issued"]
+    assert audit.records[-1]["event"] == "assertion.withheld"
 
 
 @pytest.mark.parametrize(("requested", "allowed"), [

@@ -222,9 +222,14 @@ class Issuance:
         auth = _new(Authorized, (decision, approval, key, cid))
         minted = await d.signing.run(lambda: mint(auth))
         if minted.names != key.spiffe_id and minted.names != cid:
-            # A mint function named someone else: a bug, never an answer.
+            # A mint function named someone else: a bug, never an answer. The
+            # signed bytes are dropped here; the refusal is on record.
             _logger.error("credential names another identity; not sent",
                           extra={"event": event, "agent": key.agent})
+            await d.audit.append({
+                "event": event.rsplit(".", 1)[0] + ".withheld", "agent": key.agent,
+                "caller": caller.proc.summary(), "decision": "deny", "rule": decision.rule,
+                "reason": f"credential named {minted.names[:100]!r}, not the caller's agent"})
             raise BadgedError(f"{event} named {minted.names[:100]!r}, not {key.spiffe_id!r}")
         for rec in minted.before:
             await d.audit.append(rec)
