@@ -258,6 +258,15 @@ def test_revoked_device_takes_its_agents_with_it(org: Org) -> None:
                        audience=AUD)
     assert v.verify_token(_token(agent_key, bob, org.b, f"spiffe://{TD}/agent/bob", "r2"),
                           audience=AUD).agent.endswith("/bob")
+    # and `badgectl verify` with the CA's CRL (its issuer is the root)
+    args = ["--root", str(org.ca / "root.pem"), "--crl", str(root_crl), "--device-chain",
+            str(org.ca / "root.pem"), "--issuer", f"spiffe://{TD}/badged", "--audience", AUD]
+    r = ctl("verify", "verify_command", *args,
+            _token(agent_key, alice, org.a, f"spiffe://{TD}/agent/alice", "r3"), check=False)
+    assert r.returncode == 1 and "revoked" in r.stderr, r.stderr
+    r = ctl("verify", "verify_command", *args,
+            _token(agent_key, bob, org.b, f"spiffe://{TD}/agent/bob", "r4"), check=False)
+    assert r.returncode == 0, r.stderr
 
 
 def test_name_constraints_are_the_agent_subjects() -> None:
