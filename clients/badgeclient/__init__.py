@@ -25,6 +25,7 @@ from badgeclient.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from badgeclient.tokensource import AsyncTokenSource, CredentialExpiredError, TokenSource
 
 __all__ = [
     "AdminClient",
@@ -32,7 +33,9 @@ __all__ = [
     "AgentMatch",
     "AlreadyExistsError",
     "ApprovalInfo",
+    "AsyncTokenSource",
     "BadgeError",
+    "CredentialExpiredError",
     "DelegationInfo",
     "Explanation",
     "FailedPreconditionError",
@@ -44,6 +47,7 @@ __all__ = [
     "RateLimitedError",
     "Signature",
     "Token",
+    "TokenSource",
     "UnauthenticatedError",
     "UnavailableError",
     "WhoAmI",

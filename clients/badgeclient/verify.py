@@ -460,6 +460,9 @@ class Verifier:
     ``issuer``: the daemon's ``iss`` for access tokens; by default the JWKS's
     ``badged_issuer`` member (``badgectl jwks`` writes it). Access tokens
     are refused when neither is known.
+    ``single_use_tokens``: remember access-token ``jti`` values and refuse a
+    second use (the default); ``False`` accepts a token until ``exp``, for
+    clients that cache tokens (``badgeclient.TokenSource``).
     """
 
     def __init__(self, *, jwks: Mapping[str, Any] | None = None,
@@ -468,7 +471,8 @@ class Verifier:
                  max_bytes: int = DEFAULT_MAX_BYTES, replay_cache: ReplayCache | None = None,
                  revocations: Revocations | None = None, dpop_max_age: int = 60,
                  hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
-                 issuer: str | None = None, min_assurance: str | None = None) -> None:
+                 issuer: str | None = None, min_assurance: str | None = None,
+                 single_use_tokens: bool = True) -> None:
         if not 0 <= skew <= MAX_SKEW:
             raise ValueError(f"skew must be 0..{MAX_SKEW} seconds")
         if min_assurance is not None and min_assurance not in ASSURANCE_LEVELS:
@@ -503,6 +507,10 @@ class Verifier:
         self._replay = replay_cache if replay_cache is not None else ReplayCache()
         self.revocations = revocations or Revocations()
         self._dpop_max_age = dpop_max_age
+        # False for a resource server whose clients cache tokens (TokenSource):
+        # an access token is then good until exp, and replay of a *stolen* one
+        # is what DPoP binding (whose proofs stay single-use) prevents.
+        self._single_use_tokens = single_use_tokens
 
     # -- public API ----------------------------------------------------------------
 
@@ -540,8 +548,9 @@ class Verifier:
             raise ClaimsError("assurance_too_low",
                               f"agent assurance {level} is below {self._min_assurance}")
         jti = _str(c, "jti")
-        self._replay.check_and_add(f"tok\x00{iss}\x00{jti}",
-                                   until=float(c["exp"]) + self._skew, now=now)
+        if self._single_use_tokens:
+            self._replay.check_and_add(f"tok\x00{iss}\x00{jti}",
+                                       until=float(c["exp"]) + self._skew, now=now)
         scope = c.get("scope")
         return VerifiedToken(
             agent=agent, user=user, issuer=iss, audience=self._aud_tuple(c),
