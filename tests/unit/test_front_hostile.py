@@ -438,3 +438,34 @@ def test_running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() ->
     assert report["log_lines"] == 1, report
     assert report["tracebacks"] == 0, report
     assert report["served"] == 4, report
+
+
+def test_a_budget_of_one_connection_evicts_and_keeps_its_books() -> None:
+    limits = FrontLimits(max_message=1024, conn_streams=4, conn_buffer=65535,
+                         bound=Budget(connections=1, streams=8, handlers=8, buffered=1 << 20),
+                         unbound=Budget(connections=1, streams=8, handlers=8, buffered=1 << 20),
+                         sweep_interval=0.05)
+
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        links = []
+        for _ in range(3):
+            link = await Raw.connect(public)
+            await link.frames(lambda f: f[0] == 4)
+            links.append(link)
+            await asyncio.sleep(0.05)
+        assert len(front.connections) == 1
+        assert front.ledger.channel_total["workload"] == 1
+        (usage,) = front.ledger.usage.values()
+        assert len(usage.connections) == 1 and usage.exposure <= usage.budget.buffered
+        await links[-1].send(links[-1].request(1) + _frame(DATA, 1, 1, _msg(b"hi")))
+        got = await links[-1].frames(lambda f: f[0] == HEADERS and f[1] & 1 == 1)
+        assert links[-1].status(got, 1)[b"grpc-status"] == b"0"
+        for link in links:
+            link.close()
+        for _ in range(100):
+            if not front.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not front.ledger.usage and front.ledger.channel_total["workload"] == 0
+
+    _run(scenario, limits)

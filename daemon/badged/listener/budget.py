@@ -211,7 +211,9 @@ class Ledger(Generic[_C, _S]):
         if usage is not None and not usage.connections:
             del self.usage[(channel, uid)]
 
-    def add(self, usage: UidUsage[_C, _S], channel: str, conn: _C) -> None:
+    def add(self, usage: UidUsage[_C, _S], channel: str, uid: int, conn: _C) -> None:
+        # Making room may have evicted the uid's last connection and dropped its entry.
+        self.usage.setdefault((channel, uid), usage)
         usage.connections[conn] = None
         self.channel_total[channel] = self.channel_total.get(channel, 0) + 1
 

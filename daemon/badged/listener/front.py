@@ -316,7 +316,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         self.uid = peer.uid
         self.usage = usage
-        server.ledger.add(usage, self.channel, self)
+        server.ledger.add(usage, self.channel, peer.uid, self)
         usage.exposure += DEFAULT_WINDOW  # the client may send that much already
         self.name = server.register(peer)
         server.connections.add(self)
