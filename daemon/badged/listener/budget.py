@@ -183,7 +183,6 @@ class UidUsage(Generic[_C, _S]):
 
     budget: Budget
     connections: dict[_C, None] = field(default_factory=dict)
-    waiting: dict[_S, None] = field(default_factory=dict)  # streams still receiving a body
     streams: int = 0
     handlers: int = 0
     buffered: int = 0  # request bytes held now

@@ -264,7 +264,13 @@ class _Stream:
         self.committed = True
 
     def call_done(self, _task: object) -> None:
-        self.conn._call_done(self)
+        """The handler's task ended (done callback): free the slot and the budget."""
+        conn = self.conn
+        conn.server.active_calls -= 1
+        usage = conn.usage
+        if usage is not None:
+            usage.handlers -= 1
+        conn._retire(self)
 
 
 class _Connection(ServerConnection, asyncio.Protocol):
@@ -437,18 +443,13 @@ class _Connection(ServerConnection, asyncio.Protocol):
 
     # -- framing hooks ---------------------------------------------------
 
-    def open_streams(self) -> int:
-        # Streams whose handler still runs hold their slot even after a reset,
-        # so MAX_CONCURRENT_STREAMS bounds the work in flight.
-        return len(self.streams)
-
     def consumed(self, n: int) -> None:
         """Bytes no longer held go back to the uid's budget, then maybe to this connection."""
         usage = self.usage
         if usage is None:
             return
         usage.exposure -= n
-        if not self.closed and self.recv_window <= self._top_up_below:
+        if not self.closed and self._recv_window <= self._top_up_below:
             self._top_up()
 
     def _top_up(self) -> None:
@@ -466,8 +467,10 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self.grant(grant)
 
     def on_new_stream(self, sid: int) -> bool:
+        # Streams whose handler still runs hold their slot even after a reset,
+        # so MAX_CONCURRENT_STREAMS bounds the work in flight.
         usage = self.usage
-        if usage is None:
+        if usage is None or len(self.streams) >= self.max_streams:
             return False
         if usage.streams >= usage.budget.streams and not self._evict_waiting(usage):
             self.server.refusals.note("stream refused: per-uid stream budget", uid=self.uid)
@@ -475,11 +478,20 @@ class _Connection(ServerConnection, asyncio.Protocol):
         return True
 
     def _evict_waiting(self, usage: UidUsage[_Connection, _Stream]) -> bool:
-        """Reset this uid's oldest stream still waiting for its body; False if there is none."""
-        for victim in usage.waiting:
-            victim.conn._reset_stream(victim, "per-uid budget: oldest unfinished request")
-            return True
-        return False
+        """Reset this uid's oldest stream still waiting for its body; False if there is none.
+
+        A scan of at most the uid's stream budget, only when that budget is full.
+        """
+        victim: _Stream | None = None
+        for conn in usage.connections:
+            for stream in conn.streams.values():
+                if stream.task is None and not stream.finished and (
+                        victim is None or stream.opened < victim.opened):
+                    victim = stream
+        if victim is None:
+            return False
+        victim.conn._reset_stream(victim, "per-uid budget: oldest unfinished request")
+        return True
 
     def _reset_stream(self, stream: _Stream, reason: str) -> None:
         self.server.refusals.note("request dropped", reason=reason, uid=self.uid)
@@ -494,12 +506,11 @@ class _Connection(ServerConnection, asyncio.Protocol):
     def on_request(self, sid: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         usage = self.usage
         assert usage is not None
-        stream = _Stream(self, sid, self._loop.time())
+        # Stream age only matters to the body timeout (1 s sweeps): the sweeper's clock.
+        stream = _Stream(self, sid, self.server.now)
         self.streams[sid] = stream
         usage.streams += 1
         self.activity += 1
-        if not end:
-            usage.waiting[stream] = None
         method = path = ctype = b""
         metadata: list[tuple[str, str | bytes]] = []
         for key, value in headers:
@@ -519,7 +530,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
                 if timeout <= 0:
                     self._fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                     return
-                stream.deadline = stream.opened + timeout
+                stream.deadline = self._loop.time() + timeout
             elif key == b"grpc-encoding" and value != b"identity":
                 if value not in _WBITS:
                     self._fail(stream, grpc.StatusCode.UNIMPLEMENTED,
@@ -606,15 +617,14 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self.consumed(n)
             if self.usage is not None:
                 self.usage.buffered -= n
-        if self.usage is not None:
-            self.usage.waiting.pop(stream, None)
 
     def _retire(self, stream: _Stream) -> None:
         """Give back the stream's slot and budget, once: its handler (if any) has ended."""
         if stream.retired:
             return
         stream.retired = True
-        self._release(stream)
+        if stream.buf:
+            self._release(stream)
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         if self.usage is not None:
@@ -623,12 +633,6 @@ class _Connection(ServerConnection, asyncio.Protocol):
         stream.task = None
         stream.window = None
         stream.handler = None
-
-    def _call_done(self, stream: _Stream) -> None:
-        self.server.call_done(None)
-        if self.usage is not None:
-            self.usage.handlers -= 1
-        self._retire(stream)
 
     def _dispatch(self, stream: _Stream) -> None:
         buf = stream.buf
@@ -901,6 +905,7 @@ class GrpcFront:
         self._nonce = secrets.token_hex(4)
         self._counter = itertools.count()
         self._sweeper: asyncio.Task[None] | None = None
+        self.now = 0.0  # loop time, refreshed by every sweep: a coarse clock for stream age
         self._previous_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
         self.refusals = Throttled(_logger)
         self.expirations = Throttled(_logger)
@@ -954,7 +959,7 @@ class GrpcFront:
         limits = self.limits
         while True:
             await asyncio.sleep(limits.sweep_interval)
-            now = loop.time()
+            now = self.now = loop.time()
             for conn in list(self.connections):
                 try:
                     conn.sweep(now, limits)
@@ -1015,6 +1020,7 @@ class GrpcFront:
         sock = bind_unix(path, mode=mode, group=group)
         loop = asyncio.get_running_loop()
         if self._sweeper is None:
+            self.now = loop.time()
             self._sweeper = loop.create_task(self._sweep())
             self._previous_handler = loop.get_exception_handler()
             loop.set_exception_handler(self._loop_exception)

@@ -17,8 +17,8 @@ decoding; any header block that cannot be fully decoded, a header list over
 16 KiB included (COMPRESSION_ERROR: the HPACK table may be half-updated, so
 the connection cannot go on); SETTINGS/PING/WINDOW_UPDATE/RST_STREAM/PRIORITY
 sizes and stream-0 rules; window overflow; PUSH_PROMISE from a client.
-Per stream: more than ``max_streams`` open (``open_streams()``, which the
-front counts until a call's handler has ended) → RST_STREAM(REFUSED_STREAM);
+Per stream: more than ``max_streams`` open (``on_new_stream()``; the front
+counts a stream until its handler has ended) → RST_STREAM(REFUSED_STREAM);
 DATA after the client ended its side → RST_STREAM(STREAM_CLOSED).
 
 Receive flow control is *enforced*, because it is what bounds the memory a
@@ -197,13 +197,13 @@ class ServerConnection:
     def on_window(self, sid: int) -> None:
         """Send window opened on ``sid`` (0: the whole connection)."""
 
-    def open_streams(self) -> int:
-        """Streams counted against ``max_streams``; the front also counts handlers still running."""
-        return len(self._state)
-
     def on_new_stream(self, sid: int) -> bool:
-        """A new stream is about to open: False refuses it (REFUSED_STREAM)."""
-        return True
+        """A new stream is about to open: False refuses it (REFUSED_STREAM).
+
+        Here: at most ``max_streams`` open. The front counts a stream until its
+        handler has ended, and adds the caller's per-uid budget.
+        """
+        return len(self._state) < self.max_streams
 
     # -- flow control and abuse counters ---------------------------------
 
@@ -439,7 +439,7 @@ class ServerConnection:
         self._last_stream = sid
         if self.goaway_sent:
             return  # after GOAWAY no new streams are processed
-        if self.open_streams() >= self.max_streams or not self.on_new_stream(sid):
+        if not self.on_new_stream(sid):
             self.reset(sid, REFUSED_STREAM)
             self.calm("refused streams")
             return
