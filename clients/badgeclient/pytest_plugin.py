@@ -221,11 +221,14 @@ def start_badged_dev(*, policy: PolicySpec | None = None, agent: str = DEFAULT_A
                 buf += chunk
                 match = READY.search(buf)
         if match is None:
+            exited = proc.poll()
             proc.kill()
             proc.wait()
             tail = log.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"badged dev did not become ready in {timeout:.0f} s "
-                               f"(exit {proc.returncode}); stdout {buf[-500:]!r}; log:\n{tail}")
+            why = (f"exited with status {exited}" if exited is not None
+                   else f"was not ready in {timeout:.0f} s")
+            raise RuntimeError(f"badged dev did not become ready: it {why}; "
+                               f"stdout {buf[-500:]!r}; log:\n{tail}")
         threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True,
                          name="badged-dev-stdout").start()
         dev = BadgedDev(state, agent, proc, log, Path(match.group(1).decode()),

@@ -1,0 +1,99 @@
+"""The pytest plugin, run the way a downstream project runs it.
+
+``clients/examples/downstream_ci`` (pytest.ini + conftest + agent + tests) is
+copied into a scratch dir and pytest runs there in a subprocess: the plugin
+comes in through ``addopts = -p badgeclient.pytest_plugin``, starts a real
+``badged dev`` on SoftHSM per test, and must stop it and remove its state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from badgeclient.pytest_plugin import policy_toml, simple_policy, start_badged_dev
+from tests.conftest import ROOT
+from tests.e2e.conftest import softhsm_available
+
+__all__ = ["softhsm_available"]
+
+pytest_plugins = ["pytester"]
+
+EXAMPLE = ROOT / "clients" / "examples" / "downstream_ci"
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join([str(ROOT / "daemon"), str(ROOT / "clients")])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.softhsm
+@pytest.mark.slow
+def test_example_downstream_project(pytester: pytest.Pytester, softhsm_available: None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for f in EXAMPLE.iterdir():
+        if f.is_file():
+            shutil.copy(f, pytester.path / f.name)
+    record = pytester.path / "record.txt"
+    # One more test beside the example's: where the daemon ran, to check it is gone after.
+    pytester.makepyfile(test_zz_record=textwrap.dedent(f"""
+        def test_record(badged_dev):
+            assert badged_dev.client.whoami().agents[0].agent == "ci-bot"
+            with open({str(record)!r}, "w") as fh:
+                fh.write(f"{{badged_dev.pid}} {{badged_dev.state_dir}}")
+        """))
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=400)
+    result.assert_outcomes(passed=3)
+    pid, state = record.read_text().split()
+    assert not _alive(int(pid)), "badged dev still running after the test"
+    assert not Path(state).exists(), "state dir left behind"
+
+
+@pytest.mark.softhsm
+@pytest.mark.slow
+def test_missing_softhsm_fails_unless_skipping_is_asked_for(pytester: pytest.Pytester,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_x="def test_x(badged_dev):\n    pass\n")
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    monkeypatch.setenv("PATH", "/nonexistent")  # no softhsm2-util to be found
+    result = pytester.runpytest_subprocess("-q", "-p", "badgeclient.pytest_plugin")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*needs SoftHSM*"])
+    pytester.makeini("[pytest]\nbadged_skip_without_softhsm = true\n")
+    result = pytester.runpytest_subprocess("-q", "-p", "badgeclient.pytest_plugin")
+    result.assert_outcomes(skipped=1)
+
+
+@pytest.mark.softhsm
+@pytest.mark.slow
+def test_a_daemon_that_refuses_to_start_is_reported(softhsm_available: None) -> None:
+    with pytest.raises(RuntimeError) as info, \
+            start_badged_dev(policy="[[agent]]\nname = 42\n", timeout=60):
+        pass
+    text = str(info.value)
+    assert "did not become ready: it exited with status" in text
+    assert "policy" in text.lower()
+
+
+def test_policy_dict_to_toml_round_trips() -> None:
+    policy = simple_policy("a", audiences=["https://x", 'we"ird'], scopes=["r"], uid=1000)
+    policy["delegation"] = {"allow": ["unix:uid:1000"], "agents_may_delegate": True}
+    policy["bundle"] = {"ci": {"audiences": ["https://x"], "rate": "10/1m", "max_ttl": "5m"}}
+    text = policy_toml(policy)
+    assert "[[agent]]" in text and "[bundle.ci]" in text
+    import tomllib
+    assert tomllib.loads(text)["agent"][0]["selectors"] == ["unix:uid:1000"]
+    with pytest.raises(TypeError):
+        policy_toml({"x": {"when": object()}})  # type: ignore[dict-item]
