@@ -135,3 +135,26 @@ def test_device_chain_table(case: str, reason: str | None) -> None:
     with pytest.raises(ChainRejected) as info:
         check_device_chain(chain, device_key=dev, trust_domain=TD, now=now)
     assert info.value.reason == reason, case
+
+
+def test_evidence_says_what_it_is() -> None:
+    """PKCS#11 evidence is labelled the token's own statement, and a label that
+    contradicts the profile is refused."""
+    from badged.core import evidence
+    from badged.core.jose import b64url_decode, encode_jws
+    from badged.core.tokens import ES256
+
+    dev = MemoryKeyStore().generate("dev")
+    claims = evidence.build_evidence_claims(
+        issuer="spiffe://td/device/d", subject="spiffe://td/device/d", attested=dev.public_key(),
+        props=GOOD, now=NOW, ttl_seconds=600)
+    assert claims["statement"] == "token-statement"
+    token = evidence.sign_evidence(claims, device_key=dev)
+    assert evidence.check_evidence(token, signer=dev.public_key(), attested=dev.public_key(),
+                                   now=NOW)["statement"] == "token-statement"
+    h, p, _ = token.split(".")
+    lying = {**json.loads(b64url_decode(p)), "statement": "tpm2-certify"}
+    forged = encode_jws(json.loads(b64url_decode(h)), lying, lambda d: dev.sign(d, ES256))
+    with pytest.raises(evidence.EvidenceError) as info:
+        evidence.check_evidence(forged, signer=dev.public_key(), attested=dev.public_key(), now=NOW)
+    assert info.value.reason == "wrong_statement"

@@ -45,6 +45,13 @@ TPM_ATTRIBUTES_PROFILE = "urn:badged:eat:tpm-key-attributes:v1"
 # another one). Checked with badged.core.tpm_evidence.
 TPM2_CERTIFY_PROFILE = "urn:badged:eat:tpm2-certify:v1"
 PROFILES = {"pkcs11": PKCS11_PROFILE, "tpm": TPM_ATTRIBUTES_PROFILE}
+# What the evidence is, said plainly in the ``statement`` claim: the key's
+# attributes as the token (or TPM) reports them, signed only by the device key
+# -- the token's own statement, which root on the host can make up; or a
+# TPM2_Certify, the TPM's own statement, worth what its AK is worth (an AK
+# activated against a pinned EK CA, docs/credentials.md).
+STATEMENT_TOKEN = "token-statement"  # noqa: S105 - a label, not a secret
+STATEMENT_TPM2_CERTIFY = "tpm2-certify"
 KNOWN_PROFILES = frozenset({*PROFILES.values(), TPM2_CERTIFY_PROFILE})
 _CERTIFY_FIELDS = ("attest", "signature", "ak_public", "key_public", "ek_certificate")
 
@@ -107,6 +114,7 @@ def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCur
         "eat_profile": PROFILES.get(props.backend, f"urn:badged:eat:{props.backend}-key:v1"),
         "cnf": {"jwk": ec_public_jwk(attested)},
         "hwkey": hwkey_claims(props),
+        "statement": STATEMENT_TOKEN,
     }
     if nonce:
         claims["eat_nonce"] = nonce
@@ -115,6 +123,7 @@ def build_evidence_claims(*, issuer: str, subject: str, attested: ec.EllipticCur
     if certify is not None:
         att = certify(certify_nonce(attested=attested, iat=iat, eat_nonce=nonce))
         claims["eat_profile"] = TPM2_CERTIFY_PROFILE
+        claims["statement"] = STATEMENT_TPM2_CERTIFY
         claims["tpm2_certify"] = {f: _b64(getattr(att, f)) for f in _CERTIFY_FIELDS
                                   if getattr(att, f) is not None}
     return claims
@@ -186,6 +195,10 @@ def check_evidence(token: str, *, signer: ec.EllipticCurvePublicKey,
     profile = claims.get("eat_profile")
     if not isinstance(profile, str) or profile not in KNOWN_PROFILES:
         raise EvidenceError("unknown_profile", "unsupported eat_profile")
+    statement = claims.get("statement")  # absent in evidence made before the label
+    expected = STATEMENT_TPM2_CERTIFY if profile == TPM2_CERTIFY_PROFILE else STATEMENT_TOKEN
+    if statement is not None and statement != expected:
+        raise EvidenceError("wrong_statement", "statement does not match the evidence profile")
     if profile == TPM2_CERTIFY_PROFILE:
         _check_certify(claims, attested=attested, iat=iat, trusted_ak_names=trusted_ak_names,
                        ek_ca_keys=ek_ca_keys)
