@@ -536,6 +536,12 @@ def test_enrollment_is_admin_only(cred_daemon: RunningDaemon) -> None:
     with EnrollmentClient(cred_daemon.workload) as e, pytest.raises(PermissionDeniedError) as info:
         e.status()
     assert "admin socket" in str(info.value)
+    with EnrollmentClient(cred_daemon.workload) as e, pytest.raises(PermissionDeniedError):
+        e.activate("{}")
+    # a PKCS#11 device has no TPM to activate with: refused, nothing attempted
+    with EnrollmentClient(cred_daemon.admin) as e, \
+            pytest.raises(FailedPreconditionError, match="no TPM"):
+        e.activate("{}")
 
 
 def test_cli_dpop_reads_token_from_stdin_and_attestation_json(cred_daemon: RunningDaemon) -> None:
