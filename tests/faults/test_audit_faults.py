@@ -97,6 +97,7 @@ def test_full_audit_disk_turns_health_and_recovers(request: pytest.FixtureReques
                 assert health.wait_for(NOT_SERVING, within=1.5) < 1.5
                 reasons = admin.detail()["badged.v1.WorkloadService"]["reasons"]
                 assert any("audit disk full" in r for r in reasons), reasons
+                assert health.detail() == {}  # reasons for operators only (admin socket)
                 cli = _badgectl_health(d)
                 assert cli.returncode == 1 and "audit disk full" in cli.stdout, cli
                 # The file's last page may still take a record or two; then
