@@ -47,6 +47,7 @@ class Link:
         self.window = 65535
         self.sid = 1
         self.goaway = False
+        self.silent = False  # an idle link answers nothing, not even SETTINGS
 
     async def open(self, preface: bool = True, settings: bytes = b"") -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -88,7 +89,7 @@ class Link:
             ftype, flags, sid = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big")
             payload = self.buf[9:9 + n]
             self.buf = self.buf[9 + n:]
-            if ftype == 4 and not flags & 1:
+            if ftype == 4 and not flags & 1 and not self.silent:
                 await self.send(frame(4, 1, 0, b""))
             elif ftype == 8 and sid == 0:
                 self.window += int.from_bytes(payload, "big") & 0x7FFFFFFF
@@ -136,6 +137,7 @@ async def bodies(link: Link, deadline: float) -> None:
 
 
 async def idle(link: Link, deadline: float) -> None:
+    link.silent = True
     await link.open(preface=False)
     while time.monotonic() < deadline:
         if not await link.pump(1.0):
