@@ -5,8 +5,10 @@ must be checkable offline, on a copy, by someone who does not trust the host
 that wrote it. It imports ``badged.audit`` lazily, inside each command, so the
 rest of ``badgectl`` does not pay for it.
 
-Exit codes: 0 ok, 1 verification failed (first bad record printed), 2 usage
-(bad option, missing directory, unreadable key).
+Exit codes: 0 ok, 1 verification failed (first bad record printed; this
+includes a crash-recovery cut that holds records a checkpoint had sealed, or
+whose cut-off bytes are gone: ``sealed_cut``, ``cut_missing``), 2 usage (bad
+option, missing directory, unreadable key).
 
 Examples::
 
