@@ -327,7 +327,8 @@ def recover(config_path: Path | None, dev_state: Path | None, trust_domain: str,
             config = load_config(config_path)
             config.apply_module_env()  # before the key-store library is first loaded
         result = run_recover(config, mode=mode, audit_move_aside=audit_move_aside,
-                             purge_quarantine=purge_quarantine)
+                             purge_quarantine=purge_quarantine,
+                             state_lock_fd=setup.lock_fd if setup is not None else -1)
     except BadgedError as exc:
         click.echo(f"badged: {exc}", err=True)
         sys.exit(2)

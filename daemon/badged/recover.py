@@ -78,8 +78,13 @@ class RecoverResult:
 
 
 def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: int | None = None,
-            purge_quarantine: bool = False, keystore: KeyStore | None = None) -> RecoverResult:
-    """Run the recovery the operator chose. Raises BadgedError with a clear reason."""
+            purge_quarantine: bool = False, keystore: KeyStore | None = None,
+            state_lock_fd: int = -1) -> RecoverResult:
+    """Run the recovery the operator chose. Raises BadgedError with a clear reason.
+
+    ``state_lock_fd``: the state-dir lock when the caller holds it already
+    (``badged dev``'s prepare takes it); else it is taken here.
+    """
     from badged.app import DEVICE_KEY, lock_state_dir
 
     if mode is not None and mode not in MODES:
@@ -87,7 +92,7 @@ def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: 
     if not config.state_dir.exists():
         raise ConfigError("state dir does not exist", path=str(config.state_dir))
     ensure_private_dir(config.private_dir)
-    lock_fd = lock_state_dir(config)
+    lock_fd = state_lock_fd if state_lock_fd >= 0 else lock_state_dir(config)
     result = RecoverResult(audit_moved_aside=audit_move_aside)
     audit: AuditLog | None = None
     ks = keystore
@@ -149,5 +154,6 @@ def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: 
         if ks is not None and keystore is None:
             with contextlib.suppress(BadgedError, OSError):
                 ks.close()
-        os.close(lock_fd)
+        if state_lock_fd < 0:
+            os.close(lock_fd)
     return result
