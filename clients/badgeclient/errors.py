@@ -1,8 +1,11 @@
-"""Typed errors raised by the client, mapped from the daemon's gRPC status.
+"""Typed errors raised by the client, chosen by the daemon's stable code.
 
-The daemon sends a stable code in the ``x-badged-error`` trailer; without it
-(e.g. a gRPC-level failure such as an oversized message) we fall back to the
-status code.
+The daemon sends a stable code in the ``x-badged-error`` trailer
+(``daemon/badged/service/errors.py``); the error class is chosen from it, so
+``policy_denied`` and ``attestation_failed`` -- both PERMISSION_DENIED on the
+wire -- are different types. Without a known code (a gRPC-level failure such
+as an oversized message, or a code from a newer daemon) we fall back to the
+status.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ class PermissionDeniedError(BadgeError):
     pass
 
 
+class PolicyDeniedError(PermissionDeniedError):
+    """The policy does not allow this caller this credential (code ``policy_denied``)."""
+
+
+class AttestationFailedError(PermissionDeniedError):
+    """The daemon could not establish who the caller is (code ``attestation_failed``)."""
+
+
 class RateLimitedError(BadgeError):
     """Budget exhausted; ``retry_after`` seconds (from the daemon) if known."""
 
@@ -54,8 +65,29 @@ class UnavailableError(BadgeError):
     """Daemon not running, socket missing, or token/TPM unavailable: retry later."""
 
 
+class BackendUnavailableError(UnavailableError):
+    """The key store (token, TPM) is unavailable right now (code ``backend_unavailable``)."""
+
+
 class InternalError(BadgeError):
     pass
+
+
+#: The daemon's ``ErrorCode`` values (badged/errors.py) -> the class raised.
+BY_CODE: dict[str, type[BadgeError]] = {
+    "invalid_request": InvalidRequestError,
+    "not_found": NotFoundError,
+    "already_exists": AlreadyExistsError,
+    "unauthenticated": UnauthenticatedError,
+    "attestation_failed": AttestationFailedError,
+    "policy_denied": PolicyDeniedError,
+    "rate_limited": RateLimitedError,
+    "failed_precondition": FailedPreconditionError,
+    "backend_unavailable": BackendUnavailableError,
+    "backend_failure": InternalError,
+    "config_invalid": FailedPreconditionError,
+    "internal": InternalError,
+}
 
 
 _BY_STATUS: dict[grpc.StatusCode, type[BadgeError]] = {
@@ -82,8 +114,9 @@ def from_rpc_error(err: grpc.RpcError) -> BadgeError:
     for item in trailers or ():
         key, value = item.key, item.value  # grpc.Metadatum namedtuple
         meta[key] = value if isinstance(value, str) else bytes(value).decode()
-    cls = _BY_STATUS.get(status, InternalError)
-    exc = cls(details, status=status.name if status else "", code=meta.get("x-badged-error", ""))
+    code = meta.get("x-badged-error", "")
+    cls = BY_CODE.get(code) or _BY_STATUS.get(status, InternalError)
+    exc = cls(details, status=status.name if status else "", code=code)
     if isinstance(exc, RateLimitedError) and meta.get("x-badged-retry-after", "").isdigit():
         exc.retry_after = int(meta["x-badged-retry-after"])
     return exc
