@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from badged.audit import verify
+from badged.audit.reader import iter_records
 from tests.conftest import require_or_skip, short_tmpdir
 from tests.e2e.state_checks import check_restart_invariants, check_tokens
 
@@ -114,7 +115,7 @@ def test_kill_9_during_create_rotate_revoke_keeps_state_and_audit_consistent(
                     proc.kill()
                     proc.wait()
             assert proc.returncode == -9, f"child {it} died by itself: {err.decode()[-2000:]}"
-            deaths["step" if kill_at >= 0 else "random"] += 1
+            deaths["final" if last else "step" if kill_at >= 0 else "random"] += 1
             for line in out.decode().splitlines():
                 if line.startswith("token "):
                     tokens.append(line[6:])
@@ -126,10 +127,16 @@ def test_kill_9_during_create_rotate_revoke_keeps_state_and_audit_consistent(
         report = verify(base / "audit", device)
         assert report.ok, report.first_bad
         elapsed = time.monotonic() - t0
+        recs = list(iter_records(base / "audit"))
+        outcomes = Counter(str(r["outcome"]) for r in recs if r["event"] == "registry.recovered")
+        quarantined = sum(r["event"] == "key.quarantined" for r in recs)
         print(f"\nkill loop: {ITERATIONS} kills ({dict(deaths)}), acknowledged {dict(acks)}, "
-              f"{checked} tokens checked, {len(report.recoveries)} audit tail recoveries, "
-              f"{elapsed:.1f}s")
+              f"{checked} tokens checked, changes recovered at start {dict(outcomes)}, "
+              f"{quarantined} keys quarantined, {len(report.recoveries)} audit tail "
+              f"recoveries, {elapsed:.1f}s")
         assert acks["create"] and acks["rotate"] and acks["revoke"]
+        # The kills did land inside changes, on both sides of the commit point.
+        assert outcomes["applied"] and outcomes["not-applied"]
     finally:
         if os.environ.get("BADGED_KILL_KEEP"):
             print(f"state kept in {base}")
