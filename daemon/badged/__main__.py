@@ -202,7 +202,8 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None,
 @click.option("--signing-mode", type=click.Choice(["direct", "session"]), default=None,
               help="Default: direct on softhsm, session on tpm (docs/tpm.md).")
 @click.option("--metrics", "metrics", is_flag=True,
-              help="Serve Prometheus metrics on STATE_DIR/run/metrics.sock (badgectl metrics).")
+              help="Prometheus metrics: badgectl metrics (admin socket), and HTTP on "
+                   "STATE_DIR/run/metrics.sock.")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
         approval_timeout: int, unsafe_audit_no_fsync: bool, backend: str,
@@ -220,6 +221,7 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
                                              log_level=ctx.obj.get("log_level"),
                                              approval_timeout=approval_timeout,
                                              unsafe_audit_no_fsync=unsafe_audit_no_fsync or None,
+                                             metrics_enabled=metrics or None,
                                              metrics_listen=str(setup.config.workload_socket.parent
                                                                 / "metrics.sock")
                                              if metrics else None)

@@ -117,8 +117,8 @@ class Daemon:
         self._signing = SigningRunner(off_loop=config.backend == "tpm")
         # Already held when `badged dev` locked the state dir before starting swtpm.
         self._lock_fd = state_lock_fd
-        # [metrics] listen: off by default; when on, see badged.metrics.
-        self.metrics = Metrics() if config.metrics_listen is not None else None
+        # [metrics]: off by default; when on, see badged.metrics.
+        self.metrics = Metrics() if config.metrics_enabled else None
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -266,6 +266,8 @@ class Daemon:
         self._health = HealthServicer(deps.peers)
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.metrics is not None:  # badgectl metrics, on the admin socket
+            self.metrics.add_to_server(server, deps)
         install_refusal_log_limits()
         methods = await table.intercepted(
             ([self.metrics.interceptor()] if self.metrics is not None else [])
@@ -291,10 +293,11 @@ class Daemon:
                           mode=0o660 if gid is not None else 0o600, group=gid)
         await self._start_health(deps)
         self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
-        if self.metrics is not None and cfg.metrics_listen is not None:
+        if self.metrics is not None:
             attach(self.metrics, front=front, audit=self._audit, keystore=self._keystore,
                    monitor=self._monitor)
-            await self.metrics.serve(cfg.metrics_listen, group=gid)
+            if cfg.metrics_listen is not None:
+                await self.metrics.serve(cfg.metrics_listen, group=gid)
         await self._append_audit({"event": "daemon.started", "pid": os.getpid(),
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),

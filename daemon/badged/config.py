@@ -65,7 +65,10 @@ class DaemonConfig:
     # SOFTHSM2_CONF: set in this process before the module's first load, so a
     # non-root daemon can use its own token without a wrapper script.
     module_env: tuple[tuple[str, str], ...] = ()
-    # Prometheus endpoint: a Unix socket path or a loopback host:port; None = off.
+    # Prometheus metrics (badgectl metrics, over the admin socket); off by
+    # default. ``metrics_listen``: also an HTTP endpoint (a Unix socket path
+    # or a loopback host:port); setting it turns metrics on.
+    metrics_enabled: bool = False
     metrics_listen: str | None = None
     # [limits]: what any local caller can make the front hold (issue 16).
     front_limits: FrontLimits = field(default_factory=FrontLimits)
@@ -145,7 +148,7 @@ _KNOWN: dict[str, set[str]] = {
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies",
                  "command_timeout"},
     "audit": {"dir", "syslog"},
-    "metrics": {"listen"},
+    "metrics": {"enabled", "listen"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
                "unbound_connections_per_uid", "unbound_streams_per_uid",
@@ -381,6 +384,7 @@ def load_config(path: Path) -> DaemonConfig:
     max_ttl = duration(d, "daemon", "max_ttl", 3600)
     if default_ttl > max_ttl:
         fail("daemon", "default_ttl", "default_ttl must not exceed max_ttl")
+    metrics_on = typed(metrics, "metrics", "enabled", bool, False)
     listen = typed(metrics, "metrics", "listen", str, "") or None
     if listen is not None:
         from badged.metrics import parse_listen
@@ -412,6 +416,8 @@ def load_config(path: Path) -> DaemonConfig:
         session_key_period=session_period,
         module_env=tuple(module_env),
         front_limits=front_limits,
+        metrics_enabled=metrics_on or listen is not None,
+        metrics_listen=listen,
         source=src,
     )
     if cfg.workload_socket == cfg.admin_socket:

@@ -1,7 +1,10 @@
 """Prometheus metrics, off by default and off the hot path when on.
 
-Enabled by ``[metrics] listen`` (a Unix socket path, or a loopback
-``host:port``). What is measured, and from where:
+Enabled by ``[metrics] enabled = true``: ``badgectl metrics`` reads them over
+the admin socket (same rule as every admin call: root, the daemon's user or
+the operator group). ``[metrics] listen`` (a Unix socket path, or a loopback
+``host:port``) also serves them over HTTP for a Prometheus server. What is
+measured, and from where:
 
 * credentials issued and denied, by kind, agent and reason: counted from the
   audit records (the audit mirror thread hands each durable batch over), so
@@ -54,6 +57,8 @@ REQUEST_TIMEOUT_S = 5.0
 MAX_CLIENTS = 8
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+SCRAPE_SERVICE = "badged.v1.MetricsService"
+SCRAPE_METHOD = "Scrape"
 _REASONS = (  # first match wins; anything else is "other"
     ("rate", re.compile(r"\brate\b|budget", re.I)),
     ("approval", re.compile(r"approv", re.I)),
@@ -204,6 +209,23 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def add_to_server(self, server: Any, deps: Any) -> None:
+        """``/badged.v1.MetricsService/Scrape`` on the admin socket, operators only.
+
+        No protobuf message: the request is empty and the answer is the text
+        exposition as bytes (identity (de)serializers), so no generated code.
+        """
+        from badged.service.auth import require_operator, resolve_caller
+
+        async def scrape(request: bytes, context: Any) -> bytes:
+            _peer, proc = resolve_caller(deps, context, "admin")
+            require_operator(deps, proc)
+            return self.exposition()
+
+        handler = grpc.unary_unary_rpc_method_handler(
+            scrape, request_deserializer=_identity, response_serializer=_identity)
+        server.add_registered_method_handlers(SCRAPE_SERVICE, {SCRAPE_METHOD: handler})
+
     # -- endpoint ------------------------------------------------------------------------
 
     async def serve(self, listen: str, *, group: int | None) -> None:
@@ -306,6 +328,10 @@ def attach(metrics: Metrics, *, front: Any, audit: Any, keystore: Any, monitor: 
     metrics.keystore_up = keystore_up
     metrics.service_health = lambda: ({name: h.serving for name, h in monitor.current.items()}
                                       if monitor is not None else {})
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def connections_by_channel(connections: Iterable[Any]) -> dict[str, int]:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,9 +34,8 @@ def dev(request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
 
 
 def _ctl(d: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**d.env(), "BADGED_METRICS": str(d.state / "run" / "metrics.sock")}
-    return subprocess.run(badgectl_cmd(*args), capture_output=True, text=True, timeout=60, env=env,
-                          check=False)
+    return subprocess.run(badgectl_cmd(*args), capture_output=True, text=True, timeout=60,
+                          env=d.env(), check=False)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -46,9 +46,12 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def test_metrics_count_what_the_audit_log_says(dev: RunningDaemon) -> None:
     assert _ctl(dev, "token", "--audience", "demo").returncode == 0
     assert _ctl(dev, "token", "--audience", "not-allowed").returncode == 1
-    out = _ctl(dev, "metrics")
+    out = _ctl(dev, "metrics")  # over the admin socket
     assert out.returncode == 0, out.stderr
     s = _samples(out.stdout)
+    http = _ctl(dev, "metrics", "--http", str(dev.state / "run" / "metrics.sock"))
+    assert http.returncode == 0, http.stderr
+    assert ("badged_keystore_up", frozenset()) in _samples(http.stdout)
 
     def value(name: str, **labels: str) -> float:
         return s[(name, frozenset(labels.items()))]
@@ -77,12 +80,29 @@ def test_metrics_socket_is_for_operators_only(dev: RunningDaemon) -> None:
 
     for p in (dev.state, dev.state / "run"):
         os.chmod(p, 0o755)
-    proc = subprocess.run([user_python(), "-m", "badgeclient._cli.main", "metrics",
-                           "--metrics-socket", str(sock), "--json"], user=65534, group=65534,
-                          extra_groups=[], capture_output=True, text=True, timeout=60,
-                          env=user_env(), check=False, cwd="/")
-    assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout)["error"]["code"] == "permission_denied"
+    for how in (("--http", str(sock)), ("--admin-socket", str(dev.admin))):
+        proc = subprocess.run([user_python(), "-m", "badgeclient._cli.main", "metrics", *how,
+                               "--json"], user=65534, group=65534, extra_groups=[],
+                              capture_output=True, text=True, timeout=60, env=user_env(),
+                              check=False, cwd="/")
+        assert proc.returncode == 4, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)["error"]["code"] == "permission_denied"
+
+
+def test_metrics_are_off_unless_enabled(request: pytest.FixtureRequest) -> None:
+    if shutil.which("softhsm2-util") is None:
+        require_or_skip(request.config, "softhsm2-util not installed")
+    base = short_tmpdir("bdn")
+    os.chmod(base, 0o755)
+    d = start_daemon(base / "s")
+    try:
+        off = _ctl(d, "metrics", "--json")
+        assert off.returncode == 1
+        assert json.loads(off.stdout)["error"]["code"] == "metrics_disabled"
+        assert not (d.state / "run" / "metrics.sock").exists()
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_labels_stay_bounded() -> None:
@@ -105,3 +125,21 @@ def test_metrics_listen_is_local_only(listen: str) -> None:
     with pytest.raises(ConfigError):
         parse_listen(listen)
     assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+
+
+def test_metrics_config_keys(tmp_path: Path) -> None:
+    from badged.config import load_config
+
+    cfg = tmp_path / "badged.toml"
+    base = '[keystore]\nuri = "pkcs11:token=t?pin-source=file:/etc/pin"\n'
+    cfg.write_text(base)
+    off = load_config(cfg)
+    assert not off.metrics_enabled and off.metrics_listen is None
+    cfg.write_text(base + '[metrics]\nenabled = true\n')
+    assert load_config(cfg).metrics_enabled
+    cfg.write_text(base + '[metrics]\nlisten = "127.0.0.1:9464"\n')
+    on = load_config(cfg)
+    assert on.metrics_enabled and on.metrics_listen == "127.0.0.1:9464"
+    cfg.write_text(base + '[metrics]\nenabled = "yes"\n')
+    with pytest.raises(ConfigError):
+        load_config(cfg)

@@ -1,28 +1,55 @@
-"""``badgectl metrics``: the daemon's Prometheus metrics, from its metrics endpoint.
+"""``badgectl metrics``: the daemon's Prometheus metrics.
 
-The daemon serves them only when ``[metrics] listen`` is set: on a Unix socket
-(mode 0600, or 0660 for the operator group, like the admin socket) or on a
-loopback TCP port. ``--json`` turns the exposition into a list of families.
+Over the admin socket by default (``[metrics] enabled = true``; operators
+only, like every admin call), or from the HTTP endpoint of ``[metrics]
+listen`` with ``--http ADDR`` (a socket path or 127.0.0.1:PORT). ``--json``
+turns the text exposition into a list of metric families.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 from typing import Any
 
 import click
+import grpc
 
 from badgeclient._cli.options import (
     EXIT_NO_ACCESS,
+    EXIT_REFUSED,
     EXIT_UNAVAILABLE,
     about,
+    admin_socket_option,
     emit_json,
     fail,
     json_option,
 )
+from badgeclient.errors import UnavailableError, from_rpc_error
 
-DEFAULT = "/run/badged/metrics.sock"
+SCRAPE = "/badged.v1.MetricsService/Scrape"
+
+
+def scrape_admin(admin_socket: str | None, timeout: float = 10.0) -> str:
+    """The exposition over the admin socket (raw bytes, no protobuf message)."""
+    path = admin_socket or os.environ.get("BADGED_ADMIN_SOCKET") or "/run/badged/admin.sock"
+    if not os.path.exists(path):
+        raise UnavailableError(f"no badged socket at {path} (is the daemon running?)",
+                               status="UNAVAILABLE")
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            SCRAPE, request_serializer=None, response_deserializer=None)
+        try:
+            data: bytes = call(b"", timeout=timeout)
+        except grpc.RpcError as err:
+            if getattr(err, "code", lambda: None)() == grpc.StatusCode.UNIMPLEMENTED:
+                fail(EXIT_REFUSED, "refused", "metrics are off on this daemon: set [metrics] "
+                     "enabled = true (docs/badged.example.toml)",
+                     as_json=bool(click.get_current_context().params.get("as_json")),
+                     status="UNIMPLEMENTED", error_code="metrics_disabled")
+            raise from_rpc_error(err) from None
+    return data.decode()
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -66,24 +93,28 @@ def as_families(text: str) -> list[dict[str, Any]]:
 
 
 @click.command("metrics")
-@click.option("--metrics-socket", "listen", envvar="BADGED_METRICS", default=DEFAULT,
-              show_default=True,
-              help="The daemon's [metrics] listen: a socket path or 127.0.0.1:PORT "
-                   "[env BADGED_METRICS].")
+@click.option("--http", "listen", envvar="BADGED_METRICS", default=None,
+              help="Read the HTTP endpoint of [metrics] listen instead (a socket path or "
+                   "127.0.0.1:PORT) [env BADGED_METRICS].")
 @json_option
-def metrics_command(listen: str, as_json: bool) -> None:
+@admin_socket_option
+def metrics_command(listen: str | None, as_json: bool, admin_socket: str | None) -> None:
     """Print the daemon's Prometheus metrics (text exposition format, or --json)."""
-    about(f"metrics endpoint {listen}")
-    try:
-        text = fetch(listen)
-    except PermissionError:
-        fail(EXIT_NO_ACCESS, "no_access", f"permission denied on {listen}: only root, the "
-             "daemon's user and members of its operator_group may read metrics",
-             as_json=as_json, error_code="permission_denied")
-    except (OSError, http.client.HTTPException) as exc:
-        why = getattr(exc, "strerror", None) or str(exc)
-        fail(EXIT_UNAVAILABLE, "unavailable", f"metrics endpoint {listen}: {why} (is [metrics] "
-             "listen set and the daemon running?)", as_json=as_json)
+    if listen is None:
+        about("metrics")
+        text = scrape_admin(admin_socket)
+    else:
+        about(f"metrics endpoint {listen}")
+        try:
+            text = fetch(listen)
+        except PermissionError:
+            fail(EXIT_NO_ACCESS, "no_access", f"permission denied on {listen}: only root, the "
+                 "daemon's user and members of its operator_group may read metrics",
+                 as_json=as_json, error_code="permission_denied")
+        except (OSError, http.client.HTTPException) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            fail(EXIT_UNAVAILABLE, "unavailable", f"metrics endpoint {listen}: {why} (is "
+                 "[metrics] listen set and the daemon running?)", as_json=as_json)
     if as_json:
         emit_json(as_families(text))
     else:
