@@ -262,20 +262,49 @@ def badged_policy() -> PolicySpec | None:
 @pytest.fixture
 def badged_agent(request: pytest.FixtureRequest) -> str:
     """The agent ``badged dev`` creates; the ``badged_agent`` ini option by default."""
-    return str(request.config.getini("badged_agent"))
+    return _ini(request.config, "badged_agent", DEFAULT_AGENT)
+
+
+def _ini(config: pytest.Config, name: str, default: str) -> str:
+    """An ini value; the default when the plugin's options are not registered
+    (fixtures imported into a conftest instead of loading the plugin)."""
+    try:
+        return str(config.getini(name))
+    except ValueError:
+        return default
+
+
+def _start(request: pytest.FixtureRequest, policy: PolicySpec | None,
+           agent: str) -> Iterator[BadgedDev]:
+    if shutil.which("softhsm2-util") is None:
+        # A CI job that silently skips its identity tests proves nothing:
+        # failing is the default, skipping an explicit choice.
+        reason = "badged_dev needs SoftHSM (softhsm2-util not found; apt-get install softhsm2)"
+        if _ini(request.config, "badged_skip_without_softhsm", "False") == "True":
+            pytest.skip(reason)
+        pytest.fail(reason)
+    timeout = float(_ini(request.config, "badged_start_timeout", str(START_TIMEOUT)))
+    with start_badged_dev(policy=policy, agent=agent, timeout=timeout) as dev:
+        yield dev
 
 
 @pytest.fixture
 def badged_dev(request: pytest.FixtureRequest, badged_policy: PolicySpec | None,
                badged_agent: str) -> Iterator[BadgedDev]:
     """A real ``badged dev`` on a throwaway SoftHSM token, stopped after the test."""
-    if shutil.which("softhsm2-util") is None:
-        # A CI job that silently skips its identity tests proves nothing:
-        # failing is the default, skipping an explicit choice.
-        reason = "badged_dev needs SoftHSM (softhsm2-util not found; apt-get install softhsm2)"
-        if request.config.getini("badged_skip_without_softhsm"):
-            pytest.skip(reason)
-        pytest.fail(reason)
-    timeout = float(request.config.getini("badged_start_timeout"))
-    with start_badged_dev(policy=badged_policy, agent=badged_agent, timeout=timeout) as dev:
-        yield dev
+    yield from _start(request, badged_policy, badged_agent)
+
+
+@pytest.fixture(scope="session")
+def badged_session_policy() -> PolicySpec | None:
+    """The policy of ``badged_dev_session``; override it at session scope."""
+    return None
+
+
+@pytest.fixture(scope="session")
+def badged_dev_session(request: pytest.FixtureRequest,
+                       badged_session_policy: PolicySpec | None) -> Iterator[BadgedDev]:
+    """One ``badged dev`` for the whole run (start-up costs seconds: key generation),
+    for tests that do not change its state; the agent is the ``badged_agent`` ini value."""
+    yield from _start(request, badged_session_policy,
+                      _ini(request.config, "badged_agent", DEFAULT_AGENT))

@@ -46,19 +46,34 @@ def test_example_downstream_project(pytester: pytest.Pytester, softhsm_available
         if f.is_file():
             shutil.copy(f, pytester.path / f.name)
     record = pytester.path / "record.txt"
+    session_record = pytester.path / "session.txt"
     # One more test beside the example's: where the daemon ran, to check it is gone after.
     pytester.makepyfile(test_zz_record=textwrap.dedent(f"""
         def test_record(badged_dev):
             assert badged_dev.client.whoami().agents[0].agent == "ci-bot"
             with open({str(record)!r}, "w") as fh:
                 fh.write(f"{{badged_dev.pid}} {{badged_dev.state_dir}}")
+
+        def test_session_a(badged_dev_session):
+            with open({str(session_record)!r}, "a") as fh:
+                fh.write(f"{{badged_dev_session.pid}} {{badged_dev_session.state_dir}}\\n")
+
+        def test_session_b(badged_dev_session):
+            assert badged_dev_session.client.whoami().agents[0].agent == "ci-bot"
+            with open({str(session_record)!r}, "a") as fh:
+                fh.write(f"{{badged_dev_session.pid}} {{badged_dev_session.state_dir}}\\n")
         """))
     monkeypatch.setenv("PYTHONPATH", _pythonpath())
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=400)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
     pid, state = record.read_text().split()
     assert not _alive(int(pid)), "badged dev still running after the test"
     assert not Path(state).exists(), "state dir left behind"
+    # The session fixture: one daemon for both tests, gone after the run.
+    lines = session_record.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    pid, state = lines[0].split()
+    assert not _alive(int(pid)) and not Path(state).exists()
 
 
 @pytest.mark.softhsm
