@@ -262,22 +262,25 @@ def _keystore_problems(config: DaemonConfig) -> list[Problem]:
 
 
 def _policy_problems(config: DaemonConfig) -> list[Problem]:
-    from badged.policy.loader import load_policy
+    """Every policy error at its line, and warnings for users, groups and paths
+    this host does not have (badged.policy.check)."""
+    from badged.policy.check import check_policy
 
-    if config.policy_file is None:
-        return [Problem("[daemon] policy_file", "not set: the policy grants nothing "
-                                                "(deny by default)", fatal=False)]
-    modes = _writable_by_others("[daemon] policy_file", config.policy_file)
-    try:
-        policy = load_policy(config.policy_file)
-    except BadgedError as exc:
-        return [Problem("[daemon] policy_file", str(exc)), *modes]
-    if modes:
-        return modes
-    if not policy.agents:
-        return [Problem("[daemon] policy_file", f"{config.policy_file} grants nothing "
-                                                "(deny by default)", fatal=False)]
-    return []
+    what = "[daemon] policy_file"
+    path = config.policy_file
+    if path is None:
+        return [Problem(what, "not set: the policy grants nothing (deny by default)", fatal=False)]
+    report = check_policy(path)
+
+    def where(line: int | None) -> str:
+        return f"{path}:{line}" if line else str(path)
+
+    out = [Problem(what, f"{where(e.line)}: {e.message}") for e in report.errors]
+    out += _writable_by_others(what, path)
+    out += [Problem(what, f"{where(w.line)}: {w.message}", fatal=False) for w in report.warnings]
+    if report.ok and not report.agents:
+        out.append(Problem(what, f"{path} grants nothing (deny by default)", fatal=False))
+    return out
 
 
 def offline(config: DaemonConfig) -> list[Problem]:

@@ -182,3 +182,21 @@ def test_check_on_a_tpm_config_names_the_device(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "[keystore] tcti: TPM device /dev/no-such-tpm does not exist" in proc.stderr
+
+
+def test_check_reports_every_policy_error_at_its_line(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[bundle.a]\naudiences = ["x"]\n\n[bundle.a.nested]\nk = 1\n\n'
+                      '[bundle.b]\naudiences = ["y"]\nrate = "lots"\n\n'
+                      '[[agent]]\nname = "n"\nselectors = ["unix:user:no-such-user-q"]\n'
+                      'bundles = ["b"]\n')
+    cfg = tmp_path / "badged.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}/state"\npolicy_file = "{policy}"\n'
+                   '[keystore]\nuri = "pkcs11:token=t?pin-source=file:/nonexistent/pin"\n')
+    proc = subprocess.run([sys.executable, "-m", "badged", "check", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{policy}:4: bundle 'a': unknown key 'nested'" in proc.stderr  # not line 1
+    assert f"{policy}:9: bundle 'b'" in proc.stderr
+    assert f"warning: [daemon] policy_file: {policy}:13: unix:user:no-such-user-q" in proc.stderr

@@ -231,8 +231,7 @@ def policy_check(path: Path, as_json: bool) -> None:
     Exit 0 when the daemon would accept the file (warnings allowed), 1 otherwise.
     """
     try:
-        import badged.policy.loader  # noqa: F401 -- the daemon's own loader decides
-        from badgeclient._cli.policycheck import check_policy
+        from badged.policy.check import check_policy  # the daemon's own loader decides
     except ImportError:  # pragma: no cover -- client-only install
         click.echo("badgectl: policy check needs the badged package installed", err=True)
         sys.exit(EXIT_USAGE)

@@ -1,5 +1,5 @@
-"""``badgectl policy check``: every error of a policy file, and what it names that
-this host does not have.
+"""Every error of a policy file, and what it names that this host does not have
+(``badgectl policy check``, ``badged check`` and the start-up checks).
 
 The daemon's loader (``badged.policy.loader``) stops at the first error, which
 is right for the daemon (an invalid file is refused whole) but slow for an
