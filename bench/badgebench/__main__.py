@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from badgebench import procfs, provision, report
+from badgebench import host, procfs, provision, report
 from badgebench.ceiling import run_ceiling
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
@@ -450,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     with _terminate_cleanly():
         try:
             _say(f"state dir {state} (removed at the end); mode {plan.mode}")
+            rep.meta["host"] = host.describe(REPO, state)
+            for line in host.header_lines(rep.meta["host"], rep.meta["versions"]):
+                _say(line)
             token = provision.provision_token(state, module)
             os.environ.update(token.env)
             cold: float | None = None
@@ -503,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
           f"key {rep.meta['key']['label']} in SoftHSM token {provision.TOKEN_LABEL}")
     print(f"load average before {rep.meta['loadavg_before']}, "
           f"after {rep.meta['loadavg_after']}; {rep.meta['elapsed_s']}s total")
+    if rep.meta.get("host"):
+        for line in host.header_lines(rep.meta["host"], rep.meta["versions"],
+                                      rep.meta["loadavg_after"]):
+            print(line)
     print()
     print(report.format_table(rep.rows))
     b = rep.badged
@@ -577,7 +584,10 @@ def _markdown(rep: Report) -> str:
              f"{v.get('kernel')}, badged {v.get('badged_commit')}, {v.get('openssl')}, "
              f"{v.get('openssh')}, SoftHSM {v.get('softhsm')}, grpcio {v.get('grpcio')}; "
              f"load average {m['loadavg_before']} before, {m.get('loadavg_after')} after; "
-             f"key `{m['key']['label']}`.", "", report.format_markdown(rep.rows), ""]
+             f"key `{m['key']['label']}`.", ""]
+    if m.get("host"):
+        lines += ["```", *host.header_lines(m["host"], v, m.get("loadavg_after")), "```", ""]
+    lines += [report.format_markdown(rep.rows), ""]
     if b and "unavailable" not in b and not b.get("external_socket"):
         lines.append(f"- badged start-up to ready: {b.get('start_warm_s')} s (first start, "
                      f"creating the agent's keys: {b.get('start_cold_s')} s)")
