@@ -199,7 +199,7 @@ class RefusalLogFilter(logging.Filter):
 def install_refusal_log_limits(interval: float = 10.0) -> RefusalLogFilter:
     """Rate-limit the per-refusal log lines of the servicers and the error boundary."""
     flt = RefusalLogFilter(interval=interval)
-    for name in ("badged.service.workload", "badged.service.errors"):
+    for name in ("badged.service.workload", "badged.service.issuance", "badged.service.errors"):
         logging.getLogger(name).addFilter(flt)
     return flt
 

@@ -9,6 +9,7 @@ issuances: they read or change policy state for the caller itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -173,8 +174,10 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         selectors = proc.selectors()
         policy = d.policy.current
         now = d.clock()
-        # facts() may read the TPM's AK once per installed chain: off the loop.
-        await d.signing.run(self._assurance.facts)
+        # facts() may read the TPM's AK once per installed chain: off the loop,
+        # but not on the signing thread, where it would wait behind a ~200 ms
+        # TPM signature (the key store serializes device access itself).
+        await asyncio.get_running_loop().run_in_executor(None, self._assurance.facts)
         matches = []
         for rule in candidates(policy, selectors):
             if self._gate.agent_status(rule.agent) != "active":
