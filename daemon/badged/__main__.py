@@ -196,6 +196,9 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None,
               help="Seconds a request waits for a human approval before it is denied.")
 @click.option("--unsafe-audit-no-fsync", is_flag=True, hidden=True,
               help="Benchmarks only: do not fsync audit records.")
+@click.option("--audit-durability", type=click.Choice(["fsync", "write"]), default=None,
+              help="[audit] durability: fsync (default; durable before the answer) or write "
+                   "(written before the answer, synced within 50 ms; docs/audit.md).")
 @click.option("--backend", type=click.Choice(["softhsm", "tpm"]), default="softhsm",
               show_default=True,
               help="Throwaway SoftHSM token, or a throwaway swtpm run for the daemon's lifetime.")
@@ -206,8 +209,8 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str | None,
                    "STATE_DIR/run/metrics.sock.")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
-        approval_timeout: int, unsafe_audit_no_fsync: bool, backend: str,
-        signing_mode: str | None, metrics: bool) -> None:
+        approval_timeout: int, unsafe_audit_no_fsync: bool, audit_durability: str | None,
+        backend: str, signing_mode: str | None, metrics: bool) -> None:
     """Run on a throwaway SoftHSM token or swtpm under STATE_DIR (development mode)."""
     from badged.dev import prepare
 
@@ -221,6 +224,7 @@ def dev(ctx: click.Context, state_dir: Path, agent: str, trust_domain: str,
                                              log_level=ctx.obj.get("log_level"),
                                              approval_timeout=approval_timeout,
                                              unsafe_audit_no_fsync=unsafe_audit_no_fsync or None,
+                                             audit_durability=audit_durability,
                                              metrics_enabled=metrics or None,
                                              metrics_listen=str(setup.config.workload_socket.parent
                                                                 / "metrics.sock")

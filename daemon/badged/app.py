@@ -160,7 +160,10 @@ class Daemon:
         if self.metrics is not None:  # counted from the durable records
             mirror = combine_mirrors(mirror, self.metrics.observe_audit)
             fsync = self.metrics.timed_fsync(fsync)
-        audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir), clock=self._clock,
+        audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir,
+                                          durability=cfg.audit_durability,
+                                          sync_delay=cfg.audit_sync_delay_ms / 1000),
+                              clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
         if device_created:

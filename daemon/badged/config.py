@@ -45,6 +45,10 @@ class DaemonConfig:
     policy_file: Path | None = None
     audit_dir: Path | None = None
     audit_syslog: bool = False
+    # [audit] durability: "fsync" (durable before the answer) or "write"
+    # (written before the answer, synced within audit_sync_delay_ms).
+    audit_durability: str = "fsync"
+    audit_sync_delay_ms: int = 50
     # Benchmarks only (set by `badged dev --unsafe-audit-no-fsync`, never from
     # a config file): acknowledged records may be lost on power failure.
     unsafe_audit_no_fsync: bool = False
@@ -147,7 +151,7 @@ _KNOWN: dict[str, set[str]] = {
     "keystore": {"backend", "uri", "module_path", "module_env", "tcti", "key_dir", "parent_handle",
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies",
                  "command_timeout"},
-    "audit": {"dir", "syslog"},
+    "audit": {"dir", "syslog", "durability", "sync_delay_ms"},
     "metrics": {"enabled", "listen"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
@@ -368,6 +372,11 @@ def load_config(path: Path) -> DaemonConfig:
     level = choice(log, "log", "level", LOG_LEVELS, "INFO", upper=True)
     error_details = typed(log, "log", "error_details", bool, True)
     syslog = typed(audit, "audit", "syslog", bool, False)
+    durability = choice(audit, "audit", "durability", ("fsync", "write"), "fsync")
+    sync_delay_ms = typed(audit, "audit", "sync_delay_ms", int, 50)
+    if not 1 <= sync_delay_ms <= 1000:
+        fail("audit", "sync_delay_ms", "sync_delay_ms must be in 1..1000")
+        sync_delay_ms = 50
     max_conn = typed(d, "daemon", "max_connections_per_uid", int, 256)
     if not 1 <= max_conn <= 65536:
         fail("daemon", "max_connections_per_uid", "max_connections_per_uid must be in 1..65536")
@@ -404,6 +413,8 @@ def load_config(path: Path) -> DaemonConfig:
         policy_file=path_opt(d, "daemon", "policy_file"),
         audit_dir=path_opt(audit, "audit", "dir"),
         audit_syslog=syslog,
+        audit_durability=durability,
+        audit_sync_delay_ms=sync_delay_ms,
         default_ttl=default_ttl,
         max_ttl=max_ttl,
         max_connections_per_uid=max_conn,

@@ -25,6 +25,17 @@ Why it is built this way:
 * **Checkpoints off the hot path.** A checkpoint signs an *earlier* head
   (seq, hash) on a separate one-thread executor -- a TPM needs ~200 ms per
   signature -- and is then appended like any record. Appends never wait for it.
+* **Durability mode** (``AuditConfig.durability``). ``"fsync"`` (default):
+  as above. ``"write"``: ``append`` returns once the record is *written*
+  (``write(2)`` into the file, so it survives a crash of the daemon, kill -9
+  included), and a background thread makes it durable within
+  ``sync_delay`` (one sync for everything written meanwhile). An OS crash or
+  power loss can lose the records of that last window -- a missing or torn
+  *unsealed* tail that the next start cuts and states in a recovery record
+  -- but never a sealed one: a checkpoint's bytes are written only after
+  everything it seals has been synced (docs/audit.md, "Durability modes").
+  Blocking appends (``append_sync``: start/stop, key lifecycle) are fsync'd
+  before they return in both modes.
 * **Fail closed.** A write or fsync error fails every record not yet durable
   with :class:`~badged.errors.AuditError`, the file is cut back to its last
   durable byte and the chain rewinds. An fsync error poisons the log (after a
@@ -111,6 +122,8 @@ def unsafe_no_fsync(fd: int) -> None:
 COMMIT_DELAY_S = 0.0006
 GATHER_ENOUGH = 8  # records already queued: write them now
 GATHER_MIN_OTHERS = 3  # calls in flight beyond those queued, to be worth a wait
+DURABILITY_MODES: Final = ("fsync", "write")
+MAX_SYNC_DELAY_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,8 +142,16 @@ class AuditConfig:
     rotate_seconds: float | None = 24 * 3600.0
     checkpoint_records: int | None = 1000
     checkpoint_seconds: float | None = 60.0
+    # "fsync": durable before the answer. "write": written before the answer,
+    # durable within sync_delay seconds (module doc; docs/audit.md).
+    durability: str = "fsync"
+    sync_delay: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(f"audit durability must be one of {', '.join(DURABILITY_MODES)}")
+        if not 0 < self.sync_delay <= MAX_SYNC_DELAY_S:
+            raise ConfigError(f"audit sync_delay must be in (0, {MAX_SYNC_DELAY_S:g}] seconds")
         if self.rotate_bytes < 1:
             raise ConfigError("audit rotate_bytes must be positive")
         for name in ("rotate_seconds", "checkpoint_seconds", "checkpoint_records"):
@@ -157,6 +178,8 @@ class AuditStats:
     failed: int = 0  # records failed with AuditError
     checkpoints: int = 0
     assigned: int = 0  # records chained and queued (durable or not)
+    syncs: int = 0  # background syncs ("write" mode)
+    synced_seq: int = 0  # every record up to this seq has been fsync'd
 
 
 @dataclass(frozen=True)
@@ -277,6 +300,15 @@ class AuditLog:
         self._mirror = mirror
         self._mirror_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._mirror_thread: threading.Thread | None = None
+        # "write" mode: the background syncer. _sync_lock is held around every
+        # sync of _fd and around replacing/closing _fd, so a sync never hits
+        # a closed (or reused) descriptor; _sync_cv guards _written_seq.
+        self._write_mode = config.durability == "write"
+        self._sync_lock = threading.Lock()
+        self._sync_cv = threading.Condition(threading.Lock())
+        self._written_seq = 0
+        self._sync_stop = False
+        self._sync_thread: threading.Thread | None = None
 
     # -- construction ---------------------------------------------------------
 
@@ -325,9 +357,14 @@ class AuditLog:
         if signer is not None:
             log._sign_pool = ThreadPoolExecutor(max_workers=1,
                                                 thread_name_prefix="badged-audit-sign")
+        log.stats.synced_seq = log._written_seq = log._durable.seq
         log._thread = threading.Thread(target=log._writer_main, name="badged-audit-writer",
                                        daemon=True)
         log._thread.start()
+        if log._write_mode:
+            log._sync_thread = threading.Thread(target=log._syncer_main,
+                                                name="badged-audit-sync", daemon=True)
+            log._sync_thread.start()
         if mirror is not None:
             log._mirror_thread = threading.Thread(target=log._mirror_main,
                                                   name="badged-audit-mirror", daemon=True)
@@ -533,7 +570,8 @@ class AuditLog:
         """
         fields, float_free = checked_event(event)
         loop = asyncio.get_running_loop()
-        if self.solo is not None and self.solo():
+        if self._write_mode or (self.solo is not None and self.solo()):
+            # "write" mode: a write(2) is cheaper than two thread hand-offs.
             receipt = self._append_inline(fields, float_free)
             if receipt is not None:
                 self._maybe_checkpoint(loop)
@@ -650,24 +688,86 @@ class AuditLog:
         if self._size > 0 and self._rotation_due():
             self._rotate(batch[0].receipt.seq)
         data = b"".join([e.line for e in batch])
-        written = 0
-        while written < len(data):
-            n = self._write(self._fd, data[written:] if written else data)
-            if n <= 0:
-                raise OSError(errno.EIO, "write returned 0")
-            written += n
-        try:
-            self._fsync(self._fd)
-        except OSError as exc:
-            raise _FsyncError(exc) from exc
+        cut = next((i for i, e in enumerate(batch) if e.kind == KIND_CHECKPOINT), None)
+        # "write" mode covers the per-request records (append); blocking
+        # appends (start/stop, key lifecycle, registry intents) stay durable.
+        sync = not self._write_mode or any(e.event is not None for e in batch)
+        if cut is not None and (cut > 0 or self._write_mode):
+            # Seal order: what a checkpoint seals reaches the disk before the
+            # checkpoint's bytes are even written, so a power loss can tear an
+            # unsealed tail but never leave a seal over a torn record.
+            head = len(b"".join([e.line for e in batch[:cut]]))
+            self._write_all(data[:head])
+            self._sync_fd()
+            self._write_all(data[head:])
+            sync = True
+        else:
+            self._write_all(data)
+        if sync:
+            self._sync_fd()
         last = batch[-1]
         with self._cond:
             self._size += len(data)
             self._durable = _Head(last.receipt.seq, last.receipt.hash, last.dt, last.kind)
         self.stats.batches += 1
         self.stats.records += len(batch)
+        with self._sync_cv:
+            self._written_seq = last.receipt.seq
+            if sync:
+                self.stats.synced_seq = max(self.stats.synced_seq, last.receipt.seq)
+            else:
+                self._sync_cv.notify()  # the syncer makes it durable within sync_delay
         if self._mirror is not None:
-            self._mirror_q.put(data)  # after fsync: only durable records are copied
+            self._mirror_q.put(data)  # after fsync ("write" mode: after the write)
+
+    def _write_all(self, data: bytes) -> None:
+        written = 0
+        while written < len(data):
+            n = self._write(self._fd, data[written:] if written else data)
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            written += n
+
+    def _sync_fd(self) -> None:
+        try:
+            with self._sync_lock:
+                self._fsync(self._fd)
+        except OSError as exc:
+            raise _FsyncError(exc) from exc
+
+    def _syncer_main(self) -> None:
+        """ "write" mode: sync what was written, at most ``sync_delay`` after it was.
+
+        Waits for a written-but-unsynced record, lets ``sync_delay`` pass
+        (everything written meanwhile shares the one sync), then syncs. A
+        failed sync poisons the log like a failed inline fsync: the kernel
+        may have dropped the pages, so acknowledged records may be lost and
+        nothing more is acknowledged until a restart.
+        """
+        delay = self.config.sync_delay
+        while True:
+            with self._sync_cv:
+                while self._written_seq <= self.stats.synced_seq and not self._sync_stop:
+                    self._sync_cv.wait()
+                if self._written_seq <= self.stats.synced_seq:
+                    return  # stopping, nothing left unsynced
+                if not self._sync_stop:
+                    self._sync_cv.wait(delay)  # woken early only by close()
+                target = self._written_seq
+            try:
+                with self._sync_lock:
+                    if self._fd < 0:
+                        return
+                    self._fsync(self._fd)
+            except OSError as exc:
+                _logger.critical("audit background sync failed; records acknowledged in the "
+                                 "last %.3fs may be lost: %s", delay, exc)
+                with self._cond:
+                    self._poisoned = _FsyncError(exc)
+                return
+            with self._sync_cv:
+                self.stats.synced_seq = max(self.stats.synced_seq, target)
+                self.stats.syncs += 1
 
     def _rotation_due(self) -> bool:
         cfg = self.config
@@ -679,7 +779,15 @@ class AuditLog:
     def _rotate(self, first_seq: int) -> None:
         """Continue the chain in a new file named after its first record."""
         old = self._path
-        self._open_file(self.directory / files.file_name(first_seq))
+        if self._write_mode:
+            with self._sync_lock:  # the old file is complete and durable before it is closed
+                try:
+                    self._fsync(self._fd)
+                except OSError as exc:
+                    raise _FsyncError(exc) from exc
+                self._open_file(self.directory / files.file_name(first_seq))
+        else:
+            self._open_file(self.directory / files.file_name(first_seq))
         _logger.info("audit log rotated: %s -> %s", old.name, self._path.name)
 
     def _after_failure(self, batch: list[_Entry], exc: BaseException) -> list[_Entry]:
@@ -857,6 +965,11 @@ class AuditLog:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._sync_thread is not None:  # its last sync covers every written record
+            with self._sync_cv:
+                self._sync_stop = True
+                self._sync_cv.notify_all()
+            self._sync_thread.join()
         if self._mirror_thread is not None:
             self._mirror_q.put(None)
             self._mirror_thread.join()
