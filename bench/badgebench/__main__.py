@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from badgebench import host, procfs, provision, report
+from badgebench import durability, host, procfs, provision, report
 from badgebench.ceiling import run_ceiling
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
@@ -49,12 +49,13 @@ class Plan:
     pair_rounds: int = 0
     pair_duration_s: float = 3.0
     ceiling_rounds: int = 0
+    durability_rounds: int = 0
 
 
 FULL = Plan(mode="full", duration_s=5.0, slice_s=1.0, warmup_s=1.0, openssl_seconds=3,
             inprocess=(1, 2), ssh_agent=(1, 4, 16, 64), p11kit=(1, 4, 16),
             badged=(1, 4, 16, 64), badgeclient=(1, 16), rss_requests=100_000, rss_clients=16,
-            pair_rounds=5, pair_duration_s=2.0, ceiling_rounds=3)
+            pair_rounds=5, pair_duration_s=2.0, ceiling_rounds=3, durability_rounds=3)
 QUICK = Plan(mode="quick", duration_s=1.0, slice_s=0.5, warmup_s=0.3, openssl_seconds=1,
              inprocess=(1, 2), ssh_agent=(1, 16), p11kit=(1, 16), badged=(1, 4, 16),
              badgeclient=(1,), rss_requests=2_000, rss_clients=4, pair_rounds=0)
@@ -298,6 +299,12 @@ def _paired(rep: Report, plan: Plan, token: provision.Token, public: str, fetch:
                  f"{plan.pair_duration_s:g}s")
             rep.ceiling = _guarded("ceiling rounds", lambda: run_ceiling(
                 rounds=plan.ceiling_rounds, src=src, clients=n, **common))
+        if plan.durability_rounds:
+            _say(f"durability rounds: ssh-agent, badged (fsync) and a second badged "
+                 f"--audit-durability write, {plan.durability_rounds} rounds of "
+                 f"{plan.pair_duration_s:g}s")
+            rep.durability = _guarded("durability rounds", lambda: durability.run_durability(
+                rounds=plan.durability_rounds, src=src, **common))
     except (Unavailable, OSError, subprocess.TimeoutExpired) as exc:
         rep.paired = {"error": f"ssh-agent: {exc}"[:500]}
         _say(f"paired ssh-agent failed to start: {exc}")
@@ -357,6 +364,31 @@ def _targets(rep: Report) -> list[dict[str, Any]]:
     g = rep.badged.get("rss_growth_pct")
     if g is not None:
         add(f"RSS growth over {rep.badged.get('rss_requests')} requests (%)", g, "< 5", g < 5)
+    out.extend(_targets_22(rep))
+    return out
+
+
+def _targets_22(rep: Report) -> list[dict[str, Any]]:
+    """Issue 22's targets, from the paired, durability and scale blocks (information only)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: str, ok: Callable[[float], bool]) -> None:
+        out.append({"target": f"#22 {name}", "value": None if value is None else round(value, 2),
+                    "goal": goal, "met": None if value is None else ok(value)})
+
+    med, dm = rep.paired.get("median"), rep.durability.get("median")
+    if med:
+        add("FetchToken@16 / ssh-agent@16 [paired]", med.get("fetch16_vs_ssh16"), ">= 2.0",
+            lambda v: v >= 2.0)
+        add("Sign@16 / ssh-agent@16 [paired]", med.get("sign16_vs_ssh16"), ">= 2.5",
+            lambda v: v >= 2.5)
+    if dm:
+        add("sequential FetchToken p50 / ssh-agent p50, fsync mode [durability rounds]",
+            dm.get("fetch1_p50_vs_ssh1_fsync"), "<= 1.5", lambda v: v <= 1.5)
+        add("sequential FetchToken p50 / ssh-agent p50, write mode [durability rounds]",
+            dm.get("fetch1_p50_vs_ssh1_write"), "<= 1.0", lambda v: v <= 1.0)
+    for t in rep.scale.get("targets", []):
+        add(t["target"], t["value"], t["goal"], lambda v, t=t: bool(t["met"]))
     return out
 
 
@@ -385,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling-rounds", type=int,
                     help="rounds of one badged vs two independent daemons vs ssh-agent, the "
                          "upper bound of a multi-process daemon (full: 3, quick: 0)")
+    ap.add_argument("--durability-rounds", type=int,
+                    help="rounds of ssh-agent vs badged in both audit durability modes "
+                         "(fsync, write) (full: 3, quick: 0)")
     ap.add_argument("--clients", help="override every concurrency list, e.g. 1,16")
     ap.add_argument("--badged-src", type=Path, default=REPO,
                     help="tree with daemon/ and clients/ to run badged from (default: this repo)")
@@ -416,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         over["pair_rounds"] = args.pair_rounds
     if args.ceiling_rounds is not None:
         over["ceiling_rounds"] = args.ceiling_rounds
-    if args.duration and (args.pair_rounds is not None or args.ceiling_rounds is not None):
+    if args.durability_rounds is not None:
+        over["durability_rounds"] = args.durability_rounds
+    if args.duration and (args.pair_rounds is not None or args.ceiling_rounds is not None
+                          or args.durability_rounds is not None):
         over["pair_duration_s"] = args.duration
     if args.rss_requests is not None:
         over["rss_requests"] = args.rss_requests
@@ -480,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_peers(rep.rows, plan, token, key, public, groups)
             if "badged" in groups:
                 pair = None
-                if (plan.pair_rounds or plan.ceiling_rounds) and "ssh-agent" in groups:
+                if ((plan.pair_rounds or plan.ceiling_rounds or plan.durability_rounds)
+                        and "ssh-agent" in groups):
                     def pair(fetch: OpSpec, sign: OpSpec, pid: int | None) -> None:
                         _paired(rep, plan, token, public, fetch, sign, pid, src)
                 bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid,
@@ -542,8 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\npaired rounds: not available ({report.short_error(rep.paired['error'])})")
     for line in _ceiling_lines(rep.ceiling):
         print(line)
+    for line in durability.lines(rep.durability):
+        print(line)
     if rep.targets:
-        print("\nissue #7 targets (information, not a pass/fail of this command):")
+        print("\ntargets of issue #7 (unmarked) and issue #22 (marked #22); information, "
+              "not a pass/fail of this command:")
         for t in rep.targets:
             mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
             print(f"  {t['target']}: {t['value']} (goal {t['goal']}) — {mark}")
@@ -602,6 +644,7 @@ def _markdown(rep: Report) -> str:
                          f"{k} " + " / ".join(f"{r['ratios'][k]:.2f}" for r in rounds)
                          for k in rounds[0]["ratios"]))
     lines.extend(f"- {line.strip()}" for line in _ceiling_lines(rep.ceiling)[1:3])
+    lines.extend(f"- {line.strip()}" for line in durability.lines(rep.durability)[1:])
     for t in rep.targets:
         mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")

@@ -51,11 +51,13 @@ class Report:
     targets: list[dict[str, Any]] = field(default_factory=list)
     paired: dict[str, Any] = field(default_factory=dict)
     ceiling: dict[str, Any] = field(default_factory=dict)
+    durability: dict[str, Any] = field(default_factory=dict)
+    scale: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "rows": [r.to_json() for r in self.rows],
                 "badged": self.badged, "paired": self.paired, "ceiling": self.ceiling,
-                "targets": self.targets}
+                "durability": self.durability, "scale": self.scale, "targets": self.targets}
 
 
 def _r(v: float | None, nd: int = 1) -> float | None:

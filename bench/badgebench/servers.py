@@ -132,9 +132,10 @@ class P11KitServer:
 class Badged:
     """`badged dev --state-dir DIR` on the benchmark's token; times start-up to ready."""
 
-    def __init__(self, state_dir: Path, repo: Path) -> None:
+    def __init__(self, state_dir: Path, repo: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.repo = repo
+        self.extra_args = extra_args  # e.g. ("--audit-durability", "write")
         self.socket = state_dir / "run" / "agent.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -142,7 +143,8 @@ class Badged:
     def command(self) -> list[str]:
         # `python -m badged` with the source tree first on PYTHONPATH: the
         # daemon measured is the one in ``repo``, whatever is installed.
-        return [sys.executable, "-m", "badged", "dev", "--state-dir", str(self.state_dir)]
+        return [sys.executable, "-m", "badged", "dev", "--state-dir", str(self.state_dir),
+                *self.extra_args]
 
     def start(self, timeout: float = 90.0) -> float:
         """Start the daemon; return seconds from exec to its readiness line."""
