@@ -197,10 +197,21 @@ class RefusalLogFilter(logging.Filter):
 
 
 def install_refusal_log_limits(interval: float = 10.0) -> RefusalLogFilter:
-    """Rate-limit the per-refusal log lines of the servicers and the error boundary."""
+    """Rate-limit the per-refusal log lines of the servicers and the error boundary.
+
+    A logger filter only sees records logged to that very logger, so it goes
+    on every ``badged.*`` logger that exists once the servicers are imported
+    (the composition root calls this after wiring them): a handler moved to
+    another module keeps its rate limit. Only the refusal messages are
+    touched.
+    """
     flt = RefusalLogFilter(interval=interval)
-    for name in ("badged.service.workload", "badged.service.issuance", "badged.service.errors"):
-        logging.getLogger(name).addFilter(flt)
+    names = {"badged.service.errors", "badged.service.issuance", "badged.service.workload"}
+    names.update(n for n in logging.root.manager.loggerDict if n.startswith("badged."))
+    for name in sorted(names):
+        logger = logging.getLogger(name)
+        if flt not in logger.filters:
+            logger.addFilter(flt)
     return flt
 
 
