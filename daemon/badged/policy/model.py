@@ -172,6 +172,54 @@ class Policy:
     requester_may_approve: bool = False
     # Loaded, but worth an operator's look (allow_any_user rules).
     warnings: tuple[str, ...] = ()
+    # Built once per policy (issue 22): a request's cost must not depend on
+    # rules that cannot apply to it. Rules by agent name, and rules by their
+    # rarest selector (a rule matches only callers that have it), each with
+    # its position so results keep the policy's order.
+    _by_agent: Mapping[str, tuple[AgentRule, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
+    _by_selector: Mapping[str, tuple[tuple[int, AgentRule], ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
+    _unkeyed: tuple[tuple[int, AgentRule], ...] = field(
+        default=(), init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_agent: dict[str, list[AgentRule]] = {}
+        count: dict[str, int] = {}
+        for rule in self.agents:
+            by_agent.setdefault(rule.agent, []).append(rule)
+            for sel in rule.selectors | (rule.foreign or frozenset()):
+                count[sel] = count.get(sel, 0) + 1
+        by_sel: dict[str, list[tuple[int, AgentRule]]] = {}
+        unkeyed: list[tuple[int, AgentRule]] = []
+        for pos, rule in enumerate(self.agents):
+            keys = {min(sels, key=lambda x: (count[x], x))
+                    for sels in (rule.selectors, rule.foreign) if sels}
+            if not keys or not rule.selectors:
+                unkeyed.append((pos, rule))  # no selector: matches every caller
+                continue
+            for key in keys:  # the foreign spelling may hold the rarest one elsewhere
+                by_sel.setdefault(key, []).append((pos, rule))
+        object.__setattr__(self, "_by_agent", {k: tuple(v) for k, v in by_agent.items()})
+        object.__setattr__(self, "_by_selector", {k: tuple(v) for k, v in by_sel.items()})
+        object.__setattr__(self, "_unkeyed", tuple(unkeyed))
+
+    def rules_for_agent(self, agent: str) -> tuple[AgentRule, ...]:
+        """This agent's rules, in policy order."""
+        return self._by_agent.get(agent, ())
+
+    def matching(self, caller: AbstractSet[str]) -> list[AgentRule]:
+        """Rules whose selectors ``caller`` satisfies, in policy order.
+
+        Looks only at rules keyed by one of the caller's own selectors, so
+        the cost grows with the rules that could apply, not with the policy.
+        """
+        hits: dict[int, AgentRule] = dict(self._unkeyed)
+        index = self._by_selector
+        for sel in caller:
+            for pos, rule in index.get(sel, ()):
+                hits[pos] = rule
+        return [rule for _, rule in sorted(hits.items()) if rule.matches(caller)]
 
     @classmethod
     def empty(cls) -> Policy:
@@ -253,7 +301,7 @@ def _no_budget_limit(agent: str, bundle: Bundle) -> float | None:
 
 def candidates(policy: Policy, caller: AbstractSet[str]) -> list[AgentRule]:
     """Agent rules whose selectors the caller satisfies (what ``whoami`` shows)."""
-    return [r for r in policy.agents if r.matches(caller)]
+    return policy.matching(caller)
 
 
 def missing_selectors(rule: AgentRule, caller: AbstractSet[str]) -> list[str]:
@@ -300,7 +348,7 @@ def delegation_refusal(policy: Policy, caller: AbstractSet[str]) -> str | None:
     if not policy.delegators & caller:
         return "caller matches no [delegation] allow selector"
     if not policy.agents_may_delegate:
-        agents = sorted({r.agent for r in policy.agents if r.matches(caller)})
+        agents = sorted({r.agent for r in policy.matching(caller)})
         if agents:
             return f"caller matches agent rule(s) for {', '.join(agents)}: agents may not delegate"
     return None
@@ -332,12 +380,13 @@ def evaluate(
         # Same rules, same order as filtering candidates(): the cheap name
         # test first, the selector subset test only for this agent's rules.
         wanted = request.agent
-        matching = [r for r in policy.agents if r.agent == wanted and r.matches(caller)]
+        mine = policy.rules_for_agent(wanted)
+        matching = [r for r in mine if r.matches(caller)]
         if not matching:
             return Decision(False, request.agent, "-",
                             f"no agent rule lets this caller act as {request.agent!r}",
                             trace=tuple(f"{r.source}: missing {missing_selectors(r, caller)}"
-                                        for r in policy.agents if r.agent == request.agent))
+                                        for r in mine))
     else:
         matching = candidates(policy, caller)
         names = sorted({r.agent for r in matching})

@@ -1,0 +1,74 @@
+"""Policy rules are indexed (issue 22): a request's cost does not depend on rules that cannot apply.
+
+The index must give exactly the rules a full scan gives, in policy order
+(including rules that also match from another mount namespace), and
+``evaluate`` must look at no rule keyed on selectors the caller lacks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from badged.policy.model import (
+    OTHER_NS_PATH,
+    AgentRule,
+    Bundle,
+    Policy,
+    Request,
+    candidates,
+    evaluate,
+)
+
+SELECTORS = [f"unix:uid:{u}" for u in range(6)] + [f"unix:gid:{g}" for g in range(4)] + [
+    "unix:path:/usr/bin/a", "unix:path:/usr/bin/b", "unix:sha256:" + "0" * 64,
+    "systemd:unit:x.service"]
+
+
+def _rule(agent: str, sels: set[str], *, other_ns: bool = False) -> AgentRule:
+    return AgentRule(agent=agent, selectors=frozenset(sels), bundles=("b",), source=agent,
+                     other_mount_ns=other_ns)
+
+
+def test_the_index_finds_exactly_what_a_full_scan_finds_in_order() -> None:
+    rng = random.Random(22)
+    for _ in range(200):
+        rules = tuple(_rule(f"a{i}", set(rng.sample(SELECTORS, rng.randint(0, 3))),
+                            other_ns=rng.random() < 0.2) for i in range(rng.randint(0, 30)))
+        policy = Policy(agents=rules)
+        for _ in range(20):
+            caller = set(rng.sample(SELECTORS, rng.randint(0, 6)))
+            if rng.random() < 0.3:  # a caller in another mount namespace
+                caller = {s.replace("unix:path:", OTHER_NS_PATH)
+                          if s.startswith("unix:path:") else s for s in caller}
+            scan = [r for r in rules if r.matches(caller)]
+            assert policy.matching(caller) == scan == candidates(policy, caller)
+            for name in {r.agent for r in rules}:
+                assert list(policy.rules_for_agent(name)) == [r for r in rules if r.agent == name]
+
+
+def test_evaluate_does_not_look_at_rules_that_cannot_apply(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 rules for other uids, or for this uid with another binary: none examined."""
+    others = [_rule(f"other-{i}", {f"unix:uid:{100000 + i}"}) for i in range(5000)]
+    same_uid = [_rule(f"bin-{i}", {"unix:uid:1000", f"unix:sha256:{i:064x}"})
+                for i in range(5000)]
+    mine = _rule("me", {"unix:uid:1000"})
+    bundle = Bundle("b", frozenset({"aud"}), frozenset({"read"}), frozenset({"token"}), 600)
+    policy = Policy(agents=(*others, *same_uid, mine), bundles={"b": bundle})
+    caller = frozenset({"unix:uid:1000", "unix:gid:1000", "unix:path:/usr/bin/agent"})
+    looked: list[str] = []
+    real = AgentRule.matches
+
+    def counting(self: AgentRule, sels: frozenset[str]) -> bool:
+        looked.append(self.agent)
+        return real(self, sels)
+
+    monkeypatch.setattr(AgentRule, "matches", counting)
+    for agent in (None, "me"):
+        looked.clear()
+        d = evaluate(policy, caller, Request(kind="token", agent=agent, audience="aud",
+                                             scopes=("read",)), now=0.0, default_ttl=60)
+        assert d.allowed and d.agent == "me", d.explain()
+        assert looked == ["me"], looked[:5]
