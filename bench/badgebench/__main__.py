@@ -437,9 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hostile", action="store_true",
                     help="issue 16's targets under hostile local users (root; --duration, "
                          "default 60 s; --clients, default 16)")
+    ap.add_argument("--scale", action="store_true",
+                    help="issue 22's scale run instead of the comparison: 1 -> 1,000 agents, "
+                         "10 -> 10,000 policy rules, 1 -> 1,000 held connections, start-up, "
+                         "audit verify of 1M records (--quick: smaller)")
     args = ap.parse_args(argv)
     if args.hostile:
         return _hostile(args)
+    if args.scale:
+        return _scale(args)
 
     plan = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
@@ -616,6 +622,47 @@ def _hostile(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0 if all(t[3] is not False for t in result["targets"]) else 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """``--scale``: the growth run and its rows (badgebench.scale)."""
+    from badgebench import scale
+
+    src = args.badged_src.resolve()
+    for sub in ("clients", "daemon"):
+        sys.path.insert(0, str(src / sub))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    rep = Report(meta={"timestamp": stamp, "mode": "scale" + ("-quick" if args.quick else ""),
+                       "cpus": os.cpu_count(), "host": None, "loadavg_before": procfs.loadavg(),
+                       "versions": _versions(src), "badged_src": str(src)})
+    probe = provision.make_state_dir()
+    try:
+        rep.meta["host"] = host.describe(REPO, probe)
+    finally:
+        provision.cleanup(probe)
+    for line in host.header_lines(rep.meta["host"], rep.meta["versions"]):
+        _say(line)
+    t0 = time.monotonic()
+    with _terminate_cleanly():
+        try:
+            rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration)
+        except KeyboardInterrupt:
+            _say("interrupted")
+            return 130
+        except (Unavailable, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            rep.scale = {"error": str(exc)[:500]}
+    rep.meta["loadavg_after"] = procfs.loadavg()
+    rep.meta["elapsed_s"] = round(time.monotonic() - t0, 1)
+    out_json = args.json or args.out_dir / f"{stamp}-scale.json"
+    report.write_json(rep, out_json)
+    print(f"\nbadged scale run — {rep.meta['mode']}, {rep.meta['elapsed_s']}s")
+    text = host.header_lines(rep.meta["host"], rep.meta["versions"], rep.meta["loadavg_after"])
+    text += scale.lines(rep.scale)
+    print("\n".join(text))
+    out_md = out_json.with_suffix(".md")
+    out_md.write_text("```\n" + "\n".join(text) + "\n```\n")
+    print(f"\nJSON: {out_json}\nMarkdown: {out_md}")
+    return 0
 
 
 def _markdown(rep: Report) -> str:

@@ -72,3 +72,54 @@ def test_evaluate_does_not_look_at_rules_that_cannot_apply(
                                              scopes=("read",)), now=0.0, default_ttl=60)
         assert d.allowed and d.agent == "me", d.explain()
         assert looked == ["me"], looked[:5]
+
+
+def _big_policy(n: int) -> str:
+    head = ('[bundle.demo]\naudiences = ["aud"]\nscopes = ["read"]\nkinds = ["token"]\n'
+            'max_ttl = "1h"\n\n')
+    return head + "\n".join(f'[[agent]]\nname = "a{i}"\nselectors = ["unix:uid:{10000 + i}"]\n'
+                            'bundles = ["demo"]\n' for i in range(n))
+
+
+def test_loading_many_rules_reads_the_text_a_bounded_number_of_times(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding each [[agent]]'s line scanned the whole file once per rule: quadratic."""
+    from badged.policy import loader
+
+    scanned = 0
+
+    class Counting(list[str]):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            nonlocal scanned
+            scanned += len(self)
+            return super().__iter__()
+
+    real_init = loader._Lines.__init__
+
+    def init(self: loader._Lines, text: str) -> None:
+        real_init(self, text)
+        self.lines = Counting(self.lines)
+
+    monkeypatch.setattr(loader._Lines, "__init__", init)
+    text = _big_policy(2000)
+    policy = loader.parse_policy(text, "big.toml")
+    assert len(policy.agents) == 2000
+    rows = text.splitlines()
+    line = int(policy.agents[1999].source.split(":")[1])  # file:line still right
+    assert rows[line - 1] == "[[agent]]" and rows[line] == 'name = "a1999"'
+    lines = len(rows)
+    assert scanned <= 5 * lines, f"{scanned} lines scanned for a {lines}-line policy"
+
+
+def test_rules_with_the_same_selectors_for_two_agents_are_still_refused() -> None:
+    from badged.errors import ConfigError
+    from badged.policy import loader
+
+    text = _big_policy(50) + ('\n[[agent]]\nname = "a7-again"\nselectors = ["unix:uid:10007"]\n'
+                              'bundles = ["demo"]\n')
+    with pytest.raises(ConfigError) as info:
+        loader.parse_policy(text, "dup.toml")
+    assert "same selectors as 'a7'" in str(info.value)
+    ok = _big_policy(3) + '\n[[agent]]\nname = "a1"\nselectors = ["unix:uid:10001"]\n' \
+        'bundles = ["demo"]\n'
+    assert len(loader.parse_policy(ok, "same-agent.toml").agents) == 4  # same agent: allowed

@@ -112,10 +112,16 @@ class _Lines:
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
+        # pattern -> its header lines: one scan per pattern, not one per rule
+        # (10,000 [[agent]] rules made loading quadratic: minutes; issue 22).
+        self._hits: dict[str, list[int]] = {}
 
     def header(self, pattern: str, nth: int = 0) -> int:
-        rx = re.compile(rf"^\s*{pattern}\s*(#.*)?$")
-        hits = [i for i, line in enumerate(self.lines) if rx.match(line)]
+        hits = self._hits.get(pattern)
+        if hits is None:
+            rx = re.compile(rf"^\s*{pattern}\s*(#.*)?$")
+            hits = self._hits[pattern] = [i for i, line in enumerate(self.lines)
+                                          if rx.match(line)]
         return hits[nth] if nth < len(hits) else 0
 
     def key(self, start: int, key: str) -> int:
@@ -303,6 +309,7 @@ class _Parser:
                 raise self.fail(start + 1, f"bundle name {name!r}: use [a-z0-9._-], max 63")
             bundles[name] = self.bundle(name, entry, start, allowed=_BUNDLE_KEYS)
         rules: list[AgentRule] = []
+        first_with: dict[frozenset[str], AgentRule] = {}  # selectors -> first rule with them
         for idx, entry in enumerate(self._array(doc, "agent")):
             start = self.where.header(r"\[\[\s*agent\s*\]\]", idx)
             what = f"[[agent]] #{idx + 1}"
@@ -326,15 +333,17 @@ class _Parser:
             if not names and baseline is None:
                 raise self.fail(self.where.key(start, "bundles"),
                                 f"{what} ({name}): grants nothing (no bundles and no baseline)")
-            for earlier in rules:
-                if earlier.selectors == sels and earlier.agent != name:
-                    raise self.fail(self.where.key(start, "selectors"),
-                                    f"{what} ({name}): same selectors as {earlier.agent!r} at "
-                                    f"{earlier.source}; every such caller would be ambiguous")
+            # A dict, not a scan of the earlier rules: 10,000 rules took 13 s (issue 22).
+            earlier = first_with.get(sels)
+            if earlier is not None and earlier.agent != name:
+                raise self.fail(self.where.key(start, "selectors"),
+                                f"{what} ({name}): same selectors as {earlier.agent!r} at "
+                                f"{earlier.source}; every such caller would be ambiguous")
             rule = self.rule(entry, name, sels, tuple(names), start, what,
                              self.client_ids(entry, start, what, name, rules))
             self.check_gates(rule, baseline, bundles, start, what)
             rules.append(rule)
+            first_with.setdefault(sels, rule)
         for idx, entry in enumerate(self._array(doc, "bind")):
             start = self.where.header(r"\[\[\s*bind\s*\]\]", idx)
             what = f"[[bind]] #{idx + 1}"
