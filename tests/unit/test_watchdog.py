@@ -94,3 +94,19 @@ def test_call_guard_bounds_lock_waits_and_fails_fast() -> None:
     guard.acquire("nested")  # the same thread may nest (RLock)
     guard.release()
     guard.release()
+
+
+def test_stale_tpm_references_mean_reconnect() -> None:
+    """A TPM restarted under a live context answers REFERENCE_H0 (0x910) for
+    handles it lost: that is UNAVAILABLE (drop the context, reconnect), not a
+    key-store failure (seen when `badged dev` restarted a killed swtpm)."""
+    from badged.keystore.tpm.store import translate
+
+    class Tss2Error(Exception):
+        def __init__(self, rc: int) -> None:
+            super().__init__(hex(rc))
+            self.rc = rc
+
+    for rc in (0x910, 0x911, 0x918):
+        err = translate(Tss2Error(rc), "signing")
+        assert isinstance(err, KeyStoreUnavailableError) and err.raw == hex(rc), err

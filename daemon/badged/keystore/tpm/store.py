@@ -118,6 +118,10 @@ _RC_LOCKOUT = 0x921
 _RC_OBJECT_MEMORY = 0x902
 _RC_SESSION_MEMORY = 0x903
 _TRANSIENT_WARNINGS = {0x908, 0x90A, 0x920, 0x922, 0x923}  # YIELDED TESTING NV_RATE RETRY NV_UNAVAILABLE
+# REFERENCE_H0..H6 / S0..S6: a handle names an object or session the TPM no
+# longer has -- it was restarted under a live context (the swtpm TCTI even
+# reconnects to a new swtpm by itself). The context is stale: reconnect.
+_STALE_REFERENCES = set(range(0x910, 0x917)) | set(range(0x918, 0x91F))
 _TCTI_CONFIG_ERRORS = {0x15, 0x0B, 0x05, 0x03}  # NOT_SUPPORTED BAD_VALUE BAD_REFERENCE NOT_IMPLEMENTED
 _TPMA_PERMANENT_IN_LOCKOUT = 0x200
 SLOW_COMMAND_TIMEOUT = 60.0
@@ -200,6 +204,9 @@ def translate(exc: BaseException, what: str) -> KeyStoreError:
                                      backend=BACKEND, raw=raw)
         if code == _RC_INITIALIZE or code in _TRANSIENT_WARNINGS:
             return KeyStoreUnavailableError(f"{what}: TPM busy or not started ({exc})",
+                                            backend=BACKEND, raw=raw)
+        if code in _STALE_REFERENCES:
+            return KeyStoreUnavailableError(f"{what}: TPM was reset (loaded objects gone)",
                                             backend=BACKEND, raw=raw)
         if code in (_RC_OBJECT_MEMORY, _RC_SESSION_MEMORY):
             return KeyStoreUnavailableError(f"{what}: TPM out of object/session slots",
