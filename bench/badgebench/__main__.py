@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="issue 22's scale run instead of the comparison: 1 -> 1,000 agents, "
                          "10 -> 10,000 policy rules, 1 -> 1,000 held connections, start-up, "
                          "audit verify of 1M records (--quick: smaller)")
+    ap.add_argument("--scale-agents", type=int,
+                    help="with --scale: agents to create (default 1,000; --quick 100)")
     args = ap.parse_args(argv)
     if args.hostile:
         return _hostile(args)
@@ -645,7 +647,8 @@ def _scale(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with _terminate_cleanly():
         try:
-            rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration)
+            rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration,
+                                        max_agents=args.scale_agents)
         except KeyboardInterrupt:
             _say("interrupted")
             return 130

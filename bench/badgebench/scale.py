@@ -102,10 +102,11 @@ def _reload(daemon: Badged, policy: Path, text: str) -> float:
     return time.monotonic() - t0
 
 
-def run_scale(src: Path, say: Say, *, quick: bool = False,
-              duration: float | None = None) -> dict[str, Any]:
+def run_scale(src: Path, say: Say, *, quick: bool = False, duration: float | None = None,
+              max_agents: int | None = None) -> dict[str, Any]:
     rules_steps = (10, 100, 1000) if quick else (10, 100, 1000, 10_000)
-    agent_steps = (10, 100) if quick else (10, 100, 1000)
+    top = max_agents or (100 if quick else 1000)
+    agent_steps = (*(n for n in (10, 100, 300, 1000) if n < top), top)
     held_steps = (1, 10, 100) if quick else (1, 10, 100, 1000)
     records = 100_000 if quick else 1_000_000
     dur = duration or (1.0 if quick else 3.0)

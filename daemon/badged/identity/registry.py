@@ -387,7 +387,8 @@ class AgentRegistry:
             lost = orphans == "adopt" and not self._store.exists()
             pending_keys = set(pending.get("keys") or []) if pending and not lost else set()
             wanted, registered = self._key_sets()
-            in_token = [k for k in self._keystore.list() if k.startswith(AGENT_KEY_PREFIX)]
+            listed = self._keystore.list()
+            in_token = [k for k in listed if k.startswith(AGENT_KEY_PREFIX)]
             strays = [k for k in in_token if k not in registered and k not in pending_keys]
             if strays and orphans == "refuse":
                 raise UnregisteredKeysError(strays)
@@ -409,7 +410,10 @@ class AgentRegistry:
                         report.quarantined[key] = quarantine_key(
                             self._keystore, key, self._audit_fn, reason="operator: badged recover "
                             "--quarantine (no registry entry)")
-            present = set(self._keystore.list())
+            # The token's list again only if something above changed it: each
+            # list() walks every object of the token (issue 22: start-up time).
+            changed = pending is not None or bool(strays) or bool(report.destroyed)
+            present = set(self._keystore.list()) if changed else set(listed)
             report.missing = sorted(k for k in wanted if k not in present)
             if report.missing:
                 _logger.error("registry keys missing from the token; those agents cannot sign",
