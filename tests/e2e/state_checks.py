@@ -37,7 +37,11 @@ def check_restart_invariants(state_dir: Path, snap: dict[str, Any]) -> None:
     in_token = {k for k in labels if k.startswith("badged/agent/")}
     assert in_token == set(wanted), (sorted(in_token ^ set(wanted)), "token vs registry")
     for k in labels:
-        assert k.startswith(("badged/agent/", "badged/quarantine/")) or k == "badged/device/v1", k
+        # '' : SoftHSM creates a key object first and writes its attributes
+        # after, so a SIGKILL inside C_GenerateKeyPair can leave an object
+        # without a label (and without key material); nothing can name it.
+        assert k.startswith(("badged/agent/", "badged/quarantine/")) or k in (
+            "badged/device/v1", ""), k
     for k, kid in wanted.items():
         if kids:
             assert kids[k] == kid, f"{k}: token key is not the one the registry names"
