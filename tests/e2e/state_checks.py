@@ -38,8 +38,8 @@ def check_restart_invariants(state_dir: Path, snap: dict[str, Any]) -> None:
     assert in_token == set(wanted), (sorted(in_token ^ set(wanted)), "token vs registry")
     for k in labels:
         # '' : SoftHSM creates a key object first and writes its attributes
-        # after, so a SIGKILL inside C_GenerateKeyPair can leave an object
-        # without a label (and without key material); nothing can name it.
+        # after, so a SIGKILL inside C_GenerateKeyPair can leave a half-made object
+        # without a label; badged finds keys by label only, so it is never used.
         assert k.startswith(("badged/agent/", "badged/quarantine/")) or k in (
             "badged/device/v1", ""), k
     for k, kid in wanted.items():
