@@ -78,6 +78,24 @@ class AssuranceOracle:
         self._lock = threading.Lock()
         self._cache: tuple[tuple[int, bytes], DeviceFacts] | None = None
         self._checked = float("-inf")  # monotonic time of the last look at the chain
+        self._ak_name: str | None = None  # this TPM's AK Name (hex), read once
+
+    def hardware_pending(self) -> bool:
+        """Could :meth:`facts` still read the TPM (the AK, once per daemon)?
+
+        Async callers that are not on the signing thread then call it through
+        ``asyncio.to_thread``: never on the loop, and never queued behind a
+        slow signature on the signing thread.
+        """
+        return self._ak_name is None and isinstance(self._keystore, CredentialActivator)
+
+    def _ak(self) -> str | None:
+        if self._ak_name is None and isinstance(self._keystore, CredentialActivator):
+            try:
+                self._ak_name = tpm_name(self._keystore.ak_public()).hex()
+            except BadgedError as exc:
+                _logger.warning("cannot read the AK to confirm the attested TPM: %s", exc)
+        return self._ak_name
 
     def facts(self) -> DeviceFacts:
         cache = self._cache
@@ -115,12 +133,10 @@ class AssuranceOracle:
                 ak_name = str(doc.get("ak_name", ""))
         hardware = False
         if evidence == EVIDENCE_TPM_ACTIVATED and isinstance(self._keystore, CredentialActivator):
-            try:
-                hardware = tpm_name(self._keystore.ak_public()).hex() == ak_name
-            except BadgedError as exc:
-                _logger.warning("cannot read the AK to confirm the attested TPM: %s", exc)
+            own = self._ak()
+            hardware = own is not None and own == ak_name
             if not hardware:
-                _logger.warning("device certificate names another TPM's AK: not advanced")
+                _logger.warning("device certificate does not name this TPM's AK: not advanced")
         return DeviceFacts(enrolled=True, not_after=leaf.not_valid_after_utc.timestamp(),
                            permitted=permitted_agents(leaf), evidence=evidence,
                            hardware_attested=hardware)

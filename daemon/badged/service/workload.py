@@ -174,10 +174,11 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         selectors = proc.selectors()
         policy = d.policy.current
         now = d.clock()
-        # facts() may read the TPM's AK once per installed chain: off the loop,
-        # but not on the signing thread, where it would wait behind a ~200 ms
-        # TPM signature (the key store serializes device access itself).
-        await asyncio.get_running_loop().run_in_executor(None, self._assurance.facts)
+        if self._assurance.hardware_pending():
+            # facts() may read the TPM's AK (once per daemon): off the loop, and
+            # not on the signing thread, where it would wait behind a ~200 ms
+            # TPM signature (the key store serializes device access itself).
+            await asyncio.to_thread(self._assurance.facts)
         matches = []
         for rule in candidates(policy, selectors):
             if self._gate.agent_status(rule.agent) != "active":
