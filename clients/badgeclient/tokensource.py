@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import json
 import os
 import random
@@ -41,6 +42,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, Self
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 
 from badgeclient.client import DEFAULT_SOCKET, Token, WorkloadClient
 from badgeclient.errors import BadgeError, RateLimitedError, UnavailableError
@@ -111,6 +115,38 @@ def _jwt_times(jwt: str) -> tuple[int, int, str]:
                                status="INTERNAL") from exc
 
 
+FETCH_JWT_SVID = "/SpiffeWorkloadAPI/FetchJWTSVID"
+
+
+@functools.cache
+def _jwt_svid_messages() -> tuple[type[Message], type[Message]]:
+    """JWTSVIDRequest/Response (SPIFFE Workload API) in a private descriptor pool.
+
+    The SPIFFE protos have no package, so their generated modules (ours in
+    badged_proto.spiffe, py-spiffe's own) collide in protobuf's default pool:
+    an agent that also uses py-spiffe could not import both. Only the two
+    messages this source needs are described here, field numbers as in
+    protos/badged_proto/spiffe/workload.proto.
+    """
+    f = descriptor_pb2.FileDescriptorProto(name="badgeclient/jwt_svid.proto", syntax="proto3")
+    string, message = descriptor_pb2.FieldDescriptorProto.TYPE_STRING, \
+        descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+    one, many = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, \
+        descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+    req = f.message_type.add(name="JWTSVIDRequest")
+    req.field.add(name="audience", number=1, type=string, label=many)
+    req.field.add(name="spiffe_id", number=2, type=string, label=one)
+    svid = f.message_type.add(name="JWTSVID")
+    for number, name in enumerate(("spiffe_id", "svid", "hint"), start=1):
+        svid.field.add(name=name, number=number, type=string, label=one)
+    resp = f.message_type.add(name="JWTSVIDResponse")
+    resp.field.add(name="svids", number=1, type=message, label=many, type_name=".JWTSVID")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("JWTSVIDRequest")),
+            message_factory.GetMessageClass(pool.FindMessageTypeByName("JWTSVIDResponse")))
+
+
 class _Fetcher:
     """Owns the channel to the daemon and replaces it after the daemon went away.
 
@@ -149,20 +185,24 @@ class _Fetcher:
             raise
 
     def _jwt_svid(self, client: WorkloadClient, key: TokenKey) -> Token:
-        from badged_proto.spiffe import workload_pb2, workload_pb2_grpc
+        request_cls, response_cls = _jwt_svid_messages()
+        call = client._channel.unary_unary(
+            FETCH_JWT_SVID, request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString)
 
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(client._channel)
+        def fetch(req: Message, *, timeout: float) -> Message:
+            return call(req, timeout=timeout, metadata=(SPIFFE_HEADER,))
 
-        def call(req: workload_pb2.JWTSVIDRequest, *, timeout: float) -> workload_pb2.JWTSVIDResponse:
-            return stub.FetchJWTSVID(req, timeout=timeout, metadata=(SPIFFE_HEADER,))
-
-        r = client._call(call, workload_pb2.JWTSVIDRequest(audience=list(key.audience),
-                                                           spiffe_id=key.agent))
-        if not r.svids:
+        req = request_cls()
+        getattr(req, "audience").extend(key.audience)  # noqa: B009 -- a dynamic message class
+        setattr(req, "spiffe_id", key.agent)  # noqa: B010
+        r = client._call(fetch, req)
+        svids = getattr(r, "svids", ())
+        if not svids:
             raise UnavailableError("daemon returned no JWT-SVID", status="INTERNAL")
-        svid = r.svids[0]
-        iat, exp, jti = _jwt_times(svid.svid)
-        return Token(token=svid.svid, agent="", spiffe_id=svid.spiffe_id, issued_at=iat,
+        jwt, spiffe_id = str(svids[0].svid), str(svids[0].spiffe_id)
+        iat, exp, jti = _jwt_times(jwt)
+        return Token(token=jwt, agent="", spiffe_id=spiffe_id, issued_at=iat,
                      expires_at=exp, jti=jti, key_id="")
 
     def close(self) -> None:
