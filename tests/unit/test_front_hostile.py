@@ -469,3 +469,39 @@ def test_a_budget_of_one_connection_evicts_and_keeps_its_books() -> None:
         assert not front.ledger.usage and front.ledger.channel_total["workload"] == 0
 
     _run(scenario, limits)
+
+
+def test_a_client_that_never_reads_loses_its_socket_not_just_its_slot() -> None:
+    """transport.close() waits for buffered answers to drain: a reader that never reads
+    kept the daemon's socket and buffer forever after its connection was 'closed'
+    (found by bench/run --hostile). Past send_timeout the socket itself must go."""
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, str(public))
+        raw = Raw(s)
+        # Huge windows: only the socket buffers hold the answers back.
+        out = [PREFACE, _frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 2**31 - 1)),
+               _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 65536))]
+        sid = 1
+        for _ in range(4):  # conn_streams = 4
+            out += [raw.request(sid), _frame(DATA, 1, sid, _msg(b"big:900000"))]
+            sid += 2
+        await raw.send(b"".join(out))
+        for _ in range(100):
+            if front.connections:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = front.connections
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        for _ in range(300):  # send_timeout 0.5 s, then CLOSE_GRACE_S
+            if sock.fileno() == -1:
+                break
+            await asyncio.sleep(0.02)
+        assert not front.connections
+        assert sock.fileno() == -1, "the daemon still holds the socket of a closed connection"
+        s.close()
+
+    _run(scenario)

@@ -360,8 +360,14 @@ class _Connection(ServerConnection, asyncio.Protocol):
             self.server.registry.release(self.name)
             self.name = None
         self.server.connections.discard(self)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits for buffered output to drain: a peer that never
+                # reads would keep the socket and its buffer forever, outside
+                # every budget. The GOAWAY gets a moment, then the socket goes.
+                self._loop.call_later(CLOSE_GRACE_S, transport.abort)
 
     def shutdown(self) -> None:
         """Tell the client no new calls are taken here (GOAWAY); calls in flight go on."""
@@ -383,8 +389,11 @@ class _Connection(ServerConnection, asyncio.Protocol):
 
     def flush(self) -> None:
         out = self.out
-        if out and self.transport is not None and not self.closed:
-            self.transport.write(bytes(out))
+        transport = self.transport
+        # A transport whose send failed is closing before connection_lost runs;
+        # writing to it would log "socket.send() raised exception." each time.
+        if out and transport is not None and not self.closed and not transport.is_closing():
+            transport.write(bytes(out))
         out.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -866,6 +875,9 @@ def _parse_timeout(value: bytes) -> float | None:
 # How long after two calls last overlapped the daemon still counts as busy
 # for solo(): see GrpcFront.solo.
 SOLO_QUIET_S = 0.1
+# How long a closed connection may still flush its last frames (the GOAWAY)
+# to a peer before its socket is dropped.
+CLOSE_GRACE_S = 1.0
 
 
 class GrpcFront:
