@@ -111,9 +111,13 @@ async def forever(name: str, attack: object, path: str, deadline: float) -> None
     while time.monotonic() < deadline:
         link = Link(path)
         try:
-            await attack(link, deadline)  # type: ignore[operator]
+            # A send to a daemon that stopped reading us blocks: never past the deadline.
+            await asyncio.wait_for(attack(link, deadline),  # type: ignore[operator]
+                                   max(0.1, deadline - time.monotonic() + 1.0))
         except (OSError, asyncio.IncompleteReadError):
             STATS[f"{name}:refused"] += 1
+        except TimeoutError:
+            STATS[f"{name}:blocked"] += 1
         finally:
             link.close()
         await asyncio.sleep(0.05)
