@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -207,10 +208,13 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_hex64(value: object) -> bool:
-    if not isinstance(value, str) or len(value) != 64:
-        return False
-    return all(c in "0123456789abcdef" for c in value)
+    # One regex, not a Python loop per character: that loop was a third of
+    # `audit verify`'s time (issue 22).
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
 
 
 def parse_line(line: bytes) -> dict[str, Any]:
