@@ -50,6 +50,7 @@ from badged.service.errors import ErrorBoundary
 from badged.service.health import HealthServicer
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
+from badged.sshagent.server import SshAgentServer
 from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 
@@ -105,6 +106,7 @@ class Daemon:
         self._clock = clock
         self._keystore = keystore
         self._front: GrpcFront | None = None
+        self._ssh: SshAgentServer | None = None  # when [ssh] is on
         self._health: HealthServicer | None = None
         self._monitor: HealthMonitor | None = None
         self._clock_watch: asyncio.Task[None] | None = None
@@ -137,6 +139,8 @@ class Daemon:
         self.agents = AgentRegistry(
             store=AgentStore(cfg.private_dir / "agents.json"), keystore=self._keystore,
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
+        # With the SSH agent socket on, every new key version gets an ssh key.
+        self.agents.ssh_keys = cfg.ssh_socket is not None
         policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
         if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
@@ -252,6 +256,11 @@ class Daemon:
         for name in self._ensure_agents:
             if not any(a.name == name for a in self.agents.list(include_revoked=True)):
                 self.agents.create(name, "created by badged dev")
+        if cfg.ssh_socket is not None:
+            # Agents made before [ssh] was on get their SSH key now (audited).
+            added = self.agents.ensure_ssh_keys()
+            if added:
+                _logger.info("ssh keys created", extra={"agents": added})
         for sock in (cfg.workload_socket, cfg.admin_socket):
             _prepare_socket_dir(sock.parent)
         # No private gRPC socket: the front terminates HTTP/2 itself. A stale
@@ -294,6 +303,12 @@ class Daemon:
         await front.serve(cfg.workload_socket, channel="workload", mode=0o666)
         await front.serve(cfg.admin_socket, channel="admin",
                           mode=0o660 if gid is not None else 0o600, group=gid)
+        if cfg.ssh_socket is not None:
+            _prepare_socket_dir(cfg.ssh_socket.parent)
+            self._ssh = SshAgentServer(deps, cfg.ssh_socket,
+                                       max_per_uid=cfg.max_connections_per_uid,
+                                       idle_timeout=cfg.front_limits.idle_timeout)
+            await self._ssh.start()
         await self._start_health(deps)
         self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
         if self.metrics is not None:
@@ -407,6 +422,8 @@ class Daemon:
             await self._health.enter_graceful_shutdown()
         if self.metrics is not None:
             await self.metrics.close()
+        if self._ssh is not None:
+            await self._ssh.close()
         if self._front is not None:
             await self._front.stop_accepting()
             await self._front.drain(grace)

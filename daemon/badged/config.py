@@ -76,6 +76,8 @@ class DaemonConfig:
     metrics_listen: str | None = None
     # [limits]: what any local caller can make the front hold (issue 16).
     front_limits: FrontLimits = field(default_factory=FrontLimits)
+    # [ssh] socket: the OpenSSH agent socket (badged.sshagent); None = off.
+    ssh_socket: Path | None = None
     source: str = "<defaults>"
 
     @property
@@ -153,6 +155,7 @@ _KNOWN: dict[str, set[str]] = {
                  "command_timeout"},
     "audit": {"dir", "syslog", "durability", "sync_delay_ms"},
     "metrics": {"enabled", "listen"},
+    "ssh": {"socket"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
                "unbound_connections_per_uid", "unbound_streams_per_uid",
@@ -429,8 +432,11 @@ def load_config(path: Path) -> DaemonConfig:
         front_limits=front_limits,
         metrics_enabled=metrics_on or listen is not None,
         metrics_listen=listen,
+        ssh_socket=path_opt(table("ssh"), "ssh", "socket"),
         source=src,
     )
+    if cfg.ssh_socket is not None and cfg.ssh_socket in (cfg.workload_socket, cfg.admin_socket):
+        fail("ssh", "socket", "[ssh] socket must differ from the workload and admin sockets")
     if cfg.workload_socket == cfg.admin_socket:
         fail("daemon", "admin_socket", "admin_socket must differ from workload_socket")
     if errors:

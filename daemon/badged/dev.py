@@ -49,8 +49,11 @@ def dev_policy(agent: str, uid: int) -> str:
 [bundle.demo]
 audiences = [{audiences}]
 scopes = [{scopes}]
-kinds = ["token", "sign", "assertion", "dpop", "csr"]
+kinds = ["token", "sign", "assertion", "dpop", "csr", "ssh"]
 max_ttl = "1h"
+# SSH agent socket (run/ssh-agent.sock): user auth to any host, and SSHSIG
+# signatures (ssh-keygen -Y sign, git commit signing) in these namespaces.
+ssh_namespaces = ["git", "file"]
 
 # Not bound to anyone: an operator adds it for a while with
 #   badgectl grant {agent} prod-write --for 30m --reason "incident 42"
@@ -195,6 +198,7 @@ def _prepare_locked(state_dir: Path, private: Path, *, agent: str, trust_domain:
         state_dir=state_dir,
         workload_socket=run / "agent.sock",
         admin_socket=run / "admin.sock",
+        ssh_socket=run / "ssh-agent.sock",
         trust_domain=trust_domain,
         policy_file=policy,
         audit_dir=state_dir / "audit",

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from badged.audit.reader import iter_records
-from badged.core.jose import public_key_from_jwk
+from badged.core.jose import jwk_thumbprint, public_key_from_jwk
 
 
 def _b64(seg: str) -> bytes:
@@ -34,6 +34,8 @@ def check_restart_invariants(state_dir: Path, snap: dict[str, Any]) -> None:
             cur = [v for v in a["versions"] if v["state"] == "active"][-1]
             wanted[cur["token_key"]] = cur["token_kid"]
             wanted[cur["sign_key"]] = cur["sign_kid"]
+            if cur.get("ssh_key"):  # the SSH purpose key (badged dev turns [ssh] on)
+                wanted[cur["ssh_key"]] = jwk_thumbprint(cur["ssh_jwk"])
     in_token = {k for k in labels if k.startswith("badged/agent/")}
     assert in_token == set(wanted), (sorted(in_token ^ set(wanted)), "token vs registry")
     for k in labels:

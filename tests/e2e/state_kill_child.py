@@ -82,6 +82,7 @@ def main(state: Path, seed: int, kill_at: int) -> None:
     store = AgentStore(state / "private" / "agents.json")
     registry = AgentRegistry(store=store, keystore=ks, clock=time.time,
                              trust_domain="example.org", max_token_ttl=600)
+    registry.ssh_keys = True  # three keys per version, as with the SSH agent socket on
     registry.set_audit(log.append_sync)
     registry.reconcile(lambda op: {str(r.get("event")) for r in find_marked(audit_dir, op)
                                    if r.get("op") == op})

@@ -89,13 +89,15 @@ def test_missing_registry_refuses_start_names_keys_and_adopt_brings_them_back(
         state_with_two_agents: Path) -> None:
     state = state_with_two_agents
     keys_before = agent_keys(token_labels(state))
-    assert keys_before == ["badged/agent/demo-agent/v1/sig", "badged/agent/demo-agent/v1/tok",
-                           "badged/agent/deploy-bot/v2/sig", "badged/agent/deploy-bot/v2/tok"]
+    # With the SSH agent socket on (badged dev), each version has an ssh key too.
+    assert keys_before == ["badged/agent/demo-agent/v1/sig", "badged/agent/demo-agent/v1/ssh",
+                           "badged/agent/demo-agent/v1/tok", "badged/agent/deploy-bot/v2/sig",
+                           "badged/agent/deploy-bot/v2/ssh", "badged/agent/deploy-bot/v2/tok"]
     (state / "private" / "agents.json").unlink()
 
     res = _refused(state)
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("badged: ")]
-    assert line and line[-1].startswith("badged: key store: 4 keys have no registry entry (")
+    assert line and line[-1].startswith("badged: key store: 6 keys have no registry entry (")
     for key in keys_before:
         assert key in line[-1]
     assert "badged recover" in line[-1]
@@ -169,12 +171,12 @@ def test_truncated_registry_refuses_and_quarantine_sets_keys_aside(
     finally:
         assert d.stop() == 0
     labels = token_labels(state)
-    assert len([k for k in labels if k.startswith("badged/quarantine/")]) == 4
+    assert len([k for k in labels if k.startswith("badged/quarantine/")]) == 6
     purge = run_badged("recover", "--dev", str(state), "--purge-quarantine")
     assert purge.returncode == 0, purge.stdout + purge.stderr
     assert not [k for k in token_labels(state) if k.startswith("badged/quarantine/")]
     assert len([r for r in audit_records(state) if r["event"] == "key.destroyed"
-                and "purge" in str(r["reason"])]) == 4
+                and "purge" in str(r["reason"])]) == 6
 
 
 def _chattr(flag: str, path: Path) -> None:
@@ -222,8 +224,8 @@ def test_unsaveable_registry_rotate_fails_and_nothing_changes(fresh_state: Path)
             recs = audit_records(fresh_state)
             [op] = [r["op"] for r in recs if r["event"] == "agent.rotate.intent"]
             assert [r["event"] for r in recs if r.get("op") == op] == [
-                "agent.rotate.intent", "key.created", "key.created",
-                "agent.rotate.aborted", "key.destroyed", "key.destroyed"]
+                "agent.rotate.intent", "key.created", "key.created", "key.created",
+                "agent.rotate.aborted", "key.destroyed", "key.destroyed", "key.destroyed"]
             assert not any(r["event"] == "agent.rotated" for r in recs)
             # And once the disk is writable again, rotation works.
             assert a.rotate_agent("demo-agent").current_version == 2
@@ -457,8 +459,8 @@ dir = "{state}/audit"
     assert "nothing to do" in ok.stdout
     (state / "private" / "agents.json").unlink()
     refused = recover()
-    assert refused.returncode == 1 and refused.stdout.count("unregistered") == 4
+    assert refused.returncode == 1 and refused.stdout.count("unregistered") == 6
     q = recover("--quarantine")
     assert q.returncode == 0, q.stdout + q.stderr
-    assert q.stdout.count("quarantined: badged/agent/") == 4
+    assert q.stdout.count("quarantined: badged/agent/") == 6
     assert agent_keys(token_labels(state)) == []

@@ -3,7 +3,11 @@
 Every agent has two keys per version, both generated inside the token:
 
 * the *token key* signs access tokens and is published in the JWKS;
-* the *sign key* serves ``Sign`` over caller data and is never in the JWKS.
+* the *sign key* serves ``Sign`` over caller data and is never in the JWKS;
+* with the SSH agent socket enabled, an *ssh key* (``/ssh``) answers SSH agent
+  sign requests (badged.sshagent) and is never used for anything else. Agents
+  made before it was enabled get one at the next start (:meth:`ensure_ssh_keys`,
+  the same change protocol, ``agent.ssh-key.intent`` / ``agent.ssh_key_added``).
 
 Every change follows one protocol, so that a crash (kill -9, power loss) at
 any point leaves the token, the registry file and the audit log agreeing, and
@@ -68,7 +72,7 @@ _TD_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")
 AGENT_KEY_PREFIX = "badged/agent/"
 QUARANTINE_PREFIX = "badged/quarantine/"
 _KEY_RE = re.compile(r"^badged/agent/(?P<agent>[a-z0-9][a-z0-9._-]{0,62})/v(?P<version>[1-9][0-9]{0,8})"
-                     r"/(?P<role>tok|sig)$")
+                     r"/(?P<role>tok|sig|ssh)$")
 _MAX_KEY_NAME = 96
 
 AuditFn = Callable[[Mapping[str, Any]], object]
@@ -104,8 +108,13 @@ def key_names(agent: str, version: int) -> tuple[str, str]:
     return (f"{AGENT_KEY_PREFIX}{agent}/v{version}/tok", f"{AGENT_KEY_PREFIX}{agent}/v{version}/sig")
 
 
+def ssh_key_name(agent: str, version: int) -> str:
+    """The SSH purpose key of one agent version."""
+    return f"{AGENT_KEY_PREFIX}{agent}/v{version}/ssh"
+
+
 def parse_key_name(name: str) -> tuple[str, int, str] | None:
-    """(agent, version, "tok" | "sig") of an agent key label, or None."""
+    """(agent, version, "tok" | "sig" | "ssh") of an agent key label, or None."""
     m = _KEY_RE.match(name)
     if m is None:
         return None
@@ -217,6 +226,8 @@ class AgentRegistry:
         self._op_agent = ""
         self._op_keys: builtins.list[str] = []
         self._op_caller: dict[str, Any] = {}
+        # New key versions get an SSH purpose key (set by the app when [ssh] is on).
+        self.ssh_keys = False
 
     def add_listener(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(agent, "rotated" | "revoked")`` once that change is saved.
@@ -264,6 +275,42 @@ class AgentRegistry:
         v = rec.current
         return SigningKey(name, rec.spiffe_id, v.sign_kid, self._keystore.get(v.sign_key), v.version)
 
+    def ssh_key(self, name: str) -> SigningKey | None:
+        """The agent's current SSH key; None while it has none (SSH off when made)."""
+        rec = self.active(name)
+        v = rec.current
+        if not v.ssh_key:
+            return None
+        return SigningKey(name, rec.spiffe_id, jwk_thumbprint(v.ssh_jwk),
+                          self._keystore.get(v.ssh_key), v.version)
+
+    def ensure_ssh_keys(self, *, caller: Mapping[str, Any] | None = None) -> builtins.list[str]:
+        """Give every active agent whose current version lacks one an SSH key.
+
+        One registry change per agent, through the same protocol as rotate
+        (pending file, intent, key.created, durable save, completion), so a
+        crash mid-way is recovered at start like any other change. Returns
+        the agents that got a key.
+        """
+        done: builtins.list[str] = []
+        with self._lock:
+            for name in sorted(self._agents):
+                rec = self._agents[name]
+                if rec.status != "active" or rec.current.ssh_key:
+                    continue
+                version = rec.current.version
+                key_name = ssh_key_name(name, version)
+                op = self._begin("ssh-key", name, [key_name], caller, version=version)
+                jwk = self._generate_audited(key_name, op)
+                new = copy.deepcopy(self._agents)
+                changed = new[name].current
+                changed.ssh_key, changed.ssh_jwk = key_name, jwk
+                self._commit(op, new, {"event": "agent.ssh_key_added", "version": version,
+                                       "ssh_kid": jwk_thumbprint(jwk), "key": key_name})
+                self._finish(op)
+                done.append(name)
+        return done
+
     def jwks(self) -> dict[str, builtins.list[dict[str, str]]]:
         """Token keys of active agents: current, plus retired ones still in use."""
         now = int(self._clock())
@@ -290,7 +337,7 @@ class AgentRegistry:
         with self._lock:
             if name in self._agents:
                 raise AlreadyExistsError(f"agent {name!r} exists")
-            op = self._begin("create", name, list(key_names(name, 1)), caller,
+            op = self._begin("create", name, self._version_keys(name, 1), caller,
                              description=description)
             now = int(self._clock())
             version = self._new_version(name, 1, now, op)
@@ -309,7 +356,7 @@ class AgentRegistry:
         with self._lock:
             rec = self.active(name)
             old = rec.current
-            op = self._begin("rotate", name, list(key_names(name, old.version + 1)), caller,
+            op = self._begin("rotate", name, self._version_keys(name, old.version + 1), caller,
                              version=old.version + 1)
             now = int(self._clock())
             new_version = self._new_version(name, old.version + 1, now, op)
@@ -324,11 +371,11 @@ class AgentRegistry:
                                    "kid": new_version.token_kid,
                                    "sign_kid": new_version.sign_kid,
                                    "retired_kid": retired.token_kid,
-                                   "destroys": [retired.token_key, retired.sign_key]})
+                                   "destroys": _keys_of(retired)})
             self._notify(name, "rotated")
             # Committed and audited: the retired private keys go now (their
             # public half stays published until publish_until).
-            self._destroy_audited(op, [retired.token_key, retired.sign_key], "retired by rotate")
+            self._destroy_audited(op, _keys_of(retired), "retired by rotate")
             self._finish(op)
             _logger.info("agent rotated", extra={"agent": name, "version": new_version.version})
             return copy.deepcopy(changed)
@@ -351,7 +398,7 @@ class AgentRegistry:
                     v.state = "retired"
                     v.retired_at = changed.revoked_at
                 v.publish_until = 0
-                doomed += [v.token_key, v.sign_key]
+                doomed += _keys_of(v)
             self._commit(op, new, {"event": "agent.revoked", "reason": reason[:256],
                                    "destroys": doomed})
             self._notify(name, "revoked")  # before the hardware calls, which may fail
@@ -478,7 +525,7 @@ class AgentRegistry:
         adopted: builtins.list[tuple[AgentRecord, bool]] = []
         now = int(self._clock())
         for agent, versions in sorted(groups.items()):
-            complete = sorted(v for v, roles in versions.items() if len(roles) == 2)
+            complete = sorted(v for v, roles in versions.items() if {"tok", "sig"} <= roles.keys())
             reason = ""
             if agent in new:
                 reason = "agent already in the registry with other keys"
@@ -504,6 +551,9 @@ class AgentRegistry:
                                  token_kid=tok_kid, sign_kid=jwk_thumbprint(sig_jwk),
                                  token_jwk=tok_jwk, sign_jwk=sig_jwk,
                                  created_at=past.kid_time(tok_kid) or now)
+            if "ssh" in versions[best]:
+                kv.ssh_key = versions[best]["ssh"]
+                kv.ssh_jwk = ec_public_jwk(self._keystore.get(kv.ssh_key).public_key())
             rec = AgentRecord(name=agent, spiffe_id=self.spiffe_id(agent),
                               created_at=created[0] if created else now,
                               description=created[1] if created else "", versions=[kv])
@@ -527,8 +577,8 @@ class AgentRegistry:
             v = rec.current
             self._audit({"event": "agent.adopted", "op": op, "agent": rec.name,
                          "version": v.version, "kid": v.token_kid, "sign_kid": v.sign_kid,
-                         "keys": [v.token_key, v.sign_key], "audit_match": matched})
-            report.adopted += [v.token_key, v.sign_key]
+                         "keys": _keys_of(v), "audit_match": matched})
+            report.adopted += _keys_of(v)
         self._agents = new
 
     # -- the change protocol (lock held) ----------------------------------------------
@@ -615,33 +665,44 @@ class AgentRegistry:
     def _finish(self, op: str) -> None:
         self._clear_pending_quietly()
 
-    def _new_version(self, name: str, version: int, now: int, op: str) -> KeyVersion:
-        token_name, sign_name = key_names(name, version)
-        handles: builtins.list[KeyHandle] = []
+    def _version_keys(self, name: str, version: int) -> builtins.list[str]:
+        """Every key one new version will have (what the intent record names)."""
+        keys = list(key_names(name, version))
+        return [*keys, ssh_key_name(name, version)] if self.ssh_keys else keys
+
+    def _generate_audited(self, key_name: str, op: str) -> dict[str, str]:
+        """Generate one key of change ``op`` (audited); aborts the change on failure."""
         try:
-            for key_name in (token_name, sign_name):
-                try:
-                    handle = self._keystore.generate(key_name)
-                except KeyExistsError:
-                    # A key of that name the registry does not know (made out of
-                    # band, or left by a change that could not be undone):
-                    # never destroyed, set aside with an audit record.
-                    quarantine_key(self._keystore, key_name, self._audit_fn, op=op,
-                                   reason="name needed by a new key version")
-                    handle = self._keystore.generate(key_name)
-                handles.append(handle)
-                self._audit({"event": "key.created", "key": key_name, "op": op,
-                             "kid": jwk_thumbprint(ec_public_jwk(handle.public_key()))})
+            try:
+                handle = self._keystore.generate(key_name)
+            except KeyExistsError:
+                # A key of that name the registry does not know (made out of
+                # band, or left by a change that could not be undone):
+                # never destroyed, set aside with an audit record.
+                quarantine_key(self._keystore, key_name, self._audit_fn, op=op,
+                               reason="name needed by a new key version")
+                handle = self._keystore.generate(key_name)
+            jwk = ec_public_jwk(handle.public_key())
+            self._audit({"event": "key.created", "key": key_name, "op": op,
+                         "kid": jwk_thumbprint(jwk)})
         except BaseException as exc:
             self._abort(op, f"key generation failed: {exc}")
             raise
-        tok_jwk = ec_public_jwk(handles[0].public_key())
-        sig_jwk = ec_public_jwk(handles[1].public_key())
-        return KeyVersion(
+        return jwk
+
+    def _new_version(self, name: str, version: int, now: int, op: str) -> KeyVersion:
+        token_name, sign_name = key_names(name, version)
+        tok_jwk = self._generate_audited(token_name, op)
+        sig_jwk = self._generate_audited(sign_name, op)
+        kv = KeyVersion(
             version=version, token_key=token_name, sign_key=sign_name,
             token_kid=jwk_thumbprint(tok_jwk), sign_kid=jwk_thumbprint(sig_jwk),
             token_jwk=tok_jwk, sign_jwk=sig_jwk, created_at=now,
         )
+        if self.ssh_keys:
+            kv.ssh_key = ssh_key_name(name, version)
+            kv.ssh_jwk = self._generate_audited(kv.ssh_key, op)
+        return kv
 
     def _destroy_audited(self, op: str, keys: builtins.list[str], reason: str) -> None:
         """Destroy keys a committed change retired; each destruction audited."""
@@ -663,10 +724,9 @@ class AgentRegistry:
         registered: set[str] = set()
         for rec in self._agents.values():
             for v in rec.versions:
-                registered |= {v.token_key, v.sign_key}
+                registered.update(_keys_of(v))
             if rec.status == "active":
-                v = rec.current
-                wanted |= {v.token_key, v.sign_key}
+                wanted.update(_keys_of(rec.current))
         return wanted, registered
 
     def _audit(self, event: Mapping[str, Any]) -> None:
@@ -725,6 +785,11 @@ class _History:
 
     def kid_time(self, kid: str) -> int | None:
         return self._kids.get(kid)
+
+
+def _keys_of(v: KeyVersion) -> builtins.list[str]:
+    """The private keys of one version in the token (the SSH key only if it has one)."""
+    return [v.token_key, v.sign_key] + ([v.ssh_key] if v.ssh_key else [])
 
 
 def _epoch(value: object) -> int:

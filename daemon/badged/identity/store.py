@@ -39,6 +39,10 @@ class KeyVersion:
     state: str = "active"  # active | retired
     retired_at: int = 0
     publish_until: int = 0
+    # The SSH purpose key (badged.sshagent): a third key per version, made only
+    # while the SSH agent socket is enabled; "" for versions made without it.
+    ssh_key: str = ""
+    ssh_jwk: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -67,7 +67,8 @@ MAX_TTL_CAP = 24 * 3600
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
 _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description"}
+_BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description",
+                "ssh_namespaces", "ssh_hosts", "ssh_users"}
 _RULE_FLAGS = ("allow_any_user", "other_mount_ns")
 _AGENT_KEYS = {"name", "selectors", "bundles", "description", "client_ids", *_RULE_FLAGS}
 _BIND_KEYS = ((_BUNDLE_KEYS | {"agent", "selectors", "client_ids", *_RULE_FLAGS})
@@ -185,10 +186,22 @@ class _Parser:
             approval = entry.get("approval", False)
             if not isinstance(approval, bool):
                 raise ValueError("approval must be true or false")
+            ssh: dict[str, frozenset[str]] = {}
+            for key in ("ssh_namespaces", "ssh_hosts", "ssh_users"):
+                ssh[key] = frozenset(_strings(entry, key, required=False))
+                if ssh[key] and "ssh" not in kinds:
+                    raise ValueError(f"{key} needs kind 'ssh' in kinds")
+            key = "ssh_hosts"
+            for host in ssh["ssh_hosts"]:
+                if not host.startswith("SHA256:"):
+                    raise ValueError(f"ssh_hosts: {host!r} is not a SHA256:... host key "
+                                     "fingerprint (ssh-keygen -lf)")
         except ValueError as exc:
             raise self.fail(self.where.key(start, key), f"bundle {name!r}: {exc}") from None
         return Bundle(name=name, audiences=frozenset(audiences), scopes=frozenset(scopes),
                       kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate, approval=approval,
+                      ssh_namespaces=ssh["ssh_namespaces"], ssh_hosts=ssh["ssh_hosts"],
+                      ssh_users=ssh["ssh_users"],
                       source=f"{self.short}:{start + 1}")
 
     def selectors(self, entry: dict[str, Any], start: int, what: str) -> frozenset[str]:

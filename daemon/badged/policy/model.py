@@ -42,8 +42,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 # token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
-# attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs.
-KINDS = ("token", "sign", "assertion", "dpop", "csr")
+# attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs;
+# ssh: signatures on the SSH agent socket (badged.sshagent), narrowed by the
+# bundle's ssh_namespaces (SSHSIG), ssh_hosts and ssh_users (user auth).
+KINDS = ("token", "sign", "assertion", "dpop", "csr", "ssh")
 # Kinds without audience or scope: any bundle with the kind allows any such request.
 UNSCOPED_KINDS = ("sign", "csr")
 
@@ -110,6 +112,12 @@ class Bundle:
     rate: Rate | None = None
     approval: bool = False
     source: str = ""
+    # kind "ssh": SSHSIG namespaces allowed (none: no SSHSIG at all); for user
+    # auth, destination host key fingerprints ("SHA256:...") and server user
+    # names (empty: any).
+    ssh_namespaces: frozenset[str] = frozenset()
+    ssh_hosts: frozenset[str] = frozenset()
+    ssh_users: frozenset[str] = frozenset()
 
     def miss(self, req: Request, ttl: int, hard_cap: int | None = None) -> str | None:
         """Why this bundle does not allow ``req`` (None: it does)."""
@@ -117,12 +125,38 @@ class Bundle:
             return f"kind {req.kind!r} not in bundle"
         if req.kind in ("token", "assertion", "dpop") and req.audience not in self.audiences:
             return f"audience {req.audience!r} not in bundle"
+        if req.kind == "ssh":
+            ssh_miss = self._ssh_miss(req)
+            if ssh_miss is not None:
+                return ssh_miss
         if not self.scopes.issuperset(req.scopes):
             return f"scopes {sorted(set(req.scopes) - self.scopes)} not in bundle"
         if ttl > self.max_ttl:
             return f"ttl {ttl}s above bundle cap {self.max_ttl}s"
         if hard_cap is not None and ttl > hard_cap:
             return f"ttl {ttl}s above the daemon's max_ttl {hard_cap}s"
+        return None
+
+
+    def _ssh_miss(self, req: Request) -> str | None:
+        """What the SSH agent could see of the signature and this bundle refuses.
+
+        Deny by default: a request the agent could not classify
+        (``ssh_purpose`` empty) matches no bundle; a destination restriction
+        refuses user auth whose host key the client did not bind
+        (``session-bind@openssh.com``).
+        """
+        if req.ssh_purpose == "sshsig":
+            if req.ssh_namespace not in self.ssh_namespaces:
+                return f"SSHSIG namespace {req.ssh_namespace!r} not in bundle"
+            return None
+        if req.ssh_purpose != "auth":
+            return "unclassified SSH signature request"
+        if self.ssh_users and req.ssh_user not in self.ssh_users:
+            return f"SSH user {req.ssh_user!r} not in bundle"
+        if self.ssh_hosts and req.ssh_host not in self.ssh_hosts:
+            return (f"destination host key {req.ssh_host!r} not in bundle" if req.ssh_host
+                    else "destination host key unknown (no session-bind) and bundle names hosts")
         return None
 
 
@@ -270,6 +304,12 @@ class Request:
     scopes: tuple[str, ...] = ()
     ttl: int = 0
     delegation: str | None = None
+    # kind "ssh" only: "auth" | "sshsig" | "" (unclassified), and what the
+    # agent protocol showed of it.
+    ssh_purpose: str = ""
+    ssh_namespace: str = ""
+    ssh_host: str = ""
+    ssh_user: str = ""
 
 
 @dataclass(frozen=True)

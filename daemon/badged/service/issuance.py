@@ -300,8 +300,13 @@ class Issuance:
 
 
 def request_summary(req: Request) -> dict[str, Any]:
-    return {"kind": req.kind, "agent": req.agent, "audience": req.audience,
-            "scopes": list(req.scopes), "ttl": req.ttl, "delegation": req.delegation}
+    out: dict[str, Any] = {"kind": req.kind, "agent": req.agent, "audience": req.audience,
+                           "scopes": list(req.scopes), "ttl": req.ttl,
+                           "delegation": req.delegation}
+    if req.kind == "ssh":  # what the SSH agent saw of the signature (badged.sshagent)
+        out["ssh"] = {"purpose": req.ssh_purpose or "unclassified", "user": req.ssh_user,
+                      "host_fp": req.ssh_host, "namespace": req.ssh_namespace}
+    return out
 
 
 def public_reason(decision: Decision) -> str:
