@@ -190,3 +190,27 @@ def test_malformed_and_oversized_messages_answered_with_failure(
         client.close()
     assert sshd_daemon.proc.poll() is None
     assert len(pubkey(sshd_daemon).splitlines()) == 1
+
+
+# Connects, then (with "exec") hands the connection to bash, which asks for
+# the identities on the inherited socket: the daemon must see the exec.
+EXEC_AFTER_CONNECT = r"""
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+if sys.argv[2] == "exec":
+    os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)  # dup2 onto itself keeps CLOEXEC
+    os.execv("/bin/bash", ["bash", "-c",
+             "printf '\\x00\\x00\\x00\\x01\\x0b' >&3; head -c 5 <&3 | od -An -tx1"])
+s.sendall(bytes([0, 0, 0, 1, 11]))
+print(" ".join(f"{b:02x}" for b in s.recv(5)))
+"""
+
+
+def test_exec_after_connect_loses_the_identity(sshd_daemon: RunningDaemon) -> None:
+    sock = str(agent_sock(sshd_daemon))
+    control = run(sshd_daemon, "/usr/bin/python3", "-c", EXEC_AFTER_CONNECT, sock, "stay")
+    assert control.stdout.split()[4] == b"0c", control  # IDENTITIES_ANSWER
+    attack = run(sshd_daemon, "/usr/bin/python3", "-c", EXEC_AFTER_CONNECT, sock, "exec")
+    assert attack.stdout.split() == [b"00", b"00", b"00", b"01", b"05"], attack  # FAILURE
