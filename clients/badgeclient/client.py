@@ -101,6 +101,7 @@ class KeyVersionInfo:
     created_at: int
     retired_at: int
     publish_until: int
+    ssh_public_key: str = ""  # OpenSSH line; "" when the version has no SSH key
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ def _agent(pb: admin_pb2.Agent) -> AgentInfo:
         name=pb.name, spiffe_id=pb.spiffe_id, status=pb.status,
         current_version=pb.current_version,
         keys=[KeyVersionInfo(k.version, k.token_kid, k.sign_kid, k.state, k.created_at,
-                             k.retired_at, k.publish_until) for k in pb.keys],
+                             k.retired_at, k.publish_until, k.ssh_public_key)
+              for k in pb.keys],
         created_at=pb.created_at, revoked_at=pb.revoked_at, revoke_reason=pb.revoke_reason,
         description=pb.description, assurance=pb.assurance)
 

@@ -18,7 +18,7 @@ import pytest
 
 from badged.sshagent import wire
 from tests.conftest import short_tmpdir
-from tests.e2e.conftest import RunningDaemon
+from tests.e2e.conftest import RunningDaemon, badgectl_cmd
 from tests.ssh.conftest import NOBODY, RawAgentClient, agent_sock, audit_records, run
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs attackers as nobody: needs root")
@@ -221,3 +221,14 @@ def test_exec_after_connect_loses_the_identity(sshd_daemon: RunningDaemon) -> No
     assert control.stdout.split()[4] == b"0c", control  # IDENTITIES_ANSWER
     attack = run(sshd_daemon, "/usr/bin/python3", "-c", EXEC_AFTER_CONNECT, sock, "exec")
     assert attack.stdout.split() == [b"00", b"00", b"00", b"01", b"05"], attack  # FAILURE
+
+
+def test_badgectl_ssh_pubkey_prints_the_listed_key(sshd_daemon: RunningDaemon) -> None:
+    out = subprocess.run(badgectl_cmd("ssh", "pubkey", "demo-agent"), env=sshd_daemon.env(),
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == pubkey(sshd_daemon)
+    signer = subprocess.run(badgectl_cmd("ssh", "pubkey", "demo-agent", "--principal", "a@b"),
+                            env=sshd_daemon.env(), capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert signer.stdout.strip() == f"a@b {pubkey(sshd_daemon)}"

@@ -236,6 +236,7 @@ def _register_commands() -> None:
     from badgeclient._cli.health import health_command
     from badgeclient._cli.metrics import metrics_command
     from badgeclient._cli.policy import COMMANDS as POLICY_COMMANDS
+    from badgeclient._cli.ssh import ssh_group
     from badgeclient._cli.verify import verify_command
 
     for command in (*POLICY_COMMANDS, *CREDENTIAL_COMMANDS):
@@ -246,6 +247,7 @@ def _register_commands() -> None:
     cli.add_command(verify_command, "verify")
     cli.add_command(health_command, "health")
     cli.add_command(metrics_command, "metrics")
+    cli.add_command(ssh_group, "ssh")
 
 
 _register_commands()

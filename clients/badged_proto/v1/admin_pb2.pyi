@@ -474,6 +474,7 @@ class KeyVersion(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     RETIRED_AT_FIELD_NUMBER: _builtins.int
     PUBLISH_UNTIL_FIELD_NUMBER: _builtins.int
+    SSH_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     token_kid: _builtins.str
     sign_kid: _builtins.str
@@ -484,6 +485,10 @@ class KeyVersion(_message.Message):
     created_at: _builtins.int
     retired_at: _builtins.int
     publish_until: _builtins.int
+    ssh_public_key: _builtins.str
+    """The version's SSH agent key as an OpenSSH public key line
+    ("ecdsa-sha2-nistp256 AAAA... SPIFFE-ID"); empty when it has none.
+    """
     def __init__(
         self,
         *,
@@ -494,10 +499,11 @@ class KeyVersion(_message.Message):
         created_at: _builtins.int = ...,
         retired_at: _builtins.int = ...,
         publish_until: _builtins.int = ...,
+        ssh_public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "publish_until", b"publish_until", "retired_at", b"retired_at", "sign_kid", b"sign_kid", "state", b"state", "token_kid", b"token_kid", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "publish_until", b"publish_until", "retired_at", b"retired_at", "sign_kid", b"sign_kid", "ssh_public_key", b"ssh_public_key", "state", b"state", "token_kid", b"token_kid", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,6 @@ workload socket's; an idle connection is closed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
@@ -54,17 +53,6 @@ from badged.sshagent import wire
 _logger = logging.getLogger(__name__)
 _SHA256 = ec.ECDSA(hashes.SHA256())
 CHANNEL = "ssh"
-
-
-def blob_from_jwk(jwk: dict[str, str]) -> bytes:
-    """The SSH public key blob of a P-256 JWK (from the registry: no hardware call)."""
-
-    def coord(name: str) -> bytes:
-        raw = jwk[name]
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-
-    q = b"\x04" + coord("x") + coord("y")
-    return wire.string(wire.KEY_TYPE) + wire.string(b"nistp256") + wire.string(q)
 
 
 class SshAgentServer:
@@ -121,7 +109,7 @@ class SshAgentServer:
                 continue
             jwk = rec.current.ssh_jwk
             if jwk:
-                out.append((agent, blob_from_jwk(jwk), rec.spiffe_id, jwk_thumbprint(jwk)))
+                out.append((agent, wire.jwk_blob(jwk), rec.spiffe_id, jwk_thumbprint(jwk)))
         return out
 
     def ssh_key(self, agent: str) -> SigningKey:

@@ -171,6 +171,21 @@ def openssh_line(key: ec.EllipticCurvePublicKey, comment: str) -> str:
     return f"{KEY_TYPE.decode()} {base64.b64encode(public_blob(key)).decode()} {comment}"
 
 
+def jwk_blob(jwk: dict[str, str]) -> bytes:
+    """The SSH public key blob of a P-256 JWK (the registry's copy: no hardware call)."""
+
+    def coord(name: str) -> bytes:
+        raw = jwk[name]
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+
+    return string(KEY_TYPE) + string(_CURVE) + string(b"\x04" + coord("x") + coord("y"))
+
+
+def ssh_line(jwk: dict[str, str], comment: str) -> str:
+    """An OpenSSH public key line from a P-256 JWK."""
+    return f"{KEY_TYPE.decode()} {base64.b64encode(jwk_blob(jwk)).decode()} {comment}"
+
+
 def fingerprint(blob: bytes) -> str:
     """OpenSSH's ``SHA256:...`` fingerprint of a public key blob (ssh-keygen -l)."""
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
