@@ -146,6 +146,9 @@ def run_scale(src: Path, say: Say, *, quick: bool = False, duration: float | Non
                 create_s += time.monotonic() - t0
                 step.measure("agents", n)
         out["agents_created_per_s"] = round((created - 1) / create_s, 1) if create_s else None
+        daemon.stop()  # the start-up target: agents only, the 1-rule policy
+        out["start_agents_s"] = round(daemon.start(), 3)
+        say(f"scale: start-up with {created} agents: {out['start_agents_s']}s")
         both = rules_steps[-1]
         _reload(daemon, policy, base + "\n" + _extra_rules(both - 1, uid))
         step.measure("agents+rules", created, rules=both)
@@ -386,8 +389,8 @@ def _targets(out: dict[str, Any]) -> list[dict[str, Any]]:
         v = both["p50_us"] / base["p50_us"]
         t.append({"target": f"FetchToken p50 with {both['n']} agents and {both['rules']} rules / "
                             "1 agent", "value": round(v, 2), "goal": "<= 1.2", "met": v <= 1.2})
-    if out.get("start_many_s") is not None:
-        v = out["start_many_s"]
+    if out.get("start_agents_s") is not None:
+        v = out["start_agents_s"]
         t.append({"target": f"start-up with {out['start_many']['agents']} agents (s)",
                   "value": v, "goal": "< 2", "met": v < 2})
     av = out.get("audit_verify", {})
@@ -413,6 +416,8 @@ def lines(out: dict[str, Any]) -> list[str]:
                    f"{r['p99_us']:>7,.0f} µs, RSS {r['rss_kib'] or 0:>7,} KiB{extra}"
                    + (f" ERROR {r['error']}" if r.get("error") else ""))
     res.append(f"  start-up to ready: {out.get('start_1_agent_s')} s with 1 agent; "
+               f"{out.get('start_agents_s')} s with {out.get('start_many', {}).get('agents')} "
+               "agents; "
                f"{out.get('start_many_s')} s with {out.get('start_many', {}).get('agents')} "
                f"agents and {out.get('start_many', {}).get('rules')} rules; agents created at "
                f"{out.get('agents_created_per_s')}/s")
