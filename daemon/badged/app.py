@@ -275,7 +275,7 @@ class Daemon:
         from badged.service import credentials, enroll
         credentials.add_to_server(server, deps)
         enroll.add_to_server(server, deps)
-        self._health = HealthServicer(deps.peers)
+        self._health = HealthServicer()
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.metrics is not None:  # badgectl metrics, on the admin socket

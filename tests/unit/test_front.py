@@ -22,6 +22,7 @@ import pytest
 
 from badged.listener.front import SOLO_QUIET_S, GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
+from badged.service.auth import caller_of
 from badged.service.errors import ErrorBoundary
 from tests.conftest import short_tmpdir
 
@@ -35,6 +36,8 @@ def _identity(b: bytes) -> bytes:
 def _table(state: dict[str, Any]) -> MethodTable:
     async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         state["peers"].append(context.peer())
+        state.setdefault("callers", []).append(caller_of(context))
+        state.setdefault("contexts", []).append(context)
         if request == b"hello":
             state["metadata"] = dict(context.invocation_metadata() or ())
         if request == b"abort":
@@ -133,6 +136,15 @@ def test_unary_call_carries_the_connection_identity_and_metadata() -> None:
     state = _run(scenario)
     assert len(set(state["peers"])) == 1, "one connection, one identity"
     assert f"pid={os.getpid()}" in state["peers"][0]
+    # The handler got the accept-time snapshot itself, not a name to look up:
+    # the same object for both calls on the connection, naming this process.
+    first, second = state["callers"][:2]
+    assert first is not None and first is second
+    assert (first.pid, first.uid, first.channel) == (os.getpid(), os.getuid(), "workload")
+    # Once the connection closed (and its pidfd was released) a context
+    # still held by a call yields no caller: resolve_caller answers
+    # UNAUTHENTICATED rather than poll a recycled descriptor.
+    assert all(caller_of(ctx) is None for ctx in state["contexts"])
     assert state["metadata"]["x-a"] == "1"
     assert state["metadata"]["x-b-bin"] == b"\0\1"
 

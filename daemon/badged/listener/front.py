@@ -155,6 +155,18 @@ class ServicerContext:
 
     __slots__ = ("_metadata", "_peer", "_stream", "_trailing", "code", "details")
 
+    @property
+    def caller(self) -> PeerCredentials | None:
+        """The kernel-attested peer fixed when this call's connection was accepted.
+
+        Handed over as the object itself, not looked up by a name: the
+        snapshot (and what later requests learned about it, such as an exec
+        after connect) travels with the call. ``None`` once the connection
+        has closed, because closing releases the peer's pidfd and a closed
+        descriptor number may already belong to something else.
+        """
+        return self._stream.conn.peer
+
     def __init__(self, peer: str, metadata: tuple[tuple[str, str | bytes], ...],
                  stream: _Stream) -> None:
         self._peer = peer
@@ -286,6 +298,9 @@ class _Connection(ServerConnection, asyncio.Protocol):
         self.channel = channel
         self.transport: asyncio.Transport | None = None
         self.name: str | None = None
+        # The caller as the kernel described it at accept; what handlers get
+        # (ServicerContext.caller). Cleared before close() releases its pidfd.
+        self.peer: PeerCredentials | None = None
         self.uid = -1
         self.usage: UidUsage[_Connection, _Stream] | None = None
         self.streams: dict[int, _Stream] = {}
@@ -325,6 +340,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
         server.ledger.add(usage, self.channel, peer.uid, self)
         usage.exposure += DEFAULT_WINDOW  # the client may send that much already
         self.name = server.register(peer)
+        self.peer = peer
         server.connections.add(self)
         self._top_up()
         self.flush()  # our SETTINGS and connection window
@@ -356,6 +372,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
         if self.usage is not None:
             self.usage.exposure -= self.recv_window  # held bytes were released above
             self.server.ledger.remove(self.channel, self.uid, self)
+        self.peer = None
         if self.name is not None:
             self.server.registry.release(self.name)
             self.name = None

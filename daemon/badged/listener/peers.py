@@ -1,9 +1,12 @@
 """Kernel-attested peer credentials and the registry that hands them to handlers.
 
 The front reads SO_PEERCRED and SO_PEERPIDFD from each accepted connection
-and registers the result under a name it gives that connection; the name is
-what ``context.peer()`` returns for calls on it. A handler looks it up here; a
-name that is not registered (the connection closed meanwhile) is
+and hands the resulting ``PeerCredentials`` object itself to every call on
+that connection (``ServicerContext.caller``, read by
+``badged.service.auth.caller_of``): no name is looked up, so the snapshot and
+what later requests learn about it travel with the call. The registry below
+only counts and names live connections (the name is what ``context.peer()``
+returns, for logs); a call whose connection closed has no caller and is
 unauthenticated.
 
 At accept the front also fixes *which executable* the connecting process
@@ -155,8 +158,8 @@ def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
 class PeerRegistry:
     """Connection name (what ``context.peer()`` returns) → peer credentials.
 
-    The front names each accepted connection itself, so a name can only be
-    looked up by calls that arrived on that connection. Thread-safe.
+    Live connections per uid and by name, for limits, logs and tests; calls
+    get their caller from the connection itself, not from here. Thread-safe.
     """
 
     def __init__(self) -> None:

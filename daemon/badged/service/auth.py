@@ -9,18 +9,30 @@ from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
 
 
+def caller_of(context: Ctx) -> PeerCredentials | None:
+    """The peer snapshot the front attached to this call at accept, if any.
+
+    The front hands the object itself to the call (``ServicerContext.caller``);
+    there is no name to look up, so nothing a caller controls can select
+    another connection's identity. A context without one (the connection
+    closed, or not badged's front) has no caller.
+    """
+    caller = getattr(context, "caller", None)
+    return caller if isinstance(caller, PeerCredentials) else None
+
+
 def resolve_caller(deps: ServiceDeps, context: Ctx,
                    channel: str) -> tuple[PeerCredentials, ProcessAttributes]:
     """Attested identity of the caller of this RPC, checked for its channel.
 
-    A peer name the front did not register (the connection is gone) is
-    UNAUTHENTICATED; a workload connection calling an admin method is
+    A call without the front's accept-time snapshot (its connection is gone)
+    is UNAUTHENTICATED; a workload connection calling an admin method is
     PERMISSION_DENIED, so the admin API is reachable only through the admin
     socket.
     """
-    peer = deps.peers.lookup(context.peer())
+    peer = caller_of(context)
     if peer is None:
-        raise UnauthenticatedError(f"unregistered peer address {context.peer()[:80]!r}")
+        raise UnauthenticatedError(f"no attested caller for {context.peer()[:80]!r}")
     if peer.channel != channel:
         raise PolicyDeniedError(
             f"{peer.channel} connection (uid {peer.uid}) called a {channel} method",

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from badged.health import ServiceHealth
-from badged.listener.peers import PeerRegistry
+from badged.service.auth import caller_of
 from badged.service.errors import Ctx
 
 TRAILER = "badged-health"
@@ -24,9 +24,8 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # untyped package
-    def __init__(self, peers: PeerRegistry) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._peers = peers
         self._detail: dict[str, ServiceHealth] = {}
 
     async def publish(self, status: dict[str, ServiceHealth]) -> None:
@@ -37,7 +36,7 @@ class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # untype
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: Ctx) -> health_pb2.HealthCheckResponse:
         response: health_pb2.HealthCheckResponse = await super().Check(request, context)
-        peer = self._peers.lookup(context.peer())
+        peer = caller_of(context)
         if peer is not None and peer.channel == "admin" and self._detail:
             doc = {svc: {"status": "SERVING" if h.serving else "NOT_SERVING",
                          "reasons": list(h.reasons)} for svc, h in self._detail.items()}
