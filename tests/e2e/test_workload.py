@@ -126,7 +126,9 @@ def test_daemon_listens_only_on_its_two_public_sockets(daemon: RunningDaemon) ->
                 listening.append(parts[7] if len(parts) > 7 else "<unnamed>")
     # The kernel shows the name bound before the atomic rename into place.
     listening = [re.sub(r"/\.([^/]+)\.\d+$", r"/\1", name) for name in listening]
-    assert sorted(listening) == sorted([str(daemon.workload), str(daemon.admin)])
+    # badged dev also serves the SSH agent socket ([ssh] socket, issue 19).
+    ssh_agent = daemon.state / "run" / "ssh-agent.sock"
+    assert sorted(listening) == sorted([str(daemon.workload), str(daemon.admin), str(ssh_agent)])
     assert not (daemon.state / "private" / "grpc.sock").exists()
 
 

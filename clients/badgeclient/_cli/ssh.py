@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import click
 
-from badgeclient._cli.options import EXIT_REFUSED, about, admin_socket_option, fail
+from badgeclient._cli.options import (
+    EXIT_REFUSED,
+    about,
+    admin_socket_option,
+    emit_json,
+    fail,
+    json_option,
+)
 from badgeclient.client import AdminClient
 
 
@@ -22,8 +29,9 @@ def ssh_group() -> None:
 @click.argument("agent")
 @click.option("--principal", default="",
               help="Print an allowed_signers line for this principal (e.g. an e-mail).")
+@json_option
 @admin_socket_option
-def ssh_pubkey(agent: str, principal: str, admin_socket: str | None) -> None:
+def ssh_pubkey(agent: str, principal: str, as_json: bool, admin_socket: str | None) -> None:
     """Print AGENT's current SSH public key (authorized_keys format)."""
     about(f"agent {agent!r}")
     with AdminClient(admin_socket) as client:
@@ -32,5 +40,9 @@ def ssh_pubkey(agent: str, principal: str, admin_socket: str | None) -> None:
     if not line:
         fail(EXIT_REFUSED, "no_ssh_key",
              f"agent {agent!r} has no SSH key (is [ssh] socket set in the daemon's config?)",
-             as_json=False)
+             as_json=as_json)
+    if as_json:
+        emit_json({"agent": info.name, "spiffe_id": info.spiffe_id,
+                   "version": info.current_version, "public_key": line})
+        return
     click.echo(f"{principal} {line}" if principal else line)
