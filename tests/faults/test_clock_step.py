@@ -4,7 +4,8 @@ What must hold (issue 15, item 5): rate buckets and grant countdowns run on
 the monotonic clock, so a step changes nothing about them -- with the wall
 clock they did: -1 h kept a budget empty, a step back kept a grant alive,
 +1 h refilled a budget at once and ended a grant early -- and every step is
-audited (``clock.stepped``).
+audited (``clock.stepped``). A step forward no longer unpublishes a retired
+key whose tokens are still live (its window also counts on the monotonic clock).
 
 libfaketime 0.9.10 (Debian 12) with ``FAKETIME_DONT_FAKE_MONOTONIC=1`` breaks
 ``clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME)``, which Python 3.11's
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from badgeclient import AdminClient, PermissionDeniedError, RateLimitedError, WorkloadClient
+from badgeclient.verify import Verifier
 from tests.conftest import require_or_skip, short_tmpdir
 from tests.e2e.conftest import RunningDaemon, _pythonpath
 
@@ -225,3 +227,19 @@ def test_grant_countdown_ignores_wall_clock_steps(stepped: SteppedDaemon) -> Non
         with pytest.raises(PermissionDeniedError):
             _token(wl, "extra")
     assert [round(s / 3600) for s in stepped.steps()] == [-1, 2]
+
+
+def test_forward_step_keeps_a_retired_key_published(stepped: SteppedDaemon) -> None:
+    """Rotate, then +1 h: the old key's publish_until (rotate + 5 min + 30 s)
+    is an hour in the daemon's past, yet its token lives for minutes in real
+    time. The wall-clock JWKS dropped the key, and the relying party (with a
+    correct clock: this process is not faked) refused the live token."""
+    with WorkloadClient(stepped.d.workload, timeout=10) as wl, \
+            AdminClient(stepped.d.admin) as admin:
+        old = wl.fetch_token(audience="demo", scopes=["read"])
+        admin.rotate_agent("demo-agent")
+        stepped.step("+1h", 3600)
+        jwks = wl.jwks()
+        assert old.key_id in {k["kid"] for k in jwks["keys"]}
+        verified = Verifier(jwks=jwks).verify_token(old.token, audience="demo")
+        assert verified.agent.endswith("/agent/demo-agent")

@@ -302,11 +302,11 @@ def _setup(tmp_path: Path, *, persist: bool = True) -> tuple[AgentRegistry, Sess
     clock = FixedClock(T0)
     store = FlakyKeyStore()
     reg = AgentRegistry(store=AgentStore(tmp_path / "agents.json"), keystore=store, clock=clock,
-                        trust_domain="example.org", max_token_ttl=600)
+                        monotonic=clock, trust_domain="example.org", max_token_ttl=600)
     reg.create("bot")
     reg.create("other")
     sched = Scheduled()
-    mgr = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED,
+    mgr = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED,
                             persist_path=tmp_path / "session-keys.json" if persist else None,
                             scheduler=sched)
     return reg, mgr, store, clock, sched
@@ -419,7 +419,7 @@ def test_restart_republishes_public_keys_only(tmp_path: Path) -> None:
     text = (tmp_path / "session-keys.json").read_text()
     assert "\"d\"" not in text and "PRIVATE" not in text
     clock.advance(60)
-    mgr2 = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED,
+    mgr2 = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED,
                              persist_path=tmp_path / "session-keys.json")
     assert _kids(mgr2) == {k1.kid}
     assert _verify(mgr2, t1, clock(), reg) == reg.spiffe_id("bot")
@@ -430,7 +430,7 @@ def test_corrupt_persisted_file_starts_empty(tmp_path: Path) -> None:
     reg, mgr, _, clock, _ = _setup(tmp_path)
     mgr.token_key("bot")
     (tmp_path / "session-keys.json").write_text("{not json")
-    mgr2 = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED,
+    mgr2 = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED,
                              persist_path=tmp_path / "session-keys.json")
     assert _kids(mgr2) == set()
 
@@ -454,7 +454,7 @@ def test_sign_stays_on_the_hardware_key(tmp_path: Path) -> None:
 def test_certifications_are_audited_before_use_and_audit_failure_fails_closed(tmp_path: Path) -> None:
     clock = FixedClock(T0)
     reg = AgentRegistry(store=AgentStore(tmp_path / "agents.json"), keystore=MemoryKeyStore(),
-                        clock=clock, trust_domain="example.org", max_token_ttl=600)
+                        clock=clock, monotonic=clock, trust_domain="example.org", max_token_ttl=600)
     reg.create("bot")
     events: list[dict[str, Any]] = []
     broken = [False]
@@ -464,7 +464,7 @@ def test_certifications_are_audited_before_use_and_audit_failure_fails_closed(tm
             raise OSError("disk full")
         events.append(event)
 
-    mgr = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, audit=audit)
+    mgr = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED, audit=audit)
     key = mgr.token_key("bot")
     assert [(e["event"], e["kid"], e["hardware_kid"]) for e in events] == [
         ("session_key.certified", key.kid, reg.get("bot").current.token_kid)]
@@ -482,11 +482,11 @@ def _with_background(tmp_path: Path) -> tuple[AgentRegistry, SessionKeyManager, 
     clock = FixedClock(T0)
     store = FlakyKeyStore()
     reg = AgentRegistry(store=AgentStore(tmp_path / "agents.json"), keystore=store, clock=clock,
-                        trust_domain="example.org", max_token_ttl=600)
+                        monotonic=clock, trust_domain="example.org", max_token_ttl=600)
     reg.create("bot")
     sched = Scheduled()
     jobs: list[Any] = []
-    mgr = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, scheduler=sched,
+    mgr = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED, scheduler=sched,
                             background=jobs.append)
     return reg, mgr, store, clock, sched, jobs
 
@@ -595,7 +595,7 @@ def test_edited_persisted_file_cannot_publish_a_foreign_key(tmp_path: Path) -> N
     doc["keys"][0]["expires_at"] += 10**6
     doc["keys"].append(fake)
     path.write_text(json.dumps(doc))
-    mgr2 = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED, persist_path=path)
+    mgr2 = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED, persist_path=path)
     assert _kids(mgr2) == {genuine.kid}
     clock.now = SCHED.expires_at(T0)  # the certification's exp wins over the file's
     assert _kids(mgr2) == set()
@@ -605,7 +605,7 @@ def test_direct_mode_after_session_mode_keeps_live_session_keys_published(tmp_pa
     reg, mgr, _, clock, _ = _setup(tmp_path)
     old = mgr.token_key("bot")
     token = _mint(old, clock())
-    direct = SessionKeyManager(reg, clock=clock, issuer=ISS, schedule=SCHED,
+    direct = SessionKeyManager(reg, clock=clock, monotonic=clock, issuer=ISS, schedule=SCHED,
                                persist_path=tmp_path / "session-keys.json", signing=False)
     assert direct.publishes_any
     key = direct.token_key("bot")

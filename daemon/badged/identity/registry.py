@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from badged.core.clock import Clock
+from badged.core.clock import Clock, Monotonic, monotonic_clock
 from badged.core.jose import ec_public_jwk, jwk_thumbprint
 from badged.core.tokens import JWK_AGENT_MEMBER
 from badged.errors import (
@@ -207,15 +207,23 @@ class AgentRegistry:
     """The set of agent identities of this device. Thread-safe."""
 
     def __init__(self, *, store: AgentStore, keystore: KeyStore, clock: Clock,
-                 trust_domain: str, max_token_ttl: int, audit: AuditFn | None = None) -> None:
+                 trust_domain: str, max_token_ttl: int, audit: AuditFn | None = None,
+                 monotonic: Monotonic = monotonic_clock) -> None:
         self._store = store
         self._keystore = keystore
         self._clock = clock
+        self._mono = monotonic
         self._trust_domain = check_trust_domain(trust_domain)
         # Retired public keys stay published this long: no token outlives it.
         self._max_token_ttl = max_token_ttl
         self._lock = threading.RLock()
         self._agents = store.load()
+        # token kid -> when its publication ends on the monotonic clock. The
+        # record keeps publish_until (wall time); a retired key leaves the
+        # JWKS only once both have passed, so a forward wall-clock step never
+        # unpublishes a key whose tokens are still live (issue 15, docs/time.md).
+        self._publish_mono: dict[str, float] = {}
+        self._place_publications()
         self._listeners: builtins.list[Callable[[str, str], None]] = []
         self._audit_fn = audit
         # Set when a change could be neither completed nor undone (the audit
@@ -312,20 +320,53 @@ class AgentRegistry:
         return done
 
     def jwks(self) -> dict[str, builtins.list[dict[str, str]]]:
-        """Token keys of active agents: current, plus retired ones still in use."""
-        now = int(self._clock())
+        """Token keys of active agents: current, plus retired ones still in use.
+
+        A retired key stays while its wall deadline (``publish_until``) *or*
+        its monotonic one has not passed: a wall step forward cannot cut it
+        short, a step back keeps it at most the step longer (its private half
+        is already destroyed, so that is harmless).
+        """
         keys: builtins.list[dict[str, str]] = []
         with self._lock:
+            self._place_publications()
+            now, mono = int(self._clock()), self._mono()
             for rec in sorted(self._agents.values(), key=lambda a: a.name):
                 if rec.status != "active":
                     continue
                 for v in rec.versions:
-                    if v.state == "active" or v.publish_until > now:
+                    if v.state == "active" or v.publish_until > now or \
+                            self._publish_mono.get(v.token_kid, 0.0) > mono:
                         # Each key names its agent: a verifier refuses a
                         # token whose sub is another agent than its signer.
                         keys.append({**v.token_jwk, "kid": v.token_kid, "use": "sig",
                                      "alg": "ES256", JWK_AGENT_MEMBER: rec.spiffe_id})
         return {"keys": keys}
+
+    def _place_publications(self) -> None:
+        """Put every retired key's remaining publication on the monotonic clock.
+
+        Done once per key: at load (a restart only has the recorded wall time,
+        so the remaining time is ``publish_until - now``, as for grants) or
+        right after the change that retired it; entries of keys no longer
+        published are dropped, so the table stays as small as the JWKS.
+        """
+        with self._lock:
+            now, mono = self._clock(), self._mono()
+            live: set[str] = set()
+            for rec in self._agents.values():
+                if rec.status != "active":
+                    continue
+                for v in rec.versions:
+                    if v.state != "retired":
+                        continue
+                    end = self._publish_mono.get(v.token_kid)
+                    if end is None and v.publish_until > now:
+                        end = self._publish_mono[v.token_kid] = mono + (v.publish_until - now)
+                    if end is not None and (end > mono or v.publish_until > now):
+                        live.add(v.token_kid)
+            for kid in [k for k in self._publish_mono if k not in live]:
+                del self._publish_mono[kid]
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -372,6 +413,7 @@ class AgentRegistry:
                                    "sign_kid": new_version.sign_kid,
                                    "retired_kid": retired.token_kid,
                                    "destroys": _keys_of(retired)})
+            self._place_publications()
             self._notify(name, "rotated")
             # Committed and audited: the retired private keys go now (their
             # public half stays published until publish_until).

@@ -52,7 +52,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from badged.core.clock import Clock
+from badged.core.clock import Clock, Monotonic, monotonic_clock
 from badged.core.jose import ec_public_jwk, jwk_thumbprint
 from badged.core.session_keys import (
     ES256,
@@ -130,6 +130,15 @@ class _Published:
     rotate_at: int
     expires_at: int
     handle: SessionKeyHandle | None = field(default=None, repr=False)
+    # ``expires_at`` placed on the monotonic clock when the key was published
+    # (or loaded); never persisted. The entry is unpublished only once both
+    # have passed, so a forward wall-clock step cannot cut it short.
+    mono_expires: float = field(default=0.0, repr=False)
+    # ``use_until`` on the monotonic clock: what the sweep timer counts down.
+    mono_use_until: float = field(default=0.0, repr=False)
+
+    def live(self, now: float, mono: float) -> bool:
+        return self.expires_at > now or self.mono_expires > mono
 
     def entry(self) -> dict[str, str]:
         return {**self.jwk, "kid": self.kid, "use": "sig", "alg": "ES256", JWKS_MEMBER: self.cert}
@@ -154,9 +163,11 @@ class SessionKeyManager:
                  persist_path: Path | None = None, scheduler: Scheduler | None = None,
                  audit: AuditHook | None = None,
                  background: Background | None = None,
-                 retry_seconds: float = 5.0, signing: bool = True) -> None:
+                 retry_seconds: float = 5.0, signing: bool = True,
+                 monotonic: Monotonic = monotonic_clock) -> None:
         self._registry = registry
         self._clock = clock
+        self._mono = monotonic
         self._issuer = issuer
         self._schedule = schedule
         self._persist_path = persist_path
@@ -226,11 +237,10 @@ class SessionKeyManager:
     def jwks(self) -> dict[str, builtins.list[dict[str, str]]]:
         """The hardware keys (which verify certifications and client assertions)
         plus every session key whose certification has not expired."""
-        now = self._clock()
         keys = list(self._registry.jwks()["keys"])
         active = {a.name for a in self._registry.list()}
         with self._lock:
-            self._expire(now)
+            self._expire()
             for agent in sorted(self._published):
                 if agent in active:  # each key names its agent, as in the registry
                     spiffe_id = self._registry.spiffe_id(agent)
@@ -242,27 +252,30 @@ class SessionKeyManager:
         """Drop private keys past ``use_until`` and unpublish expired ones."""
         now = self._clock()
         with self._lock:
+            mono = self._mono()
             for p in [*self._current.values(), *self._next.values()]:
-                if now >= p.use_until:
+                # Whichever clock says first: a wall step forward ends signing
+                # early (use_until is a claim), a step back cannot stretch it.
+                if now >= p.use_until or mono >= p.mono_use_until:
                     self._retire(p)
-            self._expire(now)
+            self._expire()
         self._arm_sweep()
 
     def _arm_sweep(self) -> None:
-        """One timer, for the earliest ``use_until`` of a held key, re-armed by
-        every sweep. ``use_until`` is wall time and the timer counts on the
-        monotonic clock: after a wall-clock step back the timer fires early
-        and the sweep arms the next one (issue 15: such a key stayed held with
-        no timer at all); after a step forward the daemon sweeps as soon as
-        it sees the step (badged.app)."""
+        """One timer, for the earliest ``use_until`` of a held key on the
+        monotonic clock, re-armed by every sweep (issue 15: a timer computed
+        from the wall clock fired early after a step back and was never
+        re-armed). A wall step forward ends a key's signing early, since
+        ``use_until`` is a claim: the daemon sweeps as soon as it sees the
+        step (badged.app)."""
         if self._scheduler is None:
             return
         with self._lock:
-            ends = [p.use_until for p in (*self._current.values(), *self._next.values())
+            ends = [p.mono_use_until for p in (*self._current.values(), *self._next.values())
                     if p.handle is not None]
             old, self._sweep_timer = self._sweep_timer, None
             if ends:
-                delay = max(0.0, min(ends) - self._clock())
+                delay = max(0.0, min(ends) - self._mono())
                 self._sweep_timer = self._scheduler(delay, self.sweep)
         cancel = getattr(old, "cancel", None)
         if callable(cancel):
@@ -306,7 +319,7 @@ class SessionKeyManager:
         version = self._registry.active(name).current.version
         with self._lock:
             generation = self._generation.get(name, 0)
-            now = self._clock()
+            now, mono = self._clock(), self._mono()
             cur = self._promote(name, version, now)
             if cur is not None and (now < cur.rotate_at or name in self._next):
                 return cur  # nothing to do, or done by someone else meanwhile
@@ -343,10 +356,12 @@ class SessionKeyManager:
             rotate_at=self._schedule.rotate_at(created),
             expires_at=self._schedule.expires_at(created),
             handle=SessionKeyHandle(f"session/{name}/{kid[:16]}", private))
+        new.mono_expires = mono + (new.expires_at - now)
+        new.mono_use_until = mono + (new.use_until - now)
         # Published (durably) before any request can pick the key up.
         with self._lock:
             self._check_generation(name, generation)
-            self._expire(now)
+            self._expire()
             snapshot = self._snapshot(also=new)
         self._persist(snapshot)
         with self._lock:
@@ -410,9 +425,11 @@ class SessionKeyManager:
     def _usable(p: _Published, version: int, now: float) -> bool:
         return p.handle is not None and p.hw_version == version and now < p.use_until
 
-    def _expire(self, now: float) -> None:
+    def _expire(self) -> None:
+        """Unpublish entries whose wall *and* monotonic expiry have passed."""
+        now, mono = self._clock(), self._mono()
         for agent in list(self._published):
-            keep = [p for p in self._published[agent] if p.expires_at > now]
+            keep = [p for p in self._published[agent] if p.live(now, mono)]
             if keep:
                 self._published[agent] = keep
             else:
@@ -472,6 +489,9 @@ class SessionKeyManager:
                             extra={"agent": p.agent, "kid": p.kid, "reason": exc.reason})
             return False
         p.use_until, p.expires_at = cert.use_until, cert.expires_at
+        # After a restart only the wall time carries over: the remaining
+        # publication goes on the monotonic clock as of now (as grants do).
+        p.mono_expires = self._mono() + (cert.expires_at - now)
         return cert.expires_at > now
 
     def _load(self) -> None:
