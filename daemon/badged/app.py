@@ -166,7 +166,10 @@ class Daemon:
             fsync = self.metrics.timed_fsync(fsync)
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir,
                                           durability=cfg.audit_durability,
-                                          sync_delay=cfg.audit_sync_delay_ms / 1000),
+                                          sync_delay=cfg.audit_sync_delay_ms / 1000,
+                                          retain_bytes=cfg.audit_retain_bytes,
+                                          retain_days=float(cfg.audit_retain_days),
+                                          export_dir=cfg.audit_export_dir),
                               clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit

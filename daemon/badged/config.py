@@ -49,6 +49,10 @@ class DaemonConfig:
     # (written before the answer, synced within audit_sync_delay_ms).
     audit_durability: str = "fsync"
     audit_sync_delay_ms: int = 50
+    # [audit] retention (docs/audit.md "Retention"): 0 keeps forever.
+    audit_retain_bytes: int = 0
+    audit_retain_days: int = 0
+    audit_export_dir: Path | None = None
     # Benchmarks only (set by `badged dev --unsafe-audit-no-fsync`, never from
     # a config file): acknowledged records may be lost on power failure.
     unsafe_audit_no_fsync: bool = False
@@ -153,7 +157,8 @@ _KNOWN: dict[str, set[str]] = {
     "keystore": {"backend", "uri", "module_path", "module_env", "tcti", "key_dir", "parent_handle",
                  "key_auth_file", "signing_mode", "session_key_period", "session_key_copies",
                  "command_timeout"},
-    "audit": {"dir", "syslog", "durability", "sync_delay_ms"},
+    "audit": {"dir", "syslog", "durability", "sync_delay_ms", "retain_bytes", "retain_days",
+              "export_dir"},
     "metrics": {"enabled", "listen"},
     "ssh": {"socket"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
@@ -380,6 +385,14 @@ def load_config(path: Path) -> DaemonConfig:
     if not 1 <= sync_delay_ms <= 1000:
         fail("audit", "sync_delay_ms", "sync_delay_ms must be in 1..1000")
         sync_delay_ms = 50
+    retain_bytes = typed(audit, "audit", "retain_bytes", int, 0)
+    if retain_bytes < 0:
+        fail("audit", "retain_bytes", "retain_bytes must be 0 (keep forever) or positive")
+        retain_bytes = 0
+    retain_days = typed(audit, "audit", "retain_days", int, 0)
+    if not 0 <= retain_days <= 36500:
+        fail("audit", "retain_days", "retain_days must be in 0..36500 (0: keep forever)")
+        retain_days = 0
     max_conn = typed(d, "daemon", "max_connections_per_uid", int, 256)
     if not 1 <= max_conn <= 65536:
         fail("daemon", "max_connections_per_uid", "max_connections_per_uid must be in 1..65536")
@@ -418,6 +431,9 @@ def load_config(path: Path) -> DaemonConfig:
         audit_syslog=syslog,
         audit_durability=durability,
         audit_sync_delay_ms=sync_delay_ms,
+        audit_retain_bytes=retain_bytes,
+        audit_retain_days=retain_days,
+        audit_export_dir=path_opt(audit, "audit", "export_dir"),
         default_ttl=default_ttl,
         max_ttl=max_ttl,
         max_connections_per_uid=max_conn,

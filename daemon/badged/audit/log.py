@@ -84,6 +84,7 @@ from badged.audit.record import (
     parse_time,
     seal,
 )
+from badged.audit.retention import Pruned, RetentionPolicy, prune
 from badged.audit.verify import sealed_in_cut
 from badged.errors import AuditError, BadgedError, ConfigError
 from badged.keystore.port import KeyHandle
@@ -146,6 +147,13 @@ class AuditConfig:
     # durable within sync_delay seconds (module doc; docs/audit.md).
     durability: str = "fsync"
     sync_delay: float = 0.05
+    # Retention (badged.audit.retention): 0 keeps forever. Checked every
+    # retain_check_seconds on a worker thread, never on the request path.
+    retain_bytes: int = 0
+    retain_days: float = 0.0
+    export_dir: Path | None = None
+    retain_keep: int = 2
+    retain_check_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY_MODES:
@@ -154,6 +162,10 @@ class AuditConfig:
             raise ConfigError(f"audit sync_delay must be in (0, {MAX_SYNC_DELAY_S:g}] seconds")
         if self.rotate_bytes < 1:
             raise ConfigError("audit rotate_bytes must be positive")
+        if self.retain_bytes < 0 or self.retain_days < 0:
+            raise ConfigError("audit retain_bytes/retain_days must be 0 (keep) or positive")
+        if self.retain_keep < 1 or self.retain_check_seconds <= 0:
+            raise ConfigError("audit retain_keep and retain_check_seconds must be positive")
         for name in ("rotate_seconds", "checkpoint_seconds", "checkpoint_records"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -295,6 +307,12 @@ class AuditLog:
         self._cp_task: asyncio.Task[None] | None = None
         self._cp_timer: asyncio.TimerHandle | None = None
         self._sign_pool: ThreadPoolExecutor | None = None
+        # retention: a loop timer (monotonic) hands the work to a thread
+        self._retention = RetentionPolicy(config.retain_bytes, config.retain_days,
+                                          config.export_dir, config.retain_keep)
+        self._retain_timer: asyncio.TimerHandle | None = None
+        self._retain_task: asyncio.Future[list[Pruned]] | None = None
+        self._retain_lock = threading.Lock()
         # optional best-effort copy (syslog/journald), on its own thread so a
         # slow or dead syslog can never delay or fail a durable append
         self._mirror = mirror
@@ -847,6 +865,9 @@ class AuditLog:
 
     def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start a background checkpoint when one is due (event loop thread only)."""
+        if self._retain_timer is None and self._retention.enabled and not self._closing:
+            self._retain_timer = loop.call_later(self.config.retain_check_seconds,
+                                                 self._on_retain_timer, loop)
         if self._signer is None or self._cp_task is not None:
             return
         cfg = self.config
@@ -858,6 +879,37 @@ class AuditLog:
                 self._cp_timer = loop.call_later(cfg.checkpoint_seconds, self._on_cp_timer, loop)
         if due:
             self._cp_task = loop.create_task(self._checkpoint_async("interval"))
+
+    def _on_retain_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run retention on a worker thread, then re-arm (asyncio timers are monotonic)."""
+        if self._closing:
+            self._retain_timer = None
+            return
+        if self._retain_task is None or self._retain_task.done():
+            self._retain_task = loop.run_in_executor(None, self._retain_quietly)
+        self._retain_timer = loop.call_later(self.config.retain_check_seconds,
+                                             self._on_retain_timer, loop)
+
+    def _retain_quietly(self) -> list[Pruned]:
+        try:
+            return self.run_retention()
+        except (BadgedError, OSError, ValueError) as exc:
+            _logger.warning("audit retention skipped: %s", exc)
+            return []
+
+    def run_retention(self) -> list[Pruned]:
+        """Apply the retention policy now (blocking; a worker thread or a tool).
+
+        Each removal is recorded durably (``audit.pruned``) before the file is
+        unlinked; see :mod:`badged.audit.retention`.
+        """
+        if not self._retention.enabled:
+            return []
+        with self._retain_lock:
+            with self._cond:
+                current = self._path
+            return prune(self.directory, self._retention, current=current,
+                         append=self.append_sync, now=self._clock())
 
     def _on_cp_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._cp_timer = None
@@ -984,6 +1036,12 @@ class AuditLog:
         if self._cp_timer is not None:
             self._cp_timer.cancel()
             self._cp_timer = None
+        if self._retain_timer is not None:
+            self._retain_timer.cancel()
+            self._retain_timer = None
+        if self._retain_task is not None:
+            with contextlib.suppress(Exception):
+                await self._retain_task
         task = self._cp_task
         if task is not None:
             with contextlib.suppress(Exception):

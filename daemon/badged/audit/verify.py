@@ -15,6 +15,8 @@ What each finding means (``BadRecord.code``):
 * ``malformed`` / ``hash_mismatch`` / ``not_canonical``: the line itself was
   edited (or is garbage);
 * ``seq_gap``: records are missing before this one (deleted, or moved later);
+  a log that starts after seq 1 passes only if an ``audit.pruned`` record
+  in what remains names the removed file's last seq and hash (retention);
 * ``seq_order``: this record came earlier in the chain (reordered, duplicated);
 * ``chain_broken``: ``prev`` does not match the record before: a record was
   replaced by another with a valid hash of its own;
@@ -59,6 +61,7 @@ from badged.audit.record import (
     key_id,
     parse_line,
 )
+from badged.audit.retention import PRUNED_EVENT
 from badged.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -100,6 +103,11 @@ class VerifyReport:
     recoveries: list[BadRecord] = field(default_factory=list)
     clock_steps_back: int = 0
     unchecked_checkpoints: int = 0
+    # Retention: the log starts after seq 1 and the audit.pruned record (its
+    # seq) that vouches for the missing prefix; every audit.pruned seen.
+    pruned_to: int = 0
+    pruned_by: int | None = None
+    prunes: int = 0
 
     def summary(self) -> str:
         """Multi-line human summary (the CLI prints this)."""
@@ -123,6 +131,11 @@ class VerifyReport:
             out.append(f"crash recovery: {rec}")
         if self.clock_steps_back:
             out.append(f"clock went backwards {self.clock_steps_back} time(s)")
+        if self.pruned_to:
+            out.append(f"seq 1..{self.pruned_to} removed by retention (audit.pruned record "
+                       f"seq {self.pruned_by}); chain verified from its recorded hash")
+        if self.prunes:
+            out.append(f"{self.prunes} audit.pruned record(s)")
         if self.unchecked_checkpoints:
             out.append(f"{self.unchecked_checkpoints} checkpoint head(s) outside the "
                        "verified range (not checked)")
@@ -148,6 +161,10 @@ class _Verifier:
         self.recent: dict[int, str] = {}
         self.recent_order: deque[int] = deque()
         self.unsealed: deque[BadRecord] = deque()  # locations of non-checkpoint records
+        # A log whose first record is not seq 1 (retention removed the oldest
+        # files): anchored on its own prev, provisionally, until an
+        # audit.pruned record names exactly that seq and hash.
+        self.pending_prune: tuple[int, str, BadRecord] | None = None
 
     def fail(self, bad: BadRecord) -> NoReturn:
         self.report.ok = False
@@ -184,6 +201,13 @@ class _Verifier:
             self.prev_seq, self.prev_hash = seq - 1, rec["prev"]
         where = (name, line.lineno, seq)
         expected = self.prev_seq + 1
+        if seq > expected and expected == 1 and self.from_seq is None:
+            self.pending_prune = (seq - 1, rec["prev"], BadRecord(
+                *where, "seq_gap", f"log starts at seq {seq} but no audit.pruned record "
+                f"vouches for seq 1..{seq - 1} ending in that prev: records deleted "
+                "(use --from to check only what is left)"))
+            self.prev_seq, self.prev_hash = seq - 1, rec["prev"]
+            expected = seq
         if seq > expected:
             what = ("log does not start at seq 1 (earlier files removed? use --from)"
                     if expected == 1 else f"expected seq {expected}, found {seq}: "
@@ -205,6 +229,8 @@ class _Verifier:
         if rec["kind"] == KIND_RECOVERY:
             r.recoveries.append(BadRecord(*where, "recovery", _recovery_text(rec)))
             self.check_cut(rec, where, line.path.parent)
+        if rec.get("event") == PRUNED_EVENT and rec["kind"] != KIND_CHECKPOINT:
+            self.pruned(rec, seq)
         if CLOCK_BACKWARDS in rec:
             r.clock_steps_back += 1
         self.remember(seq, rec["hash"])
@@ -241,6 +267,15 @@ class _Verifier:
             self.report.sealed_seq = head_seq
             while self.unsealed and (self.unsealed[0].seq or 0) <= head_seq:
                 self.unsealed.popleft()
+
+    def pruned(self, rec: Mapping[str, object], seq: int) -> None:
+        """An ``audit.pruned`` record: does it vouch for the missing prefix?"""
+        self.report.prunes += 1
+        pending = self.pending_prune
+        if (pending is not None and rec.get("last_seq") == pending[0]
+                and rec.get("last_hash") == pending[1]):
+            self.report.pruned_to, self.report.pruned_by = pending[0], seq
+            self.pending_prune = None
 
     def check_cut(self, rec: dict[str, object], where: tuple[str, int, int],
                   directory: Path) -> None:
@@ -284,6 +319,8 @@ class _Verifier:
             del self.recent[self.recent_order.popleft()]
 
     def finish(self) -> None:
+        if self.pending_prune is not None:
+            self.fail(self.pending_prune[2])
         self.report.unsealed = len(self.unsealed)
         if self.strict and self.unsealed:
             self.fail(self.unsealed[0])
