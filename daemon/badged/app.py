@@ -173,6 +173,7 @@ class Daemon:
                               clock=self._clock,
                               signer=device_key, mirror=mirror, fsync=fsync)
         self._audit = audit
+        audit.start_retention(asyncio.get_running_loop())  # [audit] retain_*: off the hot path
         if device_created:
             audit.append_sync({"event": "key.created", "key": DEVICE_KEY, "reason": "device key"})
         # Start-up reconcile, now that every step it takes can be audited.

@@ -231,3 +231,26 @@ def test_config_is_strict(tmp_path: Path) -> None:
     p.write_text('[keystore]\nuri = "pkcs11:token=x"\n')
     cfg = load_config(p)
     assert (cfg.audit_retain_bytes, cfg.audit_retain_days, cfg.audit_export_dir) == (0, 0, None)
+
+
+def test_an_idle_log_applies_the_limit_once_started(audit_dir: Path, mem_key: KeyHandle) -> None:
+    """The daemon arms the timer at start: no request is needed for retention to run."""
+    log = open_log(audit_dir, signer=mem_key, rotate_bytes=ROTATE)
+    _fill(log, 60)
+    log.close()
+
+    async def run() -> int:
+        log = AuditLog.open(AuditConfig(directory=audit_dir, rotate_bytes=ROTATE,
+                                        retain_bytes=3000, retain_check_seconds=0.05,
+                                        checkpoint_records=None, checkpoint_seconds=None),
+                            signer=mem_key)
+        log.start_retention(asyncio.get_running_loop())
+        for _ in range(100):
+            if _pruned(audit_dir):
+                break
+            await asyncio.sleep(0.05)
+        await log.aclose()
+        return len(_pruned(audit_dir))
+
+    assert asyncio.run(run()) > 0
+    assert verify(audit_dir, mem_key.public_key(), strict=True).ok

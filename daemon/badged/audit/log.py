@@ -865,9 +865,8 @@ class AuditLog:
 
     def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start a background checkpoint when one is due (event loop thread only)."""
-        if self._retain_timer is None and self._retention.enabled and not self._closing:
-            self._retain_timer = loop.call_later(self.config.retain_check_seconds,
-                                                 self._on_retain_timer, loop)
+        if self._retain_timer is None and self._retention.enabled:
+            self.start_retention(loop)
         if self._signer is None or self._cp_task is not None:
             return
         cfg = self.config
@@ -879,6 +878,16 @@ class AuditLog:
                 self._cp_timer = loop.call_later(cfg.checkpoint_seconds, self._on_cp_timer, loop)
         if due:
             self._cp_task = loop.create_task(self._checkpoint_async("interval"))
+
+    def start_retention(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm the retention timer on ``loop`` (idempotent; a no-op without limits).
+
+        The daemon calls this at start so an idle daemon still applies the age
+        limit; the first async append arms it otherwise. Loop thread only.
+        """
+        if self._retain_timer is None and self._retention.enabled and not self._closing:
+            self._retain_timer = loop.call_later(self.config.retain_check_seconds,
+                                                 self._on_retain_timer, loop)
 
     def _on_retain_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run retention on a worker thread, then re-arm (asyncio timers are monotonic)."""
