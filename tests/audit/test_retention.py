@@ -254,3 +254,26 @@ def test_an_idle_log_applies_the_limit_once_started(audit_dir: Path, mem_key: Ke
 
     assert asyncio.run(run()) > 0
     assert verify(audit_dir, mem_key.public_key(), strict=True).ok
+
+
+def test_badgectl_audit_verify_reports_the_pruned_range(audit_dir: Path, mem_key: KeyHandle,
+                                                        tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives import serialization
+
+    from badgeclient._cli.audit import audit_group
+
+    pem = tmp_path / "device.pem"
+    pem.write_bytes(mem_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    log = open_log(audit_dir, signer=mem_key, rotate_bytes=ROTATE, retain_bytes=3000)
+    _fill(log, 60)
+    removed = log.run_retention()
+    log.close()
+    args = ["verify", "--strict", "--dir", str(audit_dir), "--pubkey", str(pem)]
+    result = CliRunner().invoke(audit_group, args)
+    assert result.exit_code == 0, result.output
+    assert f"seq 1..{removed[-1].last_seq} removed by retention" in result.output
+    list_files(audit_dir)[0].unlink()  # one more, by hand
+    result = CliRunner().invoke(audit_group, args)
+    assert result.exit_code == 1 and "seq_gap" in result.output
