@@ -1,14 +1,18 @@
 """Child process for the kill -9 test: append forever, print each acknowledged record.
 
-Run as ``python crash_child.py DIR KEY_PEM RUN WORKERS``. Prints ``ready`` once
-the log is open (after any crash recovery), then ``<seq> <jti>`` for every
-append that returned -- i.e. every record the daemon would have answered for.
+Run as ``python crash_child.py DIR KEY_PEM RUN WORKERS [write]``. Prints
+``ready`` once the log is open (after any crash recovery), then ``<seq> <jti>``
+for every append that returned -- i.e. every record the daemon would have
+answered for. With ``write`` the log runs in durability = "write" with a 1 s
+sync delay, so most acknowledged records are not yet fsync'd when the kill
+lands (test_durability); otherwise in the default fsync mode (test_crash).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,14 +41,15 @@ class SoftKey:
         return self._key.sign(data, signature_algorithm)
 
 
-async def main(directory: Path, key_pem: Path, run: str, workers: int) -> None:
+async def main(directory: Path, key_pem: Path, run: str, workers: int, *,
+               write_mode: bool = False) -> None:
     key = serialization.load_pem_private_key(key_pem.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    log = AuditLog.open(
-        AuditConfig(directory=directory, rotate_bytes=8192, checkpoint_records=40,
-                    checkpoint_seconds=0.2),
-        signer=SoftKey(key),
-    )
+    config = AuditConfig(directory=directory, rotate_bytes=8192, checkpoint_records=40,
+                         checkpoint_seconds=0.2)
+    if write_mode:
+        config = replace(config, durability="write", sync_delay=1.0)
+    log = AuditLog.open(config, signer=SoftKey(key))
     out = sys.stdout
     out.write("ready\n")
     out.flush()
@@ -62,4 +67,5 @@ async def main(directory: Path, key_pem: Path, run: str, workers: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                     write_mode=sys.argv[5:] == ["write"]))

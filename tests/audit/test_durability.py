@@ -35,7 +35,7 @@ from badged.errors import AuditError, ConfigError
 from badged.keystore.port import KeyHandle
 from tests.audit.helpers import all_records, open_log
 
-CHILD = Path(__file__).with_name("durability_child.py")
+CHILD = Path(__file__).with_name("crash_child.py")
 
 
 class SyncSpy:
@@ -201,7 +201,7 @@ def _default(tmp_path: Path) -> Path:
 def _run_and_kill(directory: Path, key_pem: Path, run: int, rng: random.Random,
                   acked: dict[int, str]) -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), str(key_pem), str(run), "8"],
+        [sys.executable, str(CHILD), str(directory), str(key_pem), str(run), "8", "write"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     target = rng.randint(20, 400)
