@@ -1,9 +1,10 @@
 """The pytest plugin, run the way a downstream project runs it.
 
-``clients/examples/downstream_ci`` (pytest.ini + conftest + agent + tests) is
-copied into a scratch dir and pytest runs there in a subprocess: the plugin
-comes in through ``addopts = -p badgeclient.pytest_plugin``, starts a real
-``badged dev`` on SoftHSM per test, and must stop it and remove its state.
+``examples/downstream_ci`` (pytest.ini + conftest + agent + tests) is copied
+into a scratch dir and pytest runs there in a subprocess, with the installed
+packages only (no PYTHONPATH into this checkout): the plugin comes in through
+its ``pytest11`` entry point, starts a real ``badged dev`` on SoftHSM per
+test, and must stop it and remove its state.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["softhsm_available"]
 
 pytest_plugins = ["pytester"]
 
-EXAMPLE = ROOT / "clients" / "examples" / "downstream_ci"
+EXAMPLE = ROOT / "examples" / "downstream_ci"
 
 
 def _pythonpath() -> str:
@@ -63,7 +64,8 @@ def test_example_downstream_project(pytester: pytest.Pytester, softhsm_available
             with open({str(session_record)!r}, "a") as fh:
                 fh.write(f"{{badged_dev_session.pid}} {{badged_dev_session.state_dir}}\\n")
         """))
-    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    # As a user runs it: the installed badged/badgeclient, the entry point, nothing else.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=400)
     result.assert_outcomes(passed=5)
     pid, state = record.read_text().split()
@@ -83,12 +85,16 @@ def test_missing_softhsm_fails_unless_skipping_is_asked_for(pytester: pytest.Pyt
     pytester.makepyfile(test_x="def test_x(badged_dev):\n    pass\n")
     monkeypatch.setenv("PYTHONPATH", _pythonpath())
     monkeypatch.setenv("PATH", "/nonexistent")  # no softhsm2-util to be found
-    result = pytester.runpytest_subprocess("-q", "-p", "badgeclient.pytest_plugin")
+    result = pytester.runpytest_subprocess("-q")  # the entry point loads the plugin
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*needs SoftHSM*"])
     pytester.makeini("[pytest]\nbadged_skip_without_softhsm = true\n")
+    # The explicit -p of the older recipe is not a second registration.
     result = pytester.runpytest_subprocess("-q", "-p", "badgeclient.pytest_plugin")
     result.assert_outcomes(skipped=1)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:badgeclient.pytest_plugin")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'badged_dev' not found*"])
 
 
 @pytest.mark.softhsm
