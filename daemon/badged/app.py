@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health_pb2_grpc
 
@@ -51,6 +52,9 @@ from badged.service.health import HealthServicer
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
 from badged.sshagent.server import SshAgentServer
+
+if TYPE_CHECKING:
+    from badged.proxy.server import ProxyServer, SecretSource
 from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 
@@ -107,6 +111,7 @@ class Daemon:
         self._keystore = keystore
         self._front: GrpcFront | None = None
         self._ssh: SshAgentServer | None = None  # when [ssh] is on
+        self._proxy: ProxyServer | None = None  # when [proxy] is on
         self._health: HealthServicer | None = None
         self._monitor: HealthMonitor | None = None
         self._clock_watch: asyncio.Task[None] | None = None
@@ -123,6 +128,8 @@ class Daemon:
         self.metrics = Metrics() if config.metrics_enabled else None
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Static secrets for the proxy's routes (badged.proxy.secretstore).
+        self.proxy_secrets: SecretSource | None = None
 
     # -- build -------------------------------------------------------------------
 
@@ -313,6 +320,8 @@ class Daemon:
                                        max_per_uid=cfg.max_connections_per_uid,
                                        idle_timeout=cfg.front_limits.idle_timeout)
             await self._ssh.start()
+        if cfg.proxy_socket is not None:
+            await self._start_proxy(deps, cfg.proxy_socket)
         await self._start_health(deps)
         self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
         if self.metrics is not None:
@@ -324,6 +333,16 @@ class Daemon:
                                   "config": cfg.source})
         _logger.info("ready", extra={"workload": str(cfg.workload_socket),
                                      "admin": str(cfg.admin_socket)})
+
+    async def _start_proxy(self, deps: ServiceDeps, path: Path) -> None:
+        """The credential proxy (docs/proxy.md): aiohttp is imported only when it is on."""
+        from badged.proxy.server import ProxyServer
+
+        _prepare_socket_dir(path.parent)
+        self._proxy = ProxyServer(deps, path, max_per_uid=self.config.max_connections_per_uid,
+                                  idle_timeout=self.config.front_limits.idle_timeout,
+                                  secrets=self.proxy_secrets)
+        await self._proxy.start()
 
     def _close_after_failed_start(self) -> None:
         """A refused start still seals the audit log and closes the token."""
@@ -428,6 +447,8 @@ class Daemon:
             await self.metrics.close()
         if self._ssh is not None:
             await self._ssh.close()
+        if self._proxy is not None:
+            await self._proxy.close()
         if self._front is not None:
             await self._front.stop_accepting()
             await self._front.drain(grace)

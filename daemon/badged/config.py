@@ -82,6 +82,8 @@ class DaemonConfig:
     front_limits: FrontLimits = field(default_factory=FrontLimits)
     # [ssh] socket: the OpenSSH agent socket (badged.sshagent); None = off.
     ssh_socket: Path | None = None
+    # [proxy] socket: the credential proxy (badged.proxy, docs/proxy.md); None = off.
+    proxy_socket: Path | None = None
     source: str = "<defaults>"
 
     @property
@@ -161,6 +163,7 @@ _KNOWN: dict[str, set[str]] = {
               "export_dir"},
     "metrics": {"enabled", "listen"},
     "ssh": {"socket"},
+    "proxy": {"socket"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
                "unbound_connections_per_uid", "unbound_streams_per_uid",
@@ -449,10 +452,14 @@ def load_config(path: Path) -> DaemonConfig:
         metrics_enabled=metrics_on or listen is not None,
         metrics_listen=listen,
         ssh_socket=path_opt(table("ssh"), "ssh", "socket"),
+        proxy_socket=path_opt(table("proxy"), "proxy", "socket"),
         source=src,
     )
     if cfg.ssh_socket is not None and cfg.ssh_socket in (cfg.workload_socket, cfg.admin_socket):
         fail("ssh", "socket", "[ssh] socket must differ from the workload and admin sockets")
+    if cfg.proxy_socket is not None and cfg.proxy_socket in (
+            cfg.workload_socket, cfg.admin_socket, cfg.ssh_socket):
+        fail("proxy", "socket", "[proxy] socket must differ from the other sockets")
     if cfg.workload_socket == cfg.admin_socket:
         fail("daemon", "admin_socket", "admin_socket must differ from workload_socket")
     if errors:

@@ -199,6 +199,7 @@ def _prepare_locked(state_dir: Path, private: Path, *, agent: str, trust_domain:
         workload_socket=run / "agent.sock",
         admin_socket=run / "admin.sock",
         ssh_socket=run / "ssh-agent.sock",
+        proxy_socket=run / "proxy.sock",
         trust_domain=trust_domain,
         policy_file=policy,
         audit_dir=state_dir / "audit",

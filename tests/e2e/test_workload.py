@@ -128,7 +128,10 @@ def test_daemon_listens_only_on_its_two_public_sockets(daemon: RunningDaemon) ->
     listening = [re.sub(r"/\.([^/]+)\.\d+$", r"/\1", name) for name in listening]
     # badged dev also serves the SSH agent socket ([ssh] socket, issue 19).
     ssh_agent = daemon.state / "run" / "ssh-agent.sock"
-    assert sorted(listening) == sorted([str(daemon.workload), str(daemon.admin), str(ssh_agent)])
+    # ... and the credential proxy's socket ([proxy] socket, issue 20).
+    proxy = daemon.state / "run" / "proxy.sock"
+    assert sorted(listening) == sorted([str(daemon.workload), str(daemon.admin), str(ssh_agent),
+                                        str(proxy)])
     assert not (daemon.state / "private" / "grpc.sock").exists()
 
 

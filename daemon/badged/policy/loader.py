@@ -57,9 +57,12 @@ from badged.policy.model import (
     AgentRule,
     Bundle,
     Policy,
+    ProxyAllow,
     Rate,
+    Route,
     parse_selector,
 )
+from badged.proxy.paths import check_method, check_pattern
 
 _logger = logging.getLogger(__name__)
 
@@ -68,14 +71,23 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
 _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description",
-                "ssh_namespaces", "ssh_hosts", "ssh_users"}
+                "ssh_namespaces", "ssh_hosts", "ssh_users", "proxy"}
+_ROUTE_KEYS = {"upstream", "credential", "audience", "scopes", "secret", "header", "prefix",
+               "ca_file", "max_request_bytes", "rate", "timeout", "description"}
+_CREDENTIALS = ("bearer", "dpop", "secret")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# Headers a route may not carry its secret in: the proxy owns them.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "dpop",
+                     "te", "upgrade", "trailer", "keep-alive", "proxy-authorization",
+                     "cookie"}
+_PROXY_ALLOW_KEYS = {"route", "methods", "paths"}
 _RULE_FLAGS = ("allow_any_user", "other_mount_ns")
 _AGENT_KEYS = {"name", "selectors", "bundles", "description", "client_ids", *_RULE_FLAGS}
 _BIND_KEYS = ((_BUNDLE_KEYS | {"agent", "selectors", "client_ids", *_RULE_FLAGS})
               - {"rate", "approval"})
 _CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
 _AGENT_ID_RE = re.compile(r"^spiffe://[^/]+/agent/([^/]+)$")
-_TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation", "approval"}
+_TOP_KEYS = {"baseline", "bundle", "agent", "bind", "delegation", "approval", "route"}
 
 
 def parse_duration(value: Any, *, what: str) -> int:
@@ -150,6 +162,7 @@ class _Parser:
         self.where = _Lines(text)
         self.short = Path(source).name
         self.warnings: list[str] = []
+        self.routes: dict[str, Route] = {}
 
     def fail(self, line: int, msg: str) -> ConfigError:
         return ConfigError(msg, path=self.source, line=line)
@@ -196,13 +209,110 @@ class _Parser:
                 if not host.startswith("SHA256:"):
                     raise ValueError(f"ssh_hosts: {host!r} is not a SHA256:... host key "
                                      "fingerprint (ssh-keygen -lf)")
+            key = "proxy"
+            proxy = self.proxy_allows(entry.get("proxy", []))
+            if proxy and "proxy" not in kinds:
+                raise ValueError("proxy entries need kind 'proxy' in kinds")
+            if "proxy" in kinds and not proxy:
+                raise ValueError("kind 'proxy' needs [[bundle.NAME.proxy]] entries "
+                                 "(route, methods, paths)")
         except ValueError as exc:
             raise self.fail(self.where.key(start, key), f"bundle {name!r}: {exc}") from None
         return Bundle(name=name, audiences=frozenset(audiences), scopes=frozenset(scopes),
                       kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate, approval=approval,
                       ssh_namespaces=ssh["ssh_namespaces"], ssh_hosts=ssh["ssh_hosts"],
-                      ssh_users=ssh["ssh_users"],
+                      ssh_users=ssh["ssh_users"], proxy=proxy,
                       source=f"{self.short}:{start + 1}")
+
+    def proxy_allows(self, value: Any) -> tuple[ProxyAllow, ...]:
+        """``[[bundle.NAME.proxy]]``: route = "x", methods = [...], paths = [...]."""
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError("proxy must be an array of tables ([[bundle.NAME.proxy]])")
+        out = []
+        for entry in value:
+            unknown = sorted(set(entry) - _PROXY_ALLOW_KEYS)
+            if unknown:
+                raise ValueError(f"proxy entry: unknown key {unknown[0]!r} "
+                                 f"(known: {', '.join(sorted(_PROXY_ALLOW_KEYS))})")
+            route = entry.get("route")
+            if not isinstance(route, str) or route not in self.routes:
+                raise ValueError(f"proxy entry: route {route!r} is not a [route.NAME]")
+            methods = frozenset(check_method(m) for m in _strings(entry, "methods",
+                                                                  required=True))
+            paths = tuple(check_pattern(p) for p in _strings(entry, "paths", required=True))
+            out.append(ProxyAllow(route=route, methods=methods, paths=paths))
+        return tuple(out)
+
+    def route(self, name: str, entry: Any, start: int) -> Route:
+        """``[route.NAME]``: an upstream and how its credential is attached."""
+        from urllib.parse import urlsplit
+
+        if not isinstance(entry, dict):
+            raise self.fail(start + 1, f"route {name!r} must be a table")
+        key = "?"
+        try:
+            unknown = sorted(set(entry) - _ROUTE_KEYS)
+            if unknown:
+                key = unknown[0]
+                raise ValueError(f"unknown key {key!r} (known: {', '.join(sorted(_ROUTE_KEYS))})")
+            key = "upstream"
+            upstream = entry.get("upstream")
+            if not isinstance(upstream, str):
+                raise ValueError("upstream is required: an https:// URL")
+            parts = urlsplit(upstream)
+            if parts.scheme != "https":
+                raise ValueError("upstream must be https:// (the proxy never downgrades)")
+            if not parts.hostname or parts.username is not None or parts.password is not None \
+                    or parts.query or parts.fragment or not upstream.isascii():
+                raise ValueError("upstream needs a host and no userinfo, query or fragment")
+            _ = parts.port  # ValueError on a bad port
+            key = "credential"
+            credential = entry.get("credential")
+            if credential not in _CREDENTIALS:
+                raise ValueError(f"credential must be one of {', '.join(_CREDENTIALS)}")
+            origin = f"https://{parts.netloc.lower()}"
+            key = "audience"
+            audience = entry.get("audience", origin if credential != "secret" else "")
+            if not isinstance(audience, str):
+                raise ValueError("audience must be a string")
+            key = "scopes"
+            scopes = _strings(entry, "scopes", required=False)
+            key = "secret"
+            secret = entry.get("secret", "")
+            if credential == "secret":
+                if not isinstance(secret, str) or not _NAME_RE.match(secret):
+                    raise ValueError("credential 'secret' needs secret = NAME ([a-z0-9._-])")
+            elif secret:
+                raise ValueError("secret is only for credential = 'secret'")
+            key = "header"
+            header = entry.get("header", "Authorization")
+            if not isinstance(header, str) or not _HEADER_RE.match(header) \
+                    or header.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {header!r} is not a header a secret may go in")
+            key = "prefix"
+            prefix = entry.get("prefix", "")
+            if not isinstance(prefix, str) or not prefix.isprintable() or len(prefix) > 64:
+                raise ValueError("prefix must be a short printable string like \"Bearer \"")
+            key = "ca_file"
+            ca_file = entry.get("ca_file")
+            if ca_file is not None and (not isinstance(ca_file, str)
+                                        or not ca_file.startswith("/")):
+                raise ValueError("ca_file must be an absolute path")
+            key = "max_request_bytes"
+            limit = entry.get("max_request_bytes", 1 << 20)
+            if not isinstance(limit, int) or isinstance(limit, bool) \
+                    or not 0 <= limit <= 1 << 30:
+                raise ValueError("max_request_bytes must be an integer 0..1073741824")
+            key = "rate"
+            rate = parse_rate(entry["rate"]) if "rate" in entry else None
+            key = "timeout"
+            timeout = parse_duration(entry.get("timeout", 30), what="timeout")
+        except ValueError as exc:
+            raise self.fail(self.where.key(start, key), f"route {name!r}: {exc}") from None
+        return Route(name=name, upstream=upstream.rstrip("/"), credential=credential,
+                     audience=audience, scopes=tuple(scopes), secret=secret, header=header,
+                     prefix=prefix, ca_file=ca_file, max_request_bytes=limit, rate=rate,
+                     timeout=timeout, source=f"{self.short}:{start + 1}")
 
     def selectors(self, entry: dict[str, Any], start: int, what: str) -> frozenset[str]:
         try:
@@ -308,6 +418,14 @@ class _Parser:
                 raise self.fail(line + 1 if line else self.where.key(0, key),
                                 f"unknown top-level table {key!r} "
                                 f"(known: {', '.join(sorted(_TOP_KEYS))})")
+        raw_routes = doc.get("route", {})
+        if not isinstance(raw_routes, dict):
+            raise self.fail(1, "route must be tables like [route.NAME]")
+        for name, entry in raw_routes.items():
+            start = self.where.header(rf"\[\s*route\.\"?{re.escape(name)}\"?\s*\]")
+            if not _NAME_RE.match(name):
+                raise self.fail(start + 1, f"route name {name!r}: use [a-z0-9._-], max 63")
+            self.routes[name] = self.route(name, entry, start)
         baseline = None
         if "baseline" in doc:
             start = self.where.header(r"\[\s*baseline\s*\]")
@@ -406,7 +524,7 @@ class _Parser:
                       delegators=delegators, delegators_source=dsource, source=self.source,
                       agents_may_delegate=agents_may_delegate,
                       requester_may_approve=requester_may_approve,
-                      warnings=tuple(self.warnings))
+                      warnings=tuple(self.warnings), routes=self.routes)
 
     def _array(self, doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
         value = doc.get(key, [])

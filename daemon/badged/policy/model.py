@@ -41,11 +41,15 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+from badged.proxy.paths import matches
+
 # token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
 # attestation-based client auth; dpop: RFC 9449 proofs; csr: attested CSRs;
 # ssh: signatures on the SSH agent socket (badged.sshagent), narrowed by the
-# bundle's ssh_namespaces (SSHSIG), ssh_hosts and ssh_users (user auth).
-KINDS = ("token", "sign", "assertion", "dpop", "csr", "ssh")
+# bundle's ssh_namespaces (SSHSIG), ssh_hosts and ssh_users (user auth);
+# proxy: one HTTP call through the credential proxy (badged.proxy), narrowed
+# by the bundle's proxy entries (route, methods, path patterns).
+KINDS = ("token", "sign", "assertion", "dpop", "csr", "ssh", "proxy")
 # Kinds without audience or scope: any bundle with the kind allows any such request.
 UNSCOPED_KINDS = ("sign", "csr")
 
@@ -103,6 +107,39 @@ class Rate:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A credential-proxy route (``[route.NAME]``, docs/proxy.md): where calls go
+    and which credential badged attaches. The agent never sees the credential."""
+
+    name: str
+    upstream: str  # https://host[:port][/base], no query, no userinfo
+    credential: str  # "bearer" | "dpop" | "secret"
+    audience: str = ""  # bearer/dpop: the token's aud (default: the upstream origin)
+    scopes: tuple[str, ...] = ()
+    secret: str = ""  # credential "secret": the stored secret's name
+    header: str = "Authorization"  # credential "secret": the header that carries it
+    prefix: str = ""  # credential "secret": put before the value ("Bearer ")
+    ca_file: str | None = None  # None: the system trust store
+    max_request_bytes: int = 1 << 20
+    rate: Rate | None = None  # per agent, on this route
+    timeout: int = 30
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyAllow:
+    """One bundle entry: this route, these methods, these normalized paths."""
+
+    route: str
+    methods: frozenset[str]
+    paths: tuple[tuple[str, ...], ...]  # checked patterns (badged.proxy.paths)
+
+    def allows(self, req: Request) -> bool:
+        return (req.proxy_route == self.route and req.proxy_method in self.methods
+                and any(matches(p, req.proxy_segments) for p in self.paths))
+
+
+@dataclass(frozen=True)
 class Bundle:
     name: str
     audiences: frozenset[str]
@@ -118,6 +155,8 @@ class Bundle:
     ssh_namespaces: frozenset[str] = frozenset()
     ssh_hosts: frozenset[str] = frozenset()
     ssh_users: frozenset[str] = frozenset()
+    # kind "proxy": the routes, methods and paths allowed (none: no call).
+    proxy: tuple[ProxyAllow, ...] = ()
 
     def miss(self, req: Request, ttl: int, hard_cap: int | None = None) -> str | None:
         """Why this bundle does not allow ``req`` (None: it does)."""
@@ -129,6 +168,9 @@ class Bundle:
             ssh_miss = self._ssh_miss(req)
             if ssh_miss is not None:
                 return ssh_miss
+        if req.kind == "proxy" and not any(a.allows(req) for a in self.proxy):
+            return (f"{req.proxy_method} {req.proxy_path!r} on route {req.proxy_route!r} "
+                    f"not in bundle")
         if not self.scopes.issuperset(req.scopes):
             return f"scopes {sorted(set(req.scopes) - self.scopes)} not in bundle"
         if ttl > self.max_ttl:
@@ -199,6 +241,8 @@ class Policy:
     delegators: frozenset[str] = frozenset()  # selectors; any one lets a user delegate
     delegators_source: str = ""
     source: str = "<empty>"
+    # [route.NAME]: credential-proxy routes (badged.proxy).
+    routes: Mapping[str, Route] = field(default_factory=dict)
     # Single-user dev box switches (both off unless the policy says so):
     # a caller matching an agent rule may still delegate; the uid that
     # requested an approval may approve it.
@@ -310,6 +354,11 @@ class Request:
     ssh_namespace: str = ""
     ssh_host: str = ""
     ssh_user: str = ""
+    # kind "proxy" only: the route, the method and the normalized path.
+    proxy_route: str = ""
+    proxy_method: str = ""
+    proxy_segments: tuple[str, ...] = ()
+    proxy_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,9 @@ def request_summary(req: Request) -> dict[str, Any]:
     if req.kind == "ssh":  # what the SSH agent saw of the signature (badged.sshagent)
         out["ssh"] = {"purpose": req.ssh_purpose or "unclassified", "user": req.ssh_user,
                       "host_fp": req.ssh_host, "namespace": req.ssh_namespace}
+    elif req.kind == "proxy":  # what the credential proxy saw of the call (badged.proxy)
+        out["proxy"] = {"route": req.proxy_route, "method": req.proxy_method,
+                        "path": req.proxy_path}
     return out
 
 
@@ -316,6 +319,7 @@ def public_reason(decision: Decision) -> str:
         ("agent is revoked", "agent is revoked"),
         ("agent is missing", "agent does not exist"),
         ("several agents", "caller may act as several agents; name one with agent="),
+        ("on route", "method or path not allowed on this route for this agent"),
         ("delegation", "no such active delegation for this agent, or outside it"),
         ("audience", "audience not allowed for this agent"),
         ("scopes", "scope not allowed for this agent"),

@@ -1,0 +1,1 @@
+"""The credential proxy (issue 20): agents call APIs through badged, which attaches the credential."""

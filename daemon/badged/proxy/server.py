@@ -1,0 +1,531 @@
+"""The credential proxy: agents send HTTP calls here, badged authorizes each one,
+attaches the route's credential and forwards it to the HTTPS upstream.
+
+The agent never holds the credential (docs/proxy.md). Per call:
+
+1. **Caller.** The connection's kernel peer credentials and executable
+   snapshot are read at accept (:func:`~badged.listener.peers.read_peer`,
+   as on the workload socket) and every request attests the process again
+   (:meth:`~badged.attest.process.ProcessAttestor.attest`, which refuses a
+   process that exec'd since). Connections per uid are capped.
+2. **Target.** The route is the ``Host`` header (``http://ROUTE/path`` over
+   the Unix socket). The request target is normalized once
+   (:mod:`badged.proxy.paths`); the result is what the policy matches, what
+   the audit records and what the upstream receives -- never the agent's bytes.
+   Conflicting or duplicate ``Content-Length``/``Transfer-Encoding`` are refused
+   (aiohttp's parser refuses most; the handler checks again).
+3. **Decision.** One :class:`~badged.service.issuance.Issuance` run of kind
+   ``proxy`` (route, method, normalized path): the policy gate with the
+   bundle's rate budget and approval, the agent's own key, a durable
+   ``proxy.allowed`` record; the mint function makes the credential (a
+   cached access token, a fresh DPoP proof per call) -- the same pipeline
+   as every other credential. A route's own ``rate`` is spent only by
+   allowed calls. Denials are HTTP 403 (429 for an exhausted budget) with a
+   JSON reason, audited.
+4. **Forward.** Hop-by-hop headers and anything the agent sent as
+   ``Authorization``, ``DPoP``, ``Badged-Agent`` or the route's secret header
+   are dropped; the credential is attached; the body (at most the route's
+   ``max_request_bytes``, read only after the decision) is sent. Redirects
+   are returned to the agent, never followed. TLS is verified against the
+   system trust store or the route's ``ca_file``.
+5. **Record.** ``proxy.completed``: agent, process, route, method, normalized
+   path, status, bytes both ways, latency. Never a body, header value or
+   credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from badged.attest.process import ProcessAttributes
+from badged.core import dpop
+from badged.core.tokens import build_claims, mint_token
+from badged.errors import BadgedError, InvalidRequestError, PolicyDeniedError, RateLimitedError
+from badged.identity.registry import SigningKey
+from badged.listener.peers import PeerCredentials, read_peer
+from badged.listener.sockets import bind_unix
+from badged.policy.model import Bundle, Request, Route
+from badged.policy.ratelimit import RateLimiter
+from badged.proxy.paths import PathError, Target, normalize
+from badged.service import validate
+from badged.service.deps import ServiceDeps
+from badged.service.issuance import Authorized, Caller, Issuance, Minted
+
+_logger = logging.getLogger(__name__)
+# aiohttp's access log would print paths and query strings: off (the audit
+# record is the access log, with the normalized path and no query).
+_quiet = logging.getLogger("badged.proxy.access")
+_quiet.disabled = True
+CHANNEL = "proxy"
+AGENT_HEADER = "Badged-Agent"
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the proxy's own and the ones the
+# client library recomputes (Host, Content-Length).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+                        "host", "content-length", "expect"})
+# Never forwarded from the agent: credentials are the proxy's to attach.
+_AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop", AGENT_HEADER.lower()})
+# Renew a cached access token when less than this share of its life is left.
+_RENEW_AT = 0.25
+_TOKEN_CACHE_MAX = 4096
+
+
+class SecretSource(Protocol):
+    """Where static secrets come from (:class:`badged.proxy.secretstore.SecretStore`)."""
+
+    def reveal(self, name: str) -> bytes:
+        """The secret's value, decrypted now; NotFoundError if there is none."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """What the mint function hands the forwarder: headers to set, and audit fields."""
+
+    headers: tuple[tuple[str, str], ...]
+
+
+class _Handler(RequestHandler):
+    """aiohttp's per-connection protocol, plus the caller read at accept."""
+
+    peer: PeerCredentials | None = None
+    owner: ProxyServer | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        owner = self.owner
+        assert owner is not None
+        try:
+            peer = read_peer(transport.get_extra_info("socket"), CHANNEL)
+        except OSError:
+            transport.close()
+            return
+        if owner.per_uid.get(peer.uid, 0) >= owner.max_per_uid:
+            _logger.warning("proxy: connection limit for uid reached",
+                            extra={"uid": peer.uid, "limit": owner.max_per_uid})
+            _close_pidfd(peer)
+            transport.close()
+            return
+        owner.per_uid[peer.uid] = owner.per_uid.get(peer.uid, 0) + 1
+        self.peer = peer
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        peer, self.peer = self.peer, None
+        owner = self.owner
+        if peer is not None and owner is not None:
+            left = owner.per_uid.get(peer.uid, 1) - 1
+            if left:
+                owner.per_uid[peer.uid] = left
+            else:
+                owner.per_uid.pop(peer.uid, None)
+            _close_pidfd(peer)
+
+
+def _close_pidfd(peer: PeerCredentials) -> None:
+    if peer.pidfd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(peer.pidfd)
+
+
+class _Denied(Exception):
+    """A refusal the handler answers with ``status`` and a JSON ``reason``."""
+
+    def __init__(self, status: int, reason: str, *, detail: str = "",
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.detail = detail or reason
+        self.retry_after = retry_after
+
+
+def _json_response(status: int, error: str, reason: str,
+                   retry_after: float | None = None) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    return web.Response(status=status, headers=headers, content_type="application/json",
+                        text=json.dumps({"error": error, "reason": reason}))
+
+
+class ProxyServer:
+    """Owns the proxy socket, the upstream connection pools and the token cache."""
+
+    def __init__(self, deps: ServiceDeps, path: Path, *, max_per_uid: int,
+                 idle_timeout: float, secrets: SecretSource | None = None,
+                 ssl_context: Callable[[str | None], ssl.SSLContext] | None = None) -> None:
+        self.deps = deps
+        self.path = path
+        self.max_per_uid = max_per_uid
+        self.idle_timeout = idle_timeout
+        self.secrets = secrets
+        self.issuance = Issuance(deps)
+        self.per_uid: dict[int, int] = {}
+        self.route_limiter = RateLimiter()
+        self._ssl_context = ssl_context or _ssl_context
+        self._sessions: dict[str | None, ClientSession] = {}
+        self._tokens: dict[tuple[str, str, str, str], tuple[str, float, str]] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._web: web.Server | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        sock = bind_unix(self.path, mode=0o666, group=None)
+        loop = asyncio.get_running_loop()
+        self._web = web.Server(self._handle, handler_cancellation=True)
+        server = self._web
+        owner = self
+
+        def factory() -> RequestHandler:
+            handler = _Handler(server, loop=loop, keepalive_timeout=self.idle_timeout,
+                               max_line_size=8190, max_field_size=8190, max_headers=100,
+                               auto_decompress=False, access_log=_quiet)
+            handler.owner = owner
+            return handler
+
+        self._server = await loop.create_unix_server(factory, sock=sock)
+        _logger.info("proxy socket ready", extra={"socket": str(self.path)})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            if self._web is not None:
+                await self._web.shutdown(2.0)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    def _session(self, ca_file: str | None) -> ClientSession:
+        session = self._sessions.get(ca_file)
+        if session is None or session.closed:
+            connector = TCPConnector(ssl=self._ssl_context(ca_file), limit=256,
+                                     limit_per_host=64, enable_cleanup_closed=True)
+            session = ClientSession(connector=connector, auto_decompress=False,
+                                    cookie_jar=DummyCookieJar(), trust_env=False,
+                                    skip_auto_headers=("User-Agent", "Accept",
+                                                       "Accept-Encoding", "Content-Type"))
+            self._sessions[ca_file] = session
+        return session
+
+    # -- one call ----------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        handler = request.protocol
+        peer = handler.peer if isinstance(handler, _Handler) else None
+        if peer is None:
+            return _json_response(403, "denied", "no caller identity")
+        d = self.deps
+        proc: ProcessAttributes | None = None
+        route: Route | None = None
+        target: Target | None = None
+        agent: str | None = None
+        try:
+            proc = d.attestor.attest(peer)
+            route = self._route(request)
+            target = _target(request)
+            _check_framing(request.headers, route)
+            agent = validate.agent_name(request.headers.get(AGENT_HEADER, ""))
+            caller = Caller(peer, proc)
+            return await self._forward(request, caller, route, target, agent, started)
+        except _Denied as exc:
+            await self._audit_denied(proc, peer, route, request.method, target, agent, exc)
+            return _json_response(exc.status, "denied" if exc.status in (403, 429)
+                                  else "bad request", exc.reason, exc.retry_after)
+        except RateLimitedError as exc:  # the gate audited it
+            return _json_response(429, "denied", exc.public or "rate budget exhausted",
+                                  exc.retry_after)
+        except PolicyDeniedError as exc:  # the gate audited it
+            return _json_response(403, "denied", exc.public or "denied by policy")
+        except InvalidRequestError as exc:
+            return _json_response(400, "bad request", exc.public or "invalid request")
+        except BadgedError as exc:
+            _logger.info("proxy: refused", extra={"error": str(exc)})
+            return _json_response(403, "denied", exc.public or "refused")
+        except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # never kill the loop for one call; never echo the detail
+            _logger.exception("proxy: call failed", extra={"uid": peer.uid, "pid": peer.pid})
+            return _json_response(500, "internal", "internal error")
+
+    def _route(self, request: web.BaseRequest) -> Route:
+        host = request.headers.getall("Host", [])
+        if len(host) != 1:
+            raise _Denied(400, "exactly one Host header naming the route is required")
+        name = host[0].strip().lower()
+        if name.endswith(":80"):
+            name = name[:-3]
+        route = self.deps.policy.current.routes.get(name)
+        if route is None:
+            raise _Denied(403, "no such route", detail=f"no route {name[:64]!r}")
+        return route
+
+    async def _forward(self, request: web.BaseRequest, caller: Caller, route: Route,
+                       target: Target, agent: str | None, started: float) -> web.StreamResponse:
+        d = self.deps
+        base = _split_upstream(route.upstream)
+        url = base.origin + base.path + target.encoded_path()
+        host = base.origin[len("https://"):]
+        req = Request(kind="proxy", agent=agent, audience=base.origin, scopes=(),
+                      proxy_route=route.name, proxy_method=request.method,
+                      proxy_segments=target.segments, proxy_path=target.path)
+        # What the operator sees when the bundle wants approval.
+        why = f"{request.method} {host}{target.path} via route {route.name}"
+        self._check_length(request, route)
+        key_of = d.tokens.token_key if route.credential != "secret" else d.agents.token_key
+        mint = self._minter(route, request.method, url)
+        auth, cred = await self.issuance.issue(caller, req, "proxy.allowed", key_of, mint,
+                                               reason=why)
+        headers = _forward_headers(request.headers, route)
+        for name, value in cred.headers:
+            headers[name] = value
+        body = await self._read_body(request, route, caller, auth, target)
+        query = ("?" + target.query) if target.query else ""
+        status, sent = 502, 0
+        try:
+            session = self._session(route.ca_file)
+            async with session.request(
+                    request.method, url + query, headers=headers, data=body,
+                    allow_redirects=False, compress=None,
+                    timeout=ClientTimeout(total=route.timeout, connect=min(10, route.timeout)),
+                    skip_auto_headers=("Content-Type",)) as upstream:
+                status = upstream.status
+                response = web.StreamResponse(status=status, reason=upstream.reason)
+                for name, value in _response_headers(upstream.headers):
+                    response.headers.add(name, value)
+                if upstream.content_length is not None and "chunked" not in \
+                        upstream.headers.get("Transfer-Encoding", "").lower():
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(64 * 1024):
+                    sent += len(chunk)
+                    await response.write(chunk)
+                await response.write_eof()
+        except (TimeoutError, ClientError, ssl.SSLError, OSError) as exc:
+            reason = ("upstream TLS verification failed"
+                      if isinstance(exc, ssl.SSLError) or "SSL" in type(exc).__name__
+                      or "Certificate" in type(exc).__name__
+                      else "upstream timed out" if isinstance(exc, TimeoutError)
+                      else "upstream unreachable")
+            _logger.info("proxy: upstream failed",
+                         extra={"route": route.name, "error_type": type(exc).__name__})
+            await self._completed(caller, auth, route, request.method, target, 502,
+                                  len(body), sent, started, error=reason)
+            if status != 502:  # the answer had started: cut the connection
+                raise
+            return _json_response(502, "upstream", reason)
+        await self._completed(caller, auth, route, request.method, target, status,
+                              len(body), sent, started)
+        return response
+
+    def _check_length(self, request: web.BaseRequest, route: Route) -> None:
+        length = request.content_length
+        if length is not None and length > route.max_request_bytes:
+            raise _Denied(413, f"request body above the route's {route.max_request_bytes} bytes")
+
+    async def _read_body(self, request: web.BaseRequest, route: Route, caller: Caller,
+                         auth: Authorized, target: Target) -> bytes:
+        """The body, bounded by the route's limit, read only after the decision."""
+        limit = route.max_request_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                exc = _Denied(413, f"request body above the route's {limit} bytes")
+                await self._audit_denied(caller.proc, caller.peer, route, request.method,
+                                         target, auth.key.agent, exc)
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _minter(self, route: Route, method: str,
+                url: str) -> Callable[[Authorized], Minted[_Credential]]:
+        """The mint function for this route's credential (runs on the SigningRunner)."""
+        d = self.deps
+
+        def mint(auth: Authorized) -> Minted[_Credential]:
+            key = auth.key
+            self._spend_route_budget(route, key.agent)
+            record: dict[str, Any] = {}
+            headers: tuple[tuple[str, str], ...]
+            if route.credential == "secret":
+                headers = ((route.header, route.prefix + self._secret(route)),)
+                record["attach"] = {"type": "secret", "name": route.secret}
+            else:
+                token, fresh = self._token(route, key, auth, dpop_bound=route.credential == "dpop")
+                record["attach"] = {"type": route.credential, "audience": route.audience,
+                                        "token_jti": fresh[0], "token_minted": fresh[1]}
+                if route.credential == "dpop":
+                    proof_key = d.agents.token_key(key.agent)
+                    claims = dpop.proof_claims(htm=method, htu=url, now=d.clock(),
+                                               jti=d.new_jti(), access_token=token)
+                    proof = dpop.mint_proof(claims, proof_key.handle)
+                    record["attach"]["proof_jti"] = claims["jti"]
+                    headers = (("Authorization", "DPoP " + token), ("DPoP", proof))
+                else:
+                    headers = (("Authorization", "Bearer " + token),)
+            return Minted(_Credential(headers), key.spiffe_id, {"proxy": {
+                "route": route.name, "method": method, "upstream": _split_upstream(
+                    route.upstream).origin, **record}})
+
+        return mint
+
+    def _spend_route_budget(self, route: Route, agent: str) -> None:
+        if route.rate is None:
+            return
+        bucket = Bundle(name=f"route:{route.name}", audiences=frozenset(), scopes=frozenset(),
+                        kinds=frozenset(), max_ttl=1, rate=route.rate)
+        wait = self.route_limiter.wait_time("*", bucket)
+        if wait is not None:
+            raise _Denied(429, "rate budget of this route exhausted",
+                          detail=f"route {route.name} rate budget {route.rate} exhausted "
+                                 f"(agent {agent})", retry_after=wait)
+        self.route_limiter.consume("*", bucket)
+
+    def _secret(self, route: Route) -> str:
+        if self.secrets is None:
+            raise PolicyDeniedError("no secret store", public="route's secret is not set")
+        value = self.secrets.reveal(route.secret)
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise PolicyDeniedError(f"secret {route.secret} is not ASCII",
+                                    public="route's secret is unusable") from None
+        return text
+
+    def _token(self, route: Route, key: SigningKey, auth: Authorized, *,
+               dpop_bound: bool) -> tuple[str, tuple[str, bool]]:
+        """A cached access token for (agent, route), minted when near expiry.
+
+        Returns the token and (its jti, whether it was minted now) for the record.
+        """
+        d = self.deps
+        jkt = d.agents.token_key(key.agent).kid if dpop_bound else ""
+        cache_key = (key.agent, route.name, key.kid, jkt)
+        now = time.monotonic()
+        hit = self._tokens.get(cache_key)
+        if hit is not None and hit[1] > now:
+            return hit[0], (hit[2], False)
+        extra: dict[str, Any] = {}
+        if jkt:
+            extra["cnf"] = {"jkt": jkt}
+        ttl = auth.decision.ttl or d.default_ttl
+        claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=route.audience,
+                              scopes=route.scopes, ttl_seconds=ttl, now=d.clock(),
+                              jti=d.new_jti(), extra=extra)
+        issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+        if len(self._tokens) >= _TOKEN_CACHE_MAX:
+            self._tokens.clear()
+        self._tokens[cache_key] = (issued.token, now + ttl * (1 - _RENEW_AT), issued.jti)
+        return issued.token, (issued.jti, True)
+
+    # -- audit ---------------------------------------------------------------------------
+
+    async def _completed(self, caller: Caller, auth: Authorized, route: Route, method: str,
+                         target: Target, status: int, bytes_in: int, bytes_out: int,
+                         started: float, error: str | None = None) -> None:
+        record: dict[str, Any] = {
+            "event": "proxy.completed", "agent": auth.key.agent,
+            "caller": caller.proc.summary(), "decision": "allow", "rule": auth.decision.rule,
+            "proxy": {"route": route.name, "method": method, "path": target.path,
+                      "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out,
+                      "latency_ms": round((time.monotonic() - started) * 1000, 3)}}
+        if error:
+            record["proxy"]["error"] = error
+        try:
+            await self.deps.audit.append(record)
+        except BadgedError as exc:  # the audit log's own failure is health's business
+            _logger.error("proxy.completed not audited", extra={"error": str(exc)})
+
+    async def _audit_denied(self, proc: ProcessAttributes | None, peer: PeerCredentials,
+                            route: Route | None, method: str, target: Target | None,
+                            agent: str | None, exc: _Denied) -> None:
+        who: Mapping[str, object] = proc.summary() if proc is not None else {
+            "pid": peer.pid, "uid": peer.uid}
+        _logger.info("proxy: denied", extra={"uid": peer.uid, "pid": peer.pid,
+                                             "reason": exc.detail})
+        await self.deps.audit.append({
+            "event": "proxy.denied", "agent": agent, "caller": dict(who), "decision": "deny",
+            "rule": "-", "reason": exc.detail[:300], "status": exc.status,
+            "request": {"kind": "proxy", "agent": agent, "proxy": {
+                "route": route.name if route else None, "method": method[:32],
+                "path": target.path[:512] if target else None}}})
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    origin: str  # https://host[:port], lower-case
+    path: str  # the base path, no trailing slash ("" for none)
+
+
+def _split_upstream(upstream: str) -> _Upstream:
+    rest = upstream[len("https://"):]
+    netloc, slash, path = rest.partition("/")
+    return _Upstream("https://" + netloc.lower(), (slash + path).rstrip("/"))
+
+
+def _target(request: web.BaseRequest) -> Target:
+    try:
+        return normalize(request.raw_path)
+    except PathError as exc:
+        raise _Denied(403, f"ambiguous or invalid path refused: {exc}") from None
+
+
+def _check_framing(headers: CIMultiDictProxy[str], route: Route) -> None:
+    """Belt and braces over aiohttp's parser: one framing, stated once."""
+    lengths = headers.getall("Content-Length", [])
+    encodings = headers.getall("Transfer-Encoding", [])
+    if len(lengths) > 1 or (lengths and encodings):
+        raise _Denied(400, "conflicting Content-Length / Transfer-Encoding")
+    if encodings and [e.strip().lower() for e in ",".join(encodings).split(",")] != ["chunked"]:
+        raise _Denied(400, "only Transfer-Encoding: chunked is accepted")
+
+
+def _forward_headers(incoming: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
+    """The agent's headers minus hop-by-hop ones and any credential it tried to set."""
+    named = {t.strip().lower() for v in incoming.getall("Connection", [])
+             for t in v.split(",")}
+    drop = HOP_BY_HOP | _AGENT_CREDENTIAL_HEADERS | named | {route.header.lower()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def _response_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    named = {t.strip().lower() for v in incoming.getall("Connection", [])
+             for t in v.split(",")}
+    drop = HOP_BY_HOP | named
+    return [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verified TLS 1.2+: the system trust store, or only the route's CA file."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+__all__ = ["CHANNEL", "ProxyServer", "SecretSource"]

@@ -1,0 +1,248 @@
+"""The credential proxy end to end: a real daemon, a real HTTPS upstream with its own
+CA, agents as separate processes (and raw sockets for what no client library sends).
+
+Every attack here is performed for real and the test fails if it succeeds: the
+upstream's own record of what it received is the judge.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+from badgeclient import AdminClient
+from tests.proxy.conftest import NOBODY, Agent, ProxyEnv
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _header(rec: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in rec["headers"] if k.lower() == name.lower()]
+
+
+def raw(env: ProxyEnv, data: bytes) -> tuple[int, bytes]:
+    """Send raw bytes to the proxy socket (as this test process, uid of the agent)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(env.socket))
+        s.sendall(data)
+        buf = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            if b"\r\n\r\n" in buf:
+                head, _, body = buf.partition(b"\r\n\r\n")
+                length = [int(x.split(b":")[1]) for x in head.split(b"\r\n")
+                          if x.lower().startswith(b"content-length:")]
+                if length and len(body) >= length[0]:
+                    break
+    status = int(buf.split(b" ", 2)[1]) if buf.startswith(b"HTTP/") else 0
+    return status, buf
+
+
+def get(path: str, host: str = "echo", extra: bytes = b"") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
+            + extra + b"\r\n")
+
+
+def test_dpop_route_attaches_a_fresh_proof_and_replaces_what_the_agent_sent(
+        proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    r = agent.call("echo", "/items/7?q=1", headers={
+        "Authorization": "Bearer stolen-by-agent", "DPoP": "forged",
+        "Connection": "X-Hop", "X-Hop": "1", "Proxy-Authorization": "Basic eA==",
+        "X-Trace": "kept"})
+    assert r["status"] == 200, r
+    r2 = agent.call("echo", "/items/8")
+    assert r2["status"] == 200
+    first, second = env.upstream.received
+    assert first["path"] == "/api/items/7?q=1"
+    assert _header(first, "X-Trace") == ["kept"]
+    for name in ("X-Hop", "Proxy-Authorization", "Badged-Agent"):
+        assert not _header(first, name), name
+    (authz,) = _header(first, "Authorization")
+    assert authz.startswith("DPoP ") and "stolen" not in authz
+    token = authz[5:]
+    (proof,) = _header(first, "DPoP")
+    assert proof != "forged"
+    # RFC 9449 §4.3, checked here: key, typ, htm, htu, ath, and cnf.jkt binding.
+    head = json.loads(base64.urlsafe_b64decode(proof.split(".")[0] + "=="))
+    assert head["typ"] == "dpop+jwt" and head["alg"] == "ES256"
+    key = ECKey.import_key(head["jwk"])
+    claims = jwt.decode(proof, key).claims
+    assert claims["htm"] == "GET"
+    assert claims["htu"] == f"https://127.0.0.1:{env.upstream.port}/api/items/7"
+    assert claims["ath"] == _b64(hashlib.sha256(token.encode()).digest())
+    tok_claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert tok_claims["cnf"]["jkt"] == key.thumbprint()
+    assert tok_claims["aud"] == f"https://127.0.0.1:{env.upstream.port}"
+    assert tok_claims["sub"].endswith("/agent/demo-agent")
+    # A fresh proof per request, the token cached.
+    (proof2,) = _header(second, "DPoP")
+    assert proof2 != proof
+    assert _header(second, "Authorization") == [authz]
+    # Nothing of the credential reached the agent: not its answer, environment or memory.
+    assert token not in json.dumps(r) and token.encode() not in agent.environ()
+    assert not agent.memory_contains(token.encode())
+    assert not agent.memory_contains(proof.encode())
+    # Audited: allowed (durable before the call) and completed, never the credential.
+    done = [x for x in env.events("proxy.completed") if x["proxy"]["route"] == "echo"]
+    assert done[-2]["proxy"]["path"] == "/items/7" and done[-2]["proxy"]["status"] == 200
+    assert done[-2]["caller"]["pid"] == agent.pid and done[-2]["agent"] == "demo-agent"
+    assert done[-2]["proxy"]["bytes_out"] > 0 and "latency_ms" in done[-2]["proxy"]
+    allowed = [x for x in env.events("proxy.allowed") if x["proxy"]["route"] == "echo"]
+    assert allowed[-2]["proxy"]["attach"]["token_minted"] is True
+    assert allowed[-1]["proxy"]["attach"]["token_minted"] is False
+    text = "".join(f.read_text() for f in (env.daemon.state / "audit").glob("*.jsonl"))
+    assert token not in text and proof not in text
+    assert token not in env.daemon.log_text()
+
+
+@pytest.mark.parametrize("path", [
+    "/admin", "/public/../admin", "/public/..%2fadmin", "/public/%2e%2e/admin",
+    "/public/%252e%252e/admin", "/public/..%5cadmin", "/items/7/../../admin",
+    "/public;x=/../../admin", "/public/%2e%2e%2fadmin", "/public\\..\\admin",
+])
+def test_disallowed_paths_are_403_audited_and_never_reach_the_upstream(
+        proxy_env: ProxyEnv, path: str) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    status, answer = raw(env, get(path))
+    assert status == 403, answer
+    assert b'"reason"' in answer
+    assert env.upstream.received == []
+    last = [r for r in env.audit() if r.get("event") == "proxy.denied"][-1]
+    assert last["decision"] == "deny" and last["request"]["proxy"]["method"] == "GET"
+
+
+def test_disallowed_method_is_403(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    r = agent.call("plain", "/anything", method="POST", body="x")
+    assert r["status"] == 403
+    assert "not allowed" in json.loads(r["body"])["reason"]
+    assert env.upstream.received == []
+    last = env.events("proxy.denied")[-1]
+    assert last["request"]["proxy"] == {"route": "plain", "method": "POST",
+                                        "path": "/anything"}
+
+
+def test_unknown_route_is_403(proxy_env: ProxyEnv) -> None:
+    status, _ = raw(proxy_env, get("/x", host="127.0.0.1"))
+    assert status == 403
+
+
+def test_bearer_route_and_rate_budget(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    assert agent.call("plain", "/a")["status"] == 200
+    (authz,) = _header(env.upstream.received[0], "Authorization")
+    assert authz.startswith("Bearer ")
+    claims = json.loads(base64.urlsafe_b64decode(authz[7:].split(".")[1] + "=="))
+    assert claims["scope"] == "read" and "cnf" not in claims
+    statuses = [agent.call("limited", "/r")["status"] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert len(env.upstream.received) == 3
+
+
+def test_redirect_is_returned_not_followed(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    env.other.clear()
+    r = agent.call("echo", "/redirect")
+    assert r["status"] == 302
+    assert r["headers"]["location"] == env.upstream.redirect_to
+    assert env.other.received == []  # the other host saw nothing, credential or not
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+])
+def test_smuggling_framings_are_refused(proxy_env: ProxyEnv, framing: bytes) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    data = (b"POST /items HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n" + framing
+            + b"\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: echo\r\n\r\n")
+    status, _ = raw(env, data)
+    assert status in (400, 403, 501), status
+    time.sleep(0.2)
+    assert env.upstream.received == []
+
+
+def test_body_above_the_route_limit_is_refused(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    assert agent.call("echo", "/items", method="POST", body="x" * 2000)["status"] == 413
+    assert agent.call("echo", "/items", method="POST", body="x" * 10)["status"] == 200
+    assert [r["body"] for r in env.upstream.received] == [b"x" * 10]
+
+
+def test_untrusted_upstream_certificate_is_502(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    r = agent.call("untrusted", "/x")
+    assert r["status"] == 502 and "TLS" in json.loads(r["body"])["reason"]
+    assert env.upstream.received == []
+
+
+def test_approval_gates_selected_calls(proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    admin = AdminClient(str(env.daemon.admin))
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result.update(agent.call("echo", "/items/9", method="DELETE"))
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 20
+    pending = []
+    while time.monotonic() < deadline and not pending:
+        pending = [a for a in admin.list_approvals() if a.state == "pending"]
+        time.sleep(0.1)
+    assert pending, "no approval opened"
+    assert env.upstream.received == []  # nothing sent while it waits
+    (item,) = pending
+    assert item.kind == "proxy" and "DELETE" in item.reason and "/items/9" in item.reason
+    admin.decide_approval(item.id, approve=True)
+    t.join(20)
+    assert result["status"] == 200
+    assert [r["method"] for r in env.upstream.received] == ["DELETE"]
+
+
+def test_another_uid_cannot_use_the_route(proxy_env: ProxyEnv) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the agent as nobody")
+    env = proxy_env
+    env.upstream.clear()
+    other = Agent(env, uid=NOBODY)
+    try:
+        r = other.call("echo", "/items/7")
+    finally:
+        other.close()
+    assert r["status"] == 403
+    assert env.upstream.received == []
+    last = env.events("proxy.denied")[-1]
+    assert last["caller"]["uid"] == NOBODY
