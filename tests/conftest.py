@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -30,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def require_or_skip(config: pytest.Config, reason: str) -> None:
+def require_or_skip(config: pytest.Config, reason: str) -> NoReturn:
     if config.getoption("--require-backends"):
         pytest.fail(f"required backend missing: {reason}")
     pytest.skip(reason)

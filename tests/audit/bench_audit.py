@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -65,9 +66,8 @@ def run(base: Path, n: int) -> None:
     ]:
         for conc in (1, 16, 64):
             d = Path(tempfile.mkdtemp(dir=base, prefix="bench-audit-"))
-            kwargs = {"fsync": fsync} if fsync else {}
             log = AuditLog.open(AuditConfig(directory=d / "audit", checkpoint_records=None,
-                                            checkpoint_seconds=None), **kwargs)
+                                            checkpoint_seconds=None), fsync=fsync or os.fsync)
             count = n if conc > 1 or fsync else max(n // 8, 200)
             rate = asyncio.run(_appends(log if use_log else None, count, conc, sign, pool, key))
             batches = log.stats.batches

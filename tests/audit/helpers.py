@@ -78,7 +78,7 @@ def log_lines(directory: Path) -> list[tuple[Path, list[bytes]]]:
 
 
 def all_records(directory: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for _p, lines in log_lines(directory):
         out.extend(json.loads(line) for line in lines)
     return out

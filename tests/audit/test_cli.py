@@ -151,7 +151,7 @@ def test_tail_follow_as_a_subprocess_sees_new_records(log_dir: Path) -> None:
         for i in range(6):
             log.append_sync({"event": "followed", "agent": "f", "i": i})
         log.close()
-        got = []
+        got: list[int] = []
         deadline = time.monotonic() + 60  # guard against a hang, not a timing assertion
         while len(got) < 6 and time.monotonic() < deadline:
             line = proc.stdout.readline()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from badged.audit import AuditConfig, AuditLog, verify
+from badged.audit import AuditConfig, AuditLog, AuditReceipt, verify
 from badged.audit.files import file_name, list_files
 from badged.audit.record import GENESIS
 from badged.errors import AuditError, ConfigError
@@ -27,7 +27,7 @@ def test_records_are_chained_and_receipts_match(audit_dir: Path) -> None:
     log = open_log(audit_dir)
     r1 = log.append_sync({"event": "daemon.start"})
 
-    async def issue() -> list[object]:
+    async def issue() -> list[AuditReceipt]:
         return list(await asyncio.gather(*[
             log.append({"event": "token.issued", "agent": "a", "jti": f"j{i}"})
             for i in range(5)]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def _reopen(d: Path, key: KeyHandle | None = None) -> None:
     log.close()
 
 
-TAILS = {
+TAILS: dict[str, Callable[[bytes], bytes]] = {
     "partial-json": lambda good: good[:37],
     "garbage-line": lambda good: b"\x00\x17garbage\n",
     "zero-filled": lambda good: b"\x00" * 300,

@@ -51,10 +51,11 @@ def test_raw_signature_is_r_and_s_and_tokens_verify(pkcs11_store: object) -> Non
 
     from badged.core.jose import ec_public_jwk, jwk_thumbprint
     from badged.core.tokens import ES256, build_claims, mint_token
-    from badged.keystore.pkcs11.store import Pkcs11KeyStore
+    from badged.keystore.pkcs11.store import Pkcs11KeyStore, _Pkcs11Key
 
     assert isinstance(pkcs11_store, Pkcs11KeyStore)
     key = pkcs11_store.generate("raw-check/tok/1")
+    assert isinstance(key, _Pkcs11Key)  # sign_raw is the PKCS#11 key's own (JOSE r||s)
     raw = key.sign_raw(b"message", ES256)
     assert len(raw) == 64
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
@@ -63,7 +64,7 @@ def test_raw_signature_is_r_and_s_and_tokens_verify(pkcs11_store: object) -> Non
     claims = build_claims(issuer="i", subject="s", audience="aud", scopes=("read",),
                           ttl_seconds=60, now=1_000, jti="j")
     issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
-    assert jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"]).claims["jti"] == "j"
+    assert jwt.decode(issued.token, ECKey.import_key({**jwk}), algorithms=["ES256"]).claims["jti"] == "j"
     pkcs11_store.destroy("raw-check/tok/1")
 
 

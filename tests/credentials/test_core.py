@@ -78,12 +78,12 @@ def test_dpop_proof_matches_rfc9449_and_joserfc(keys: MemoryKeyStore) -> None:
     assert payload == {"htm": "POST", "htu": "https://as.example/token", "iat": NOW, "jti": "abc",
                        "ath": dpop.access_token_hash("tok.en.value"), "nonce": "n-1"}
     # independent: joserfc verifies with the embedded key; ath per RFC 9449 §4.2
-    decoded = jwt.decode(proof, ECKey.import_key(header["jwk"]), algorithms=["ES256"])  # type: ignore[arg-type]
+    decoded = jwt.decode(proof, ECKey.import_key(header["jwk"]), algorithms=["ES256"])
     import base64
     import hashlib
     assert decoded.claims["ath"] == base64.urlsafe_b64encode(
         hashlib.sha256(b"tok.en.value").digest()).rstrip(b"=").decode()
-    assert dpop.jkt(key.public_key()) == ECKey.import_key(header["jwk"]).thumbprint()  # type: ignore[arg-type]
+    assert dpop.jkt(key.public_key()) == ECKey.import_key(header["jwk"]).thumbprint()
 
 
 @pytest.mark.parametrize(("ttl", "ok"), [(1, True), (60, True), (300, True), (0, False),
@@ -136,7 +136,7 @@ def test_attestation_and_pop_shapes(keys: MemoryKeyStore) -> None:
     ph, pc = _parts(pop)
     assert ph == {"alg": "ES256", "typ": "oauth-client-attestation-pop+jwt"}
     assert pc["challenge"] == "ch" and pc["aud"] == "https://as"
-    jwt.decode(pop, ECKey.import_key(c["cnf"]["jwk"]), algorithms=["ES256"])  # type: ignore[index]
+    jwt.decode(pop, ECKey.import_key(c["cnf"]["jwk"]), algorithms=["ES256"])
 
 
 @pytest.mark.parametrize(("case", "props", "reason"), [

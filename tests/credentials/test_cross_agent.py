@@ -190,7 +190,7 @@ def _validate_svid(d: RunningDaemon, token: str, audience: str) -> tuple[bool, s
     from spiffe._proto import workload_pb2, workload_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{d.workload}") as ch:
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)  # type: ignore[no-untyped-call]
         try:
             r = stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(
                 audience=audience, svid=token), metadata=(("workload.spiffe.io", "true"),),

@@ -55,7 +55,7 @@ def _jwks(d: RunningDaemon) -> dict[str, Any]:
 
 def _authlib_server(jwks: dict[str, Any]) -> Any:
     """A token endpoint built on authlib (client_credentials + private_key_jwt)."""
-    rfc6749 = pytest.importorskip("authlib.oauth2.rfc6749")
+    from authlib.oauth2 import rfc6749
     from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
     from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
     from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
@@ -73,7 +73,7 @@ def _authlib_server(jwks: dict[str, Any]) -> Any:
             return scope
 
         def check_endpoint_auth_method(self, m: str, endpoint: str) -> bool:
-            return m == method
+            return bool(m == method)
 
         def check_grant_type(self, grant_type: str) -> bool:
             return grant_type == "client_credentials"

@@ -12,6 +12,7 @@ from badged.core import evidence
 from badged.core.jose import b64url, b64url_decode, canonical_json
 from badged.keystore.attest import KeyAttester
 from badged.keystore.memory import MemoryKeyStore
+from badged.keystore.tpm.store import TpmKeyStore
 
 pytestmark = [pytest.mark.tpm]
 NOW = 1_800_000_000
@@ -37,7 +38,7 @@ def _resign(token: str, device: Any, mutate: Any) -> str:
 
 
 def test_tpm_certify_in_evidence(tpm_store: Any) -> None:
-    assert isinstance(tpm_store, KeyAttester)
+    assert isinstance(tpm_store, KeyAttester) and isinstance(tpm_store, TpmKeyStore)
     device = MemoryKeyStore().generate("device")
     tpm_store.generate("agent-a")
     tpm_store.generate("agent-b")

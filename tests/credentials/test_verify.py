@@ -251,7 +251,9 @@ def test_replay_is_refused_and_forgotten_after_expiry(env: Env) -> None:
 @pytest.mark.parametrize("field", ["spiffe_ids", "key_ids"])
 def test_revoked_agent_or_key_refused(env: Env, field: str) -> None:
     value = AGENT if field == "spiffe_ids" else env.kid
-    v = env.verifier(revocations=Revocations(**{field: frozenset({value})}))
+    revoked = frozenset({value})
+    v = env.verifier(revocations=Revocations(spiffe_ids=revoked) if field == "spiffe_ids"
+                     else Revocations(key_ids=revoked))
     with pytest.raises(RevokedError) as info:
         v.verify_token(env.token(), audience=AUD)
     assert info.value.reason == "revoked"

@@ -175,7 +175,7 @@ def test_sign_uses_separate_key_and_cannot_forge_tokens(daemon: RunningDaemon) -
     with pytest.raises(BadSignatureError):
         verify(forged, jwks)
     # Even a verifier that wrongly trusted the sign key would reject it.
-    sign_jwk = {"keys": [{**json.loads(_jwk_of(pub)), "kid": real.key_id}]}
+    sign_jwk: dict[str, object] = {"keys": [{**json.loads(_jwk_of(pub)), "kid": real.key_id}]}
     with pytest.raises(BadSignatureError):
         verify(forged, sign_jwk)
 

@@ -44,7 +44,7 @@ def test_bad_values_name_file_and_line(tmp_path: Path, extra: str, line: int, ne
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, TPM + "\n\n" + extra)
     assert needle in str(err.value)
-    assert err.value.line == line  # type: ignore[attr-defined]
+    assert err.value.line == line
 
 
 @pytest.mark.parametrize(("keystore", "copies"), [

@@ -78,7 +78,7 @@ def test_security_header_is_required(daemon: RunningDaemon) -> None:
     from spiffe._proto import workload_pb2, workload_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{daemon.workload}") as ch:
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as info:
             stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["demo"]), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -26,9 +26,11 @@ bundles = ["git-only"]
 HOST = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 
-def _decide(**kw: str) -> bool:
+def _decide(*, ssh_purpose: str = "", ssh_namespace: str = "", ssh_host: str = "",
+            ssh_user: str = "") -> bool:
     policy = parse_policy(POLICY, "p.toml")
-    req = Request(kind="ssh", agent="a", **kw)
+    req = Request(kind="ssh", agent="a", ssh_purpose=ssh_purpose, ssh_namespace=ssh_namespace,
+                  ssh_host=ssh_host, ssh_user=ssh_user)
     return evaluate(policy, frozenset({"unix:uid:1000"}), req, now=0, default_ttl=60).allowed
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from badged.config import load_config
 from badged.errors import BadgedError, ConfigError, ErrorCode, all_error_classes
+from badged.keystore.pkcs11.store import Pkcs11Config
 from badged.keystore.uri import parse_pkcs11_uri
 from badged.secrets import Secret, read_secret_file
 from badged.service.errors import STATUS_FOR
@@ -108,7 +109,7 @@ def test_bad_config_names_file_and_line(tmp_path: Path, text: str, line: int, me
 
 def test_shipped_example_config_loads() -> None:
     cfg = load_config(ROOT / "docs" / "badged.example.toml")
-    assert cfg.keystore.uri.startswith("pkcs11:")
+    assert isinstance(cfg.keystore, Pkcs11Config) and cfg.keystore.uri.startswith("pkcs11:")
 
 
 def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:

@@ -49,7 +49,11 @@ def test_no_signature_for_a_call_that_is_gone(mode: str) -> None:
         CURRENT_CALL.set(call)
         if flip:  # gone between asking and the signature (gathered: while queued)
             asyncio.get_running_loop().call_soon(setattr, call, "alive", False)
-        return await runner.run(lambda: signed.append(name) or name)
+        def sign() -> str:
+            signed.append(name)
+            return name
+
+        return await runner.run(sign)
 
     async def main() -> None:
         ok, gone, late = Call(), Call(), Call()

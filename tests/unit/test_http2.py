@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,7 +159,8 @@ def test_request_with_continuation_padding_and_body() -> None:
     req = block()
     c.receive(frame(HEADERS, 0x8, 1, b"\x03" + req[:5] + b"pad")
               + frame(CONTINUATION, END_HEADERS, 1, req[5:]))
-    assert c.events[0][0] == "request" and c.events[0][2][b":path"] == b"/t.T/Echo"
+    kind, _sid, headers, _end = c.events[0]
+    assert kind == "request" and isinstance(headers, dict) and headers[b":path"] == b"/t.T/Echo"
     c.receive(frame(DATA, 0x8 | END_STREAM, 1, b"\x02" + b"body" + b"\0\0"))
     assert c.events[-1] == ("data", 1, b"body", True)
     # Stream ids must increase: reusing 1 for a new request is a connection error.
@@ -329,7 +331,7 @@ def test_floods_of_cheap_frames_get_enhance_your_calm(name: str, flood: Any) -> 
 def test_a_steady_trickle_of_cheap_frames_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
     """A real client resets or pings now and then: the bucket refills with time."""
     now = [1000.0]
-    monkeypatch.setattr(http2.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])  # the module http2 reads it from
     c = opened()
     for i in range(3 * http2.CALM_BURST):
         c.receive(frame(HEADERS, END_HEADERS, 2 * i + 1, block())

@@ -142,7 +142,7 @@ class Client:
         if len(block) > 16000 or rng.random() < 0.2:
             cut = sorted(rng.sample(range(len(block) + 1), k=min(2, len(block) + 1)))
             pieces = [block[:cut[0]], block[cut[0]:cut[-1]], block[cut[-1]:]]
-        frames = []
+        frames: list[bytes] = []
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             while len(piece) > 16384:

@@ -21,7 +21,7 @@ from badged.keystore.memory import MemoryKeyStore
 def test_rfc7638_thumbprint_matches_joserfc() -> None:
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     jwk = ec_public_jwk(key)
-    theirs = ECKey.import_key(jwk).thumbprint()
+    theirs = ECKey.import_key({**jwk}).thumbprint()
     assert jwk_thumbprint(jwk) == theirs
 
 
@@ -66,7 +66,7 @@ def test_minted_token_verifies_with_joserfc() -> None:
     issued = mint_token(claims=claims, key=key, key_id=kid)
     header = json.loads(b64url_decode(issued.token.split(".")[0]))
     assert header == {"alg": "ES256", "kid": kid, "typ": "JWT"}
-    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    decoded = jwt.decode(issued.token, ECKey.import_key({**jwk}), algorithms=["ES256"])
     assert decoded.claims["sub"] == "spiffe://td/agent/a"
     assert decoded.claims["jti"] == "abc"
 
@@ -102,7 +102,7 @@ def test_raw_signer_path_verifies_with_joserfc() -> None:
                           scopes=("read",), ttl_seconds=60, now=1_000, jti="raw")
     issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
     assert key.raw_calls == 1
-    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    decoded = jwt.decode(issued.token, ECKey.import_key({**jwk}), algorithms=["ES256"])
     assert decoded.claims["jti"] == "raw"
 
 
@@ -120,7 +120,7 @@ def test_payload_orjson_refuses_is_still_encoded() -> None:
     claims = build_claims(issuer="i", subject="s", audience="aud", scopes=(), ttl_seconds=60,
                           now=1_000, jti="big", extra={"n": 2**70, "name": "caf\u00e9"})
     issued = mint_token(claims=claims, key=key, key_id=jwk_thumbprint(jwk))
-    decoded = jwt.decode(issued.token, ECKey.import_key(jwk), algorithms=["ES256"])
+    decoded = jwt.decode(issued.token, ECKey.import_key({**jwk}), algorithms=["ES256"])
     assert decoded.claims["n"] == 2**70 and decoded.claims["name"] == "caf\u00e9"
 
 
@@ -140,7 +140,7 @@ def test_tampered_token_fails_joserfc() -> None:
     from joserfc.errors import BadSignatureError
 
     with pytest.raises(BadSignatureError):
-        jwt.decode(forged, ECKey.import_key(jwk), algorithms=["ES256"])
+        jwt.decode(forged, ECKey.import_key({**jwk}), algorithms=["ES256"])
 
 
 def test_signed_message_is_domain_separated() -> None:

@@ -9,6 +9,12 @@ import pytest
 from badged.service.deps import BATCH_MIN_IN_FLIGHT, SigningRunner
 
 
+def _noted(log: list[str], entry: str, result: str) -> str:
+    """Records that a signature was made, then returns it (what the signer would)."""
+    log.append(entry)
+    return result
+
+
 def _runner(in_flight: int) -> tuple[SigningRunner, list[str]]:
     runner = SigningRunner(off_loop=False)
     runner.in_flight = lambda: in_flight
@@ -19,7 +25,7 @@ def test_below_the_threshold_a_signature_is_made_at_once() -> None:
     runner, log = _runner(BATCH_MIN_IN_FLIGHT - 1)
 
     async def main() -> None:
-        coro = runner.run(lambda: log.append("signed") or "sig")
+        coro = runner.run(lambda: _noted(log, "signed", "sig"))
         task = asyncio.ensure_future(coro)
         await asyncio.sleep(0)  # one step of the task: inline means done by now
         assert log == ["signed"] and task.done() and task.result() == "sig"
@@ -32,7 +38,7 @@ def test_under_load_signatures_are_gathered_and_made_back_to_back() -> None:
 
     async def call(i: int) -> str:
         log.append(f"ask {i}")
-        result = await runner.run(lambda: log.append(f"sign {i}") or f"sig {i}")
+        result = await runner.run(lambda: _noted(log, f"sign {i}", f"sig {i}"))
         log.append(f"got {i}")
         return result
 
@@ -51,10 +57,10 @@ def test_a_failure_goes_to_its_own_caller_and_cancelled_callers_get_no_signature
         raise RuntimeError("token said no")
 
     async def main() -> None:
-        ok1 = asyncio.ensure_future(runner.run(lambda: log.append("a") or "a"))
+        ok1 = asyncio.ensure_future(runner.run(lambda: _noted(log, "a", "a")))
         bad = asyncio.ensure_future(runner.run(boom))
-        gone = asyncio.ensure_future(runner.run(lambda: log.append("c") or "c"))
-        ok2 = asyncio.ensure_future(runner.run(lambda: log.append("d") or "d"))
+        gone = asyncio.ensure_future(runner.run(lambda: _noted(log, "c", "c")))
+        ok2 = asyncio.ensure_future(runner.run(lambda: _noted(log, "d", "d")))
         await asyncio.sleep(0)  # all four are waiting now
         gone.cancel()
         assert await ok1 == "a" and await ok2 == "d"
