@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,7 @@ class Token:
     expires_at: int
     jti: str
     key_id: str
+    txn: str = ""  # transaction id: the token's "txn" claim (badgectl audit trace)
 
     def __repr__(self) -> str:  # never print the bearer token by accident
         return (f"Token(agent={self.agent!r}, jti={self.jti!r}, expires_at={self.expires_at}, "
@@ -142,6 +143,7 @@ class GrantInfo:
     reason: str
     granted_by: str
     state: str
+    context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class ApprovalInfo:
     deadline: int
     state: str
     decided_by: str
+    context: dict[str, str] = field(default_factory=dict)  # asserted by the agent
+    txn: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,14 +189,14 @@ def _delegation(pb: workload_pb2.Delegation) -> DelegationInfo:
 
 def _grant(pb: admin_pb2.Grant) -> GrantInfo:
     return GrantInfo(pb.id, pb.agent, pb.bundle, pb.created_at, pb.expires_at, pb.reason,
-                     pb.granted_by, pb.state)
+                     pb.granted_by, pb.state, dict(pb.context))
 
 
 def _approval(pb: admin_pb2.Approval) -> ApprovalInfo:
     return ApprovalInfo(pb.id, pb.agent, pb.bundle, pb.kind, pb.audience, list(pb.scopes),
                         pb.ttl_seconds, pb.reason, pb.pid, pb.uid, pb.exe, pb.exe_sha256,
                         list(pb.process_chain), pb.requested_at, pb.deadline, pb.state,
-                        pb.decided_by)
+                        pb.decided_by, dict(pb.context), pb.txn)
 
 
 def _agent(pb: admin_pb2.Agent) -> AgentInfo:
@@ -247,16 +251,23 @@ class WorkloadClient(_Base):
 
     def fetch_token(self, *, audience: str, scopes: Sequence[str] = (), ttl_seconds: int = 0,
                     agent: str | None = None, delegation: str | None = None,
-                    reason: str = "", dpop_bound: bool = False) -> Token:
+                    reason: str = "", dpop_bound: bool = False,
+                    context: Mapping[str, str] | None = None, traceparent: str = "") -> Token:
         """A short-lived JWT. With ``delegation``, sub = the user and act.sub = the agent.
+
+        ``context``: what the agent is working on (channel, task, session,
+        on_behalf_of), asserted, never attested; ``traceparent``: the caller's
+        W3C trace context, recorded in the audit beside the token's ``txn``.
 
         If the policy requires approval this call blocks until an operator
         decides (or the daemon's approval timeout denies it).
         """
         r = self._call(self._stub.FetchToken, workload_pb2.FetchTokenRequest(
             agent=agent or "", audience=audience, scopes=list(scopes), ttl_seconds=ttl_seconds,
-            delegation=delegation or "", reason=reason, dpop_bound=dpop_bound))
-        return Token(r.token, r.agent, r.spiffe_id, r.issued_at, r.expires_at, r.jti, r.key_id)
+            delegation=delegation or "", reason=reason, dpop_bound=dpop_bound,
+            context=dict(context or {}), traceparent=traceparent))
+        return Token(r.token, r.agent, r.spiffe_id, r.issued_at, r.expires_at, r.jti, r.key_id,
+                     r.txn)
 
     def sign(self, data: bytes, *, context: str = "", agent: str | None = None) -> Signature:
         r = self._call(self._stub.Sign, workload_pb2.SignRequest(
@@ -276,6 +287,22 @@ class WorkloadClient(_Base):
             agent=agent, scopes=list(scopes), audiences=list(audiences), ttl_seconds=ttl_seconds,
             reason=reason))
         return _delegation(r)
+
+    def my_delegations(self, include_inactive: bool = False) -> list[DelegationInfo]:
+        """As a human user: the delegations *you* made (attested uid), nobody else's."""
+        r = self._call(self._stub.ListMyDelegations,
+                       workload_pb2.ListMyDelegationsRequest(include_inactive=include_inactive))
+        return [_delegation(d) for d in r.delegations]
+
+    def revoke_my_delegation(self, delegation_id: str) -> DelegationInfo:
+        """As a human user: end one of your own delegations (others' are "not found")."""
+        return _delegation(self._call(self._stub.RevokeMyDelegation,
+                                      workload_pb2.RevokeMyDelegationRequest(id=delegation_id)))
+
+    def status_list(self) -> tuple[str, str]:
+        """The daemon's signed Token Status List: (status list JWT, its uri)."""
+        r = self._call(self._stub.GetStatusList, workload_pb2.GetStatusListRequest())
+        return r.status_list_jwt, r.uri
 
     def whoami(self) -> WhoAmI:
         r = self._call(self._stub.WhoAmI, workload_pb2.WhoAmIRequest())
@@ -319,9 +346,11 @@ class AdminClient(_Base):
     # -- step-ups, approvals, delegations, policy ---------------------------------
 
     def grant_bundle(self, agent: str, bundle: str, *, duration_seconds: int,
-                     reason: str) -> GrantInfo:
+                     reason: str, context: Mapping[str, str] | None = None) -> GrantInfo:
+        """``context``: the step-up applies only to requests carrying these pairs."""
         return _grant(self._call(self._stub.GrantBundle, admin_pb2.GrantBundleRequest(
-            agent=agent, bundle=bundle, duration_seconds=duration_seconds, reason=reason)))
+            agent=agent, bundle=bundle, duration_seconds=duration_seconds, reason=reason,
+            context=dict(context or {}))))
 
     def revoke_grant(self, grant_id: str) -> GrantInfo:
         return _grant(self._call(self._stub.RevokeGrant, admin_pb2.RevokeGrantRequest(id=grant_id)))

@@ -67,7 +67,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
@@ -96,6 +96,13 @@ JWK_AGENT_MEMBER = "badged_agent"
 JWKS_ISSUER_MEMBER = "badged_issuer"
 ATTESTATION_TYP = "oauth-client-attestation+jwt"
 ATTESTATION_POP_TYP = "oauth-client-attestation-pop+jwt"
+
+
+class StatusCheck(Protocol):
+    """What ``Verifier(status=...)`` calls (badgeclient.status.StatusListChecker):
+    raise a VerificationError unless the token's status is VALID."""
+
+    def check(self, claims: Mapping[str, Any], now: float | None = None) -> None: ...
 
 
 # -- errors --------------------------------------------------------------------
@@ -463,6 +470,8 @@ class Verifier:
     ``single_use_tokens``: remember access-token ``jti`` values and refuse a
     second use (the default); ``False`` accepts a token until ``exp``, for
     clients that cache tokens (``badgeclient.TokenSource``).
+    ``status``: check the token's ``status`` claim against the daemon's Token
+    Status List (``badgeclient.status.StatusListChecker``).
     """
 
     def __init__(self, *, jwks: Mapping[str, Any] | None = None,
@@ -472,7 +481,7 @@ class Verifier:
                  revocations: Revocations | None = None, dpop_max_age: int = 60,
                  hardware_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
                  issuer: str | None = None, min_assurance: str | None = None,
-                 single_use_tokens: bool = True) -> None:
+                 single_use_tokens: bool = True, status: StatusCheck | None = None) -> None:
         if not 0 <= skew <= MAX_SKEW:
             raise ValueError(f"skew must be 0..{MAX_SKEW} seconds")
         if min_assurance is not None and min_assurance not in ASSURANCE_LEVELS:
@@ -511,6 +520,8 @@ class Verifier:
         # an access token is then good until exp, and replay of a *stolen* one
         # is what DPoP binding (whose proofs stay single-use) prevents.
         self._single_use_tokens = single_use_tokens
+        # Token Status List (badgeclient.status): revocation within its max_age.
+        self._status = status
 
     # -- public API ----------------------------------------------------------------
 
@@ -541,6 +552,8 @@ class Verifier:
         self._check_key_agent(kid, chain, agent)
         self._check_session_chain(token, kid, agent, now)
         self._check_revoked(agent, kid, chain)
+        if self._status is not None:
+            self._status.check(c, now)
         jkt = self._check_binding(c, token, dpop, require_dpop, now)
         level = token_assurance(c, chain)
         if self._min_assurance is not None and \

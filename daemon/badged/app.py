@@ -52,6 +52,7 @@ from badged.service.health import HealthServicer
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
 from badged.sshagent.server import SshAgentServer
+from badged.statuslist import StatusList
 
 if TYPE_CHECKING:
     from badged.proxy.server import ProxyServer, SecretSource
@@ -222,6 +223,9 @@ class Daemon:
             approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
             trust_domain=cfg.trust_domain, token_keys=self.session_keys,
             signing=self._signing,
+            # Issue 21: the Token Status List tokens point at (badged.statuslist).
+            status=StatusList(cfg.private_dir / "status", clock=self._clock,
+                              uri=cfg.effective_issuer.rstrip("/") + "/status-list"),
         )
 
     def _publish_device_key(self, key: KeyHandle) -> None:

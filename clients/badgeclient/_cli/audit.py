@@ -191,3 +191,121 @@ def export_cmd(from_seq: int | None, agent: str | None, events: tuple[str, ...],
                           events=list(events) or None)
     output.flush()
     _logger.info("exported %d audit records", count)
+
+
+# -- trace (issue 21) --------------------------------------------------------------------
+
+# What each linked record is, in the order a chain is told.
+_ROLES = (("grant.", "grant"), ("delegation.", "delegation"), ("approval.", "approval"),
+          ("status.", "revocation"))
+
+
+def _role(rec: dict[str, Any]) -> str:
+    event = str(rec.get("event", ""))
+    for prefix, role in _ROLES:
+        if event.startswith(prefix):
+            return role
+    if event.endswith(".denied") or event.endswith(".withheld"):
+        return "denied"
+    return "credential"
+
+
+def _seeds(rec: dict[str, Any], wanted: str) -> bool:
+    """Whether ``rec`` is one of the credentials the id names: its transaction
+    id, its token's jti, or the W3C trace id (or traceparent) it joined."""
+    if wanted in (rec.get("txn"), rec.get("jti")):
+        return True
+    tp = rec.get("traceparent")
+    return isinstance(tp, str) and (tp == wanted or tp[3:35] == wanted)
+
+
+def trace_records(directory: Path, wanted: str) -> list[dict[str, Any]]:
+    """The chain behind a credential: two passes over the log, bounded memory.
+
+    Pass 1 finds the credential records (and denials) of the transaction(s);
+    pass 2 adds what they link to by id: the approval decided for them, the
+    step-up grant and the delegation they used (created, revoked), and the
+    status-list marks that revoked them.
+    """
+    from badged.audit import reader
+
+    txns: set[str] = set()
+    links: dict[str, set[str]] = {"approval": set(), "grant": set(), "delegation": set()}
+    agents: set[str] = set()
+    for rec in reader.iter_records(directory):
+        if _seeds(rec, wanted) and isinstance(rec.get("txn"), str):
+            txns.add(rec["txn"])
+    if not txns:
+        return []
+    out: list[dict[str, Any]] = []
+    for rec in reader.iter_records(directory):
+        if rec.get("txn") in txns:
+            out.append(rec)
+            for name in links:
+                value = rec.get(name)
+                if isinstance(value, str):
+                    links[name].add(value)
+            request = rec.get("request")
+            if isinstance(request, dict) and isinstance(request.get("delegation"), str):
+                links["delegation"].add(request["delegation"])
+            if isinstance(rec.get("agent"), str) and rec.get("event") in ("token.issued",):
+                agents.add(rec["agent"])
+    for rec in reader.iter_records(directory):
+        if rec.get("txn") in txns:
+            continue
+        if any(rec.get(name) in ids for name, ids in links.items() if ids) or (
+                rec.get("event") == "status.marked" and rec.get("revoked") == "agent"
+                and rec.get("agent") in agents):
+            out.append(rec)
+    out.sort(key=lambda r: int(r.get("seq", 0)))
+    return out
+
+
+def _chain_lines(records: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for rec in records:
+        role = _role(rec)
+        lines.append(f"{role:<11} {_human(rec)}")
+        if role in ("credential", "denied"):
+            request = rec.get("request")
+            if isinstance(request, dict):
+                lines.append(f"{'':<11}   request: " + " ".join(
+                    f"{k}={v}" for k, v in request.items() if v not in (None, "", [])))
+            if "context" in rec:
+                ctx = rec["context"]
+                text = ",".join(f"{k}={v}" for k, v in ctx.items()) if isinstance(ctx, dict) \
+                    else str(ctx)
+                lines.append(f"{'':<11}   context (asserted by the agent): {text}")
+            caller = rec.get("caller")
+            if isinstance(caller, dict):
+                lines.append(f"{'':<11}   process: " + " ".join(
+                    f"{k}={caller[k]}" for k in ("pid", "uid", "exe", "exe_sha256", "unit")
+                    if caller.get(k)))
+            for name in ("bundle", "grant", "approval", "delegation", "kid", "status_idx",
+                         "txn", "traceparent"):
+                if rec.get(name) not in (None, ""):
+                    lines.append(f"{'':<11}   {name}: {rec[name]}")
+    return lines
+
+
+@audit_group.command("trace")
+@click.argument("ident")
+@click.option("--json", "as_json", is_flag=True, help="The linked records as JSON Lines.")
+@_dir_option
+def trace_cmd(ident: str, as_json: bool, directory: Path) -> None:
+    """The chain behind a credential: request, process, rule, grant, approval,
+    delegation, credential, revocation.
+
+    IDENT: a transaction id (the token's ``txn`` claim), a token's jti, or a
+    W3C trace id / traceparent the caller passed (all credentials of that trace).
+    """
+    records = trace_records(directory, ident.strip())
+    if not records:
+        click.echo(f"no credential with txn, jti or trace id {ident!r} in {directory}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        for rec in records:
+            _emit(rec, True)
+        return
+    for line in _chain_lines(records):
+        click.echo(line)

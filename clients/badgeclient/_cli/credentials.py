@@ -26,6 +26,31 @@ agent_option = click.option("--agent", default=None,
                             help="Agent to act as, if the caller maps to several.")
 
 
+def parse_context(values: tuple[str, ...]) -> dict[str, str]:
+    """``--context k=v`` (repeatable) to a map; the daemon validates keys and values.
+
+    Keys: channel, task, session, on_behalf_of. What the agent is working on,
+    *asserted* by it: the daemon records it and narrows context-scoped grants
+    with it, but cannot check it (docs/credentials.md, "Request context").
+    """
+    out: dict[str, str] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{text!r} is not key=value (e.g. channel=#deploy)",
+                                     param_hint="--context")
+        if key in out:
+            raise click.BadParameter(f"{key!r} given twice", param_hint="--context")
+        out[key] = value
+    return out
+
+
+context_option = click.option(
+    "--context", "context", multiple=True, metavar="KEY=VALUE",
+    help="Request context (channel, task, session, on_behalf_of), repeatable. Asserted by "
+         "the agent, not attested: narrows context-scoped grants, carried in the token.")
+
+
 def _emit(doc: dict[str, Any]) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True))
 
@@ -172,8 +197,43 @@ def trust_bundle_command(chain_out: Path | None, crl_out: Path | None, as_jwks: 
     _emit({"enrolled": b.enrolled, "device_id": b.device_id, "device_jwk": b.device_jwk})
 
 
+@click.group("status-list")
+def status_list_group() -> None:
+    """The signed Token Status List that tokens' ``status`` claim points at."""
+
+
+@status_list_group.command("export")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the status list JWT here, atomically (default: stdout).")
+@json_option
+@socket_option
+def status_list_export(out: Path | None, as_json: bool, socket_path: str | None) -> None:
+    """Fetch the daemon's signed status list (statuslist+jwt) for publication.
+
+    Publish the file where relying parties poll it (e.g. a web server); it is
+    signed by the device key, so the transport need not be trusted. Re-export
+    at least as often as relying parties' max age, and after each revocation.
+    """
+    import os
+
+    from badgeclient.client import WorkloadClient
+
+    with WorkloadClient(socket_path) as w:
+        jwt, uri = w.status_list()
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(jwt + "\n")
+        os.replace(tmp, out)  # a poller never reads half a list
+    if as_json:
+        _emit({"status_list_jwt": jwt, "uri": uri, "out": str(out) if out else None})
+    elif out is None:
+        click.echo(jwt)
+    else:
+        click.echo(f"wrote {out} (uri {uri})", err=True)
+
+
 credential_commands: tuple[click.Command, ...] = (
     assertion_command, attestation_command, dpop_command, csr_command, cert_command,
-    trust_bundle_command,
+    trust_bundle_command, status_list_group,
 )
 COMMANDS = credential_commands  # same shape as badgeclient._cli.policy.COMMANDS

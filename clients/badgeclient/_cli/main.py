@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.credentials import context_option, parse_context
 from badgeclient._cli.options import (
     EXIT_CODES_HELP,
     EXIT_NO_ACCESS,
@@ -69,18 +70,22 @@ def cli() -> None:
 @click.option("--dpop", "dpop_bound", is_flag=True,
               help="Bind the token to the agent's DPoP key (cnf.jkt, RFC 9449).")
 @click.option("--json", "as_json", is_flag=True, help="Print the token and its metadata as JSON.")
+@context_option
+@click.option("--traceparent", default="", envvar="TRACEPARENT",
+              help="W3C traceparent of the caller's span (default: $TRACEPARENT).")
 @socket_option
 def token(audience: str, scopes: tuple[str, ...], ttl: int, agent: str | None,
           delegation: str | None, reason: str, dpop_bound: bool, as_json: bool,
-          socket_path: str | None) -> None:
+          context: tuple[str, ...], traceparent: str, socket_path: str | None) -> None:
     """Fetch a short-lived access token (JWT) for this process's agent identity."""
     with WorkloadClient(socket_path) as client:
         tok = client.fetch_token(audience=audience, scopes=scopes, ttl_seconds=ttl, agent=agent,
-                                 delegation=delegation, reason=reason, dpop_bound=dpop_bound)
+                                 delegation=delegation, reason=reason, dpop_bound=dpop_bound,
+                                 context=parse_context(context), traceparent=traceparent)
     if as_json:
         _emit_json({"token": tok.token, "agent": tok.agent, "spiffe_id": tok.spiffe_id,
                     "jti": tok.jti, "kid": tok.key_id, "issued_at": tok.issued_at,
-                    "expires_at": tok.expires_at})
+                    "expires_at": tok.expires_at, "txn": tok.txn})
     else:
         click.echo(tok.token)
 

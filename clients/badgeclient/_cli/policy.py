@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from badgeclient._cli.credentials import context_option, parse_context
 from badgeclient._cli.options import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -41,7 +42,9 @@ _out = emit_json
 
 
 def _grant_line(g: GrantInfo) -> str:
-    return (f"{g.id}  {g.state:<8} {g.agent} +{g.bundle} until {_ts(g.expires_at)} "
+    where = (" in " + ",".join(f"{k}={v}" for k, v in sorted(g.context.items()))
+             if g.context else "")
+    return (f"{g.id}  {g.state:<8} {g.agent} +{g.bundle}{where} until {_ts(g.expires_at)} "
             f"by {g.granted_by}: {g.reason}")
 
 
@@ -56,6 +59,9 @@ def _approval_block(a: ApprovalInfo) -> str:
         f"{a.id}  {a.state}  agent={a.agent} bundle={a.bundle} kind={a.kind}",
         f"  audience={a.audience or '-'} scopes={','.join(a.scopes) or '-'} ttl={a.ttl_seconds or 'default'}",
         f"  reason: {a.reason or '(none given)'}",
+        *(["  context (asserted by the agent, not verified): "
+           + ",".join(f"{k}={v}" for k, v in sorted(a.context.items()))] if a.context else []),
+        *([f"  txn: {a.txn}"] if a.txn else []),
         f"  process: pid={a.pid} uid={a.uid} exe={a.exe or '?'}",
         f"  sha256: {a.exe_sha256 or '?'}",
         f"  parents: {' <- '.join(a.process_chain) or '-'}",
@@ -73,14 +79,16 @@ def _approval_block(a: ApprovalInfo) -> str:
 @click.argument("bundle")
 @click.option("--for", "duration", required=True, help="How long, e.g. 30m, 2h.")
 @click.option("--reason", required=True, help="Why (recorded in the audit log).")
+@context_option
 @json_option
 @admin_socket_option
-def grant_command(agent: str, bundle: str, duration: str, reason: str, as_json: bool,
-                  admin_socket: str | None) -> None:
-    """Step-up: add BUNDLE to AGENT for a bounded time."""
+def grant_command(agent: str, bundle: str, duration: str, reason: str, context: tuple[str, ...],
+                  as_json: bool, admin_socket: str | None) -> None:
+    """Step-up: add BUNDLE to AGENT for a bounded time (with --context: only in that context)."""
     about(f"grant of bundle {bundle!r} to agent {agent!r}")
     with AdminClient(admin_socket) as a:
-        g = a.grant_bundle(agent, bundle, duration_seconds=parse_for(duration), reason=reason)
+        g = a.grant_bundle(agent, bundle, duration_seconds=parse_for(duration), reason=reason,
+                           context=parse_context(context))
     _out(asdict(g)) if as_json else click.echo(_grant_line(g))
 
 
@@ -183,16 +191,29 @@ def delegate_command(agent: str, scopes: tuple[str, ...], audiences: tuple[str, 
 
 @click.group("delegations")
 def delegations_group() -> None:
-    """List and revoke delegations (operators)."""
+    """List and revoke delegations (operators; with --mine, your own, as yourself)."""
+
+
+_mine_option = click.option(
+    "--mine", is_flag=True,
+    help="Your own delegations, over the workload socket as the attested user (no operator "
+         "rights needed; refused to agent processes).")
 
 
 @delegations_group.command("list")
 @click.option("--all", "include_inactive", is_flag=True)
+@_mine_option
 @json_option
+@socket_option
 @admin_socket_option
-def delegations_list(include_inactive: bool, as_json: bool, admin_socket: str | None) -> None:
-    with AdminClient(admin_socket) as a:
-        items = a.list_delegations(include_inactive)
+def delegations_list(include_inactive: bool, mine: bool, as_json: bool, socket_path: str | None,
+                     admin_socket: str | None) -> None:
+    if mine:
+        with WorkloadClient(socket_path) as w:
+            items = w.my_delegations(include_inactive)
+    else:
+        with AdminClient(admin_socket) as a:
+            items = a.list_delegations(include_inactive)
     if as_json:
         _out([asdict(d) for d in items])
         return
@@ -204,12 +225,19 @@ def delegations_list(include_inactive: bool, as_json: bool, admin_socket: str | 
 
 @delegations_group.command("revoke")
 @click.argument("delegation_id")
+@_mine_option
 @json_option
+@socket_option
 @admin_socket_option
-def delegations_revoke(delegation_id: str, as_json: bool, admin_socket: str | None) -> None:
+def delegations_revoke(delegation_id: str, mine: bool, as_json: bool, socket_path: str | None,
+                       admin_socket: str | None) -> None:
     about(f"delegation {delegation_id!r}")
-    with AdminClient(admin_socket) as a:
-        d = a.revoke_delegation(delegation_id)
+    if mine:
+        with WorkloadClient(socket_path) as w:
+            d = w.revoke_my_delegation(delegation_id)
+    else:
+        with AdminClient(admin_socket) as a:
+            d = a.revoke_delegation(delegation_id)
     _out(asdict(d)) if as_json else click.echo(_delegation_line(d))
 
 

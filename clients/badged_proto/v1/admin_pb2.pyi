@@ -26,6 +26,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Grant(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
@@ -34,6 +54,7 @@ class Grant(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     GRANTED_BY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     agent: _builtins.str
     bundle: _builtins.str
@@ -43,6 +64,10 @@ class Grant(_message.Message):
     granted_by: _builtins.str
     state: _builtins.str
     """"active", "expired" or "revoked"."""
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request context the step-up is limited to (empty: any)."""
+
     def __init__(
         self,
         *,
@@ -54,10 +79,11 @@ class Grant(_message.Message):
         reason: _builtins.str = ...,
         granted_by: _builtins.str = ...,
         state: _builtins.str = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bundle", b"bundle", "created_at", b"created_at", "expires_at", b"expires_at", "granted_by", b"granted_by", "id", b"id", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bundle", b"bundle", "context", b"context", "created_at", b"created_at", "expires_at", b"expires_at", "granted_by", b"granted_by", "id", b"id", "reason", b"reason", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -67,14 +93,39 @@ Global___Grant: _TypeAlias = Grant  # noqa: Y015
 class GrantBundleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     bundle: _builtins.str
     duration_seconds: _builtins.int
     reason: _builtins.str
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Limit the step-up to requests carrying these context pairs."""
+
     def __init__(
         self,
         *,
@@ -82,10 +133,11 @@ class GrantBundleRequest(_message.Message):
         bundle: _builtins.str = ...,
         duration_seconds: _builtins.int = ...,
         reason: _builtins.str = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bundle", b"bundle", "duration_seconds", b"duration_seconds", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bundle", b"bundle", "context", b"context", "duration_seconds", b"duration_seconds", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,6 +205,26 @@ Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015
 class Approval(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
@@ -170,6 +242,8 @@ class Approval(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    TXN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     agent: _builtins.str
     bundle: _builtins.str
@@ -186,10 +260,15 @@ class Approval(_message.Message):
     state: _builtins.str
     """"pending", "approved", "denied", "expired", "cancelled"."""
     decided_by: _builtins.str
+    txn: _builtins.str
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def process_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The context the agent asserted (not attested) and the transaction id."""
+
     def __init__(
         self,
         *,
@@ -210,10 +289,12 @@ class Approval(_message.Message):
         deadline: _builtins.int = ...,
         state: _builtins.str = ...,
         decided_by: _builtins.str = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        txn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "bundle", b"bundle", "deadline", b"deadline", "decided_by", b"decided_by", "exe", b"exe", "exe_sha256", b"exe_sha256", "id", b"id", "kind", b"kind", "pid", b"pid", "process_chain", b"process_chain", "reason", b"reason", "requested_at", b"requested_at", "scopes", b"scopes", "state", b"state", "ttl_seconds", b"ttl_seconds", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "bundle", b"bundle", "context", b"context", "deadline", b"deadline", "decided_by", b"decided_by", "exe", b"exe", "exe_sha256", b"exe_sha256", "id", b"id", "kind", b"kind", "pid", b"pid", "process_chain", b"process_chain", "reason", b"reason", "requested_at", b"requested_at", "scopes", b"scopes", "state", b"state", "ttl_seconds", b"ttl_seconds", "txn", b"txn", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,39 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x64ged_proto/v1/workload.proto\x12\tbadged.v1\"\x91\x01\n\x11\x46\x65tchTokenRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x12\n\ndelegation\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndpop_bound\x18\x07 \x01(\x08\"\x89\x01\n\x12\x46\x65tchTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0b\n\x03jti\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\";\n\x0bSignRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\"\x83\x01\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0esigned_message\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x0f\n\rWhoAmIRequest\"\x88\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x0e\n\x06groups\x18\x04 \x03(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x12\n\nexe_sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12\x11\n\tselectors\x18\x08 \x03(\t\"\x9a\x01\n\nAgentMatch\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x17\n\x0fmax_ttl_seconds\x18\x06 \x01(\r\x12\r\n\x05kinds\x18\x07 \x03(\t\x12\x11\n\tassurance\x18\x08 \x01(\t\"7\n\x08RuleMiss\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x85\x01\n\x0eWhoAmIResponse\x12\'\n\x07process\x18\x01 \x01(\x0b\x32\x16.badged.v1.ProcessInfo\x12%\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x15.badged.v1.AgentMatch\x12#\n\x06misses\x18\x03 \x03(\x0b\x32\x13.badged.v1.RuleMiss\"h\n\x0f\x44\x65legateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xae\x01\n\nDelegation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\taudiences\x18\x05 \x03(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t2\xd5\x02\n\x0fWorkloadService\x12I\n\nFetchToken\x12\x1c.badged.v1.FetchTokenRequest\x1a\x1d.badged.v1.FetchTokenResponse\x12\x37\n\x04Sign\x12\x16.badged.v1.SignRequest\x1a\x17.badged.v1.SignResponse\x12@\n\x07GetJwks\x12\x19.badged.v1.GetJwksRequest\x1a\x1a.badged.v1.GetJwksResponse\x12=\n\x06WhoAmI\x12\x18.badged.v1.WhoAmIRequest\x1a\x19.badged.v1.WhoAmIResponse\x12=\n\x08\x44\x65legate\x12\x1a.badged.v1.DelegateRequest\x1a\x15.badged.v1.Delegationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x64ged_proto/v1/workload.proto\x12\tbadged.v1\"\x92\x02\n\x11\x46\x65tchTokenRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x12\n\ndelegation\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndpop_bound\x18\x07 \x01(\x08\x12:\n\x07\x63ontext\x18\x08 \x03(\x0b\x32).badged.v1.FetchTokenRequest.ContextEntry\x12\x13\n\x0btraceparent\x18\t \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\x12\x46\x65tchTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0b\n\x03jti\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12\x0b\n\x03txn\x18\x08 \x01(\t\";\n\x0bSignRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\"\x83\x01\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0esigned_message\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x0f\n\rWhoAmIRequest\"\x88\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x0e\n\x06groups\x18\x04 \x03(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x12\n\nexe_sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12\x11\n\tselectors\x18\x08 \x03(\t\"\x9a\x01\n\nAgentMatch\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x11\n\taudiences\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x17\n\x0fmax_ttl_seconds\x18\x06 \x01(\r\x12\r\n\x05kinds\x18\x07 \x03(\t\x12\x11\n\tassurance\x18\x08 \x01(\t\"7\n\x08RuleMiss\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x85\x01\n\x0eWhoAmIResponse\x12\'\n\x07process\x18\x01 \x01(\x0b\x32\x16.badged.v1.ProcessInfo\x12%\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x15.badged.v1.AgentMatch\x12#\n\x06misses\x18\x03 \x03(\x0b\x32\x13.badged.v1.RuleMiss\"h\n\x0f\x44\x65legateRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xae\x01\n\nDelegation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x11\n\taudiences\x18\x05 \x03(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t\"4\n\x18ListMyDelegationsRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"G\n\x19ListMyDelegationsResponse\x12*\n\x0b\x64\x65legations\x18\x01 \x03(\x0b\x32\x15.badged.v1.Delegation\"\'\n\x19RevokeMyDelegationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14GetStatusListRequest\"V\n\x15GetStatusListResponse\x12\x17\n\x0fstatus_list_jwt\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65vice_jwk_json\x18\x03 \x01(\t2\xdc\x04\n\x0fWorkloadService\x12I\n\nFetchToken\x12\x1c.badged.v1.FetchTokenRequest\x1a\x1d.badged.v1.FetchTokenResponse\x12\x37\n\x04Sign\x12\x16.badged.v1.SignRequest\x1a\x17.badged.v1.SignResponse\x12@\n\x07GetJwks\x12\x19.badged.v1.GetJwksRequest\x1a\x1a.badged.v1.GetJwksResponse\x12=\n\x06WhoAmI\x12\x18.badged.v1.WhoAmIRequest\x1a\x19.badged.v1.WhoAmIResponse\x12=\n\x08\x44\x65legate\x12\x1a.badged.v1.DelegateRequest\x1a\x15.badged.v1.Delegation\x12^\n\x11ListMyDelegations\x12#.badged.v1.ListMyDelegationsRequest\x1a$.badged.v1.ListMyDelegationsResponse\x12Q\n\x12RevokeMyDelegation\x12$.badged.v1.RevokeMyDelegationRequest\x1a\x15.badged.v1.Delegation\x12R\n\rGetStatusList\x12\x1f.badged.v1.GetStatusListRequest\x1a .badged.v1.GetStatusListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'badged_proto.v1.workload_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FETCHTOKENREQUEST_CONTEXTENTRY']._loaded_options = None
+  _globals['_FETCHTOKENREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_FETCHTOKENREQUEST']._serialized_start=46
-  _globals['_FETCHTOKENREQUEST']._serialized_end=191
-  _globals['_FETCHTOKENRESPONSE']._serialized_start=194
-  _globals['_FETCHTOKENRESPONSE']._serialized_end=331
-  _globals['_SIGNREQUEST']._serialized_start=333
-  _globals['_SIGNREQUEST']._serialized_end=392
-  _globals['_SIGNRESPONSE']._serialized_start=395
-  _globals['_SIGNRESPONSE']._serialized_end=526
-  _globals['_GETJWKSREQUEST']._serialized_start=528
-  _globals['_GETJWKSREQUEST']._serialized_end=544
-  _globals['_GETJWKSRESPONSE']._serialized_start=546
-  _globals['_GETJWKSRESPONSE']._serialized_end=582
-  _globals['_WHOAMIREQUEST']._serialized_start=584
-  _globals['_WHOAMIREQUEST']._serialized_end=599
-  _globals['_PROCESSINFO']._serialized_start=602
-  _globals['_PROCESSINFO']._serialized_end=738
-  _globals['_AGENTMATCH']._serialized_start=741
-  _globals['_AGENTMATCH']._serialized_end=895
-  _globals['_RULEMISS']._serialized_start=897
-  _globals['_RULEMISS']._serialized_end=952
-  _globals['_WHOAMIRESPONSE']._serialized_start=955
-  _globals['_WHOAMIRESPONSE']._serialized_end=1088
-  _globals['_DELEGATEREQUEST']._serialized_start=1090
-  _globals['_DELEGATEREQUEST']._serialized_end=1194
-  _globals['_DELEGATION']._serialized_start=1197
-  _globals['_DELEGATION']._serialized_end=1371
-  _globals['_WORKLOADSERVICE']._serialized_start=1374
-  _globals['_WORKLOADSERVICE']._serialized_end=1715
+  _globals['_FETCHTOKENREQUEST']._serialized_end=320
+  _globals['_FETCHTOKENREQUEST_CONTEXTENTRY']._serialized_start=274
+  _globals['_FETCHTOKENREQUEST_CONTEXTENTRY']._serialized_end=320
+  _globals['_FETCHTOKENRESPONSE']._serialized_start=323
+  _globals['_FETCHTOKENRESPONSE']._serialized_end=473
+  _globals['_SIGNREQUEST']._serialized_start=475
+  _globals['_SIGNREQUEST']._serialized_end=534
+  _globals['_SIGNRESPONSE']._serialized_start=537
+  _globals['_SIGNRESPONSE']._serialized_end=668
+  _globals['_GETJWKSREQUEST']._serialized_start=670
+  _globals['_GETJWKSREQUEST']._serialized_end=686
+  _globals['_GETJWKSRESPONSE']._serialized_start=688
+  _globals['_GETJWKSRESPONSE']._serialized_end=724
+  _globals['_WHOAMIREQUEST']._serialized_start=726
+  _globals['_WHOAMIREQUEST']._serialized_end=741
+  _globals['_PROCESSINFO']._serialized_start=744
+  _globals['_PROCESSINFO']._serialized_end=880
+  _globals['_AGENTMATCH']._serialized_start=883
+  _globals['_AGENTMATCH']._serialized_end=1037
+  _globals['_RULEMISS']._serialized_start=1039
+  _globals['_RULEMISS']._serialized_end=1094
+  _globals['_WHOAMIRESPONSE']._serialized_start=1097
+  _globals['_WHOAMIRESPONSE']._serialized_end=1230
+  _globals['_DELEGATEREQUEST']._serialized_start=1232
+  _globals['_DELEGATEREQUEST']._serialized_end=1336
+  _globals['_DELEGATION']._serialized_start=1339
+  _globals['_DELEGATION']._serialized_end=1513
+  _globals['_LISTMYDELEGATIONSREQUEST']._serialized_start=1515
+  _globals['_LISTMYDELEGATIONSREQUEST']._serialized_end=1567
+  _globals['_LISTMYDELEGATIONSRESPONSE']._serialized_start=1569
+  _globals['_LISTMYDELEGATIONSRESPONSE']._serialized_end=1640
+  _globals['_REVOKEMYDELEGATIONREQUEST']._serialized_start=1642
+  _globals['_REVOKEMYDELEGATIONREQUEST']._serialized_end=1681
+  _globals['_GETSTATUSLISTREQUEST']._serialized_start=1683
+  _globals['_GETSTATUSLISTREQUEST']._serialized_end=1705
+  _globals['_GETSTATUSLISTRESPONSE']._serialized_start=1707
+  _globals['_GETSTATUSLISTRESPONSE']._serialized_end=1793
+  _globals['_WORKLOADSERVICE']._serialized_start=1796
+  _globals['_WORKLOADSERVICE']._serialized_end=2400
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class FetchTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
@@ -32,6 +52,8 @@ class FetchTokenRequest(_message.Message):
     DELEGATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DPOP_BOUND_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Agent name to act as; may be empty when the caller maps to exactly one."""
     audience: _builtins.str
@@ -45,8 +67,20 @@ class FetchTokenRequest(_message.Message):
     """Bind the token to the agent's DPoP key (RFC 9449 cnf.jkt): useless
     without a proof from `badgectl dpop` / CredentialService.DpopProof.
     """
+    traceparent: _builtins.str
+    """W3C Trace Context traceparent of the caller's span, so the audit record
+    joins the agent's own traces; validated, at most 55 characters.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the agent says it is working on (issue 21): keys channel, task,
+        session, on_behalf_of; at most 4, values 1-128 printable ASCII, no
+        spaces. Asserted by the agent, not attested; narrows context-scoped
+        grants and bundles and is carried in the token's "ctx" claim.
+        """
+
     def __init__(
         self,
         *,
@@ -57,10 +91,12 @@ class FetchTokenRequest(_message.Message):
         delegation: _builtins.str = ...,
         reason: _builtins.str = ...,
         dpop_bound: _builtins.bool = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "delegation", b"delegation", "dpop_bound", b"dpop_bound", "reason", b"reason", "scopes", b"scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "context", b"context", "delegation", b"delegation", "dpop_bound", b"dpop_bound", "reason", b"reason", "scopes", b"scopes", "traceparent", b"traceparent", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -77,6 +113,7 @@ class FetchTokenResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     JTI_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    TXN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     agent: _builtins.str
     spiffe_id: _builtins.str
@@ -84,6 +121,10 @@ class FetchTokenResponse(_message.Message):
     expires_at: _builtins.int
     jti: _builtins.str
     key_id: _builtins.str
+    txn: _builtins.str
+    """Transaction id: in the token ("txn") and in its audit record, for
+    `badgectl audit trace`.
+    """
     def __init__(
         self,
         *,
@@ -94,10 +135,11 @@ class FetchTokenResponse(_message.Message):
         expires_at: _builtins.int = ...,
         jti: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        txn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at", b"expires_at", "issued_at", b"issued_at", "jti", b"jti", "key_id", b"key_id", "spiffe_id", b"spiffe_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at", b"expires_at", "issued_at", b"issued_at", "jti", b"jti", "key_id", b"key_id", "spiffe_id", b"spiffe_id", "token", b"token", "txn", b"txn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,3 +479,106 @@ class Delegation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delegation: _TypeAlias = Delegation  # noqa: Y015
+
+@_typing.final
+class ListMyDelegationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_INACTIVE_FIELD_NUMBER: _builtins.int
+    include_inactive: _builtins.bool
+    def __init__(
+        self,
+        *,
+        include_inactive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_inactive", b"include_inactive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMyDelegationsRequest: _TypeAlias = ListMyDelegationsRequest  # noqa: Y015
+
+@_typing.final
+class ListMyDelegationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELEGATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delegations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delegation]: ...
+    def __init__(
+        self,
+        *,
+        delegations: _abc.Iterable[Global___Delegation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delegations", b"delegations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMyDelegationsResponse: _TypeAlias = ListMyDelegationsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeMyDelegationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeMyDelegationRequest: _TypeAlias = RevokeMyDelegationRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusListRequest: _TypeAlias = GetStatusListRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_LIST_JWT_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    DEVICE_JWK_JSON_FIELD_NUMBER: _builtins.int
+    status_list_jwt: _builtins.str
+    """The Status List Token: a JWS, typ statuslist+jwt, signed by the device key."""
+    uri: _builtins.str
+    """The "uri" tokens carry in status.status_list (the list's sub)."""
+    device_jwk_json: _builtins.str
+    """The device public key (JWK) for convenience; a relying party must pin it
+    from `badgectl trust-bundle --jwks`, not trust it from this answer.
+    """
+    def __init__(
+        self,
+        *,
+        status_list_jwt: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        device_jwk_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_jwk_json", b"device_jwk_json", "status_list_jwt", b"status_list_jwt", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusListResponse: _TypeAlias = GetStatusListResponse  # noqa: Y015

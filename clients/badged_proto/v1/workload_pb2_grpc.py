@@ -59,6 +59,21 @@ class WorkloadServiceStub:
                 request_serializer=badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.SerializeToString,
                 response_deserializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
                 _registered_method=True)
+        self.ListMyDelegations = channel.unary_unary(
+                '/badged.v1.WorkloadService/ListMyDelegations',
+                request_serializer=badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsResponse.FromString,
+                _registered_method=True)
+        self.RevokeMyDelegation = channel.unary_unary(
+                '/badged.v1.WorkloadService/RevokeMyDelegation',
+                request_serializer=badged__proto_dot_v1_dot_workload__pb2.RevokeMyDelegationRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+                _registered_method=True)
+        self.GetStatusList = channel.unary_unary(
+                '/badged.v1.WorkloadService/GetStatusList',
+                request_serializer=badged__proto_dot_v1_dot_workload__pb2.GetStatusListRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_workload__pb2.GetStatusListResponse.FromString,
+                _registered_method=True)
 
 
 class WorkloadServiceServicer:
@@ -101,6 +116,28 @@ class WorkloadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMyDelegations(self, request, context):
+        """The attested user's own delegations (never an agent process's view of
+        anyone's): a person sees and ends what they delegated (issue 21).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeMyDelegation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatusList(self, request, context):
+        """Public: the signed Token Status List (draft-ietf-oauth-status-list) that
+        tokens' "status" claim points at; revoked credentials have their bit set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +165,21 @@ def add_WorkloadServiceServicer_to_server(servicer, server):
                     servicer.Delegate,
                     request_deserializer=badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.FromString,
                     response_serializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.SerializeToString,
+            ),
+            'ListMyDelegations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMyDelegations,
+                    request_deserializer=badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsResponse.SerializeToString,
+            ),
+            'RevokeMyDelegation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeMyDelegation,
+                    request_deserializer=badged__proto_dot_v1_dot_workload__pb2.RevokeMyDelegationRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_workload__pb2.Delegation.SerializeToString,
+            ),
+            'GetStatusList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatusList,
+                    request_deserializer=badged__proto_dot_v1_dot_workload__pb2.GetStatusListRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_workload__pb2.GetStatusListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +317,87 @@ class WorkloadService:
             '/badged.v1.WorkloadService/Delegate',
             badged__proto_dot_v1_dot_workload__pb2.DelegateRequest.SerializeToString,
             badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMyDelegations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.WorkloadService/ListMyDelegations',
+            badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsRequest.SerializeToString,
+            badged__proto_dot_v1_dot_workload__pb2.ListMyDelegationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeMyDelegation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.WorkloadService/RevokeMyDelegation',
+            badged__proto_dot_v1_dot_workload__pb2.RevokeMyDelegationRequest.SerializeToString,
+            badged__proto_dot_v1_dot_workload__pb2.Delegation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatusList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.WorkloadService/GetStatusList',
+            badged__proto_dot_v1_dot_workload__pb2.GetStatusListRequest.SerializeToString,
+            badged__proto_dot_v1_dot_workload__pb2.GetStatusListResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,15 @@ class WorkloadServiceStub:
     """A human user delegates to an agent for a bounded task. The user is the
     attested caller of this RPC (peer credentials), never a request field.
     """
+    ListMyDelegations: _grpc.UnaryUnaryMultiCallable[_workload_pb2.ListMyDelegationsRequest, _workload_pb2.ListMyDelegationsResponse]
+    """The attested user's own delegations (never an agent process's view of
+    anyone's): a person sees and ends what they delegated (issue 21).
+    """
+    RevokeMyDelegation: _grpc.UnaryUnaryMultiCallable[_workload_pb2.RevokeMyDelegationRequest, _workload_pb2.Delegation]
+    GetStatusList: _grpc.UnaryUnaryMultiCallable[_workload_pb2.GetStatusListRequest, _workload_pb2.GetStatusListResponse]
+    """Public: the signed Token Status List (draft-ietf-oauth-status-list) that
+    tokens' "status" claim points at; revoked credentials have their bit set.
+    """
 
 @_typing.type_check_only
 class WorkloadServiceAsyncStub(WorkloadServiceStub):
@@ -65,6 +74,15 @@ class WorkloadServiceAsyncStub(WorkloadServiceStub):
     Delegate: _aio.UnaryUnaryMultiCallable[_workload_pb2.DelegateRequest, _workload_pb2.Delegation]  # type: ignore[assignment]
     """A human user delegates to an agent for a bounded task. The user is the
     attested caller of this RPC (peer credentials), never a request field.
+    """
+    ListMyDelegations: _aio.UnaryUnaryMultiCallable[_workload_pb2.ListMyDelegationsRequest, _workload_pb2.ListMyDelegationsResponse]  # type: ignore[assignment]
+    """The attested user's own delegations (never an agent process's view of
+    anyone's): a person sees and ends what they delegated (issue 21).
+    """
+    RevokeMyDelegation: _aio.UnaryUnaryMultiCallable[_workload_pb2.RevokeMyDelegationRequest, _workload_pb2.Delegation]  # type: ignore[assignment]
+    GetStatusList: _aio.UnaryUnaryMultiCallable[_workload_pb2.GetStatusListRequest, _workload_pb2.GetStatusListResponse]  # type: ignore[assignment]
+    """Public: the signed Token Status List (draft-ietf-oauth-status-list) that
+    tokens' "status" claim points at; revoked credentials have their bit set.
     """
 
 class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,6 +128,33 @@ class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workload_pb2.Delegation, _abc.Awaitable[_workload_pb2.Delegation]]:
         """A human user delegates to an agent for a bounded task. The user is the
         attested caller of this RPC (peer credentials), never a request field.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMyDelegations(
+        self,
+        request: _workload_pb2.ListMyDelegationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workload_pb2.ListMyDelegationsResponse, _abc.Awaitable[_workload_pb2.ListMyDelegationsResponse]]:
+        """The attested user's own delegations (never an agent process's view of
+        anyone's): a person sees and ends what they delegated (issue 21).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeMyDelegation(
+        self,
+        request: _workload_pb2.RevokeMyDelegationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workload_pb2.Delegation, _abc.Awaitable[_workload_pb2.Delegation]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStatusList(
+        self,
+        request: _workload_pb2.GetStatusListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workload_pb2.GetStatusListResponse, _abc.Awaitable[_workload_pb2.GetStatusListResponse]]:
+        """Public: the signed Token Status List (draft-ietf-oauth-status-list) that
+        tokens' "status" claim points at; revoked credentials have their bit set.
         """
 
 def add_WorkloadServiceServicer_to_server(servicer: WorkloadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

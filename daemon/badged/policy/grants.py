@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from badged.core.clock import Clock, Monotonic, monotonic_clock
+from badged.core.context import Context
 from badged.errors import ConfigError, NotFoundError
 from badged.fsutil import atomic_write
 from badged.policy.model import Delegation, Grant
@@ -63,6 +64,7 @@ class GrantStore:
         try:
             doc = json.loads(self._path.read_text())
             for g in doc.get("grants", []):
+                g["context"] = tuple((str(k), str(v)) for k, v in g.get("context", ()))
                 grant = Grant(**g)
                 self._grants[grant.id] = grant
                 self._place(grant.id, grant.created_at, grant.expires_at)
@@ -95,10 +97,12 @@ class GrantStore:
     # -- step-ups -------------------------------------------------------------------
 
     def add_grant(self, *, agent: str, bundle: str, duration: int, reason: str,
-                  granted_by: str) -> Grant:
+                  granted_by: str, context: Context = ()) -> Grant:
+        """``context``: limit the step-up to requests carrying these pairs (issue 21)."""
         now = self._clock()
         g = Grant(id="g-" + secrets.token_hex(6), agent=agent, bundle=bundle, created_at=now,
-                  expires_at=now + duration, reason=reason, granted_by=granted_by)
+                  expires_at=now + duration, reason=reason, granted_by=granted_by,
+                  context=context)
         with self._lock:
             self._grants[g.id] = g
             self._place(g.id, g.created_at, g.expires_at)

@@ -71,7 +71,8 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
 _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description",
-                "ssh_namespaces", "ssh_hosts", "ssh_users", "proxy"}
+                "ssh_namespaces", "ssh_hosts", "ssh_users", "proxy",
+                "context"}
 _ROUTE_KEYS = {"upstream", "credential", "audience", "scopes", "secret", "header", "prefix",
                "ca_file", "max_request_bytes", "rate", "timeout", "description"}
 _CREDENTIALS = ("bearer", "dpop", "secret")
@@ -156,6 +157,27 @@ def _strings(entry: dict[str, Any], key: str, *, required: bool) -> list[str]:
     return value
 
 
+def _bundle_context(value: Any) -> tuple[tuple[str, frozenset[str]], ...]:
+    """``context = { channel = ["#deploy"] }``: the request context a bundle is limited to."""
+    from badged.core.context import KEYS, parse
+    from badged.errors import InvalidRequestError
+
+    if not isinstance(value, dict):
+        raise ValueError("context must be a table like { channel = [\"#deploy\"] }")
+    out: list[tuple[str, frozenset[str]]] = []
+    for k in sorted(value):
+        if k not in KEYS:
+            raise ValueError(f"context: unknown key {k!r} (known: {', '.join(KEYS)})")
+        vals = _strings(value, k, required=True)
+        try:
+            for v in vals:
+                parse([(k, v)])
+        except InvalidRequestError as exc:
+            raise ValueError(exc.caller_message) from None
+        out.append((k, frozenset(vals)))
+    return tuple(out)
+
+
 class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.source = source
@@ -216,10 +238,13 @@ class _Parser:
             if "proxy" in kinds and not proxy:
                 raise ValueError("kind 'proxy' needs [[bundle.NAME.proxy]] entries "
                                  "(route, methods, paths)")
+            key = "context"
+            context = _bundle_context(entry.get("context", {}))
         except ValueError as exc:
             raise self.fail(self.where.key(start, key), f"bundle {name!r}: {exc}") from None
         return Bundle(name=name, audiences=frozenset(audiences), scopes=frozenset(scopes),
-                      kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate, approval=approval,
+                      context=context, kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate,
+                      approval=approval,
                       ssh_namespaces=ssh["ssh_namespaces"], ssh_hosts=ssh["ssh_hosts"],
                       ssh_users=ssh["ssh_users"], proxy=proxy,
                       source=f"{self.short}:{start + 1}")

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+from badged.core.context import Context, satisfies
 from badged.proxy.paths import matches
 
 # token: FetchToken; sign: Sign; assertion: RFC 7523 client assertions and
@@ -157,6 +158,9 @@ class Bundle:
     ssh_users: frozenset[str] = frozenset()
     # kind "proxy": the routes, methods and paths allowed (none: no call).
     proxy: tuple[ProxyAllow, ...] = ()
+    # Request context this bundle is limited to (issue 21): for each key, the
+    # values allowed; a request lacking the key, or with another value, misses.
+    context: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def miss(self, req: Request, ttl: int, hard_cap: int | None = None) -> str | None:
         """Why this bundle does not allow ``req`` (None: it does)."""
@@ -177,6 +181,11 @@ class Bundle:
             return f"ttl {ttl}s above bundle cap {self.max_ttl}s"
         if hard_cap is not None and ttl > hard_cap:
             return f"ttl {ttl}s above the daemon's max_ttl {hard_cap}s"
+        if self.context:
+            have = dict(req.context)
+            for key, allowed in self.context:
+                if have.get(key) not in allowed:
+                    return f"context {key}={have.get(key, '')!r} outside the bundle's context"
         return None
 
 
@@ -316,6 +325,9 @@ class Grant:
     reason: str
     granted_by: str
     revoked: bool = False
+    # Applies only to requests whose context carries all of these pairs
+    # (``badgectl grant … --context channel=#deploy``); () = any context.
+    context: Context = ()
 
     def active(self, now: float) -> bool:
         return not self.revoked and self.created_at <= now < self.expires_at
@@ -359,6 +371,9 @@ class Request:
     proxy_method: str = ""
     proxy_segments: tuple[str, ...] = ()
     proxy_path: str = ""
+    # What the agent says it is working on (badged.core.context): asserted,
+    # not attested; narrows context-scoped bundles and grants.
+    context: Context = ()
 
 
 @dataclass(frozen=True)
@@ -399,12 +414,15 @@ def missing_selectors(rule: AgentRule, caller: AbstractSet[str]) -> list[str]:
 
 def bundles_in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
                       now: float) -> list[tuple[Bundle, str]]:
-    """(bundle, why it applies), in evaluation order: baseline, agent, step-ups."""
-    return [(b, why) for b, why, _ in _in_effect(policy, rule, grants, now)]
+    """(bundle, why it applies), in evaluation order: baseline, agent, step-ups
+    (context-scoped step-ups included, their context named in ``why``)."""
+    return [(b, why) for b, why, _ in _in_effect(policy, rule, grants, now, None)]
 
 
 def _in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
-               now: float) -> list[tuple[Bundle, str, str | None]]:
+               now: float, context: Context | None = ()) -> list[tuple[Bundle, str, str | None]]:
+    """``context``: the request's; a context-scoped grant applies only when it
+    carries the grant's pairs (None: list them all, for ``whoami``)."""
     out: list[tuple[Bundle, str, str | None]] = []
     if policy.baseline is not None:
         out.append((policy.baseline, f"baseline ({policy.baseline.source})", None))
@@ -414,9 +432,13 @@ def _in_effect(policy: Policy, rule: AgentRule, grants: Sequence[Grant],
             out.append((b, f"bundle {name}", None))
     for g in grants:
         if g.agent == rule.agent and g.active(now):
+            if g.context and context is not None and not satisfies(g.context, context):
+                continue
             b = policy.bundles.get(g.bundle)
             if b is not None:
-                out.append((b, f"step-up grant {g.id} until {int(g.expires_at)}", g.id))
+                where = ("" if not g.context else
+                         " in context " + ",".join(f"{k}={v}" for k, v in g.context))
+                out.append((b, f"step-up grant {g.id}{where} until {int(g.expires_at)}", g.id))
     return out
 
 
@@ -505,7 +527,7 @@ def evaluate(
     # decides: its approval and its budget apply, whatever else also allows.
     allowing: list[tuple[Bundle, str, str | None, AgentRule, int]] = []
     for rule in matching:
-        for bundle, why, grant in _in_effect(policy, rule, grants, now):
+        for bundle, why, grant in _in_effect(policy, rule, grants, now, request.context):
             cap = bundle.max_ttl if max_ttl is None else min(bundle.max_ttl, max_ttl)
             ttl = request.ttl or min(default_ttl, cap)
             if delegation is not None:

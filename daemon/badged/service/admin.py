@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from badged.attest.process import ProcessAttributes
+from badged.core import context as request_context
 from badged.enroll.assurance import AssuranceOracle
 from badged.enroll.store import EnrollmentStore
 from badged.errors import (
@@ -90,7 +91,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         name = check_agent_name(request.name)
         rec = await self._d.signing.run(lambda: self._d.agents.revoke(
             name, request.reason, caller=proc.summary()))
+        await self._mark("agent", proc, name)
         return agent_to_pb(rec, self._now())
+
+    async def _mark(self, what: str, proc: ProcessAttributes, agent: str, *,
+                    grant: str | None = None, delegation: str | None = None) -> None:
+        """Revocation reaches relying parties: set the status-list bits of the
+        live tokens it covers (issue 21), and say how many on record."""
+        status = self._d.status
+        if status is None:
+            return
+        marked = status.revoke(agent=agent if what == "agent" else None, grant=grant,
+                               delegation=delegation)
+        await self._audit("status.marked", proc, agent, revoked=what, marked=marked,
+                          grant=grant, delegation=delegation)
 
     # -- step-ups ---------------------------------------------------------------
 
@@ -110,11 +124,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         reason = validate.reason(request.reason)
         if not reason:
             raise InvalidRequestError("no reason", public="a step-up needs a --reason")
+        scope = request_context.parse(request.context) if request.context else ()
         by = user_name(proc.uid)
         grant = self._d.grants.add_grant(agent=agent, bundle=request.bundle, duration=duration,
-                                         reason=reason, granted_by=by)
+                                         reason=reason, granted_by=by, context=scope)
         await self._audit("grant.created", proc, agent, grant=grant.id, bundle=grant.bundle,
-                          expires_at=int(grant.expires_at), reason=reason)
+                          expires_at=int(grant.expires_at), reason=reason,
+                          context=dict(scope) or None)
         return self._grant_pb(grant)
 
     async def RevokeGrant(self, request: admin_pb2.RevokeGrantRequest,
@@ -122,6 +138,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         proc = self._operator(context)
         grant = self._d.grants.revoke_grant(request.id)
         await self._audit("grant.revoked", proc, grant.agent, grant=grant.id)
+        await self._mark("grant", proc, grant.agent, grant=grant.id)
         for item in self._d.approvals.cancel_for_grant(grant.id, by=user_name(proc.uid)):
             await self._audit("approval.cancelled", proc, item.agent, approval=item.id,
                               reason=item.comment, decision="deny")
@@ -140,7 +157,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         state = "revoked" if g.revoked else ("active" if g.active(now) else "expired")
         return admin_pb2.Grant(id=g.id, agent=g.agent, bundle=g.bundle,
                                created_at=int(g.created_at), expires_at=int(g.expires_at),
-                               reason=g.reason, granted_by=g.granted_by, state=state)
+                               reason=g.reason, granted_by=g.granted_by, state=state,
+                               context=dict(g.context))
 
     # -- approvals --------------------------------------------------------------
 
@@ -196,6 +214,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         proc = self._operator(context)
         item = self._d.grants.revoke_delegation(request.id)
         await self._audit("delegation.revoked", proc, item.agent, delegation=item.id)
+        await self._mark("delegation", proc, item.agent, delegation=item.id)
         return delegation_to_pb(item)
 
     # -- policy -------------------------------------------------------------------
@@ -267,4 +286,4 @@ def _approval_pb(a: PendingApproval) -> admin_pb2.Approval:
         scopes=list(a.request.scopes), ttl_seconds=a.request.ttl, reason=a.reason, pid=p.pid,
         uid=p.uid, exe=p.exe or "", exe_sha256=p.exe_sha256 or "", process_chain=list(p.chain),
         requested_at=int(a.requested_at), deadline=int(a.deadline), state=a.state,
-        decided_by=a.decided_by)
+        decided_by=a.decided_by, context=dict(a.request.context), txn=a.txn)

@@ -52,6 +52,7 @@ class PendingApproval:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     grant: str | None = None  # the step-up grant whose bundle asked for approval
     collected: bool = False  # the waiting request has resumed with the outcome
+    txn: str = ""  # the issuance's transaction id (badgectl audit trace)
 
 
 # Why the policy no longer allows a pending request (None: it still does).
@@ -68,14 +69,19 @@ class ApprovalBoard:
         return list(self._items.values())
 
     async def request(self, decision: Decision, req: Request, reason: str,
-                      proc: ProcessAttributes, peer: PeerCredentials) -> PendingApproval:
-        """Open a pending approval and wait for its outcome; raise unless approved."""
+                      proc: ProcessAttributes, peer: PeerCredentials,
+                      txn: str = "") -> PendingApproval:
+        """Open a pending approval and wait for its outcome; raise unless approved.
+
+        The operator sees the request's context (``req.context``, asserted by
+        the agent, never attested) and its transaction id.
+        """
         assert decision.agent is not None and decision.bundle is not None
         now = self._clock()
         item = PendingApproval(
             id="a-" + secrets.token_hex(5), agent=decision.agent, bundle=decision.bundle,
             request=req, reason=reason[:256], process=proc, requested_at=now,
-            deadline=now + self.timeout, grant=decision.grant)
+            deadline=now + self.timeout, grant=decision.grant, txn=txn)
         self._items[item.id] = item
         self._trim()
         loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from badged.policy.loader import load_policy
 from badged.policy.model import Policy
 from badged.policy.ratelimit import RateLimiter
 from badged.service.approvals import ApprovalBoard
+from badged.statuslist import StatusList
 
 _logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -199,6 +200,8 @@ class ServiceDeps:
     # Access tokens and the JWKS; None means the registry (direct mode).
     token_keys: TokenKeys | None = None
     signing: SigningRunner = INLINE_SIGNING
+    # The Token Status List (issue 21); None: tokens carry no status claim.
+    status: StatusList | None = None
 
     @property
     def tokens(self) -> TokenKeys:

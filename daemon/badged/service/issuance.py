@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from os import urandom as _urandom
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from badged.attest.process import ProcessAttributes
@@ -83,6 +84,9 @@ class Authorized(NamedTuple):
     approval: PendingApproval | None
     key: SigningKey
     client_id: str
+    # Transaction id (issue 21): in the credential (claim "txn") and in every
+    # audit record of this issuance, so `badgectl audit trace` joins them.
+    txn: str
 
 
 class Minted(NamedTuple, Generic[_T]):
@@ -141,7 +145,7 @@ class PolicyGate:
             return "missing"
 
     async def enforce(self, proc: ProcessAttributes, peer: PeerCredentials, req: Request,
-                      reason: str = "") -> tuple[Decision, PendingApproval | None]:
+                      reason: str = "", txn: str = "") -> tuple[Decision, PendingApproval | None]:
         d = self._d
         decision = self.decide(proc, req)
         if not decision.allowed:
@@ -149,7 +153,7 @@ class PolicyGate:
                 "event": f"{req.kind}.denied", "agent": decision.agent,
                 "caller": proc.summary(), "request": request_summary(req),
                 "decision": "deny", "rule": decision.rule, "reason": decision.reason,
-                "trace": list(decision.trace),
+                "trace": list(decision.trace), "txn": txn or None,
             })
             _logger.info("denied", extra={"agent": decision.agent, "uid": proc.uid,
                                           "pid": proc.pid, "explain": decision.explain(),
@@ -162,18 +166,20 @@ class PolicyGate:
             _logger.info("approval required", extra={"agent": decision.agent,
                                                      "bundle": decision.bundle})
             try:
-                approval = await d.approvals.request(decision, req, reason, proc, peer)
+                approval = await d.approvals.request(decision, req, reason, proc, peer, txn=txn)
             except PolicyDeniedError as exc:
                 await d.audit.append({
                     "event": "approval.refused", "agent": decision.agent,
                     "caller": proc.summary(), "request": request_summary(req),
                     "decision": "deny", "rule": decision.rule, "reason": exc.detail,
+                    "txn": txn or None,
                 })
                 raise
             await d.audit.append({
                 "event": "approval.granted", "agent": decision.agent, "approval": approval.id,
                 "approved_by": approval.decided_by, "request": request_summary(req),
                 "caller": proc.summary(), "decision": "allow", "rule": decision.rule,
+                "txn": txn or None,
             })
         return decision, approval
 
@@ -200,26 +206,29 @@ class Issuance:
 
     async def issue(self, caller: Caller, requests: Request | Sequence[Request], event: str,
                     key_of: KeyGetter, mint: Callable[[Authorized], Minted[_T]], *,
-                    reason: str = "", client_id: str | None = None) -> tuple[Authorized, _T]:
+                    reason: str = "", client_id: str | None = None,
+                    traceparent: str = "") -> tuple[Authorized, _T]:
         """Run one issuance: gate, key, name check, sign, audit, then return.
 
         ``requests``: one policy request, or several that must all be allowed
         for the same agent (a JWT-SVID with several audiences). ``client_id``:
         the client id the caller asked for (``""``: its own SPIFFE ID), for
         kinds that carry one. ``mint`` runs where hardware signatures run
-        (:class:`~badged.service.deps.SigningRunner`).
+        (:class:`~badged.service.deps.SigningRunner`). ``traceparent``: the
+        caller's validated W3C trace context, recorded beside the transaction id.
         """
         d = self._d
+        txn = _txn()
         if isinstance(requests, Request):  # the common case: no extra coroutine
             decision, approval = await self.gate.enforce(caller.proc, caller.peer, requests,
-                                                         reason)
+                                                         reason, txn)
         else:
-            decision, approval = await self._decide_all(caller, requests, reason)
+            decision, approval = await self._decide_all(caller, requests, reason, txn)
         key = self.gate.key(decision, key_of)
         cid = key.spiffe_id
         if client_id:
             cid = await self.client_id(caller, decision, key, client_id, requests, event)
-        auth = _new(Authorized, (decision, approval, key, cid))
+        auth = _new(Authorized, (decision, approval, key, cid, txn))
         minted = await d.signing.run(lambda: mint(auth))
         if minted.names != key.spiffe_id and minted.names != cid:
             # A mint function named someone else: a bug, never an answer. The
@@ -245,11 +254,19 @@ class Issuance:
         record["bundle"] = decision.bundle
         record["kid"] = key.kid
         record["approval"] = approval.id if approval is not None else None
+        record["txn"] = txn
+        if traceparent:
+            record["traceparent"] = traceparent
+        req0 = requests if isinstance(requests, Request) else requests[0]
+        if req0.context:
+            record["context"] = dict(req0.context)
+        if decision.grant is not None:
+            record["grant"] = decision.grant
         await d.audit.append(record)
         return auth, minted.value
 
     async def _decide_all(self, caller: Caller, requests: Sequence[Request],
-                          reason: str) -> tuple[Decision, PendingApproval | None]:
+                          reason: str, txn: str) -> tuple[Decision, PendingApproval | None]:
         decision: Decision | None = None
         approval: PendingApproval | None = None
         rules: list[str] = []
@@ -258,7 +275,8 @@ class Issuance:
         for req in requests:  # every one must be allowed, for the same agent
             if agent is not None:
                 req = replace(req, agent=agent)
-            decision, approved = await self.gate.enforce(caller.proc, caller.peer, req, reason)
+            decision, approved = await self.gate.enforce(caller.proc, caller.peer, req, reason,
+                                                         txn)
             approval = approval or approved
             agent = decision.agent
             ttl = decision.ttl if not ttl else min(ttl, decision.ttl)
@@ -299,10 +317,17 @@ class Issuance:
                    "or a client id the policy lists for this agent")
 
 
+def _txn() -> str:
+    """A fresh transaction id: 16 hex digits, random (no issuance count leaks)."""
+    return _urandom(8).hex()
+
+
 def request_summary(req: Request) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": req.kind, "agent": req.agent, "audience": req.audience,
                            "scopes": list(req.scopes), "ttl": req.ttl,
                            "delegation": req.delegation}
+    if req.context:
+        out["context"] = dict(req.context)
     if req.kind == "ssh":  # what the SSH agent saw of the signature (badged.sshagent)
         out["ssh"] = {"purpose": req.ssh_purpose or "unclassified", "user": req.ssh_user,
                       "host_fp": req.ssh_host, "namespace": req.ssh_namespace}

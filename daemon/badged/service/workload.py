@@ -19,12 +19,19 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from badged.attest.process import ProcessAttributes
+from badged.core import context as request_context
+from badged.core.jose import ec_public_jwk
 from badged.core.signing import signed_message
 from badged.core.tokens import ES256, JWKS_ISSUER_MEMBER, IssuedToken, build_claims, mint_token
 from badged.enroll.assurance import CLAIM as ASSURANCE_CLAIM
 from badged.enroll.assurance import AssuranceOracle
 from badged.enroll.store import EnrollmentStore
-from badged.errors import InvalidRequestError, PolicyDeniedError
+from badged.errors import (
+    FailedPreconditionError,
+    InvalidRequestError,
+    NotFoundError,
+    PolicyDeniedError,
+)
 from badged.identity.registry import SigningKey
 from badged.policy.loader import parse_duration
 from badged.policy.model import (
@@ -87,9 +94,13 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
         delegation_id = validate.opaque_id(request.delegation, "delegation")
         reason = validate.reason(request.reason)
         dpop_bound = request.dpop_bound
+        # Asserted by the agent (docs/credentials.md "Request context"):
+        # bounded and typed here, before anything else looks at it.
+        req_ctx = request_context.parse(request.context) if request.context else ()
+        traceparent = request_context.traceparent(request.traceparent)
         caller = self._issue.caller(context)
         req = Request(kind="token", agent=agent, audience=audience, scopes=scopes, ttl=ttl,
-                      delegation=delegation_id)
+                      delegation=delegation_id, context=req_ctx)
 
         def mint(auth: Authorized) -> Minted[IssuedToken]:
             decision, approval, key = auth.decision, auth.approval, auth.key
@@ -107,8 +118,19 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
                 extra["approval"] = {"id": approval.id, "by": approval.decided_by,
                                      "at": int(approval.decided_at)}
             extra[ASSURANCE_CLAIM] = self._assurance.level(key.agent, d.clock())
+            extra["txn"] = auth.txn
+            if req_ctx:
+                extra["ctx"] = request_context.claim(req_ctx)
+            now = d.clock()
+            status = d.status
+            idx = None
+            if status is not None:  # revocation reaches relying parties (badged.statuslist)
+                idx = status.allocate(
+                    exp=now + decision.ttl, agent=key.agent, grant=decision.grant,
+                    delegation=decision.delegation.id if decision.delegation else None)
+                extra["status"] = status.claim(idx)
             claims = build_claims(issuer=d.issuer, subject=subject, audience=audience,
-                                  scopes=scopes, ttl_seconds=decision.ttl, now=d.clock(),
+                                  scopes=scopes, ttl_seconds=decision.ttl, now=now,
                                   jti=d.new_jti(), extra=extra)
             issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
             return Minted(issued, key.spiffe_id, {
@@ -117,15 +139,16 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
                 "credential_sha256": hashlib.sha256(issued.token.encode()).hexdigest(),
                 "delegation": decision.delegation.id if decision.delegation else None,
                 "delegating_user": decision.delegation.user if decision.delegation else None,
+                "status_idx": idx,
             })
 
         auth, issued = await self._issue.issue(caller, req, "token.issued", d.tokens.token_key,
-                                               mint, reason=reason)
+                                               mint, reason=reason, traceparent=traceparent)
         key = auth.key
         return workload_pb2.FetchTokenResponse(
             token=issued.token, agent=key.agent, spiffe_id=key.spiffe_id,
             issued_at=issued.issued_at, expires_at=issued.expires_at, jti=issued.jti,
-            key_id=issued.key_id,
+            key_id=issued.key_id, txn=auth.txn,
         )
 
     async def Sign(self, request: workload_pb2.SignRequest,
@@ -248,6 +271,82 @@ class WorkloadServicer(workload_pb2_grpc.WorkloadServiceServicer):
                               "audiences": sorted(audiences), "expires_at": int(grant.expires_at),
                               "rule": policy.delegators_source})
         return delegation_to_pb(grant)
+
+
+    # -- people manage what they delegated (issue 21) ---------------------------------
+
+    async def _as_person(self, context: Ctx, what: str) -> ProcessAttributes:
+        """The attested caller, refused if it is an agent process.
+
+        Only the kernel's word counts: the uid from SO_PEERCRED and the
+        selectors attestation read. A process that matches any agent rule is
+        an agent, not the person (the same line as for creating a delegation,
+        :func:`~badged.policy.model.delegation_refusal`), unless the policy
+        says this is a single-user box (``agents_may_delegate``).
+        """
+        d = self._d
+        _, proc = resolve_caller(d, context, "workload")
+        policy = d.policy.current
+        if not policy.agents_may_delegate:
+            agents = sorted({r.agent for r in policy.matching(proc.selectors())})
+            if agents:
+                await d.audit.append({"event": "delegation.denied", "agent": agents[0],
+                                      "caller": proc.summary(), "decision": "deny",
+                                      "reason": f"{what} by an agent process "
+                                                f"({', '.join(agents)})"})
+                raise PolicyDeniedError(
+                    f"uid {proc.uid} pid {proc.pid} is agent {', '.join(agents)}: may not {what}",
+                    public="denied by policy: an agent process may not manage delegations")
+        return proc
+
+    async def ListMyDelegations(self, request: workload_pb2.ListMyDelegationsRequest,
+                                context: Ctx) -> workload_pb2.ListMyDelegationsResponse:
+        """The caller's own delegations: matched on the attested uid, nothing else."""
+        proc = await self._as_person(context, "list delegations")
+        now = self._d.clock()
+        items = sorted((x for x in self._d.grants.delegations().values() if x.uid == proc.uid),
+                       key=lambda x: x.created_at)
+        if not request.include_inactive:
+            items = [x for x in items if x.active(now)]
+        return workload_pb2.ListMyDelegationsResponse(
+            delegations=[delegation_to_pb(x) for x in items])
+
+    async def RevokeMyDelegation(self, request: workload_pb2.RevokeMyDelegationRequest,
+                                 context: Ctx) -> workload_pb2.Delegation:
+        """End one of the caller's own delegations, and mark its live tokens revoked.
+
+        Someone else's delegation answers exactly like an unknown id: the
+        caller learns nothing about delegations it did not make.
+        """
+        d = self._d
+        delegation_id = validate.opaque_id(request.id, "delegation")
+        proc = await self._as_person(context, "revoke a delegation")
+        item = d.grants.delegations().get(delegation_id or "")
+        if item is None or item.uid != proc.uid:
+            await d.audit.append({"event": "delegation.revoke_denied", "agent": None,
+                                  "caller": proc.summary(), "decision": "deny",
+                                  "delegation": delegation_id,
+                                  "reason": "not the caller's delegation"})
+            raise NotFoundError("delegation not found")
+        item = d.grants.revoke_delegation(item.id)
+        marked = d.status.revoke(delegation=item.id) if d.status is not None else 0
+        await d.audit.append({"event": "delegation.revoked", "agent": item.agent,
+                              "user": item.user, "caller": proc.summary(), "decision": "allow",
+                              "delegation": item.id, "by": "delegating user",
+                              "status_marked": marked})
+        return delegation_to_pb(item)
+
+    async def GetStatusList(self, request: workload_pb2.GetStatusListRequest,
+                            context: Ctx) -> workload_pb2.GetStatusListResponse:
+        """Public, like the JWKS: the signed Token Status List (badged.statuslist)."""
+        d = self._d
+        status = d.status
+        if status is None:
+            raise FailedPreconditionError("no status list", public="status list not enabled")
+        jwt = await d.signing.run(lambda: status.token(d.device_key))
+        return workload_pb2.GetStatusListResponse(
+            status_list_jwt=jwt, uri=status.uri,
+            device_jwk_json=json.dumps(ec_public_jwk(d.device_key.public_key())))
 
 
 def delegation_to_pb(g: Any) -> workload_pb2.Delegation:

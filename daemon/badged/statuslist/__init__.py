@@ -1,0 +1,248 @@
+"""Token Status List (draft-ietf-oauth-status-list): revocation that reaches relying parties.
+
+A relying party with a cached JWKS keeps accepting a token until it expires;
+revoking the agent only drops its key from the *next* JWKS. So every access
+token carries ``status: {status_list: {idx, uri}}``, a position in one bit
+array the daemon publishes signed (:meth:`StatusList.token`): bit ``idx`` set
+means the token is revoked. Revoking an agent, a step-up grant or a
+delegation sets the bits of the live tokens it covers
+(:meth:`StatusList.revoke`).
+
+Format (draft §4, §5): 1 bit per token, index ``i`` at byte ``i // 8``, bit
+``i % 8`` counting from the least significant; the byte array ZLIB-compressed
+(RFC 1950) and base64url-encoded in ``status_list.lst``; the Status List Token
+is a JWS with ``typ: statuslist+jwt``, ``sub`` = the ``uri`` tokens carry,
+``iat``, ``exp`` and ``ttl``, signed by the **device key** (the daemon's own
+key, never an agent's: an agent key revoked must not be the one that says so).
+
+Bounds and durability:
+
+* **Size**: :data:`DEFAULT_SIZE` = 2^20 indices (128 KiB of bits before
+  compression; a sparse list compresses to a few hundred bytes).
+* **Allocation** is sequential, modulo the size, and *reserved* on disk a
+  block of :data:`BLOCK` at a time (``state.json``, atomic replace): after a
+  restart allocation resumes past the last reserved block, so an index is
+  never handed out twice while a token holding it may be live.
+* **Which token holds which index** is kept in memory and in an append-only
+  journal (``journal``: ``idx exp agent grant delegation`` per line, written
+  before the token leaves; compacted to the live entries at start and when it
+  grows), so a revocation after a restart still finds the tokens issued
+  before it. The journal is not fsynced per token: after a *power loss* the
+  last tokens' lines may be missing and those tokens then cannot be marked by
+  a later revocation (the audit log, which is durable, still names them).
+* **Full**: when the next index still belongs to a token that has not
+  expired, the list is full and issuance is refused with RESOURCE_EXHAUSTED
+  and a retry-after of that token's remaining life; an index is never reused
+  while its token may be live. With the daemon's ``max_ttl`` cap that takes
+  2^20 tokens within one ``max_ttl``.
+* **Privacy**: the list is bits only; which agent holds an index is in the
+  daemon's private state, never in the list. Indices are sequential, so the
+  list reveals roughly how many tokens were issued, not by whom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from badged.core.clock import Clock
+from badged.core.jose import b64url, ec_public_jwk, encode_jws, jwk_thumbprint
+from badged.core.tokens import ES256
+from badged.errors import ConfigError, RateLimitedError
+from badged.fsutil import atomic_write
+from badged.keystore.port import KeyHandle
+
+DEFAULT_SIZE = 1 << 20
+BLOCK = 4096
+TYP = "statuslist+jwt"
+# Status values (draft §7.1): 0x00 VALID, 0x01 INVALID.
+VALID, INVALID = 0, 1
+# Relying parties allow clock skew: keep an index taken this long past exp.
+_SKEW = 60
+
+
+class Holder(NamedTuple):
+    """Who holds an index: what a revocation matches on (never published)."""
+
+    exp: float
+    agent: str
+    grant: str
+    delegation: str
+
+
+class StatusList:
+    """The issuer side: allocate, mark, publish. Thread-safe (mint functions
+    may run on the signing thread)."""
+
+    def __init__(self, directory: Path, *, uri: str, clock: Clock,
+                 size: int = DEFAULT_SIZE, list_ttl: int = 300) -> None:
+        if size % 8 or size < BLOCK:
+            raise ConfigError(f"status list size {size} must be a multiple of 8, >= {BLOCK}")
+        self.uri = uri
+        self.size = size
+        self.list_ttl = list_ttl
+        self._dir = directory
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bits = bytearray(size // 8)
+        self._live: dict[int, Holder] = {}
+        self._next = 0  # counter; index = counter % size
+        self._reserved = 0  # counter value up to which blocks are reserved on disk
+        self._version = 0  # bumped on every change of the bits
+        self._signed: tuple[int, float, str] | None = None  # (version, signed at, jwt)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._state = directory / "state.json"
+        self._journal_path = directory / "journal"
+        self._load()
+        self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._journal_lines = len(self._live)
+
+    # -- durability -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        now = self._clock()
+        revoked: list[int] = []
+        if self._state.exists():
+            try:
+                doc = json.loads(self._state.read_text())
+                if int(doc["size"]) != self.size:
+                    raise ConfigError(
+                        f"status list was created with size {doc['size']}, not {self.size}",
+                        path=str(self._state))
+                self._reserved = self._next = int(doc["reserved"])
+                revoked = [int(i) for i in doc.get("revoked", [])]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"status list state is corrupt: {exc}",
+                                  path=str(self._state)) from None
+        if self._journal_path.exists():
+            with open(self._journal_path, encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    parts = line.rstrip("\n").split(" ")
+                    if len(parts) != 5:
+                        continue  # a torn last line after a crash
+                    try:
+                        idx, exp = int(parts[0]), float(parts[1])
+                    except ValueError:
+                        continue
+                    if 0 <= idx < self.size and exp + _SKEW > now:
+                        self._live[idx] = Holder(exp, parts[2], parts[3], parts[4])
+        for idx in revoked:
+            if idx in self._live:
+                self._set(idx)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal with the live entries only, and the state file."""
+        lines = "".join(f"{i} {h.exp:.0f} {h.agent} {h.grant} {h.delegation}\n"
+                        for i, h in self._live.items())
+        atomic_write(self._journal_path, lines.encode("ascii"))
+        self._journal_lines = len(self._live)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        revoked = [i for i in self._live if self._get(i)]
+        atomic_write(self._state, json.dumps(
+            {"size": self.size, "reserved": self._reserved, "revoked": revoked}).encode())
+
+    # -- bits -------------------------------------------------------------------------
+
+    def _get(self, idx: int) -> int:
+        return (self._bits[idx >> 3] >> (idx & 7)) & 1
+
+    def _set(self, idx: int) -> None:
+        self._bits[idx >> 3] |= 1 << (idx & 7)
+        self._version += 1
+
+    def status(self, idx: int) -> int:
+        with self._lock:
+            return self._get(idx)
+
+    # -- issuer side ------------------------------------------------------------------
+
+    def allocate(self, *, exp: float, agent: str, grant: str | None,
+                 delegation: str | None) -> int:
+        """An index for a token expiring at ``exp``; RateLimitedError when full."""
+        holder = Holder(float(int(exp)), agent, grant or "-", delegation or "-")
+        with self._lock:
+            counter = self._next
+            idx = counter % self.size
+            old = self._live.get(idx)
+            if old is not None:
+                left = old.exp + _SKEW - self._clock()
+                if left > 0:
+                    raise RateLimitedError(
+                        f"status list full: index {idx} still held for {left:.0f}s",
+                        retry_after=left)
+                if self._get(idx):  # the old token is gone: its index starts valid
+                    self._bits[idx >> 3] &= ~(1 << (idx & 7)) & 0xFF
+                    self._version += 1
+            if counter >= self._reserved:
+                self._reserved = counter + BLOCK
+                if self._journal_lines > 2 * len(self._live) + BLOCK:
+                    self._compact()
+                else:
+                    self._save_state()
+            self._next = counter + 1
+            self._live[idx] = holder
+            os.write(self._journal, f"{idx} {holder.exp:.0f} {agent} {holder.grant} "
+                                    f"{holder.delegation}\n".encode("ascii"))
+            self._journal_lines += 1
+            return idx
+
+    def claim(self, idx: int) -> dict[str, Any]:
+        """The referenced token's ``status`` claim (draft §6.1)."""
+        return {"status_list": {"idx": idx, "uri": self.uri}}
+
+    def revoke(self, *, agent: str | None = None, grant: str | None = None,
+               delegation: str | None = None) -> int:
+        """Set the bit of every live token of this agent / grant / delegation; how many."""
+        now = self._clock()
+        marked = 0
+        with self._lock:
+            for idx, h in self._live.items():
+                if h.exp + _SKEW <= now or self._get(idx):
+                    continue
+                if (agent is not None and h.agent == agent) or \
+                        (grant is not None and h.grant == grant) or \
+                        (delegation is not None and h.delegation == delegation):
+                    self._set(idx)
+                    marked += 1
+            if marked:
+                self._save_state()
+        return marked
+
+    def encoded(self) -> dict[str, Any]:
+        """The ``status_list`` member: bits and the ZLIB-compressed, base64url list."""
+        with self._lock:
+            raw = bytes(self._bits)
+        return {"bits": 1, "lst": b64url(zlib.compress(raw, 9))}
+
+    def token(self, device_key: KeyHandle, *, sign: Callable[[bytes], bytes] | None = None) -> str:
+        """The signed Status List Token, re-signed only when the bits changed or
+        half its lifetime has passed (a TPM signature costs ~200 ms)."""
+        now = self._clock()
+        with self._lock:
+            version = self._version
+        cached = self._signed
+        if cached is not None and cached[0] == version and now - cached[1] < self.list_ttl / 2:
+            return cached[2]
+        jwk = ec_public_jwk(device_key.public_key())
+        header = {"alg": "ES256", "typ": TYP, "kid": jwk_thumbprint(jwk)}
+        claims = {"sub": self.uri, "iat": int(now), "exp": int(now) + self.list_ttl,
+                  "ttl": max(1, math.ceil(self.list_ttl / 10)), "status_list": self.encoded()}
+        signer = sign or (lambda data: device_key.sign(data, ES256))
+        jwt = encode_jws(header, claims, signer)
+        self._signed = (version, now, jwt)
+        return jwt
+
+    def close(self) -> None:
+        try:
+            os.close(self._journal)
+        except OSError:
+            pass
