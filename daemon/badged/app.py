@@ -55,7 +55,8 @@ from badged.sshagent.server import SshAgentServer
 from badged.statuslist import StatusList
 
 if TYPE_CHECKING:
-    from badged.proxy.server import ProxyServer, SecretSource
+    from badged.proxy.secretstore import SecretStore
+    from badged.proxy.server import ProxyServer
 from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
 from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 
@@ -130,7 +131,7 @@ class Daemon:
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._tasks: set[asyncio.Task[None]] = set()
         # Static secrets for the proxy's routes (badged.proxy.secretstore).
-        self.proxy_secrets: SecretSource | None = None
+        self.proxy_secrets: SecretStore | None = None
 
     # -- build -------------------------------------------------------------------
 
@@ -154,6 +155,11 @@ class Daemon:
             _logger.warning("policy grants nothing (deny by default)",
                             extra={"policy": str(cfg.policy_file)})
         self.policy = PolicyHolder(policy, cfg.policy_file)
+        from badged.proxy.secretstore import SecretStore
+
+        # Sealed proxy secrets: a corrupt file refuses the start, nothing changed.
+        self.proxy_secrets = SecretStore(cfg.private_dir / "proxy-secrets.json",
+                                         self._keystore, clock=self._clock)
         device_key, device_created = self._device_key(self._keystore)
         self._publish_device_key(device_key)
         # Refuses to start (ConfigError) on an unusable audit dir: no unaudited service.
@@ -290,6 +296,9 @@ class Daemon:
         from badged.service import credentials, enroll
         credentials.add_to_server(server, deps)
         enroll.add_to_server(server, deps)
+        if self.proxy_secrets is not None:  # badgectl secret, on the admin socket
+            from badged.proxy import admin as proxy_admin
+            proxy_admin.add_to_server(server, deps, self.proxy_secrets)
         self._health = HealthServicer()
         spiffe_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(SpiffeWorkloadServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -16,7 +16,7 @@ BASE = {"token", "jwks", "whoami", "sign", "agent"}
 
 def test_every_command_registered_once() -> None:
     names = [*BASE, *(c.name for c in (*POLICY_COMMANDS, *CREDENTIAL_COMMANDS)),
-             "audit", "enroll", "ca", "verify", "health", "metrics", "ssh"]
+             "audit", "enroll", "ca", "verify", "health", "metrics", "ssh", "proxy", "secret"]
     dupes = [n for n, k in Counter(names).items() if k > 1]
     assert not dupes, dupes
     assert set(names) == set(cli.commands)

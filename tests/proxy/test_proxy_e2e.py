@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from badgeclient import AdminClient
+from tests.e2e.conftest import badgectl_cmd
 from tests.proxy.conftest import NOBODY, Agent, ProxyEnv
 
 
@@ -246,3 +248,52 @@ def test_another_uid_cannot_use_the_route(proxy_env: ProxyEnv) -> None:
     assert env.upstream.received == []
     last = env.events("proxy.denied")[-1]
     assert last["caller"]["uid"] == NOBODY
+
+
+def _badgectl(env: ProxyEnv, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(badgectl_cmd(*args), input=stdin, env=env.daemon.env(),
+                          capture_output=True, timeout=60, check=False)
+
+
+def test_static_secret_is_injected_rotated_and_never_readable(
+        proxy_env: ProxyEnv, agent: Agent) -> None:
+    env = proxy_env
+    value1, value2 = "sk-live-" + os.urandom(12).hex(), "sk-live-" + os.urandom(12).hex()
+    r = _badgectl(env, "secret", "set", "upstream-key", stdin=value1.encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    env.upstream.clear()
+    answer = agent.call("keyed", "/v1/things", headers={"X-Api-Key": "agent-made-up",
+                                                         "Authorization": "Bearer x"})
+    assert answer["status"] == 200, answer
+    rec = env.upstream.received[-1]
+    assert _header(rec, "X-Api-Key") == [value1]  # replaced, not added to
+    assert _header(rec, "Authorization") == []  # an agent's Authorization never passes
+    # Rotation takes effect on the very next call.
+    assert _badgectl(env, "secret", "rotate", "upstream-key",
+                     stdin=value2.encode()).returncode == 0
+    assert agent.call("keyed", "/v1/things")["status"] == 200
+    assert _header(env.upstream.received[-1], "X-Api-Key") == [value2]
+    # Nobody reads it back: not the agent (answer, environment, memory), not
+    # badgectl, not the state dir, the audit log or the daemon's log.
+    for value in (value1, value2):
+        assert value.encode() not in agent.environ()
+        assert not agent.memory_contains(value.encode())
+        listed = _badgectl(env, "secret", "list", "--json")
+        assert listed.returncode == 0 and value.encode() not in listed.stdout
+        for f in env.daemon.state.rglob("*"):
+            if f.is_file() and not f.name.endswith((".sock",)):
+                assert value.encode() not in f.read_bytes(), f
+        assert value not in env.daemon.log_text()
+    assert json.loads(listed.stdout)[0]["version"] == 2
+    events = [r["event"] for r in env.audit() if r.get("event", "").startswith("secret.")]
+    assert events[-2:] == ["secret.set", "secret.rotated"]
+    # Deleted: the route is refused (and audited) from the next call.
+    assert _badgectl(env, "secret", "delete", "upstream-key").returncode == 0
+    denied = agent.call("keyed", "/v1/things")
+    assert denied["status"] == 403 and "secret" in json.loads(denied["body"])["reason"]
+    assert env.events("proxy.denied")[-1]["request"]["proxy"]["route"] == "keyed"
+
+
+def test_secret_value_is_never_taken_from_argv(proxy_env: ProxyEnv) -> None:
+    r = _badgectl(proxy_env, "secret", "set", "from-argv", "sk-in-argv")
+    assert r.returncode == 2  # usage error: there is no value argument

@@ -241,6 +241,8 @@ def _register_commands() -> None:
     from badgeclient._cli.health import health_command
     from badgeclient._cli.metrics import metrics_command
     from badgeclient._cli.policy import COMMANDS as POLICY_COMMANDS
+    from badgeclient._cli.proxy import proxy_group
+    from badgeclient._cli.secret import secret_group
     from badgeclient._cli.ssh import ssh_group
     from badgeclient._cli.verify import verify_command
 
@@ -253,6 +255,8 @@ def _register_commands() -> None:
     cli.add_command(health_command, "health")
     cli.add_command(metrics_command, "metrics")
     cli.add_command(ssh_group, "ssh")
+    cli.add_command(proxy_group, "proxy")
+    cli.add_command(secret_group, "secret")
 
 
 _register_commands()

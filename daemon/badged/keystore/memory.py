@@ -54,6 +54,7 @@ class MemoryKeyStore:
 
     def __init__(self) -> None:
         self._keys: dict[str, _MemoryKey] = {}
+        self._sealing: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def generate(self, name: str, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> KeyHandle:
@@ -108,3 +109,28 @@ class MemoryKeyStore:
     def close(self) -> None:
         with self._lock:
             self._keys.clear()
+
+    # SecretSealer, in software: for unit tests of the secret store only.
+    def seal(self, key_name: str, plaintext: bytes, aad: bytes) -> bytes:
+        import os
+
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        with self._lock:
+            key = self._sealing.setdefault(check_key_name(key_name), AESGCM.generate_key(256))
+        nonce = os.urandom(12)
+        return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+    def unseal(self, key_name: str, blob: bytes, aad: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from badged.errors import KeyStoreError
+
+        key = self._sealing.get(key_name)
+        if key is None:
+            raise KeyNotFoundError(f"sealing key {key_name} not found", backend=self.backend)
+        try:
+            return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+        except (InvalidTag, ValueError):
+            raise KeyStoreError("unseal failed", backend=self.backend) from None

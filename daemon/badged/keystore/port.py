@@ -151,3 +151,20 @@ class HealthReporter(Protocol):
     """
 
     def problem(self) -> str | None: ...
+
+
+@runtime_checkable
+class SecretSealer(Protocol):
+    """Optional: seal small secrets under a symmetric key that never leaves the hardware.
+
+    For values the daemon must keep at rest yet use in the clear -- the
+    credential proxy's static API keys (badged.proxy.secretstore). ``seal``
+    creates the key ``key_name`` in the token on first use (AES-256,
+    sensitive, non-extractable) and returns nonce || AES-GCM ciphertext || tag;
+    ``aad`` binds a blob to its context, so one secret's blob cannot be
+    passed off as another's. ``unseal`` raises KeyStoreError on any mismatch.
+    """
+
+    def seal(self, key_name: str, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def unseal(self, key_name: str, blob: bytes, aad: bytes) -> bytes: ...

@@ -54,7 +54,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from badged.attest.process import ProcessAttributes
 from badged.core import dpop
 from badged.core.tokens import build_claims, mint_token
-from badged.errors import BadgedError, InvalidRequestError, PolicyDeniedError, RateLimitedError
+from badged.errors import (
+    BadgedError,
+    InvalidRequestError,
+    KeyStoreError,
+    NotFoundError,
+    PolicyDeniedError,
+    RateLimitedError,
+)
 from badged.identity.registry import SigningKey
 from badged.listener.peers import PeerCredentials, read_peer
 from badged.listener.sockets import bind_unix
@@ -248,8 +255,9 @@ class ProxyServer:
             return await self._forward(request, caller, route, target, agent, started)
         except _Denied as exc:
             await self._audit_denied(proc, peer, route, request.method, target, agent, exc)
-            return _json_response(exc.status, "denied" if exc.status in (403, 429)
-                                  else "bad request", exc.reason, exc.retry_after)
+            error = {403: "denied", 429: "denied", 413: "too large",
+                     503: "unavailable"}.get(exc.status, "bad request")
+            return _json_response(exc.status, error, exc.reason, exc.retry_after)
         except RateLimitedError as exc:  # the gate audited it
             return _json_response(429, "denied", exc.public or "rate budget exhausted",
                                   exc.retry_after)
@@ -402,15 +410,22 @@ class ProxyServer:
         self.route_limiter.consume("*", bucket)
 
     def _secret(self, route: Route) -> str:
+        """The route's secret, unsealed for this call; refusals are audited as denials."""
         if self.secrets is None:
-            raise PolicyDeniedError("no secret store", public="route's secret is not set")
-        value = self.secrets.reveal(route.secret)
+            raise _Denied(403, "the route's secret is not set", detail="no secret store")
         try:
-            text = value.decode("ascii")
+            value = self.secrets.reveal(route.secret)
+        except NotFoundError:
+            raise _Denied(403, "the route's secret is not set",
+                          detail=f"secret {route.secret!r} is not set") from None
+        except KeyStoreError as exc:
+            raise _Denied(503, "the route's secret cannot be unsealed now",
+                          detail=f"secret {route.secret!r}: {exc.detail}") from None
+        try:
+            return value.decode("ascii")
         except UnicodeDecodeError:
-            raise PolicyDeniedError(f"secret {route.secret} is not ASCII",
-                                    public="route's secret is unusable") from None
-        return text
+            raise _Denied(403, "the route's secret is unusable",
+                          detail=f"secret {route.secret!r} is not ASCII") from None
 
     def _token(self, route: Route, key: SigningKey, auth: Authorized, *,
                dpop_bound: bool) -> tuple[str, tuple[str, bool]]:

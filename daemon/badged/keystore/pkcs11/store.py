@@ -405,6 +405,54 @@ class Pkcs11KeyStore:
         finally:
             self._lock.release()
 
+    # -- sealing (SecretSealer) ---------------------------------------------------
+
+    def seal(self, key_name: str, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM in the token under ``key_name`` (made on first use)."""
+        check_key_name(key_name)
+        import pkcs11
+
+        def op(session: Any) -> bytes:
+            key = self._secret_key(session, key_name, create=True)
+            nonce = secrets.token_bytes(12)
+            sealed = key.encrypt(plaintext, mechanism=pkcs11.Mechanism.AES_GCM,
+                                 mechanism_param=pkcs11.GCMParams(nonce, aad, 128))
+            return nonce + bytes(sealed)
+
+        return self._call(op)
+
+    def unseal(self, key_name: str, blob: bytes, aad: bytes) -> bytes:
+        check_key_name(key_name)
+        if len(blob) < 12 + 16:
+            raise KeyStoreError("sealed blob too short", backend=self.backend)
+        import pkcs11
+
+        def op(session: Any) -> bytes:
+            key = self._secret_key(session, key_name, create=False)
+            return bytes(key.decrypt(blob[12:], mechanism=pkcs11.Mechanism.AES_GCM,
+                                     mechanism_param=pkcs11.GCMParams(blob[:12], aad, 128)))
+
+        return self._call(op)
+
+    def _secret_key(self, session: Any, name: str, *, create: bool) -> Any:
+        import pkcs11
+
+        objs = list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                         pkcs11.Attribute.LABEL: name,
+                                         pkcs11.Attribute.TOKEN: True}))
+        if len(objs) > 1:
+            raise KeyStoreError(f"several secret keys labelled {name}", backend=self.backend)
+        if objs:
+            return objs[0]
+        if not create:
+            raise KeyNotFoundError(f"sealing key {name} not found", backend=self.backend)
+        return session.generate_key(
+            pkcs11.KeyType.AES, 256, label=name, store=True,
+            capabilities=pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT,
+            template={pkcs11.Attribute.TOKEN: True, pkcs11.Attribute.PRIVATE: True,
+                      pkcs11.Attribute.SENSITIVE: True, pkcs11.Attribute.EXTRACTABLE: False,
+                      pkcs11.Attribute.WRAP: False, pkcs11.Attribute.UNWRAP: False})
+
     # -- helpers (lock held) -------------------------------------------------------
 
     def _find_private(self, session: Any, name: str) -> Any | None:
