@@ -22,6 +22,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from badgeclient import AdminClient
+from badgeclient.client import ApprovalInfo
 from tests.e2e.conftest import badgectl_cmd
 from tests.proxy.conftest import NOBODY, Agent, ProxyEnv
 
@@ -220,7 +221,7 @@ def test_approval_gates_selected_calls(proxy_env: ProxyEnv, agent: Agent) -> Non
     t = threading.Thread(target=call)
     t.start()
     deadline = time.monotonic() + 20
-    pending = []
+    pending: list[ApprovalInfo] = []
     while time.monotonic() < deadline and not pending:
         pending = [a for a in admin.list_approvals() if a.state == "pending"]
         time.sleep(0.1)
