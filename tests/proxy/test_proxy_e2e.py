@@ -298,3 +298,18 @@ def test_static_secret_is_injected_rotated_and_never_readable(
 def test_secret_value_is_never_taken_from_argv(proxy_env: ProxyEnv) -> None:
     r = _badgectl(proxy_env, "secret", "set", "from-argv", "sk-in-argv")
     assert r.returncode == 2  # usage error: there is no value argument
+
+
+def test_curl_recipe_from_the_docs(proxy_env: ProxyEnv) -> None:
+    """docs/proxy.md's curl line, as is; the body waits for the decision (100 Continue)."""
+    env = proxy_env
+    env.upstream.clear()
+    base = ["curl", "-sS", "--unix-socket", str(env.socket), "-H", "Badged-Agent: demo-agent",
+            "-o", "/dev/null", "-w", "%{http_code}"]
+    got = subprocess.run([*base, "http://echo/items/1"], capture_output=True, timeout=30,
+                         check=False)
+    assert got.stdout == b"200", got.stderr
+    posted = subprocess.run([*base, "-H", "Expect: 100-continue", "--data-binary", "x" * 900,
+                             "http://echo/items"], capture_output=True, timeout=30, check=False)
+    assert posted.stdout == b"200", posted.stderr
+    assert [r["body"] for r in env.upstream.received] == [b"", b"x" * 900]

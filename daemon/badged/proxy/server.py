@@ -307,7 +307,7 @@ class ProxyServer:
             headers[name] = value
         body = await self._read_body(request, route, caller, auth, target)
         query = ("?" + target.query) if target.query else ""
-        status, sent = 502, 0
+        status, sent, prepared = 502, 0, False
         try:
             session = self._session(route.ca_file)
             async with session.request(
@@ -322,6 +322,7 @@ class ProxyServer:
                 if upstream.content_length is not None and "chunked" not in \
                         upstream.headers.get("Transfer-Encoding", "").lower():
                     response.content_length = upstream.content_length
+                prepared = True
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(64 * 1024):
                     sent += len(chunk)
@@ -337,7 +338,7 @@ class ProxyServer:
                          extra={"route": route.name, "error_type": type(exc).__name__})
             await self._completed(caller, auth, route, request.method, target, 502,
                                   len(body), sent, started, error=reason)
-            if status != 502:  # the answer had started: cut the connection
+            if prepared:  # the answer had started: cut the connection
                 raise
             return _json_response(502, "upstream", reason)
         await self._completed(caller, auth, route, request.method, target, status,
@@ -351,8 +352,14 @@ class ProxyServer:
 
     async def _read_body(self, request: web.BaseRequest, route: Route, caller: Caller,
                          auth: Authorized, target: Target) -> bytes:
-        """The body, bounded by the route's limit, read only after the decision."""
+        """The body, bounded by the route's limit, read only after the decision.
+
+        A client that waits for ``100 Continue`` gets it only now: an
+        unauthorized call never makes it send its body.
+        """
         limit = route.max_request_bytes
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
