@@ -2,7 +2,7 @@
 
 Imports everything while still root, then drops to the target uid *before*
 the first connect(), so the daemon's SO_PEERCRED sees that user.
-Usage: as_user_delegations.py UID SOCKET (delegate AGENT | list | revoke ID)
+Usage: as_user_delegations.py UID SOCKET (delegate AGENT | list | revoke ID | token AUD)
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ try:
         d = client.delegate(agent=sys.argv[4], scopes=["read"], audiences=["demo"],
                             ttl_seconds=600, reason="test")
         out = {"ok": True, "id": d.id}
+    elif what == "token":
+        tok = client.fetch_token(audience=sys.argv[4])
+        out = {"ok": True, "token": tok.token}
     elif what == "list":
         out = {"ok": True, "ids": [d.id for d in client.my_delegations()]}
     else:

@@ -68,6 +68,12 @@ name = "demo-agent"
 selectors = ["unix:uid:{UID}", "unix:sha256:{PY_HASH}"]
 bundles = ["demo", "ops"]
 
+# Revoked in a test: its live tokens must be marked on the status list.
+[[agent]]
+name = "temp-agent"
+selectors = ["unix:uid:4343"]
+bundles = ["demo"]
+
 # People delegate; a process that is an agent (this python) may not, nor
 # manage delegations: the "person" in these tests runs another binary.
 [delegation]
@@ -86,6 +92,7 @@ def cd(softhsm_available: None) -> Iterator[RunningDaemon]:
     (d.state / "policy.toml").write_text(POLICY)
     with AdminClient(d.admin) as a:
         assert a.reload_policy() == (True, "")
+        a.create_agent("temp-agent")
     yield d
     d.stop()
     shutil.rmtree(base, ignore_errors=True)
@@ -300,6 +307,24 @@ def test_mid_life_revocation_reaches_a_polling_verifier_within_max_age(
     assert latency <= max_age + 1.0, latency
     marks = [x for x in _audit(cd) if x.get("event") == "status.marked" and x.get("grant") == g.id]
     assert marks and marks[0]["marked"] >= 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as uid 4343")
+def test_revoking_an_agent_marks_its_live_tokens(cd: RunningDaemon) -> None:
+    import base64
+
+    got = _as(4343, cd, "token", "demo")
+    assert got["ok"], got
+    payload = got["token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    checker = StatusListChecker(fetch=socket_fetcher(cd.workload), keys=_device_jwks(cd),
+                                max_age=0.01)
+    checker.check(claims)  # valid while the agent is
+    with AdminClient(cd.admin) as a:
+        a.revoke_agent("temp-agent", reason="compromised")
+    time.sleep(0.02)
+    with pytest.raises(RevokedError):
+        checker.check(claims)
 
 
 def test_status_list_format_and_stale_list_refused(cd: RunningDaemon, tmp_path: Path) -> None:

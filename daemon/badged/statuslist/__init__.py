@@ -65,6 +65,7 @@ TYP = "statuslist+jwt"
 VALID, INVALID = 0, 1
 # Relying parties allow clock skew: keep an index taken this long past exp.
 _SKEW = 60
+_new = tuple.__new__  # skips the NamedTuple constructor frame on the hot path
 
 
 class Holder(NamedTuple):
@@ -92,6 +93,7 @@ class StatusList:
         self._lock = threading.Lock()
         self._bits = bytearray(size // 8)
         self._live: dict[int, Holder] = {}
+        self._revoked: set[int] = set()  # live indices whose bit is set
         self._next = 0  # counter; index = counter % size
         self._reserved = 0  # counter value up to which blocks are reserved on disk
         self._version = 0  # bumped on every change of the bits
@@ -146,7 +148,7 @@ class StatusList:
         self._save_state()
 
     def _save_state(self) -> None:
-        revoked = [i for i in self._live if self._get(i)]
+        revoked = sorted(i for i in self._revoked if i in self._live)
         atomic_write(self._state, json.dumps(
             {"size": self.size, "reserved": self._reserved, "revoked": revoked}).encode())
 
@@ -157,6 +159,7 @@ class StatusList:
 
     def _set(self, idx: int) -> None:
         self._bits[idx >> 3] |= 1 << (idx & 7)
+        self._revoked.add(idx)
         self._version += 1
 
     def status(self, idx: int) -> int:
@@ -168,7 +171,8 @@ class StatusList:
     def allocate(self, *, exp: float, agent: str, grant: str | None,
                  delegation: str | None) -> int:
         """An index for a token expiring at ``exp``; RateLimitedError when full."""
-        holder = Holder(float(int(exp)), agent, grant or "-", delegation or "-")
+        end = int(exp)
+        holder = _new(Holder, (float(end), agent, grant or "-", delegation or "-"))
         with self._lock:
             counter = self._next
             idx = counter % self.size
@@ -179,8 +183,9 @@ class StatusList:
                     raise RateLimitedError(
                         f"status list full: index {idx} still held for {left:.0f}s",
                         retry_after=left)
-                if self._get(idx):  # the old token is gone: its index starts valid
+                if idx in self._revoked:  # the old token is gone: its index starts valid
                     self._bits[idx >> 3] &= ~(1 << (idx & 7)) & 0xFF
+                    self._revoked.discard(idx)
                     self._version += 1
             if counter >= self._reserved:
                 self._reserved = counter + BLOCK
@@ -190,8 +195,7 @@ class StatusList:
                     self._save_state()
             self._next = counter + 1
             self._live[idx] = holder
-            os.write(self._journal, f"{idx} {holder.exp:.0f} {agent} {holder.grant} "
-                                    f"{holder.delegation}\n".encode("ascii"))
+            os.write(self._journal, f"{idx} {end} {agent} {holder[2]} {holder[3]}\n".encode())
             self._journal_lines += 1
             return idx
 
@@ -206,7 +210,7 @@ class StatusList:
         marked = 0
         with self._lock:
             for idx, h in self._live.items():
-                if h.exp + _SKEW <= now or self._get(idx):
+                if h.exp + _SKEW <= now or idx in self._revoked:
                     continue
                 if (agent is not None and h.agent == agent) or \
                         (grant is not None and h.grant == grant) or \

@@ -1,0 +1,90 @@
+"""badged.statuslist and badged.core.context: bounds, durability, reuse (issue 21)."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from pathlib import Path
+
+import pytest
+
+from badged.core import context
+from badged.errors import InvalidRequestError, RateLimitedError
+from badged.policy.model import AgentRule, Bundle, Grant, Policy, Request, evaluate
+from badged.statuslist import BLOCK, StatusList
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _bits(sl: StatusList) -> bytes:
+    lst = sl.encoded()["lst"]
+    return zlib.decompress(base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4)))
+
+
+def test_revocation_survives_a_restart_and_allocation_never_repeats(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK)
+    a = sl.allocate(exp=clock.now + 600, agent="bot", grant="g-1", delegation=None)
+    b = sl.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation="d-1")
+    c = sl.allocate(exp=clock.now + 600, agent="other", grant=None, delegation=None)
+    assert sl.revoke(grant="g-1") == 1 and sl.status(a) == 1 and sl.status(b) == 0
+    sl.close()
+    again = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK)
+    assert again.status(a) == 1  # the bit survived
+    assert again.revoke(delegation="d-1") == 1 and again.status(b) == 1  # the journal did too
+    assert again.status(c) == 0
+    d = again.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation=None)
+    assert d == BLOCK  # resumes past the reserved block: nothing handed out twice
+    assert _bits(again)[a // 8] >> (a % 8) & 1 == 1  # LSB-first, draft §4.1
+
+
+def test_full_list_refuses_and_expired_indices_are_reused_clean(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=BLOCK)
+    first = [sl.allocate(exp=clock.now + 60, agent="bot", grant=None, delegation=None)
+             for _ in range(BLOCK)]
+    assert len(set(first)) == BLOCK
+    sl.revoke(agent="bot")
+    with pytest.raises(RateLimitedError):  # never reuse an index a live token holds
+        sl.allocate(exp=clock.now + 60, agent="bot", grant=None, delegation=None)
+    clock.now += 200  # every token expired (plus skew)
+    idx = sl.allocate(exp=clock.now + 60, agent="bot", grant=None, delegation=None)
+    assert sl.status(idx) == 0  # the new holder starts VALID
+
+
+@pytest.mark.parametrize("pairs,needle", [
+    ({"channel": "#a", "task": "b", "session": "c", "on_behalf_of": "d", "extra": "e"},
+     "at most"),
+    ({"repo": "x"}, "unknown key"),
+    ({"channel": "x" * 129}, "1-128"),
+    ({"channel": "a b"}, "no spaces"),
+    ({"channel": "\u00e9"}, "printable ASCII"),
+])
+def test_context_bounds(pairs: dict[str, str], needle: str) -> None:
+    with pytest.raises(InvalidRequestError) as exc:
+        context.parse(pairs)
+    assert needle in exc.value.caller_message
+
+
+def test_context_scoped_grant_only_in_its_context() -> None:
+    base = Bundle("base", frozenset({"a"}), frozenset(), frozenset({"token"}), 300)
+    extra = Bundle("extra", frozenset({"b"}), frozenset(), frozenset({"token"}), 300)
+    policy = Policy(agents=(AgentRule("bot", frozenset({"unix:uid:1"}), ("base",), "p:1"),),
+                    bundles={"base": base, "extra": extra})
+    grant = Grant("g-1", "bot", "extra", 0, 10**10, "r", "op",
+                  context=(("channel", "#deploy"),))
+
+    def decide(ctx: context.Context) -> bool:
+        return evaluate(policy, {"unix:uid:1"}, Request("token", None, "b", context=ctx),
+                        now=100, default_ttl=60, grants=[grant]).allowed
+
+    assert decide((("channel", "#deploy"),))
+    assert decide((("channel", "#deploy"), ("task", "T-1")))
+    assert not decide((("channel", "#random"),))
+    assert not decide(())
