@@ -52,6 +52,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from badged.attest.process import ProcessAttributes
+from badged.core import context as request_context
 from badged.core import dpop
 from badged.core.tokens import build_claims, mint_token
 from badged.errors import (
@@ -301,7 +302,7 @@ class ProxyServer:
         key_of = d.tokens.token_key if route.credential != "secret" else d.agents.token_key
         mint = self._minter(route, request.method, url)
         auth, cred = await self.issuance.issue(caller, req, "proxy.allowed", key_of, mint,
-                                               reason=why)
+                                               reason=why, traceparent=_traceparent(request))
         headers = _forward_headers(request.headers, route)
         for name, value in cred.headers:
             headers[name] = value
@@ -468,6 +469,7 @@ class ProxyServer:
         record: dict[str, Any] = {
             "event": "proxy.completed", "agent": auth.key.agent,
             "caller": caller.proc.summary(), "decision": "allow", "rule": auth.decision.rule,
+            "txn": auth.txn,  # joins the call to its issuance (badgectl audit trace, issue 21)
             "proxy": {"route": route.name, "method": method, "path": target.path,
                       "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out,
                       "latency_ms": round((time.monotonic() - started) * 1000, 3)}}
@@ -539,6 +541,15 @@ def _response_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
              for t in v.split(",")}
     drop = HOP_BY_HOP | named
     return [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+
+
+def _traceparent(request: web.BaseRequest) -> str:
+    """The agent's W3C traceparent, for the audit (issue 21); an invalid one is
+    ignored, as the Trace Context spec tells a receiver to do."""
+    try:
+        return request_context.traceparent(request.headers.get("traceparent", ""))
+    except BadgedError:
+        return ""
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
