@@ -379,10 +379,11 @@ class AdminClient(_Base):
 
     def explain(self, *, pid: int, audience: str = "", scopes: Sequence[str] = (),
                 kind: str = "token", agent: str | None = None, ttl_seconds: int = 0,
-                delegation: str | None = None) -> Explanation:
+                delegation: str | None = None,
+                context: Mapping[str, str] | None = None) -> Explanation:
         r = self._call(self._stub.ExplainPolicy, admin_pb2.ExplainPolicyRequest(
             pid=pid, agent=agent or "", kind=kind, audience=audience, scopes=list(scopes),
-            ttl_seconds=ttl_seconds, delegation=delegation or ""))
+            ttl_seconds=ttl_seconds, delegation=delegation or "", context=dict(context or {})))
         return Explanation(r.allowed, r.agent, r.rule, r.bundle, r.reason, list(r.trace),
                            list(r.selectors), r.approval_required, r.ttl_seconds)
 

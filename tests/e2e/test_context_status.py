@@ -147,6 +147,15 @@ def test_context_scoped_step_up_applies_only_in_its_context(cd: RunningDaemon) -
         for other in ({"channel": "#random"}, {}, {"task": "INC-42"}):
             with pytest.raises(PermissionDeniedError):
                 w.fetch_token(audience="https://extra.example", scopes=["extra"], context=other)
+    # An operator sees why: policy explain evaluates with a context too.
+    pid = str(os.getpid())
+    r = _ctl(cd, "policy", "explain", "--pid", pid, "-a", "https://extra.example",
+             "--context", "channel=#deploy")
+    assert r.returncode == 0 and r.stdout.startswith("ALLOW") and "in context" in r.stdout, \
+        r.stdout + r.stderr
+    r = _ctl(cd, "policy", "explain", "--pid", pid, "-a", "https://extra.example",
+             "--context", "channel=#random")
+    assert r.stdout.startswith("DENY"), r.stdout
     # The CLI path: badgectl token --context.
     r = _ctl(cd, "token", "-a", "https://extra.example", "--context", "channel=#deploy", "--json")
     assert r.returncode == 0, r.stderr

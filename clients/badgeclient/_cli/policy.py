@@ -290,15 +290,16 @@ def policy_check(path: Path, as_json: bool) -> None:
 @click.option("--agent", default=None)
 @click.option("--ttl", type=int, default=0)
 @click.option("--delegation", default=None)
+@context_option
 @json_option
 @admin_socket_option
 def policy_explain(pid: int, audience: str, scopes: tuple[str, ...], kind: str, agent: str | None,
-                   ttl: int, delegation: str | None, as_json: bool,
+                   ttl: int, delegation: str | None, context: tuple[str, ...], as_json: bool,
                    admin_socket: str | None) -> None:
     """Which rule would allow or deny this request from process PID, and why."""
     with AdminClient(admin_socket) as a:
         e = a.explain(pid=pid, audience=audience, scopes=scopes, kind=kind, agent=agent,
-                      ttl_seconds=ttl, delegation=delegation)
+                      ttl_seconds=ttl, delegation=delegation, context=parse_context(context))
     if as_json:
         _out(asdict(e))
         return

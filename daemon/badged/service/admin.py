@@ -229,7 +229,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         req = Request(kind=kind, agent=validate.agent_name(request.agent),
                       audience=request.audience, scopes=validate.scopes(list(request.scopes)),
                       ttl=validate.ttl(request.ttl_seconds),
-                      delegation=validate.opaque_id(request.delegation, "delegation"))
+                      delegation=validate.opaque_id(request.delegation, "delegation"),
+                      context=request_context.parse(request.context) if request.context else ())
         decision = self._gate.decide(target, req, consume=False)
         return admin_pb2.ExplainPolicyResponse(
             allowed=decision.allowed, agent=decision.agent or "", rule=decision.rule,
