@@ -30,6 +30,7 @@ from badgeclient import (
 from badgeclient.credentials import CredentialClient
 from badgeclient.status import StatusListChecker, file_fetcher, socket_fetcher
 from badgeclient.verify import RevokedError, VerificationError
+from badged.statuslist import DEFAULT_SIZE
 from tests.conftest import short_tmpdir
 from tests.e2e.conftest import RunningDaemon, badgectl_cmd, start_daemon
 
@@ -354,11 +355,11 @@ def test_status_list_format_and_stale_list_refused(cd: RunningDaemon, tmp_path: 
     assert p["sub"].endswith("/status-list") and p["status_list"]["bits"] == 1
     lst = p["status_list"]["lst"]
     bits = zlib.decompress(base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4)))
-    assert len(bits) == (1 << 20) // 8
+    assert len(bits) == DEFAULT_SIZE // 8
     assert p["exp"] > p["iat"] and "ttl" in p
     device = _device_jwks(cd)
     uri = p["sub"]
-    claims = {"status": {"status_list": {"idx": (1 << 20) - 1, "uri": uri}}}  # never issued
+    claims = {"status": {"status_list": {"idx": DEFAULT_SIZE - 1, "uri": uri}}}  # never issued
     # Stale: the same file checked later than its exp is refused.
     later = StatusListChecker(fetch=file_fetcher(out), keys=device, max_age=1,
                               clock=lambda: p["exp"] + 3600)
