@@ -36,17 +36,25 @@ What each finding means (``BadRecord.code``):
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
+import os
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import accumulate, repeat
+from operator import attrgetter, itemgetter, methodcaller, sub
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import orjson
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from badged.audit import files
@@ -54,6 +62,7 @@ from badged.audit.record import (
     CLOCK_BACKWARDS,
     GENESIS,
     KIND_CHECKPOINT,
+    KIND_EVENT,
     KIND_RECOVERY,
     RecordError,
     checkpoint_statement,
@@ -142,6 +151,346 @@ class VerifyReport:
         return "\n".join(out)
 
 
+
+# -- the fast path ----------------------------------------------------------------
+#
+# The record-by-record path (_Verifier.line) costs ~40 µs a record in Python:
+# a stdlib JSON parse, two canonical re-encodes and a hash, each a Python
+# call. That is ~1 % of a disk's sequential read rate (issue 22). The fast
+# path checks a whole chunk of a file with a handful of C-level calls
+# (orjson, hashlib, list and bytes operations), and files in parallel
+# processes. It only ever *confirms*: a file it cannot show clean, for
+# whatever reason, goes through the record-by-record path, which reports
+# exactly what it always did. So a finding never depends on the fast path;
+# only the time to find that a file is clean does.
+
+PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+"""Below this much log, one process: starting workers would cost more than it saves."""
+_CHUNK = 4 * 1024 * 1024
+_SORTED = orjson.OPT_SORT_KEYS
+_FAST_KINDS = frozenset({KIND_EVENT, KIND_CHECKPOINT})
+_COLUMNS = itemgetter("seq", "prev", "kind", "time")
+_HASH_PAIR = len(',"hash":""') + 64
+"""Bytes the top-level ``"hash"`` member adds to a canonical record (with its comma)."""
+# Floats are where orjson's spelling and the stdlib encoder's (which defines
+# the canonical form) differ: orjson writes 1e-05 as 0.00001, 1e+16 as 1e16
+# and 1e-09 as 1e-9; they agree wherever the stdlib writes no exponent. A
+# chunk with any such spelling takes the slow path: "0.0000" finds the
+# first kind; the others have an "e" right after the digits of a number,
+# which, with digits deleted and the characters around numbers (: [ . - }
+# ]) made commas, reads ",e," (a hex digest "...3e45..." stays letters;
+# true/false become "ue,"/"se,"). A string that happens to read so only
+# costs the slow path. tests/audit/test_verify_fast.py checks this against
+# json on floats of every magnitude.
+_NUMBER_EDGES = bytes.maketrans(b":[.-}]", b",,,,,,")
+_DIGITS = b"0123456789"
+
+
+def _orjson_spelling_may_differ(data: bytes) -> bool:
+    """True if ``data`` may hold a float orjson and the canonical encoder spell differently."""
+    return b"0.0000" in data or b",e," in data.translate(_NUMBER_EDGES, _DIGITS)
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TZINFO = attrgetter("tzinfo")
+_TO_UTC = methodcaller("astimezone", UTC)
+_DIGEST = methodcaller("digest")
+_PRUNED = f'"{PRUNED_EVENT}"'.encode()
+_CLOCK = f'"{CLOCK_BACKWARDS}"'.encode()
+
+
+class _Window:
+    """The hashes of the last ``size`` records by seq, for checkpoint heads.
+
+    Checkpoints seal recent heads (seconds old), so a bounded window is
+    enough and keeps memory flat on huge logs. Runs of consecutive seqs are
+    stored as a list (record by record) or as one string of 64-char hashes
+    (a whole file from the fast path), so remembering costs an append.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, size)
+        self.last = 0
+        self._runs: deque[tuple[int, list[str] | str]] = deque()
+
+    def remember(self, seq: int, digest: str) -> None:
+        runs = self._runs
+        if runs and isinstance(runs[-1][1], list) and runs[-1][0] + len(runs[-1][1]) == seq:
+            run = runs[-1][1]
+            run.append(digest)
+            if len(run) > max(2 * self.size, 1024):
+                drop = len(run) - self.size
+                del run[:drop]
+                runs[-1] = (runs[-1][0] + drop, run)
+        else:
+            runs.append((seq, [digest]))
+        self.last = seq
+        self._trim()
+
+    def extend(self, first: int, last: int, joined: str) -> None:
+        """Hashes of ``last - len(joined) // 64 + 1 .. last``, joined (from a scan)."""
+        if joined:
+            self._runs.append((last - len(joined) // 64 + 1, joined))
+        self.last = last
+        self._trim()
+
+    def _trim(self) -> None:
+        runs, oldest = self._runs, self.last - self.size
+        while runs and runs[0][0] + _run_len(runs[0][1]) - 1 <= oldest:
+            runs.popleft()
+
+    def get(self, seq: int) -> str | None:
+        if seq <= self.last - self.size:
+            return None
+        for first, run in reversed(self._runs):
+            if seq >= first:
+                at = seq - first
+                if isinstance(run, list):
+                    return run[at] if at < len(run) else None
+                return run[64 * at:64 * at + 64] if 64 * at < len(run) else None
+        return None
+
+
+def _run_len(run: list[str] | str) -> int:
+    return len(run) if isinstance(run, list) else len(run) // 64
+
+
+@dataclass
+class _FileScan:
+    """What a clean file contributes to the chain, for :meth:`_Verifier.apply`."""
+
+    name: str
+    records: int = 0
+    first_seq: int = 0
+    first_prev: str = ""
+    last_seq: int = 0
+    last_hash: str = ""
+    hashes: str = ""  # the file's last (up to ``window``) hashes, joined
+    # (seq, head_seq, head, the chain's hash at head_seq if it is in this
+    # file and in the window, else None)
+    checkpoints: list[tuple[int, int, str, str | None]] = field(default_factory=list)
+    prunes: list[tuple[int, object, object]] = field(default_factory=list)
+    clock_steps_back: int = 0
+
+
+class _Scanner:
+    """Checks one file chunk by chunk; any doubt returns False (use the slow path)."""
+
+    def __init__(self, name: str, window: int, public_key: ec.EllipticCurvePublicKey | None,
+                 kid: str | None) -> None:
+        self.scan = _FileScan(name)
+        self.window = max(0, window)
+        self.public_key, self.kid = public_key, kid
+        self.hashes: list[str] = []  # of seqs hashes_first.., at least the last `window`
+        self.hashes_first = 0
+
+    def chunk(self, texts: tuple[bytes, ...], lines: list[bytes]) -> bool:
+        """Check ``lines`` (complete, without newlines); ``texts`` hold them all.
+
+        ``texts`` is what the byte-level tests look at: the block read (which
+        may also hold the start of the next line: that can only send a
+        chunk to the slow path) and, when a line began in the block before,
+        that whole line.
+        """
+        try:
+            got = self._fast(texts, lines)
+            if got is None:
+                got = self._slow(lines)
+            if got is None:
+                return False
+            return self._chain(texts, *got)
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError):
+            return False
+
+    def _fast(self, texts: tuple[bytes, ...], lines: list[bytes]
+              ) -> tuple[list[dict[str, Any]], tuple[Any, ...], tuple[Any, ...],
+                         tuple[Any, ...], list[str]] | None:
+        """Parse and self-check a chunk with C-level calls only, or None."""
+        for data in texts:
+            if not data.isascii() or b"\\" in data or b"\x7f" in data:
+                return None  # escapes (orjson writes some raw): the slow path
+            if _orjson_spelling_may_differ(data):
+                return None
+        try:
+            objs = list(map(orjson.loads, lines))
+        except orjson.JSONDecodeError:
+            return None
+        if not objs or set(map(type, objs)) != {dict}:
+            return None
+        # Canonical form of every line at once: each line parsed alone to one
+        # object, so if the objects' encodings joined with commas equal the
+        # lines joined with commas, each encoding equals its line (a JSON
+        # object is never a proper prefix of another JSON value).
+        if orjson.dumps(objs, option=_SORTED) != b"[" + b",".join(lines) + b"]":
+            return None
+        seqs, prevs, kinds, times = zip(*map(_COLUMNS, objs), strict=True)
+        hashes: list[str] = list(map(dict.pop, objs, repeat("hash")))
+        if set(map(len, hashes)) != {64}:
+            return None
+        # Each record without "hash", canonical, encoded at once; record i is
+        # its line less the 74 bytes of its hash member, so the slices are
+        # known from the line lengths.
+        bodies = orjson.dumps(objs, option=_SORTED)
+        lens = list(map(len, lines))
+        ends = list(accumulate(map(sub, lens, repeat(_HASH_PAIR - 1))))
+        if len(bodies) != ends[-1] + 1:
+            return None
+        starts = map(sub, ends, map(sub, lens, repeat(_HASH_PAIR)))
+        digests = b"".join(map(_DIGEST, map(hashlib.sha256,
+                                            map(bodies.__getitem__, map(slice, starts, ends)))))
+        if digests.hex() != "".join(hashes):
+            return None  # also proves every hash is 64 lowercase hex digits
+        if set(map(type, times)) != {str}:
+            return None
+        stamps = list(map(datetime.fromisoformat, times))
+        if None in map(_TZINFO, stamps):
+            return None
+        list(map(_TO_UTC, stamps))
+        return objs, seqs, prevs, kinds, hashes
+
+    @staticmethod
+    def _slow(lines: list[bytes]
+              ) -> tuple[list[dict[str, Any]], tuple[Any, ...], tuple[Any, ...],
+                         tuple[Any, ...], list[str]] | None:
+        """The reference self-check, line by line (still in this worker)."""
+        try:
+            objs = [parse_line(line) for line in lines]
+        except RecordError:
+            return None
+        if not objs:
+            return None
+        seqs, prevs, kinds, _times = zip(*map(_COLUMNS, objs), strict=True)
+        hashes: list[str] = list(map(dict.pop, objs, repeat("hash")))
+        return objs, seqs, prevs, kinds, hashes
+
+    def _chain(self, texts: tuple[bytes, ...], objs: list[dict[str, Any]], seqs: tuple[Any, ...],
+               prevs: tuple[Any, ...], kinds: tuple[Any, ...], hashes: list[str]) -> bool:
+        scan, n = self.scan, len(objs)
+        if set(map(type, seqs)) != {int}:
+            return False
+        first = seqs[0]
+        if first < 1 or seqs != tuple(range(first, first + n)):
+            return False
+        if scan.records:
+            if first != scan.last_seq + 1 or prevs[0] != scan.last_hash:
+                return False
+        else:
+            if not isinstance(prevs[0], str) or _HEX64.fullmatch(prevs[0]) is None:
+                return False
+            scan.first_seq, scan.first_prev = first, prevs[0]
+            self.hashes_first = first
+        if list(prevs[1:]) != hashes[:-1] or not _FAST_KINDS.issuperset(kinds):
+            return False
+        self.hashes.extend(hashes)
+        i = -1
+        for _ in range(kinds.count(KIND_CHECKPOINT)):
+            i = kinds.index(KIND_CHECKPOINT, i + 1)
+            if not self._checkpoint(objs[i], seqs[i]):
+                return False
+        if any(_PRUNED in data for data in texts):
+            for i, rec in enumerate(objs):
+                if rec.get("event") == PRUNED_EVENT and kinds[i] != KIND_CHECKPOINT:
+                    scan.prunes.append((seqs[i], rec.get("last_seq"), rec.get("last_hash")))
+        if any(_CLOCK in data for data in texts):
+            scan.clock_steps_back += sum(CLOCK_BACKWARDS in rec for rec in objs)
+        scan.records += n
+        scan.last_seq, scan.last_hash = seqs[-1], hashes[-1]
+        keep = len(self.hashes) - self.window
+        if keep > 0:
+            del self.hashes[:keep]
+            self.hashes_first += keep
+        return True
+
+    def _checkpoint(self, rec: dict[str, Any], seq: int) -> bool:
+        """:meth:`_Verifier.checkpoint`'s own checks; the head is matched by the caller."""
+        head_seq, head = rec.get("head_seq"), rec.get("head")
+        if not isinstance(head_seq, int) or not isinstance(head, str) or head_seq >= seq:
+            return False
+        if self.public_key is not None:
+            if rec.get("key") != self.kid:
+                return False
+            try:
+                sig = decode_sig(str(rec.get("sig", "")))
+                self.public_key.verify(sig, checkpoint_statement(rec), _ES256)
+            except (InvalidSignature, ValueError, KeyError):
+                return False
+        found = None
+        if head_seq >= self.scan.first_seq:
+            at = head_seq - self.hashes_first
+            if head_seq >= seq - self.window and at >= 0:
+                found = self.hashes[at]
+        self.scan.checkpoints.append((seq, head_seq, head, found))
+        return True
+
+
+_KEYS: dict[bytes, tuple[ec.EllipticCurvePublicKey, str]] = {}
+
+
+def _scan_file(path: str, window: int, public_der: bytes | None) -> _FileScan | None:
+    """Check one log file on the fast path; None if it needs the record-by-record one.
+
+    Runs in a worker process (hence the key as DER bytes) or in-process.
+    """
+    key: ec.EllipticCurvePublicKey | None = None
+    kid: str | None = None
+    if public_der is not None:
+        if public_der not in _KEYS:
+            loaded = serialization.load_der_public_key(public_der)
+            assert isinstance(loaded, ec.EllipticCurvePublicKey)
+            _KEYS[public_der] = (loaded, key_id(loaded))
+        key, kid = _KEYS[public_der]
+    scanner = _Scanner(os.path.basename(path), window, key, kid)
+    # Parsing a chunk makes ~100,000 dicts: the cyclic collector would walk
+    # them again and again for nothing (they hold no cycles).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with open(path, "rb") as fh:
+            carry = b""
+            while block := fh.read(_CHUNK):
+                lines = block.split(b"\n")
+                tail = lines.pop()  # the start of a line the next block ends
+                if not lines:
+                    carry += tail
+                    continue
+                texts: tuple[bytes, ...] = (block,)
+                if carry:
+                    lines[0] = carry + lines[0]
+                    texts = (block, lines[0])
+                carry = tail
+                if not scanner.chunk(texts, lines):
+                    return None
+            if carry:
+                return None  # a torn line: the slow path says where and whether it matters
+    except OSError:
+        return None
+    finally:
+        if collecting:
+            gc.enable()
+    scan = scanner.scan
+    scan.hashes = "".join(scanner.hashes)
+    return scan
+
+
+def _public_der(public_key: ec.EllipticCurvePublicKey | None) -> bytes | None:
+    if public_key is None:
+        return None
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _auto_jobs(paths: list[Path]) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        total = sum(p.stat().st_size for p in paths)
+    except OSError:
+        return 1
+    return min(cpus, 8) if total >= PARALLEL_MIN_BYTES else 1
+
+
 class _Stop(Exception):
     pass
 
@@ -158,9 +507,11 @@ class _Verifier:
         # Anchor: genesis for a full check; the first record's own prev with --from.
         self.prev_seq: int | None = 0 if from_seq is None else None
         self.prev_hash = GENESIS
-        self.recent: dict[int, str] = {}
-        self.recent_order: deque[int] = deque()
-        self.unsealed: deque[BadRecord] = deque()  # locations of non-checkpoint records
+        self.recent = _Window(window)
+        # Runs of non-checkpoint records not sealed yet: [first seq, last seq,
+        # file, line of the first]; one run per file between checkpoints, so
+        # this stays small whatever the log's length.
+        self.unsealed: deque[list[object]] = deque()
         # A log whose first record is not seq 1 (retention removed the oldest
         # files): anchored on its own prev, provisionally, until an
         # audit.pruned record names exactly that seq and hash.
@@ -224,8 +575,7 @@ class _Verifier:
         if rec["kind"] == KIND_CHECKPOINT:
             self.checkpoint(rec, where)
         else:
-            self.unsealed.append(BadRecord(*where, "unsealed_tail",
-                                           "record after the last valid checkpoint"))
+            self.add_unsealed(seq, seq, name, line.lineno)
         if rec["kind"] == KIND_RECOVERY:
             r.recoveries.append(BadRecord(*where, "recovery", _recovery_text(rec)))
             self.check_cut(rec, where, line.path.parent)
@@ -264,9 +614,27 @@ class _Verifier:
                                     "checkpoint signature does not verify"))
         self.report.checkpoints += 1
         if known is not None and head_seq > self.report.sealed_seq:
-            self.report.sealed_seq = head_seq
-            while self.unsealed and (self.unsealed[0].seq or 0) <= head_seq:
-                self.unsealed.popleft()
+            self.seal_up_to(head_seq)
+
+    def add_unsealed(self, first: int, last: int, name: str, lineno: int) -> None:
+        """Records ``first..last`` (lines from ``lineno`` of ``name``) await a checkpoint."""
+        tail = self.unsealed[-1] if self.unsealed else None
+        if (tail is not None and tail[1] == first - 1 and tail[2] == name
+                and tail[3] + (first - tail[0]) == lineno):  # type: ignore[operator]
+            tail[1] = last
+        else:
+            self.unsealed.append([first, last, name, lineno])
+
+    def seal_up_to(self, head_seq: int) -> None:
+        """A checkpoint whose head matched the chain seals everything up to it."""
+        self.report.sealed_seq = head_seq
+        runs = self.unsealed
+        while runs and runs[0][1] <= head_seq:  # type: ignore[operator]
+            runs.popleft()
+        if runs and runs[0][0] <= head_seq:  # type: ignore[operator]
+            cut = head_seq + 1 - runs[0][0]  # type: ignore[operator]
+            runs[0][0] = head_seq + 1
+            runs[0][3] += cut  # type: ignore[operator]
 
     def pruned(self, rec: Mapping[str, object], seq: int) -> None:
         """An ``audit.pruned`` record: does it vouch for the missing prefix?"""
@@ -311,19 +679,70 @@ class _Verifier:
                                 f"seq {sealer} had sealed: sealed history was cut"))
 
     def remember(self, seq: int, digest: str) -> None:
-        # Checkpoints seal recent heads (seconds old), so a bounded window of
-        # seq -> hash is enough and keeps memory flat on huge logs.
-        self.recent[seq] = digest
-        self.recent_order.append(seq)
-        if len(self.recent_order) > self.window:
-            del self.recent[self.recent_order.popleft()]
+        self.recent.remember(seq, digest)
 
     def finish(self) -> None:
         if self.pending_prune is not None:
             self.fail(self.pending_prune[2])
-        self.report.unsealed = len(self.unsealed)
+        self.report.unsealed = sum(int(r[1]) - int(r[0]) + 1  # type: ignore[call-overload]
+                                   for r in self.unsealed)
         if self.strict and self.unsealed:
-            self.fail(self.unsealed[0])
+            first, _last, name, lineno = self.unsealed[0]
+            assert isinstance(first, int) and isinstance(name, str) and isinstance(lineno, int)
+            self.fail(BadRecord(name, lineno, first, "unsealed_tail",
+                                "record after the last valid checkpoint"))
+
+    # -- the fast path: a whole file checked by _scan_file ----------------------
+
+    def apply(self, scan: _FileScan) -> bool:
+        """Take a file :func:`_scan_file` found clean, as :meth:`line` would have.
+
+        Returns False, changing nothing, when the file's place in the chain
+        needs the record-by-record path: its first record does not follow
+        the chain so far, a checkpoint names a head that does not match, or
+        the start is special (``--from``, a pruned prefix). That path then
+        reports exactly what it always did; this one only skips its work
+        for files it would have passed.
+        """
+        if scan.records == 0:
+            return True
+        if self.prev_seq is None:
+            return False
+        if scan.first_seq != self.prev_seq + 1 or scan.first_prev != self.prev_hash:
+            return False
+        known: list[str | None] = []
+        for seq, head_seq, head, local in scan.checkpoints:
+            found = local if head_seq >= scan.first_seq else (
+                self.recent.get(head_seq) if head_seq >= seq - self.window else None)
+            if found is not None and found != head:
+                return False
+            known.append(found)
+        r = self.report
+        # Non-checkpoint runs first: sealing compares seqs only, and a
+        # checkpoint seals nothing after itself, so the order is immaterial.
+        start = scan.first_seq
+        for seq, *_ in scan.checkpoints:
+            if seq > start:
+                self.add_unsealed(start, seq - 1, scan.name, start - scan.first_seq + 1)
+            start = seq + 1
+        if start <= scan.last_seq:
+            self.add_unsealed(start, scan.last_seq, scan.name, start - scan.first_seq + 1)
+        for (_seq, head_seq, *_), found in zip(scan.checkpoints, known, strict=True):
+            if found is None:
+                r.unchecked_checkpoints += 1
+            r.checkpoints += 1
+            if found is not None and head_seq > r.sealed_seq:
+                self.seal_up_to(head_seq)
+        for seq, last_seq, last_hash in scan.prunes:
+            self.pruned({"last_seq": last_seq, "last_hash": last_hash}, seq)
+        r.clock_steps_back += scan.clock_steps_back
+        self.recent.extend(scan.first_seq, scan.last_seq, scan.hashes)
+        self.prev_seq, self.prev_hash = scan.last_seq, scan.last_hash
+        r.records += scan.records
+        if r.first_seq is None:
+            r.first_seq = scan.first_seq
+        r.last_seq, r.head = scan.last_seq, scan.last_hash
+        return True
 
 
 def verify(
@@ -333,6 +752,8 @@ def verify(
     from_seq: int | None = None,
     strict: bool = False,
     window: int = 200_000,
+    jobs: int | None = None,
+    fast: bool = True,
 ) -> VerifyReport:
     """Check every record from ``from_seq`` (default: seq 1) to the end.
 
@@ -342,7 +763,10 @@ def verify(
     last line. ``window`` bounds memory: a checkpoint whose head is more than
     ``window`` records back cannot be matched and is counted as unchecked
     (checkpoints normally seal heads a few thousand records back at most).
-    Raises :class:`ConfigError` if ``directory`` is not a directory.
+    ``jobs``: processes checking files at once (default: the usable CPUs
+    once the log holds ``PARALLEL_MIN_BYTES``, else 1). ``fast=False``
+    checks record by record only (the reference the fast path is tested
+    against). Raises :class:`ConfigError` if ``directory`` is not a directory.
     """
     path = Path(directory)
     if not path.is_dir():
@@ -358,8 +782,14 @@ def verify(
         paths = paths[start:]
     v = _Verifier(public_key, from_seq, strict, window)
     v.report.files = len(paths)
+    der = _public_der(public_key)
+    workers = (jobs if jobs is not None else _auto_jobs(paths)) if fast else 1
+    pool = _Pool(paths, window, der, workers - 1 if len(paths) > 2 else 0) if fast else None
     try:
         for i, p in enumerate(paths):
+            scan = pool.take(i) if pool is not None else None
+            if scan is not None and v.apply(scan):
+                continue
             for line in files.iter_lines(p):
                 v.line(line, is_last=i == len(paths) - 1)
         if from_seq is not None and v.prev_seq is None:
@@ -368,10 +798,179 @@ def verify(
         v.finish()
     except _Stop:
         pass
+    finally:
+        if pool is not None:
+            pool.close()
     report = v.report
     if report.first_bad is not None:
         _logger.info("audit verify failed: %s", report.first_bad)
     return report
+
+
+# A worker is a fresh interpreter: it takes its sys.path (one length-prefixed
+# JSON frame, read before badged can be imported), then scans files.
+_WORKER = ("import json, sys\n"
+           "n = int.from_bytes(sys.stdin.buffer.read(8), 'big')\n"
+           "sys.path[:0] = json.loads(sys.stdin.buffer.read(n))\n"
+           "from badged.audit.verify import _serve\n"
+           "_serve()\n")
+
+
+def _send(stream: Any, obj: object) -> None:
+    body = orjson.dumps(obj)
+    stream.write(len(body).to_bytes(8, "big") + body)
+    stream.flush()
+
+
+def _recv(stream: Any) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError
+    size = int.from_bytes(head, "big")
+    body = stream.read(size)
+    if len(body) < size:
+        raise EOFError
+    return orjson.loads(body)
+
+
+def _serve() -> None:
+    """A worker process: scan the files it is sent, one at a time, until stdin closes."""
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    _send(stdout, "ready")  # imported: the parent hands out work only now
+    while True:
+        try:
+            path, window, der_hex = _recv(stdin)
+        except EOFError:
+            return
+        der = bytes.fromhex(der_hex) if der_hex is not None else None
+        _send(stdout, _scan_file(path, window, der))
+
+
+def _scan_from(doc: object) -> _FileScan | None:
+    """A worker's answer back to a :class:`_FileScan` (None stays None)."""
+    if not isinstance(doc, dict):
+        return None
+    scan = _FileScan(**doc)
+    scan.checkpoints = [(c[0], c[1], c[2], c[3]) for c in scan.checkpoints]
+    scan.prunes = [(p[0], p[1], p[2]) for p in scan.prunes]
+    return scan
+
+
+class _Pool:
+    """Files scanned ahead by worker processes while the caller walks the chain.
+
+    Workers are fresh interpreters (``python -c``) fed over pipes, never
+    forks (the caller may hold locks in other threads) and never
+    ``multiprocessing`` spawns (those re-run the caller's main script). Each
+    takes the lowest file nobody has started; the caller scans a file itself
+    when it gets there first, and steals the highest unstarted file while it
+    waits, so no core idles. Any failure of a worker only means that file
+    has no scan (the record-by-record path then checks it).
+    """
+
+    def __init__(self, paths: list[Path], window: int, der: bytes | None, workers: int) -> None:
+        import threading
+
+        self._paths, self._window, self._der = paths, window, der
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._todo = deque(range(len(paths)))
+        self._done: dict[int, _FileScan | None] = {}
+        self._procs: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        for _ in range(workers):
+            proc = self._spawn()
+            if proc is None:
+                break
+            thread = threading.Thread(target=self._feed, args=(proc,), daemon=True,
+                                      name="audit-verify-feed")
+            thread.start()
+            self._procs.append(proc)
+            self._threads.append(thread)
+
+    @staticmethod
+    def _spawn() -> Any:
+        import subprocess
+        import sys
+
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, close_fds=True)
+            _send(proc.stdin, list(sys.path))
+        except (OSError, ValueError):
+            return None
+        return proc
+
+    def _next(self, *, last: bool = False) -> int | None:
+        with self._lock:
+            if not self._todo:
+                return None
+            return self._todo.pop() if last else self._todo.popleft()
+
+    def _feed(self, proc: Any) -> None:
+        der = self._der.hex() if self._der is not None else None
+        try:
+            if _recv(proc.stdout) != "ready":
+                return
+        except Exception:
+            return
+        while (i := self._next()) is not None:
+            scan: _FileScan | None = None
+            try:
+                _send(proc.stdin, [str(self._paths[i]), self._window, der])
+                scan = _scan_from(_recv(proc.stdout))
+            except Exception:  # the worker died or was stopped: no scan for this file
+                _logger.debug("audit verify worker failed", exc_info=True)
+                self._put(i, None)
+                return
+            self._put(i, scan)
+
+    def _put(self, i: int, scan: _FileScan | None) -> None:
+        with self._ready:
+            self._done[i] = scan
+            self._ready.notify_all()
+
+    def _scan(self, i: int) -> None:
+        self._put(i, _scan_file(str(self._paths[i]), self._window, self._der))
+
+    def take(self, i: int) -> _FileScan | None:
+        """File ``i``'s scan (None: check it record by record)."""
+        while True:
+            with self._lock:
+                if i in self._done:
+                    return self._done.pop(i)
+                mine = i in self._todo
+                if mine:
+                    self._todo.remove(i)
+            if mine:
+                self._scan(i)
+                continue
+            j = self._next(last=True)
+            if j is not None:
+                self._scan(j)  # a worker has file i: do a later one meanwhile
+                continue
+            with self._ready:
+                if i not in self._done and any(t.is_alive() for t in self._threads):
+                    self._ready.wait(1.0)
+                elif i not in self._done:
+                    self._done[i] = None
+
+    def close(self) -> None:
+        """Stop the workers: any file still in hand is no longer wanted (they only read)."""
+        with self._lock:
+            self._todo.clear()
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            proc.kill()
+        for proc in self._procs:
+            proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for proc in self._procs:
+            proc.stdout.close()
 
 
 def checkpoint_seals(rec: Mapping[str, object], seq: int,
