@@ -157,12 +157,20 @@ def test_context_scoped_step_up_applies_only_in_its_context(cd: RunningDaemon) -
     r = _ctl(cd, "policy", "explain", "--pid", pid, "-a", "https://extra.example",
              "--context", "channel=#random")
     assert r.stdout.startswith("DENY"), r.stdout
+    assert f"step-up grant {gid}: only in context channel=#deploy; the request says " \
+        "channel=#random" in r.stdout, r.stdout
     # The CLI path: badgectl token --context.
     r = _ctl(cd, "token", "-a", "https://extra.example", "--context", "channel=#deploy", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["txn"]
     r = _ctl(cd, "token", "-a", "https://extra.example", "--context", "channel=#general")
     assert r.returncode != 0 and "denied" in r.stderr.lower()
+    # The refusal does not tell the agent which context would have worked
+    # (that would coach a prompt-injected agent); the audit record does.
+    assert "#deploy" not in r.stderr, r.stderr
+    denied = [x for x in _audit(cd) if x.get("event") == "token.denied"
+              and (x.get("request") or {}).get("context") == {"channel": "#general"}]
+    assert denied and any("only in context channel=#deploy" in t for t in denied[-1]["trace"])
     issued = [x for x in _audit(cd) if x.get("event") == "token.issued"
               and x.get("txn") == tok.txn]
     assert len(issued) == 1

@@ -550,6 +550,15 @@ def evaluate(
         return Decision(True, agent, f"{rule.source} via {why}", "allowed", ttl,
                         bundle=bundle.name, approval_required=bundle.approval,
                         delegation=delegation, trace=tuple(trace), grant=grant)
+    # For the operator (audit, explain), never the caller: a step-up that
+    # would apply in another context. Telling the agent would coach a
+    # prompt-injected one into claiming that context.
+    for g in grants:
+        if g.agent == agent and g.context and g.active(now) \
+                and not satisfies(g.context, request.context):
+            said = ",".join(f"{k}={v}" for k, v in request.context) or "no context"
+            trace.append(f"step-up grant {g.id}: only in context "
+                         f"{','.join(f'{k}={v}' for k, v in g.context)}; the request says {said}")
     if not trace:
         trace.append(f"{matching[0].source}: no bundle in effect")
     return Decision(False, agent, matching[0].source, "; ".join(trace), trace=tuple(trace))
