@@ -27,7 +27,7 @@ from badgebench.report import Report, Row
 from badgebench.servers import Badged, P11KitServer, SshAgent, Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged")
+GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged", "proxy")
 AUDIENCE = "https://api.example.com"  # granted by `badged dev`'s generated policy
 BADGED_AGENT = "demo-agent"
 
@@ -532,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
                         _paired(rep, plan, token, public, fetch, sign, pid, src)
                 bench_badged(rep, plan, state, cold, src, args.badged_socket, args.badged_pid,
                              pair)
+            if "proxy" in groups:  # issue 20's rows (badgebench.proxy), in rep.badged["proxy"]
+                from badgebench.proxy import run_proxy
+
+                rep.badged["proxy"] = _guarded("proxy rows", lambda: run_proxy(
+                    src=src, duration_s=plan.duration_s, warmup_s=plan.warmup_s, say=_say))
+                for t in rep.badged["proxy"].get("targets", []):
+                    _say(f"proxy: {t['name']}: {t['value']} (goal {t['goal']})")
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130

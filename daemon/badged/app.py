@@ -354,7 +354,7 @@ class Daemon:
         _prepare_socket_dir(path.parent)
         self._proxy = ProxyServer(deps, path, max_per_uid=self.config.max_connections_per_uid,
                                   idle_timeout=self.config.front_limits.idle_timeout,
-                                  secrets=self.proxy_secrets)
+                                  secrets=self.proxy_secrets, calls=self._front)
         await self._proxy.start()
 
     def _close_after_failed_start(self) -> None:

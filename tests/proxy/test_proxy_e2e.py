@@ -107,7 +107,12 @@ def test_dpop_route_attaches_a_fresh_proof_and_replaces_what_the_agent_sent(
     assert not agent.memory_contains(token.encode())
     assert not agent.memory_contains(proof.encode())
     # Audited: allowed (durable before the call) and completed, never the credential.
-    done = [x for x in env.events("proxy.completed") if x["proxy"]["route"] == "echo"]
+    done: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10  # written in the background, after the answer
+    while time.monotonic() < deadline and len(done) < 2:
+        done = [x for x in env.events("proxy.completed") if x["proxy"]["route"] == "echo"
+                and x["caller"]["pid"] == agent.pid]
+        time.sleep(0.05)
     assert done[-2]["proxy"]["path"] == "/items/7" and done[-2]["proxy"]["status"] == 200
     assert done[-2]["caller"]["pid"] == agent.pid and done[-2]["agent"] == "demo-agent"
     assert done[-2]["proxy"]["bytes_out"] > 0 and "latency_ms" in done[-2]["proxy"]
