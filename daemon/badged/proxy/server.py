@@ -80,13 +80,16 @@ _quiet = logging.getLogger("badged.proxy.access")
 _quiet.disabled = True
 CHANNEL = "proxy"
 AGENT_HEADER = "Badged-Agent"
+# What the agent says it is working on (issue 21; badged.core.context).
+CONTEXT_HEADER = "Badged-Context"
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the proxy's own and the ones the
 # client library recomputes (Host, Content-Length).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
                         "host", "content-length", "expect"})
 # Never forwarded from the agent: credentials are the proxy's to attach.
-_AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop", AGENT_HEADER.lower()})
+_AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop", AGENT_HEADER.lower(),
+                                       CONTEXT_HEADER.lower()})
 # Renew a cached access token when less than this share of its life is left.
 _RENEW_AT = 0.25
 _TOKEN_CACHE_MAX = 4096
@@ -324,7 +327,8 @@ class ProxyServer:
         host = base.origin[len("https://"):]
         req = Request(kind="proxy", agent=agent, audience=base.origin, scopes=(),
                       proxy_route=route.name, proxy_method=request.method,
-                      proxy_segments=target.segments, proxy_path=target.path)
+                      proxy_segments=target.segments, proxy_path=target.path,
+                      context=_context(request))
         # What the operator sees when the bundle wants approval.
         why = f"{request.method} {host}{target.path} via route {route.name}"
         self._check_length(request, route)
@@ -583,6 +587,21 @@ def _response_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
              for t in v.split(",")}
     drop = HOP_BY_HOP | named
     return [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+
+
+def _context(request: web.BaseRequest) -> request_context.Context:
+    """``Badged-Context: channel=#deploy, task=INC-42``: the request context
+    (issue 21), asserted by the agent like FetchToken's; consumed here, never
+    forwarded upstream. Malformed: 400 with the reason."""
+    values = request.headers.getall(CONTEXT_HEADER, [])
+    if not values:
+        return ()
+    if len(values) != 1 or len(values[0]) > 1024:
+        raise _Denied(400, f"at most one {CONTEXT_HEADER} header, at most 1024 bytes")
+    try:
+        return request_context.parse_cli(p for p in values[0].split(",") if p.strip())
+    except BadgedError as exc:
+        raise _Denied(400, exc.caller_message) from None
 
 
 def _traceparent(request: web.BaseRequest) -> str:
