@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -927,6 +928,91 @@ class TpmKeyStore:
         return self._call(f"signing with key {name}", op)
 
     # -- attestation (optional capability: KeyAttester) ------------------------------
+
+    # -- sealing (SecretSealer) ----------------------------------------------------------
+
+    def _sealed_path(self, key_name: str) -> Path:
+        # "s-" prefix: never a key file (list() and start-up reconcile ignore it).
+        return self._key_dir / ("s-" + urllib.parse.quote(key_name, safe="-_") + ".sealed")
+
+    def _dek(self, key_name: str, *, create: bool) -> bytes:
+        """The data key sealed in a TPM keyedhash object under the storage key.
+
+        The object is fixedTPM/fixedParent, so its file opens only on this
+        TPM under this parent; TPM2_Unseal returns the 32 bytes for one use.
+        """
+        from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+        from tpm2_pytss.types import (
+            TPM2B_PRIVATE,
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPM2B_SENSITIVE_DATA,
+            TPMS_KEYEDHASH_PARMS,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_KEYEDHASH_SCHEME,
+            TPMT_PUBLIC,
+            TPMU_PUBLIC_PARMS,
+        )
+
+        path = self._sealed_path(key_name)
+
+        def op(ectx: Any) -> bytes:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            if not data:
+                if not create:
+                    raise KeyNotFoundError(f"sealing key {key_name} not found", backend=BACKEND)
+                dek = secrets.token_bytes(32)
+                attrs = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                         | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)
+                template = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC(
+                    type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=attrs,
+                    authPolicy=b"", parameters=TPMU_PUBLIC_PARMS(keyedHashDetail=TPMS_KEYEDHASH_PARMS(
+                        scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL)))))
+                sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(
+                    data=TPM2B_SENSITIVE_DATA(dek)))
+                self._evict(ectx)
+                private, public, _, _, _ = ectx.create(self._primary, sensitive, template)
+                pub, priv = bytes(public.marshal()), bytes(private.marshal())
+                atomic_write(path, len(pub).to_bytes(2, "big") + pub + priv, 0o600)
+                return dek
+            if len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+                raise KeyStoreError(f"sealed key file {path} is corrupted", backend=BACKEND)
+            n = int.from_bytes(data[:2], "big")
+            public, _ = TPM2B_PUBLIC.unmarshal(data[2:2 + n])
+            private, _ = TPM2B_PRIVATE.unmarshal(data[2 + n:])
+            self._evict(ectx)
+            handle = ectx.load(self._primary, private, public)
+            try:
+                return bytes(ectx.unseal(handle))
+            finally:
+                ectx.flush_context(handle)
+
+        dek: bytes = self._call(f"unsealing {key_name}", op)
+        return dek
+
+    def seal(self, key_name: str, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM under a data key sealed in the TPM (see ``_dek``)."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        check_key_name(key_name)
+        nonce = secrets.token_bytes(12)
+        return nonce + AESGCM(self._dek(key_name, create=True)).encrypt(nonce, plaintext, aad)
+
+    def unseal(self, key_name: str, blob: bytes, aad: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        check_key_name(key_name)
+        if len(blob) < 12 + 16:
+            raise KeyStoreError("sealed blob too short", backend=BACKEND)
+        try:
+            return AESGCM(self._dek(key_name, create=False)).decrypt(blob[:12], blob[12:], aad)
+        except InvalidTag:
+            raise KeyStoreError("sealed blob does not open (tampered, moved, or another "
+                                "TPM's)", backend=BACKEND) from None
 
     def ak_public(self) -> bytes:
         """Marshaled TPMT_PUBLIC of the AK: what a verifier needs for MakeCredential."""
