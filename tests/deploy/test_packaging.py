@@ -1,6 +1,7 @@
 """The wheel and sdist a stranger installs: only badged's packages, typed,
 licensed, with the example configs, importable and type-checkable from an
-empty virtual environment."""
+empty virtual environment (with the badgeclient wheel it depends on; that
+distribution's own checks are tests/client/test_client_distribution.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def _build(kind: str, out: Path) -> Path:
+def _build(kind: str, out: Path, src: Path = ROOT) -> Path:
     code = ("import sys; from setuptools import build_meta as b; "
             f"print(b.build_{kind}(sys.argv[1]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out / proc.stdout.strip().splitlines()[-1]
@@ -40,9 +41,10 @@ def test_wheel_contents(wheel: Path) -> None:
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         example = zf.read("badged/examples/badged.example.toml").decode()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"badged", "badgeclient", "badged_proto"}  # no stray `examples` package
-    for pkg in ("badged", "badgeclient", "badged_proto"):
-        assert f"{pkg}/py.typed" in names
+    # The daemon only: badgeclient and badged_proto are clients/'s distribution.
+    assert tops == {"badged"}  # no stray `examples` package
+    assert "badged/py.typed" in names
+    assert "Requires-Dist: badgeclient[cli]==0.1.0" in meta
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in meta and "License-File: LICENSE" in meta
     # The shipped example is the documented one, as a file (not a symlink's target path).
@@ -58,7 +60,9 @@ def test_sdist_is_complete(tmp_path: Path) -> None:
                    "docs/threat-model.md", "protos/badged_proto/v1/admin.proto",
                    "packaging/systemd/badged.service", "packaging/sysusers.d/badged.conf",
                    "packaging/tmpfiles.d/badged.conf", ".ci/lock/runtime.txt",
-                   "softhsm/softhsm2.conf.in", "daemon/badged/examples/badged.example.toml"):
+                   "softhsm/softhsm2.conf.in", "daemon/badged/examples/badged.example.toml",
+                   "clients/pyproject.toml", "clients/badgeclient/verify.py",
+                   "examples/downstream_ci/test_agent.py"):
         assert needed in names, needed
     assert not any(n.endswith(".pin") or "__pycache__" in n for n in names)
 
@@ -67,8 +71,10 @@ def test_installs_into_an_empty_venv_imports_and_type_checks(wheel: Path, tmp_pa
     target = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(target)
     py = target / "bin" / "python"
+    client_wheel = _build("wheel", tmp_path, ROOT / "clients")
     install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps",
-                              "--disable-pip-version-check", "--no-index", str(wheel)],
+                              "--disable-pip-version-check", "--no-index", str(client_wheel),
+                              str(wheel)],
                              capture_output=True, text=True, timeout=300, check=False)
     assert install.returncode == 0, install.stderr
     # Dependencies (only) from this checkout's locked venv; badged itself from the wheel.

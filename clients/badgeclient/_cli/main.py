@@ -294,6 +294,13 @@ def main() -> None:
         _fail(130, "aborted", "aborted", as_json=as_json)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        # badgectl ships with badgeclient; its offline operator commands (ca,
+        # policy check, audit verify/export) run the daemon's code (issue 18).
+        if exc.name != "badged" and not (exc.name or "").startswith("badged."):
+            raise
+        _fail(EXIT_USAGE, "needs_daemon", "this command runs the daemon's own code: "
+              "install badged next to badgeclient", as_json=as_json)
     except click.ClickException as exc:
         if not as_json:
             exc.show()
