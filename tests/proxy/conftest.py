@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from cryptography import x509
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from badgeclient import WorkloadClient
+from tests.client.oauth_as import AuthServer, _authlib
 from tests.conftest import short_tmpdir
 from tests.e2e.conftest import RunningDaemon, _pythonpath, softhsm_available, start_daemon
 
@@ -120,6 +123,45 @@ def start_upstream(cert: Path, key: Path) -> Upstream:
     return up
 
 
+class HttpsAuthServer(AuthServer):
+    """tests/client/oauth_as.py's authlib AS, served over HTTPS with the test CA."""
+
+    @property
+    def origin(self) -> str:
+        assert self.httpd is not None
+        return f"https://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def start_auth_server(cert: Path, key: Path, clients: set[str]) -> HttpsAuthServer:
+    state = HttpsAuthServer(jwks={"keys": []}, clients=clients)
+    token_response = _authlib(state)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(min(int(self.headers.get("content-length", "0")), 65536))
+            form = dict(parse_qsl(body.decode()))
+            state.token_requests.append(form)
+            with lock:
+                status, payload = token_response(form)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    state.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    state.httpd.socket = ctx.wrap_socket(state.httpd.socket, server_side=True)
+    threading.Thread(target=state.httpd.serve_forever, daemon=True).start()
+    return state
+
+
 POLICY = """
 [route.echo]
 upstream = "https://127.0.0.1:{port}/api"
@@ -150,8 +192,41 @@ secret = "upstream-key"
 header = "X-Api-Key"
 ca_file = "{ca}"
 
+[route.oauthed]
+upstream = "https://127.0.0.1:{port}/api"
+credential = "oauth"
+token_endpoint = "https://127.0.0.1:{as_port}/token"
+ca_file = "{ca}"
+scopes = ["read"]
+
+[route.oauth-unregistered]
+upstream = "https://127.0.0.1:{port}/api"
+credential = "oauth"
+token_endpoint = "https://127.0.0.1:{as_port}/token"
+client_id = "unregistered-client"
+ca_file = "{ca}"
+
+[route.oauth-foreign]
+upstream = "https://127.0.0.1:{port}/api"
+credential = "oauth"
+token_endpoint = "https://127.0.0.1:{as_port}/token"
+client_id = "another-agents-client"
+ca_file = "{ca}"
+
 [bundle.calls]
 kinds = ["proxy"]
+[[bundle.calls.proxy]]
+route = "oauthed"
+methods = ["GET"]
+paths = ["/**"]
+[[bundle.calls.proxy]]
+route = "oauth-unregistered"
+methods = ["GET"]
+paths = ["/**"]
+[[bundle.calls.proxy]]
+route = "oauth-foreign"
+methods = ["GET"]
+paths = ["/**"]
 [[bundle.calls.proxy]]
 route = "echo"
 methods = ["GET", "POST"]
@@ -185,6 +260,7 @@ paths = ["/items/*"]
 name = "demo-agent"
 selectors = ["unix:uid:{uid}"]
 bundles = ["calls", "gated"]
+client_ids = ["unregistered-client"]
 
 [approval]
 requester_may_approve = true
@@ -197,6 +273,7 @@ class ProxyEnv:
     upstream: Upstream
     other: Upstream  # another host: a redirect target that must see no credential
     ca: Path
+    auth: HttpsAuthServer
 
     @property
     def socket(self) -> Path:
@@ -221,11 +298,16 @@ def proxy_env(softhsm_available: None) -> Iterator[ProxyEnv]:
     up = start_upstream(cert, key)
     other = start_upstream(cert, key)
     up.redirect_to = f"https://127.0.0.1:{other.port}/landing"
+    auth = start_auth_server(cert, key, {"spiffe://example.org/agent/demo-agent"})
+    assert auth.httpd is not None
     state = base / "s"
     state.mkdir()
-    (state / "policy.toml").write_text(POLICY.format(port=up.port, ca=ca, uid=os.getuid()))
+    (state / "policy.toml").write_text(POLICY.format(
+        port=up.port, ca=ca, uid=os.getuid(), as_port=auth.httpd.server_address[1]))
     d = start_daemon(state)
-    yield ProxyEnv(d, up, other, ca)
+    auth.jwks = WorkloadClient(str(d.workload)).jwks()  # the AS trusts the agents' keys
+    yield ProxyEnv(d, up, other, ca, auth)
+    auth.httpd.shutdown()
     d.stop()
     if os.environ.get("PROXY_TEST_LOG"):
         print(d.log_text())

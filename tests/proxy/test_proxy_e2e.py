@@ -318,3 +318,31 @@ def test_curl_recipe_from_the_docs(proxy_env: ProxyEnv) -> None:
                              "http://echo/items"], capture_output=True, timeout=30, check=False)
     assert posted.stdout == b"200", posted.stderr
     assert [r["body"] for r in env.upstream.received] == [b"", b"x" * 900]
+
+
+def test_oauth_route_presents_a_client_assertion_and_caches_the_token(
+        proxy_env: ProxyEnv, agent: Agent) -> None:
+    """A real authlib AS (HTTPS, its own CA) checks badged's RFC 7523 assertion."""
+    env = proxy_env
+    env.upstream.clear()
+    env.auth.token_requests.clear()
+    assert agent.call("oauthed", "/x")["status"] == 200
+    assert agent.call("oauthed", "/y")["status"] == 200
+    (form,) = env.auth.token_requests  # fetched once, then cached
+    assert form["grant_type"] == "client_credentials" and form["scope"] == "read"
+    assert form["client_id"] == "spiffe://example.org/agent/demo-agent"
+    tokens = [_header(r, "Authorization") for r in env.upstream.received]
+    issued = list(env.auth.issued)
+    assert tokens == [[f"Bearer {issued[-1]}"]] * 2
+    allowed = [x for x in env.events("proxy.allowed") if x["proxy"]["route"] == "oauthed"]
+    assert [a["proxy"]["attach"]["cached"] for a in allowed[-2:]] == [False, True]
+    assert issued[-1] not in json.dumps(env.audit())
+    # A client id the AS does not know: refused there, 502, audited, nothing sent.
+    env.upstream.clear()
+    r = agent.call("oauth-unregistered", "/x")
+    assert r["status"] == 502 and env.upstream.received == []
+    assert env.events("proxy.denied")[-1]["status"] == 502
+    # A client id the policy does not list for this agent: refused before any assertion.
+    n = len(env.auth.token_requests)
+    assert agent.call("oauth-foreign", "/x")["status"] == 403
+    assert len(env.auth.token_requests) == n and env.upstream.received == []

@@ -55,7 +55,9 @@ def test_context_scoped_bundle_through_the_proxy(proxy_env: ProxyEnv) -> None:
     """A bundle scoped to #deploy allows the call only with that context; the
     Badged-Context header is consumed by the proxy, never sent upstream."""
     env = proxy_env
-    policy = (POLICY.format(port=env.upstream.port, ca=env.ca, uid=os.getuid())
+    assert env.auth.httpd is not None
+    policy = (POLICY.format(port=env.upstream.port, ca=env.ca, uid=os.getuid(),
+                            as_port=env.auth.httpd.server_address[1])
               .replace('bundles = ["calls", "gated"]', 'bundles = ["calls", "gated", "deploy"]')
               + DEPLOY_BUNDLE)
     (env.daemon.state / "policy.toml").write_text(policy)

@@ -74,8 +74,9 @@ _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "
                 "ssh_namespaces", "ssh_hosts", "ssh_users", "proxy",
                 "context"}
 _ROUTE_KEYS = {"upstream", "credential", "audience", "scopes", "secret", "header", "prefix",
-               "ca_file", "max_request_bytes", "rate", "timeout", "description"}
-_CREDENTIALS = ("bearer", "dpop", "secret")
+               "ca_file", "max_request_bytes", "rate", "timeout", "description",
+               "token_endpoint", "client_id"}
+_CREDENTIALS = ("bearer", "dpop", "secret", "oauth")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 # Headers a route may not carry its secret in: the proxy owns them.
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "dpop",
@@ -309,6 +310,20 @@ class _Parser:
                     raise ValueError("credential 'secret' needs secret = NAME ([a-z0-9._-])")
             elif secret:
                 raise ValueError("secret is only for credential = 'secret'")
+            key = "token_endpoint"
+            token_endpoint = entry.get("token_endpoint", "")
+            client_id = entry.get("client_id", "")
+            if credential == "oauth":
+                tparts = urlsplit(token_endpoint) if isinstance(token_endpoint, str) else None
+                if tparts is None or tparts.scheme != "https" or not tparts.hostname \
+                        or tparts.username is not None or tparts.fragment:
+                    raise ValueError("credential 'oauth' needs token_endpoint = an https:// URL")
+                key = "client_id"
+                if not isinstance(client_id, str) or (client_id and not _CLIENT_ID_RE.match(
+                        client_id)):
+                    raise ValueError("client_id must be 1-256 printable ASCII characters")
+            elif token_endpoint or client_id:
+                raise ValueError("token_endpoint and client_id are only for credential = 'oauth'")
             key = "header"
             header = entry.get("header", "Authorization")
             if not isinstance(header, str) or not _HEADER_RE.match(header) \
@@ -337,7 +352,8 @@ class _Parser:
         return Route(name=name, upstream=upstream.rstrip("/"), credential=credential,
                      audience=audience, scopes=tuple(scopes), secret=secret, header=header,
                      prefix=prefix, ca_file=ca_file, max_request_bytes=limit, rate=rate,
-                     timeout=timeout, source=f"{self.short}:{start + 1}")
+                     timeout=timeout, token_endpoint=token_endpoint, client_id=client_id,
+                     source=f"{self.short}:{start + 1}")
 
     def selectors(self, entry: dict[str, Any], start: int, what: str) -> frozenset[str]:
         try:

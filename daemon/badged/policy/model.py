@@ -114,7 +114,7 @@ class Route:
 
     name: str
     upstream: str  # https://host[:port][/base], no query, no userinfo
-    credential: str  # "bearer" | "dpop" | "secret"
+    credential: str  # "bearer" | "dpop" | "secret" | "oauth"
     audience: str = ""  # bearer/dpop: the token's aud (default: the upstream origin)
     scopes: tuple[str, ...] = ()
     secret: str = ""  # credential "secret": the stored secret's name
@@ -124,6 +124,11 @@ class Route:
     max_request_bytes: int = 1 << 20
     rate: Rate | None = None  # per agent, on this route
     timeout: int = 30
+    # credential "oauth": the authorization server's token endpoint (client
+    # credentials with badged's RFC 7523 client assertion) and the client id
+    # to assert ("": the agent's SPIFFE ID; else one the policy lists for it).
+    token_endpoint: str = ""
+    client_id: str = ""
     source: str = ""
 
 

@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -52,8 +53,8 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from badged.attest.process import ProcessAttributes
+from badged.core import assertions, dpop
 from badged.core import context as request_context
-from badged.core import dpop
 from badged.core.tokens import build_claims, mint_token
 from badged.errors import (
     BadgedError,
@@ -93,6 +94,13 @@ _AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop", AGENT_HEADER.low
 # Renew a cached access token when less than this share of its life is left.
 _RENEW_AT = 0.25
 _TOKEN_CACHE_MAX = 4096
+_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+_MAX_TOKEN_RESPONSE = 64 * 1024
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}$")
+
+
+def _oauth_key(route: Route, agent: str, client_id: str) -> tuple[str, str, str, str]:
+    return (route.name, route.token_endpoint, agent, client_id)
 
 
 class CallTracker(Protocol):
@@ -122,6 +130,10 @@ class _Credential:
     """What the mint function hands the forwarder: headers to set, and audit fields."""
 
     headers: tuple[tuple[str, str], ...]
+    # credential "oauth" without a cached access token: the client assertion
+    # the pipeline minted, to present at the token endpoint, and the cache key.
+    assertion: str = ""
+    client_id: str = ""
 
 
 class _Handler(RequestHandler):
@@ -207,6 +219,7 @@ class ProxyServer:
         self._ssl_context = ssl_context or _ssl_context
         self._sessions: dict[str | None, ClientSession] = {}
         self._tokens: dict[tuple[str, str, str, str], tuple[str, float, str]] = {}
+        self._oauth: dict[tuple[str, str, str, str], tuple[str, float]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self._records: set[asyncio.Task[None]] = set()
@@ -332,13 +345,17 @@ class ProxyServer:
         # What the operator sees when the bundle wants approval.
         why = f"{request.method} {host}{target.path} via route {route.name}"
         self._check_length(request, route)
-        key_of = d.tokens.token_key if route.credential != "secret" else d.agents.token_key
+        key_of = d.tokens.token_key if route.credential in ("bearer", "dpop") \
+            else d.agents.token_key
         mint = self._minter(route, request.method, url)
         auth, cred = await self.issuance.issue(caller, req, "proxy.allowed", key_of, mint,
-                                               reason=why, traceparent=_traceparent(request))
+                                               reason=why, traceparent=_traceparent(request),
+                                               client_id=route.client_id or None)
         headers = _forward_headers(request.headers, route)
         for name, value in cred.headers:
             headers[name] = value
+        if cred.assertion:
+            headers["Authorization"] = "Bearer " + await self._oauth_token(route, auth, cred)
         body = await self._read_body(request, route, caller, auth, target)
         query = ("?" + target.query) if target.query else ""
         status, sent, prepared = 502, 0, False
@@ -350,6 +367,8 @@ class ProxyServer:
                     timeout=ClientTimeout(total=route.timeout, connect=min(10, route.timeout)),
                     skip_auto_headers=("Content-Type",)) as upstream:
                 status = upstream.status
+                if status == 401:  # the cached token is no longer taken: the next call renews
+                    self._forget_tokens(route, auth)
                 response = web.StreamResponse(status=status, reason=upstream.reason)
                 for name, value in _response_headers(upstream.headers):
                     response.headers.add(name, value)
@@ -419,6 +438,26 @@ class ProxyServer:
             if route.credential == "secret":
                 headers = ((route.header, route.prefix + self._secret(route)),)
                 record["attach"] = {"type": "secret", "name": route.secret}
+            elif route.credential == "oauth":
+                record["attach"] = {"type": "oauth", "token_endpoint": route.token_endpoint,
+                                    "client_id": auth.client_id}
+                cached = self._oauth.get(_oauth_key(route, key.agent, auth.client_id))
+                if cached is not None and cached[1] > time.monotonic():
+                    record["attach"]["cached"] = True
+                    return Minted(_Credential((("Authorization", "Bearer " + cached[0]),)),
+                                  auth.client_id, {"proxy": {
+                                      "route": route.name, "method": method,
+                                      "upstream": _split_upstream(route.upstream).origin,
+                                      **record}})
+                claims = assertions.client_assertion_claims(
+                    client_id=auth.client_id, audience=route.token_endpoint, now=d.clock(),
+                    ttl_seconds=60, jti=d.new_jti())
+                assertion = assertions.mint_client_assertion(claims, key.handle, key.kid)
+                record["attach"].update(cached=False, assertion_jti=claims["jti"])
+                return Minted(_Credential((), assertion, auth.client_id), auth.client_id,
+                              {"proxy": {"route": route.name, "method": method,
+                                         "upstream": _split_upstream(route.upstream).origin,
+                                         **record}})
             else:
                 token, fresh = self._token(route, key, auth, dpop_bound=route.credential == "dpop")
                 record["attach"] = {"type": route.credential, "audience": route.audience,
@@ -437,6 +476,53 @@ class ProxyServer:
                     route.upstream).origin, **record}})
 
         return mint
+
+    async def _oauth_token(self, route: Route, auth: Authorized, cred: _Credential) -> str:
+        """Client credentials at the route's token endpoint with the pipeline's assertion.
+
+        The access token is cached per (route, agent, client id) until 3/4 of
+        its ``expires_in``; it never leaves the daemon but for the upstream.
+        Calls that find no cached token at once each present their own
+        assertion; the last answer wins the cache (assertions are single-use).
+        """
+        form = {"grant_type": "client_credentials", "client_id": cred.client_id,
+                "client_assertion_type": _JWT_BEARER, "client_assertion": cred.assertion}
+        if route.scopes:
+            form["scope"] = " ".join(route.scopes)
+        status, doc = 0, None
+        try:
+            async with self._session(route.ca_file).post(
+                    route.token_endpoint, data=form, allow_redirects=False,
+                    timeout=ClientTimeout(total=route.timeout)) as answer:
+                status = answer.status
+                raw = await answer.content.read(_MAX_TOKEN_RESPONSE + 1)
+            doc = json.loads(raw) if len(raw) <= _MAX_TOKEN_RESPONSE else None
+        except (TimeoutError, ClientError, ssl.SSLError, OSError, ValueError) as exc:
+            raise _Denied(502, "the authorization server could not be reached",
+                          detail=f"token endpoint of route {route.name}: "
+                                 f"{type(exc).__name__}") from None
+        token = doc.get("access_token") if isinstance(doc, dict) else None
+        kind = doc.get("token_type", "") if isinstance(doc, dict) else ""
+        life = doc.get("expires_in", 300) if isinstance(doc, dict) else 0
+        if status != 200 or not isinstance(token, str) or not _TOKEN_RE.match(token) \
+                or not isinstance(kind, str) or kind.lower() != "bearer" \
+                or not isinstance(life, int) or isinstance(life, bool) or life <= 0:
+            error = doc.get("error") if isinstance(doc, dict) else None
+            raise _Denied(502, "the authorization server refused the token request",
+                          detail=f"token endpoint of route {route.name}: status {status}, "
+                                 f"error {str(error)[:64]!r}")
+        life = min(life, 24 * 3600)
+        if len(self._oauth) >= _TOKEN_CACHE_MAX:
+            self._oauth.clear()
+        self._oauth[_oauth_key(route, auth.key.agent, cred.client_id)] = (
+            token, time.monotonic() + life * (1 - _RENEW_AT))
+        return token
+
+    def _forget_tokens(self, route: Route, auth: Authorized) -> None:
+        agent = auth.key.agent
+        self._oauth.pop(_oauth_key(route, agent, auth.client_id), None)
+        for k in [k for k in self._tokens if k[0] == agent and k[1] == route.name]:
+            self._tokens.pop(k, None)
 
     def _spend_route_budget(self, route: Route, agent: str) -> None:
         if route.rate is None:
