@@ -201,6 +201,15 @@ class Resetter(threading.Thread):
         self._pending = buf
 
 
+def _last_seq(repo: Path, audit_dir: Path) -> int:
+    """The audit log's last sequence number so far (records after it are the run's)."""
+    sys.path.insert(0, str(repo / "daemon"))
+    from badged.audit.reader import tail
+
+    last = tail(audit_dir, 1)
+    return int(last[-1]["seq"]) if last else 0
+
+
 def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, sid) + payload
 
@@ -228,6 +237,7 @@ def run_hostile(repo: Path, *, duration: float = 60.0, settle: float = 30.0,
         time.sleep(1.0)
         baseline = _rss_kib(d.proc.pid)
         log0, audit0 = d.log.stat().st_size, _dir_bytes(d.state / "audit")
+        audit_seq0 = _last_seq(repo, d.state / "audit")
         probes = Probes(d)
         probes.start()
         t0 = time.monotonic()
@@ -261,11 +271,18 @@ def run_hostile(repo: Path, *, duration: float = 60.0, settle: float = 30.0,
         d.stop()
     try:
         sys.path.insert(0, str(repo / "daemon"))
-        from badged.audit.reader import iter_records
+        from badged.audit.reader import iter_lines
 
-        records = list(iter_records(d.state / "audit"))
+        lines = list(iter_lines(d.state / "audit"))
     finally:
         d.remove()
+    records = [r for _, r in lines]
+    by_event: dict[str, list[int]] = {}
+    for line, r in lines:
+        if int(r["seq"]) > audit_seq0:
+            entry = by_event.setdefault(str(r.get("event")), [0, 0])
+            entry[0] += 1
+            entry[1] += len(line.data)
     reset_minted = sum(1 for r in records if r.get("event") == "token.issued"
                        and isinstance(r.get("request"), dict)
                        and r["request"].get("audience") == RESET_AUDIENCE)
@@ -289,6 +306,7 @@ def run_hostile(repo: Path, *, duration: float = 60.0, settle: float = 30.0,
         "admin": {"probes": len(probes.admin), "ok": len(admin_ok),
                   "max_ms": round(max(admin_ok, default=0) * 1e3, 1)},
         "log_growth_bytes": log_growth, "audit_growth_bytes": audit_growth,
+        "audit_by_event": dict(sorted(by_event.items(), key=lambda kv: -kv[1][1])),
         "resetter": {"sent": resetter.sent, "delivered": resetter.delivered,
                      "minted": reset_minted},
         "attackers": reports,
@@ -330,6 +348,9 @@ def print_table(result: dict[str, Any]) -> None:
     legit = result["legit"]
     print(f"  load average before: {' '.join(result['loadavg_before'])} "
           f"(this host's other work competes for the same cores)")
+    top = list(result["audit_by_event"].items())[:4]
+    print("  audit records written under attack (count, bytes): "
+          + ", ".join(f"{event} {n} / {size / 1e6:.2f} MB" for event, (n, size) in top))
     print(f"  legitimate: {legit['ops']} calls, {legit['ops_per_s']}/s, p50 {legit['p50_ms']} ms, "
           f"max {legit['max_ms']} ms; health max {result['health']['max_ms']} ms, "
           f"admin max {result['admin']['max_ms']} ms")

@@ -27,6 +27,18 @@ match``): a rule without a uid or user selector could match any uid.
 At a per-uid cap the *oldest* idle connection (or the oldest stream still
 waiting for its body) of that uid is evicted rather than the newest caller
 refused, so one compromised agent cannot lock its sibling processes out.
+
+Bytes and counts do not bound *time*: a uid that matches no rule could still
+keep the event loop busy with work that is cheap to send and dear to process
+(a 64 KiB Huffman-coded header block takes ~26 ms to decode, a rapid-reset
+batch ~50 refusals, reconnecting after every GOAWAY), and every legitimate
+call in flight waits for each such stretch (issue 16: FetchToken p99 went
+from 19 ms to 237 ms under 4 such uids). So such uids are also *metered*
+(``CpuMeter``): the loop time spent on their connections (reading and
+framing their input, accepting them, running their handlers) is charged to
+a per-uid bucket and to one bucket shared by all of them; when either is
+empty, the uid's connections stop being read until it has refilled. Bound
+uids are not metered (no cost on their path).
 """
 
 from __future__ import annotations
@@ -68,6 +80,11 @@ class FrontLimits:
     unbound: Budget = Budget(connections=16, streams=64, handlers=16, buffered=2 << 20)
     admin_connections: int = 64  # the admin socket's own reserve, outside the workload cap
     max_connections: int | None = None  # None: from RLIMIT_NOFILE (see connection_cap)
+    # Loop time uids that match no rule may take (see CpuMeter): each, and all together,
+    # as a share of one core, plus how much one may spend at once before the share applies.
+    unbound_cpu_per_uid: float = 0.04
+    unbound_cpu: float = 0.12
+    cpu_burst: float = 0.005
     preface_timeout: float = 10.0  # accept → first complete request headers
     body_timeout: float = 10.0  # request headers → the end of its body
     idle_timeout: float = 300.0  # no stream open for this long → GOAWAY
@@ -93,7 +110,9 @@ class FrontLimits:
             if b.buffered < min_buffered(b.connections, self):
                 raise ValueError(f"{name} buffered budget {b.buffered} below "
                                  f"{b.connections} connections x {DEFAULT_WINDOW} + one message")
-        for what in ("preface_timeout", "body_timeout", "idle_timeout", "send_timeout",
+        if not 0 < self.unbound_cpu_per_uid <= 1 or not 0 < self.unbound_cpu <= 1:
+            raise ValueError("unbound CPU shares must be in (0, 1]")
+        for what in ("cpu_burst", "preface_timeout", "body_timeout", "idle_timeout", "send_timeout",
                      "sweep_interval"):
             if getattr(self, what) <= 0:
                 raise ValueError(f"{what} must be positive")
@@ -171,6 +190,38 @@ class Classifier:
         if known is None:
             known = self._cache[uid] = could_match(policy, uid)
         return known
+
+
+class CpuMeter:
+    """Loop time a metered uid (or all of them together) may take: a token bucket in seconds.
+
+    ``spend`` charges what a piece of work cost (measured with the monotonic
+    ``perf_counter`` around it) and says how long the owner must wait until
+    the bucket is positive again; 0 means it may go on. ``timer`` is the
+    pending resume while the owner is held.
+    """
+
+    __slots__ = ("at", "burst", "rate", "timer", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = now
+        self.timer: object | None = None
+
+    def spend(self, cost: float, now: float) -> float:
+        tokens = self.tokens + (now - self.at) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        tokens -= cost
+        self.tokens = tokens
+        self.at = now
+        return 0.0 if tokens >= 0.0 else -tokens / self.rate
+
+    def full(self, now: float) -> bool:
+        """Refilled to its burst (nothing to remember about its owner any more)."""
+        return self.timer is None and self.tokens + (now - self.at) * self.rate >= self.burst
 
 
 _C = TypeVar("_C")

@@ -46,20 +46,31 @@ import base64
 import errno
 import itertools
 import logging
-import os
 import secrets
 import time
+import types
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from pathlib import Path
+from time import perf_counter
 from typing import Any, cast
 
 import grpc
 
 from badged.listener.budget import (
     Budget,
+    CpuMeter,
     FrontLimits,
     Ledger,
     UidUsage,
@@ -80,7 +91,7 @@ from badged.listener.http2 import (
     literal,
 )
 from badged.listener.logthrottle import Throttled
-from badged.listener.peers import PeerCredentials, PeerRegistry, read_peer
+from badged.listener.peers import PeerCredentials, PeerRegistry, peer_uid, read_peer
 from badged.listener.sockets import bind_unix
 
 _logger = logging.getLogger(__name__)
@@ -305,6 +316,11 @@ class _Connection(ServerConnection, asyncio.Protocol):
         self.usage: UidUsage[_Connection, _Stream] | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = False
+        # Set for a uid that is metered (matches no rule): its loop time is charged.
+        self.meter: CpuMeter | None = None
+        self._blocks = 0  # why reading is paused: _WRITE_BLOCKED | _HELD
+        self.tarpit_timer: asyncio.TimerHandle | None = None
+        self._receiving = False  # in data_received: flush once at its end
         self._write_paused = False
         self._paused_at = 0.0
         # Made by the loop's protocol factory: remembered, because on Python
@@ -319,21 +335,33 @@ class _Connection(ServerConnection, asyncio.Protocol):
     # -- connection life -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        started = perf_counter()
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         server = self.server
+        sock = transport.get_extra_info("socket")
         try:
-            peer = read_peer(transport.get_extra_info("socket"), self.channel)
+            uid = peer_uid(sock)  # admission first: the /proc reads only for admitted callers
         except OSError as exc:
             server.refusals.note("cannot read peer credentials", error=str(exc))
             self.close()
             return
-        usage = server.admit(self, peer.uid)
+        meter = server.meter_for(self.channel, uid)
+        usage = server.admit(self, uid, held=meter is not None and meter.timer is not None)
         if usage is None:
-            if peer.pidfd >= 0:
-                os.close(peer.pidfd)
+            if meter is not None:
+                server.charge(uid, meter, perf_counter() - started + ACCEPT_COST)
+                if server.tarpit(self, uid):
+                    return  # refused, but told so only later (GrpcFront.tarpit)
             self.flush()  # SETTINGS and the GOAWAY with the reason
             self.close()
+            return
+        try:
+            peer = read_peer(sock, self.channel)
+        except OSError as exc:
+            server.refusals.note("cannot read peer credentials", error=str(exc))
+            self.close()
+            server.ledger.drop_if_empty(self.channel, uid)
             return
         self.uid = peer.uid
         self.usage = usage
@@ -344,6 +372,13 @@ class _Connection(ServerConnection, asyncio.Protocol):
         server.connections.add(self)
         self._top_up()
         self.flush()  # our SETTINGS and connection window
+        if meter is not None:
+            self.meter = meter
+            # Read a metered caller in small pieces: one read is one bounded stretch of work.
+            transport.max_size = METERED_READ  # type: ignore[attr-defined]
+            if meter.timer is not None:
+                self.block_reading(_HELD)
+            server.charge(uid, meter, perf_counter() - started + ACCEPT_COST)
 
     def refuse(self, reason: str) -> None:
         """Turn away a new connection with a reason the client can log."""
@@ -361,10 +396,19 @@ class _Connection(ServerConnection, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
 
+    def end_tarpit(self) -> None:
+        """A refusal held back (GrpcFront.tarpit) is sent now: SETTINGS, GOAWAY, close."""
+        self.flush()
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.tarpit_timer is not None:
+            self.tarpit_timer.cancel()
+            self.tarpit_timer = None
+            self.server.untarpit(self.uid)
         for stream in list(self.streams.values()):
             self._abandon(stream)
             if stream.task is None:
@@ -396,15 +440,28 @@ class _Connection(ServerConnection, asyncio.Protocol):
         # The client is not reading its answers: stop reading its requests.
         self._write_paused = True
         self._paused_at = self._loop.time()
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.block_reading(_WRITE_BLOCKED)
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.unblock_reading(_WRITE_BLOCKED)
+
+    def block_reading(self, why: int) -> None:
+        """Stop reading this client (its answers pile up, or its uid is over its CPU share)."""
+        if not self._blocks and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._blocks |= why
+
+    def unblock_reading(self, why: int) -> None:
+        """Read again once no reason to pause is left."""
+        if self._blocks & why:
+            self._blocks &= ~why
+            if not self._blocks and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     def flush(self) -> None:
+        if self._receiving:
+            return  # data_received writes once, after the whole batch of input
         out = self.out
         transport = self.transport
         # A transport whose send failed is closing before connection_lost runs;
@@ -416,22 +473,41 @@ class _Connection(ServerConnection, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.name is None:
             return
+        meter = self.meter
+        if meter is None:
+            self._input(data)
+            return
+        started = perf_counter()
+        self._input(data)
+        self.server.charge(self.uid, meter, perf_counter() - started)
+
+    def _input(self, data: bytes) -> None:
+        self._receiving = True
         try:
             self.receive(data)
         except ProtocolViolation as exc:
+            self._receiving = False
             self.server.refusals.note("HTTP/2 protocol error; closing connection",
                                       error=str(exc), uid=self.uid)
             self.flush()  # the GOAWAY
             self.close()
             return
         except Exception:
+            self._receiving = False
             _logger.exception("front failed on a connection; closing it",
                               extra={"peer": self.name})
             self.goaway(INTERNAL_ERROR)
             self.flush()
             self.close()
             return
+        self._receiving = False
         self.flush()
+
+    def charge(self, cost: float) -> None:
+        """A metered caller's handler step took ``cost`` seconds of the loop."""
+        meter = self.meter
+        if meter is not None:
+            self.server.charge(self.uid, meter, cost)
 
     def sweep(self, now: float, limits: FrontLimits) -> None:
         """Timeouts, checked about once a second by the front (not on the call path)."""
@@ -705,6 +781,8 @@ class _Connection(ServerConnection, asyncio.Protocol):
         else:
             self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, "client streaming is not served")
             return
+        if self.meter is not None:
+            coro = _metered(coro, self.charge)
         self.server.call_started()
         usage.handlers += 1
         stream.task = task = self._loop.create_task(coro)
@@ -847,6 +925,34 @@ class _Connection(ServerConnection, asyncio.Protocol):
             stream.task.cancel()  # a committed call finishes its audit record first
 
 
+@types.coroutine
+def _metered_steps(coro: Coroutine[Any, Any, None],
+                   charge: Callable[[float], None]) -> Generator[Any, Any, None]:
+    """Run ``coro``, charging the loop time of each of its steps (a metered caller's handler)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        started = perf_counter()
+        try:
+            yielded = coro.send(value) if error is None else coro.throw(error)
+        except StopIteration:
+            charge(perf_counter() - started)
+            return
+        except BaseException:
+            charge(perf_counter() - started)
+            raise
+        charge(perf_counter() - started)
+        value = error = None
+        try:
+            value = yield yielded
+        except BaseException as exc:  # cancellation included: handed to the handler
+            error = exc
+
+
+async def _metered(coro: Coroutine[Any, Any, None], charge: Callable[[float], None]) -> None:
+    await _metered_steps(coro, charge)
+
+
 def _inflate(data: bytes, encoding: bytes, cap: int) -> bytes | None:
     """Decompress a request message; None if it is over ``cap`` bytes or not valid.
 
@@ -895,6 +1001,22 @@ SOLO_QUIET_S = 0.1
 # How long a closed connection may still flush its last frames (the GOAWAY)
 # to a peer before its socket is dropped.
 CLOSE_GRACE_S = 1.0
+# Loop time an accept costs before connection_made runs (asyncio's accept and
+# transport set-up; measured ~40-60 µs): charged to a metered uid on top of
+# what connection_made itself measures.
+ACCEPT_COST = 60e-6
+# A metered caller's socket is read this much at a time (asyncio's default is
+# 256 KiB): one read, and the work it causes, stays a short stretch.
+METERED_READ = 32 * 1024
+# A metered uid's refused connection is told so (GOAWAY) only after this long,
+# without being read meanwhile: a client that reconnects at once after each
+# refusal then reconnects every TARPIT_S, not as fast as it can (an accept, a
+# set-up and a tear-down each time, for the daemon and for the host's CPU).
+TARPIT_S = 2.0
+TARPIT_PER_UID = 64
+# Why a connection's reading is paused (bits of _Connection._blocks).
+_WRITE_BLOCKED = 1
+_HELD = 2
 
 
 class GrpcFront:
@@ -934,12 +1056,24 @@ class GrpcFront:
         self._nonce = secrets.token_hex(4)
         self._counter = itertools.count()
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.now = 0.0  # loop time, refreshed by every sweep: a coarse clock for stream age
         self._previous_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
         self.refusals = Throttled(_logger)
         self.expirations = Throttled(_logger)
         self.accept_failures = Throttled(_logger, level=logging.WARNING)
         self.evictions = 0
+        # Loop time of uids that match no rule (CpuMeter): one bucket each, kept
+        # while not full (so reconnecting does not refill it), and one for all.
+        self._meters: dict[int, CpuMeter] = {}
+        self.unbound_meter = CpuMeter(limits.unbound_cpu, limits.cpu_burst * 2, perf_counter())
+        self.holds = 0  # times a metered uid was held (for tests and diagnostics)
+        # Refused connections of metered uids kept a while before the GOAWAY (tarpit):
+        # one descriptor each, so their number comes out of the connection cap.
+        self.tarpit_max = min(1024, self.max_connections // 8)
+        self.max_connections -= (self.tarpit_max + 1) // 2
+        self._tarpitted: dict[int, int] = {}
+        self.tarpitted = 0
 
     def budget_for(self, channel: str, uid: int) -> Budget:
         limits = self.limits
@@ -947,16 +1081,85 @@ class GrpcFront:
             return limits.bound
         return limits.bound if self._is_bound(uid) else limits.unbound
 
-    def admit(self, conn: _Connection, uid: int) -> UidUsage[_Connection, _Stream] | None:
+    def meter_for(self, channel: str, uid: int) -> CpuMeter | None:
+        """The CPU meter of a uid that matches no rule; None for everyone else (unmetered)."""
+        if channel == "admin" or self._is_bound(uid):
+            return None
+        meter = self._meters.get(uid)
+        if meter is None:
+            meter = self._meters[uid] = CpuMeter(self.limits.unbound_cpu_per_uid,
+                                                 self.limits.cpu_burst, perf_counter())
+        return meter
+
+    def charge(self, uid: int, meter: CpuMeter, cost: float) -> None:
+        """``cost`` seconds of loop time went to metered ``uid``: hold it if over its share.
+
+        Held means its connections are not read (nor its new ones) until its
+        bucket and the shared one are positive again; its handlers already
+        running finish. Anything it sent meanwhile waits in its own socket
+        buffer, and a client blocked on a full buffer costs nobody anything.
+        """
+        now = perf_counter()
+        wait = meter.spend(cost, now)
+        shared = self.unbound_meter.spend(cost, now)
+        if shared > wait:
+            wait = shared
+        if wait > 0.0 and meter.timer is None:
+            self.holds += 1
+            meter.timer = self._loop_of().call_later(wait, self._unhold, uid, meter)
+            usage = self.ledger.usage.get(("workload", uid))
+            if usage is not None:
+                for conn in usage.connections:
+                    conn.block_reading(_HELD)
+
+    def tarpit(self, conn: _Connection, uid: int) -> bool:
+        """Hold back the refusal of ``conn`` (a metered uid's) for TARPIT_S, unread; False if
+        the tarpit is full (for this uid or in all) and it must be refused at once."""
+        mine = self._tarpitted.get(uid, 0)
+        if mine >= TARPIT_PER_UID or self.tarpitted >= self.tarpit_max:
+            return False
+        self._tarpitted[uid] = mine + 1
+        self.tarpitted += 1
+        conn.uid = uid
+        conn.block_reading(_HELD)
+        conn.tarpit_timer = self._loop_of().call_later(TARPIT_S, conn.end_tarpit)
+        return True
+
+    def untarpit(self, uid: int) -> None:
+        self.tarpitted -= 1
+        left = self._tarpitted.get(uid, 1) - 1
+        if left:
+            self._tarpitted[uid] = left
+        else:
+            self._tarpitted.pop(uid, None)
+
+    def _unhold(self, uid: int, meter: CpuMeter) -> None:
+        meter.timer = None
+        usage = self.ledger.usage.get(("workload", uid))
+        if usage is not None:
+            for conn in list(usage.connections):
+                conn.unblock_reading(_HELD)
+
+    def _loop_of(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def admit(self, conn: _Connection, uid: int, *,
+              held: bool = False) -> UidUsage[_Connection, _Stream] | None:
         """Make room for a new connection of ``uid``, or refuse it (None, reason queued).
 
         At the uid's cap, its oldest idle connection goes; at the socket's cap,
         the oldest idle connection of the uid holding the most. Only if none is
-        idle is the newcomer refused.
+        idle is the newcomer refused. A ``held`` uid (over its CPU share) evicts
+        nothing: its newcomer is refused, the cheapest answer (an eviction
+        costs a set-up and a tear-down, and the evicted client reconnects).
         """
         channel = conn.channel
         usage = self.ledger.get(channel, uid, self.budget_for(channel, uid))
-        if len(usage.connections) >= usage.budget.connections and not self._evict_idle(usage):
+        if len(usage.connections) >= usage.budget.connections and (
+                held or not self._evict_idle(usage)):
             self.refusals.note("connection refused: per-uid limit", uid=uid,
                                limit=usage.budget.connections)
             conn.refuse(f"per-uid connection limit ({usage.budget.connections})")
@@ -989,6 +1192,11 @@ class GrpcFront:
         while True:
             await asyncio.sleep(limits.sweep_interval)
             now = self.now = loop.time()
+            if self._meters:
+                clock = perf_counter()
+                for uid, meter in list(self._meters.items()):
+                    if meter.full(clock) and ("workload", uid) not in self.ledger.usage:
+                        del self._meters[uid]
             for conn in list(self.connections):
                 try:
                     conn.sweep(now, limits)

@@ -136,6 +136,13 @@ def mount_namespace(pid: int) -> int:
     return int(link[link.index("[") + 1:-1]) if link.startswith("mnt:[") else 0
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """Only the uid (SO_PEERCRED): enough to decide whether to admit a connection at all,
+    before the dearer /proc reads of ``read_peer``."""
+    return int(_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             _UCRED.size))[1])
+
+
 def read_peer(sock: socket.socket, channel: str) -> PeerCredentials:
     """Read the connecting process's credentials from an accepted socket.
 
