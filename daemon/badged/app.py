@@ -331,7 +331,8 @@ class Daemon:
             _prepare_socket_dir(cfg.ssh_socket.parent)
             self._ssh = SshAgentServer(deps, cfg.ssh_socket,
                                        max_per_uid=cfg.max_connections_per_uid,
-                                       idle_timeout=cfg.front_limits.idle_timeout)
+                                       idle_timeout=cfg.front_limits.idle_timeout,
+                                       calls=front)
             await self._ssh.start()
         if cfg.proxy_socket is not None:
             await self._start_proxy(deps, cfg.proxy_socket)
