@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from badgebench import durability, host, procfs, provision, report
+from badgebench import durability, host, procfs, provision, report, ssh
 from badgebench.ceiling import run_ceiling
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
@@ -27,7 +27,7 @@ from badgebench.report import Report, Row
 from badgebench.servers import Badged, P11KitServer, SshAgent, Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged", "proxy")
+GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged", "proxy", "ssh")
 AUDIENCE = "https://api.example.com"  # granted by `badged dev`'s generated policy
 BADGED_AGENT = "demo-agent"
 
@@ -365,6 +365,7 @@ def _targets(rep: Report) -> list[dict[str, Any]]:
     if g is not None:
         add(f"RSS growth over {rep.badged.get('rss_requests')} requests (%)", g, "< 5", g < 5)
     out.extend(_targets_22(rep))
+    out.extend(ssh.targets(rep.rows, rep.ssh))
     return out
 
 
@@ -539,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                     src=src, duration_s=plan.duration_s, warmup_s=plan.warmup_s, say=_say))
                 for t in rep.badged["proxy"].get("targets", []):
                     _say(f"proxy: {t['name']}: {t['value']} (goal {t['goal']})")
+            if "ssh" in groups:  # issue 19: the SSH agent socket vs ssh-agent, same key
+                rep.ssh = ssh.bench_ssh(rep.rows, plan, token, state, src, _load_row, _say)
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130
@@ -597,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in _ceiling_lines(rep.ceiling):
         print(line)
     for line in durability.lines(rep.durability):
+        print(line)
+    for line in ssh.lines(rep.ssh):
         print(line)
     if rep.targets:
         print("\ntargets of issue #7 (unmarked) and issue #22 (marked #22); information, "
@@ -702,6 +707,7 @@ def _markdown(rep: Report) -> str:
                          for k in rounds[0]["ratios"]))
     lines.extend(f"- {line.strip()}" for line in _ceiling_lines(rep.ceiling)[1:3])
     lines.extend(f"- {line.strip()}" for line in durability.lines(rep.durability)[1:])
+    lines.extend(f"- {line.strip()}" for line in ssh.lines(rep.ssh)[1:])
     for t in rep.targets:
         mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         lines.append(f"- target: {t['target']}: {t['value']} (goal {t['goal']}): {mark}")

@@ -335,7 +335,14 @@ def _badgeclient(params: dict[str, str], kind: str) -> tuple[Op, Close]:
     return op_sign, client.close
 
 
+def _ssh_sshsig(params: dict[str, str]) -> tuple[Op, Close]:
+    from badgebench.ssh import sshsig_op  # issue 19's rows: badgebench.ssh
+
+    return sshsig_op(params)
+
+
 _FACTORIES: dict[str, Callable[[dict[str, str]], tuple[Op, Close]]] = {
+    "ssh-sshsig": _ssh_sshsig,
     "pkcs11": _pkcs11,
     "crypto": _crypto,
     "ssh-agent": _ssh_agent,

@@ -53,11 +53,13 @@ class Report:
     ceiling: dict[str, Any] = field(default_factory=dict)
     durability: dict[str, Any] = field(default_factory=dict)
     scale: dict[str, Any] = field(default_factory=dict)
+    ssh: dict[str, Any] = field(default_factory=dict)  # issue 19 (badgebench.ssh)
 
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "rows": [r.to_json() for r in self.rows],
                 "badged": self.badged, "paired": self.paired, "ceiling": self.ceiling,
-                "durability": self.durability, "scale": self.scale, "targets": self.targets}
+                "durability": self.durability, "scale": self.scale, "ssh": self.ssh,
+                "targets": self.targets}
 
 
 def _r(v: float | None, nd: int = 1) -> float | None:
