@@ -214,7 +214,7 @@ def _row(mode: str, clients: int, cfg: dict[str, Any], duration: float,
 
 
 def run_proxy(*, src: Path, duration_s: float = 5.0, warmup_s: float = 1.0,
-              clients: tuple[int, ...] = (1, 16),
+              clients: tuple[int, ...] = (1, 16), daemon_args: tuple[str, ...] = (),
               say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Start an upstream and a ``badged dev`` with a proxy route; measure the three modes."""
     base = Path(tempfile.mkdtemp(prefix="bpxb", dir="/tmp"))
@@ -236,7 +236,7 @@ def run_proxy(*, src: Path, duration_s: float = 5.0, warmup_s: float = 1.0,
         state.mkdir()
         (state / "policy.toml").write_text(POLICY.format(port=port, ca=ca, agent=AGENT,
                                                          uid=os.getuid()))
-        daemon = Badged(state, src)
+        daemon = Badged(state, src, daemon_args)
         daemon.start()
         cfg = {"port": port, "ca": str(ca), "proxy_socket": str(state / "run" / "proxy.sock"),
                "workload_socket": str(state / "run" / "agent.sock")}
@@ -282,10 +282,11 @@ def main(argv: list[str]) -> int:
         _worker_main(argv[1], argv[2])
         return 0
     duration = float(argv[0]) if argv else 5.0
+    daemon_args = tuple(argv[1:])  # e.g. --audit-durability write
     repo = Path(__file__).resolve().parents[2]
     for sub in ("clients", "daemon"):
         sys.path.insert(0, str(repo / sub))
-    result = run_proxy(src=repo, duration_s=duration,
+    result = run_proxy(src=repo, duration_s=duration, daemon_args=daemon_args,
                        say=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2))
     return 0

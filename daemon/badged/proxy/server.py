@@ -602,6 +602,11 @@ class ProxyServer:
                       "latency_ms": round((time.monotonic() - started) * 1000, 3)}}
         if error:
             record["proxy"]["error"] = error
+        # Counted as a call in flight until written: the log then hands it to
+        # its writer thread (batched with the next call's record) instead of
+        # fsyncing it inline on the loop, where the next request would wait.
+        if self.calls is not None:
+            self.calls.call_started()
         task = asyncio.get_running_loop().create_task(self._append_completed(record))
         self._records.add(task)
         task.add_done_callback(self._records.discard)
@@ -611,6 +616,9 @@ class ProxyServer:
             await self.deps.audit.append(record)
         except (BadgedError, ValueError, TypeError) as exc:  # the log's failure: health's job
             _logger.error("proxy.completed not audited", extra={"error": str(exc)})
+        finally:
+            if self.calls is not None:
+                self.calls.call_done(None)
 
     async def _audit_denied(self, proc: ProcessAttributes | None, peer: PeerCredentials,
                             route: Route | None, method: str, target: Target | None,
