@@ -167,6 +167,7 @@ class ApprovalInfo:
     decided_by: str
     context: dict[str, str] = field(default_factory=dict)  # asserted by the agent
     txn: str = ""
+    detail: str = ""  # e.g. the SSH destination or namespace, as the daemon classified it
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def _approval(pb: admin_pb2.Approval) -> ApprovalInfo:
     return ApprovalInfo(pb.id, pb.agent, pb.bundle, pb.kind, pb.audience, list(pb.scopes),
                         pb.ttl_seconds, pb.reason, pb.pid, pb.uid, pb.exe, pb.exe_sha256,
                         list(pb.process_chain), pb.requested_at, pb.deadline, pb.state,
-                        pb.decided_by, dict(pb.context), pb.txn)
+                        pb.decided_by, dict(pb.context), pb.txn, pb.detail)
 
 
 def _agent(pb: admin_pb2.Agent) -> AgentInfo:

@@ -89,3 +89,16 @@ def test_reader_refuses_lengths_past_the_message() -> None:
         wire.parse_sign_request(wire.u32(0xFFFFFFFF) + b"x")
     with pytest.raises(wire.WireError):
         wire.parse_sign_request(wire.string(b"k") + wire.string(b"d") + wire.u32(0) + b"!")
+
+
+def test_approval_detail_names_destination_or_namespace() -> None:
+    """What `badgectl approvals` shows for an SSH request (item 2 of issue 19)."""
+    from badged.service.admin import _approval_detail
+
+    assert _approval_detail(Request(kind="ssh", agent="a", ssh_purpose="auth", ssh_user="git",
+                                    ssh_host=HOST)) == f"ssh auth user=git host={HOST}"
+    assert "no session-bind" in _approval_detail(Request(kind="ssh", agent="a",
+                                                         ssh_purpose="auth", ssh_user="git"))
+    assert _approval_detail(Request(kind="ssh", agent="a", ssh_purpose="sshsig",
+                                    ssh_namespace="git")) == "ssh sshsig namespace=git"
+    assert _approval_detail(Request(kind="token", agent="a")) == ""

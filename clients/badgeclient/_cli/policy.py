@@ -58,6 +58,7 @@ def _approval_block(a: ApprovalInfo) -> str:
     lines = [
         f"{a.id}  {a.state}  agent={a.agent} bundle={a.bundle} kind={a.kind}",
         f"  audience={a.audience or '-'} scopes={','.join(a.scopes) or '-'} ttl={a.ttl_seconds or 'default'}",
+        *([f"  signs: {a.detail}"] if a.detail else []),
         f"  reason: {a.reason or '(none given)'}",
         *(["  context (asserted by the agent, not verified): "
            + ",".join(f"{k}={v}" for k, v in sorted(a.context.items()))] if a.context else []),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from badged_proto.v1 import workload_pb2 as badged__proto_dot_v1_dot_workload__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61\x64ged_proto/v1/admin.proto\x12\tbadged.v1\x1a\x1e\x62\x61\x64ged_proto/v1/workload.proto\"\xed\x01\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ngranted_by\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12.\n\x07\x63ontext\x18\t \x03(\x0b\x32\x1d.badged.v1.Grant.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x01\n\x12GrantBundleRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12;\n\x07\x63ontext\x18\x05 \x03(\x0b\x32*.badged.v1.GrantBundleRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x12RevokeGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x11ListGrantsRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"6\n\x12ListGrantsResponse\x12 \n\x06grants\x18\x01 \x03(\x0b\x32\x10.badged.v1.Grant\"\x97\x03\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\r\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x0b\n\x03uid\x18\n \x01(\r\x12\x0b\n\x03\x65xe\x18\x0b \x01(\t\x12\x12\n\nexe_sha256\x18\x0c \x01(\t\x12\x15\n\rprocess_chain\x18\r \x03(\t\x12\x14\n\x0crequested_at\x18\x0e \x01(\x03\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0f \x01(\x03\x12\r\n\x05state\x18\x10 \x01(\t\x12\x12\n\ndecided_by\x18\x11 \x01(\t\x12\x31\n\x07\x63ontext\x18\x12 \x03(\x0b\x32 .badged.v1.Approval.ContextEntry\x12\x0b\n\x03txn\x18\x13 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14ListApprovalsRequest\"?\n\x15ListApprovalsResponse\x12&\n\tapprovals\x18\x01 \x03(\x0b\x32\x13.badged.v1.Approval\"E\n\x15\x44\x65\x63ideApprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"2\n\x16ListDelegationsRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"E\n\x17ListDelegationsResponse\x12*\n\x0b\x64\x65legations\x18\x01 \x03(\x0b\x32\x15.badged.v1.Delegation\"%\n\x17RevokeDelegationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x01\n\x14\x45xplainPolicyRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x12\n\ndelegation\x18\x07 \x01(\t\x12=\n\x07\x63ontext\x18\x08 \x03(\x0b\x32,.badged.v1.ExplainPolicyRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x15\x45xplainPolicyResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06\x62undle\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05trace\x18\x06 \x03(\t\x12\x11\n\tselectors\x18\x07 \x03(\t\x12\x19\n\x11\x61pproval_required\x18\x08 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\t \x01(\r\"\x15\n\x13ReloadPolicyRequest\"R\n\x14ReloadPolicyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06\x61gents\x18\x03 \x01(\r\x12\x0f\n\x07\x62undles\x18\x04 \x01(\r\"\xa8\x01\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_kid\x18\x02 \x01(\t\x12\x10\n\x08sign_kid\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nretired_at\x18\x06 \x01(\x03\x12\x15\n\rpublish_until\x18\x07 \x01(\x03\x12\x16\n\x0essh_public_key\x18\x08 \x01(\t\"\xdd\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x04 \x01(\r\x12#\n\x04keys\x18\x05 \x03(\x0b\x32\x15.badged.v1.KeyVersion\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nrevoked_at\x18\x07 \x01(\x03\x12\x15\n\rrevoke_reason\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x11\n\tassurance\x18\n \x01(\t\"7\n\x12\x43reateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\",\n\x11ListAgentsRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.badged.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12RotateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x89\x08\n\x0c\x41\x64minService\x12>\n\x0b\x43reateAgent\x12\x1d.badged.v1.CreateAgentRequest\x1a\x10.badged.v1.Agent\x12I\n\nListAgents\x12\x1c.badged.v1.ListAgentsRequest\x1a\x1d.badged.v1.ListAgentsResponse\x12\x38\n\x08GetAgent\x12\x1a.badged.v1.GetAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bRotateAgent\x12\x1d.badged.v1.RotateAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bRevokeAgent\x12\x1d.badged.v1.RevokeAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bGrantBundle\x12\x1d.badged.v1.GrantBundleRequest\x1a\x10.badged.v1.Grant\x12>\n\x0bRevokeGrant\x12\x1d.badged.v1.RevokeGrantRequest\x1a\x10.badged.v1.Grant\x12I\n\nListGrants\x12\x1c.badged.v1.ListGrantsRequest\x1a\x1d.badged.v1.ListGrantsResponse\x12R\n\rListApprovals\x12\x1f.badged.v1.ListApprovalsRequest\x1a .badged.v1.ListApprovalsResponse\x12G\n\x0e\x44\x65\x63ideApproval\x12 .badged.v1.DecideApprovalRequest\x1a\x13.badged.v1.Approval\x12X\n\x0fListDelegations\x12!.badged.v1.ListDelegationsRequest\x1a\".badged.v1.ListDelegationsResponse\x12M\n\x10RevokeDelegation\x12\".badged.v1.RevokeDelegationRequest\x1a\x15.badged.v1.Delegation\x12R\n\rExplainPolicy\x12\x1f.badged.v1.ExplainPolicyRequest\x1a .badged.v1.ExplainPolicyResponse\x12O\n\x0cReloadPolicy\x12\x1e.badged.v1.ReloadPolicyRequest\x1a\x1f.badged.v1.ReloadPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61\x64ged_proto/v1/admin.proto\x12\tbadged.v1\x1a\x1e\x62\x61\x64ged_proto/v1/workload.proto\"\xed\x01\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ngranted_by\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12.\n\x07\x63ontext\x18\t \x03(\x0b\x32\x1d.badged.v1.Grant.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x01\n\x12GrantBundleRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12;\n\x07\x63ontext\x18\x05 \x03(\x0b\x32*.badged.v1.GrantBundleRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x12RevokeGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x11ListGrantsRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"6\n\x12ListGrantsResponse\x12 \n\x06grants\x18\x01 \x03(\x0b\x32\x10.badged.v1.Grant\"\xa7\x03\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\r\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x0b\n\x03uid\x18\n \x01(\r\x12\x0b\n\x03\x65xe\x18\x0b \x01(\t\x12\x12\n\nexe_sha256\x18\x0c \x01(\t\x12\x15\n\rprocess_chain\x18\r \x03(\t\x12\x14\n\x0crequested_at\x18\x0e \x01(\x03\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0f \x01(\x03\x12\r\n\x05state\x18\x10 \x01(\t\x12\x12\n\ndecided_by\x18\x11 \x01(\t\x12\x31\n\x07\x63ontext\x18\x12 \x03(\x0b\x32 .badged.v1.Approval.ContextEntry\x12\x0b\n\x03txn\x18\x13 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x14 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14ListApprovalsRequest\"?\n\x15ListApprovalsResponse\x12&\n\tapprovals\x18\x01 \x03(\x0b\x32\x13.badged.v1.Approval\"E\n\x15\x44\x65\x63ideApprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"2\n\x16ListDelegationsRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"E\n\x17ListDelegationsResponse\x12*\n\x0b\x64\x65legations\x18\x01 \x03(\x0b\x32\x15.badged.v1.Delegation\"%\n\x17RevokeDelegationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x01\n\x14\x45xplainPolicyRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x12\n\ndelegation\x18\x07 \x01(\t\x12=\n\x07\x63ontext\x18\x08 \x03(\x0b\x32,.badged.v1.ExplainPolicyRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x15\x45xplainPolicyResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06\x62undle\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05trace\x18\x06 \x03(\t\x12\x11\n\tselectors\x18\x07 \x03(\t\x12\x19\n\x11\x61pproval_required\x18\x08 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\t \x01(\r\"\x15\n\x13ReloadPolicyRequest\"R\n\x14ReloadPolicyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06\x61gents\x18\x03 \x01(\r\x12\x0f\n\x07\x62undles\x18\x04 \x01(\r\"\xa8\x01\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_kid\x18\x02 \x01(\t\x12\x10\n\x08sign_kid\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nretired_at\x18\x06 \x01(\x03\x12\x15\n\rpublish_until\x18\x07 \x01(\x03\x12\x16\n\x0essh_public_key\x18\x08 \x01(\t\"\xdd\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x04 \x01(\r\x12#\n\x04keys\x18\x05 \x03(\x0b\x32\x15.badged.v1.KeyVersion\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nrevoked_at\x18\x07 \x01(\x03\x12\x15\n\rrevoke_reason\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x11\n\tassurance\x18\n \x01(\t\"7\n\x12\x43reateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\",\n\x11ListAgentsRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.badged.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12RotateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x89\x08\n\x0c\x41\x64minService\x12>\n\x0b\x43reateAgent\x12\x1d.badged.v1.CreateAgentRequest\x1a\x10.badged.v1.Agent\x12I\n\nListAgents\x12\x1c.badged.v1.ListAgentsRequest\x1a\x1d.badged.v1.ListAgentsResponse\x12\x38\n\x08GetAgent\x12\x1a.badged.v1.GetAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bRotateAgent\x12\x1d.badged.v1.RotateAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bRevokeAgent\x12\x1d.badged.v1.RevokeAgentRequest\x1a\x10.badged.v1.Agent\x12>\n\x0bGrantBundle\x12\x1d.badged.v1.GrantBundleRequest\x1a\x10.badged.v1.Grant\x12>\n\x0bRevokeGrant\x12\x1d.badged.v1.RevokeGrantRequest\x1a\x10.badged.v1.Grant\x12I\n\nListGrants\x12\x1c.badged.v1.ListGrantsRequest\x1a\x1d.badged.v1.ListGrantsResponse\x12R\n\rListApprovals\x12\x1f.badged.v1.ListApprovalsRequest\x1a .badged.v1.ListApprovalsResponse\x12G\n\x0e\x44\x65\x63ideApproval\x12 .badged.v1.DecideApprovalRequest\x1a\x13.badged.v1.Approval\x12X\n\x0fListDelegations\x12!.badged.v1.ListDelegationsRequest\x1a\".badged.v1.ListDelegationsResponse\x12M\n\x10RevokeDelegation\x12\".badged.v1.RevokeDelegationRequest\x1a\x15.badged.v1.Delegation\x12R\n\rExplainPolicy\x12\x1f.badged.v1.ExplainPolicyRequest\x1a .badged.v1.ExplainPolicyResponse\x12O\n\x0cReloadPolicy\x12\x1e.badged.v1.ReloadPolicyRequest\x1a\x1f.badged.v1.ReloadPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,47 +55,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTGRANTSRESPONSE']._serialized_start=600
   _globals['_LISTGRANTSRESPONSE']._serialized_end=654
   _globals['_APPROVAL']._serialized_start=657
-  _globals['_APPROVAL']._serialized_end=1064
+  _globals['_APPROVAL']._serialized_end=1080
   _globals['_APPROVAL_CONTEXTENTRY']._serialized_start=266
   _globals['_APPROVAL_CONTEXTENTRY']._serialized_end=312
-  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1066
-  _globals['_LISTAPPROVALSREQUEST']._serialized_end=1088
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=1090
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=1153
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1155
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1224
-  _globals['_LISTDELEGATIONSREQUEST']._serialized_start=1226
-  _globals['_LISTDELEGATIONSREQUEST']._serialized_end=1276
-  _globals['_LISTDELEGATIONSRESPONSE']._serialized_start=1278
-  _globals['_LISTDELEGATIONSRESPONSE']._serialized_end=1347
-  _globals['_REVOKEDELEGATIONREQUEST']._serialized_start=1349
-  _globals['_REVOKEDELEGATIONREQUEST']._serialized_end=1386
-  _globals['_EXPLAINPOLICYREQUEST']._serialized_start=1389
-  _globals['_EXPLAINPOLICYREQUEST']._serialized_end=1639
+  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1082
+  _globals['_LISTAPPROVALSREQUEST']._serialized_end=1104
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=1106
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=1169
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1171
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1240
+  _globals['_LISTDELEGATIONSREQUEST']._serialized_start=1242
+  _globals['_LISTDELEGATIONSREQUEST']._serialized_end=1292
+  _globals['_LISTDELEGATIONSRESPONSE']._serialized_start=1294
+  _globals['_LISTDELEGATIONSRESPONSE']._serialized_end=1363
+  _globals['_REVOKEDELEGATIONREQUEST']._serialized_start=1365
+  _globals['_REVOKEDELEGATIONREQUEST']._serialized_end=1402
+  _globals['_EXPLAINPOLICYREQUEST']._serialized_start=1405
+  _globals['_EXPLAINPOLICYREQUEST']._serialized_end=1655
   _globals['_EXPLAINPOLICYREQUEST_CONTEXTENTRY']._serialized_start=266
   _globals['_EXPLAINPOLICYREQUEST_CONTEXTENTRY']._serialized_end=312
-  _globals['_EXPLAINPOLICYRESPONSE']._serialized_start=1642
-  _globals['_EXPLAINPOLICYRESPONSE']._serialized_end=1825
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=1827
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=1848
-  _globals['_RELOADPOLICYRESPONSE']._serialized_start=1850
-  _globals['_RELOADPOLICYRESPONSE']._serialized_end=1932
-  _globals['_KEYVERSION']._serialized_start=1935
-  _globals['_KEYVERSION']._serialized_end=2103
-  _globals['_AGENT']._serialized_start=2106
-  _globals['_AGENT']._serialized_end=2327
-  _globals['_CREATEAGENTREQUEST']._serialized_start=2329
-  _globals['_CREATEAGENTREQUEST']._serialized_end=2384
-  _globals['_LISTAGENTSREQUEST']._serialized_start=2386
-  _globals['_LISTAGENTSREQUEST']._serialized_end=2430
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=2432
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=2486
-  _globals['_GETAGENTREQUEST']._serialized_start=2488
-  _globals['_GETAGENTREQUEST']._serialized_end=2519
-  _globals['_ROTATEAGENTREQUEST']._serialized_start=2521
-  _globals['_ROTATEAGENTREQUEST']._serialized_end=2555
-  _globals['_REVOKEAGENTREQUEST']._serialized_start=2557
-  _globals['_REVOKEAGENTREQUEST']._serialized_end=2607
-  _globals['_ADMINSERVICE']._serialized_start=2610
-  _globals['_ADMINSERVICE']._serialized_end=3643
+  _globals['_EXPLAINPOLICYRESPONSE']._serialized_start=1658
+  _globals['_EXPLAINPOLICYRESPONSE']._serialized_end=1841
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=1843
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=1864
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=1866
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=1948
+  _globals['_KEYVERSION']._serialized_start=1951
+  _globals['_KEYVERSION']._serialized_end=2119
+  _globals['_AGENT']._serialized_start=2122
+  _globals['_AGENT']._serialized_end=2343
+  _globals['_CREATEAGENTREQUEST']._serialized_start=2345
+  _globals['_CREATEAGENTREQUEST']._serialized_end=2400
+  _globals['_LISTAGENTSREQUEST']._serialized_start=2402
+  _globals['_LISTAGENTSREQUEST']._serialized_end=2446
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=2448
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=2502
+  _globals['_GETAGENTREQUEST']._serialized_start=2504
+  _globals['_GETAGENTREQUEST']._serialized_end=2535
+  _globals['_ROTATEAGENTREQUEST']._serialized_start=2537
+  _globals['_ROTATEAGENTREQUEST']._serialized_end=2571
+  _globals['_REVOKEAGENTREQUEST']._serialized_start=2573
+  _globals['_REVOKEAGENTREQUEST']._serialized_end=2623
+  _globals['_ADMINSERVICE']._serialized_start=2626
+  _globals['_ADMINSERVICE']._serialized_end=3659
 # @@protoc_insertion_point(module_scope)

@@ -244,6 +244,7 @@ class Approval(_message.Message):
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     TXN_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     agent: _builtins.str
     bundle: _builtins.str
@@ -261,6 +262,10 @@ class Approval(_message.Message):
     """"pending", "approved", "denied", "expired", "cancelled"."""
     decided_by: _builtins.str
     txn: _builtins.str
+    detail: _builtins.str
+    """What is to be signed, as the daemon classified it (kind "ssh": "auth
+    user=git host=SHA256:..." or "sshsig namespace=git"); never the caller's words.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -291,10 +296,11 @@ class Approval(_message.Message):
         decided_by: _builtins.str = ...,
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         txn: _builtins.str = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "bundle", b"bundle", "context", b"context", "deadline", b"deadline", "decided_by", b"decided_by", "exe", b"exe", "exe_sha256", b"exe_sha256", "id", b"id", "kind", b"kind", "pid", b"pid", "process_chain", b"process_chain", "reason", b"reason", "requested_at", b"requested_at", "scopes", b"scopes", "state", b"state", "ttl_seconds", b"ttl_seconds", "txn", b"txn", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "audience", b"audience", "bundle", b"bundle", "context", b"context", "deadline", b"deadline", "decided_by", b"decided_by", "detail", b"detail", "exe", b"exe", "exe_sha256", b"exe_sha256", "id", b"id", "kind", b"kind", "pid", b"pid", "process_chain", b"process_chain", "reason", b"reason", "requested_at", b"requested_at", "scopes", b"scopes", "state", b"state", "ttl_seconds", b"ttl_seconds", "txn", b"txn", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

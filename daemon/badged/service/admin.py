@@ -287,4 +287,16 @@ def _approval_pb(a: PendingApproval) -> admin_pb2.Approval:
         scopes=list(a.request.scopes), ttl_seconds=a.request.ttl, reason=a.reason, pid=p.pid,
         uid=p.uid, exe=p.exe or "", exe_sha256=p.exe_sha256 or "", process_chain=list(p.chain),
         requested_at=int(a.requested_at), deadline=int(a.deadline), state=a.state,
-        decided_by=a.decided_by, context=dict(a.request.context), txn=a.txn)
+        decided_by=a.decided_by, context=dict(a.request.context), txn=a.txn,
+        detail=_approval_detail(a.request))
+
+
+def _approval_detail(req: Request) -> str:
+    """What the operator approves beyond agent and process: for SSH, the destination or namespace."""
+    if req.kind != "ssh":
+        return ""
+    if req.ssh_purpose == "auth":
+        return f"ssh auth user={req.ssh_user or '?'} host={req.ssh_host or 'unknown (no session-bind)'}"
+    if req.ssh_purpose == "sshsig":
+        return f"ssh sshsig namespace={req.ssh_namespace}"
+    return "ssh unclassified data"
