@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -346,3 +347,35 @@ def test_oauth_route_presents_a_client_assertion_and_caches_the_token(
     n = len(env.auth.token_requests)
     assert agent.call("oauth-foreign", "/x")["status"] == 403
     assert len(env.auth.token_requests) == n and env.upstream.received == []
+
+
+EXEC_AFTER_CONNECT = r"""
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+os.set_inheritable(s.fileno(), True)
+# The connection was attested as this python; now the same pid runs sh on it.
+os.execv("/bin/sh", ["sh", "-c", 'printf "GET /items/1 HTTP/1.1\r\nHost: echo\r\n'
+                     'Connection: close\r\n\r\n" >&%d; cat <&%d' % (s.fileno(), s.fileno())])
+"""
+
+
+def test_exec_after_connect_loses_the_identity(proxy_env: ProxyEnv) -> None:
+    env = proxy_env
+    env.upstream.clear()
+    out = subprocess.run([sys.executable, "-c", EXEC_AFTER_CONNECT, str(env.socket)],
+                         capture_output=True, timeout=30, check=False).stdout
+    assert out.startswith(b"HTTP/1.1 403"), out[:200]
+    assert env.upstream.received == []
+    last = env.events("proxy.denied")[-1]
+    assert "changed" in last["reason"] or "exec" in last["reason"], last["reason"]
+
+
+def test_badgectl_proxy_env(proxy_env: ProxyEnv) -> None:
+    r = _badgectl(proxy_env, "proxy", "env", "demo-agent", "--proxy-socket",
+                  str(proxy_env.socket))
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert f"export BADGED_PROXY_SOCKET={proxy_env.socket}" in text
+    assert "export BADGED_AGENT=demo-agent" in text and "curl --unix-socket" in text
+    assert "HTTP_PROXY" not in text  # not a forward proxy

@@ -57,6 +57,7 @@ from badged.core import assertions, dpop
 from badged.core import context as request_context
 from badged.core.tokens import build_claims, mint_token
 from badged.errors import (
+    AttestationError,
     BadgedError,
     InvalidRequestError,
     KeyStoreError,
@@ -292,7 +293,11 @@ class ProxyServer:
         target: Target | None = None
         agent: str | None = None
         try:
-            proc = d.attestor.attest(peer)
+            try:
+                proc = d.attestor.attest(peer)
+            except AttestationError as exc:  # exec after connect, caller gone: on record
+                raise _Denied(403, exc.public or "caller attestation failed",
+                              detail=exc.detail) from None
             route = self._route(request)
             target = _target(request)
             _check_framing(request.headers, route)
@@ -405,24 +410,35 @@ class ProxyServer:
 
     async def _read_body(self, request: web.BaseRequest, route: Route, caller: Caller,
                          auth: Authorized, target: Target) -> bytes:
-        """The body, bounded by the route's limit, read only after the decision.
+        """The body, bounded by the route's limit and timeout, read only after the decision.
 
         A client that waits for ``100 Continue`` gets it only now: an
-        unauthorized call never makes it send its body.
+        unauthorized call never makes it send its body. A body that trickles
+        slower than the route's ``timeout`` is cut off (408).
         """
         limit = route.max_request_bytes
-        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        if request.headers.get("Expect", "").lower() == "100-continue" \
+                and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                exc = _Denied(413, f"request body above the route's {limit} bytes")
-                await self._audit_denied(caller.proc, caller.peer, route, request.method,
-                                         target, auth.key.agent, exc)
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            chunks.append(chunk)
+        refusal: _Denied | None = None
+        try:
+            async with asyncio.timeout(route.timeout):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        refusal = _Denied(413, f"request body above the route's {limit} bytes")
+                        break
+                    chunks.append(chunk)
+        except TimeoutError:
+            refusal = _Denied(408, "request body not received in time")
+        if refusal is not None:
+            await self._audit_denied(caller.proc, caller.peer, route, request.method,
+                                     target, auth.key.agent, refusal)
+            if refusal.status == 408:
+                raise web.HTTPRequestTimeout()
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         return b"".join(chunks)
 
     def _minter(self, route: Route, method: str,
