@@ -19,7 +19,7 @@ import pytest
 from badged.sshagent import wire
 from tests.conftest import short_tmpdir
 from tests.e2e.conftest import RunningDaemon, badgectl_cmd
-from tests.ssh.conftest import NOBODY, RawAgentClient, agent_sock, audit_records, run
+from tests.ssh.conftest import NOBODY, RawAgentClient, agent_sock, audit_records, run, ssh_env
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs attackers as nobody: needs root")
 SPIFFE = "spiffe://example.org/agent/demo-agent"
@@ -147,6 +147,17 @@ def test_agent_changing_messages_refused(sshd_daemon: RunningDaemon, work: Path)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     assert run(sshd_daemon, "ssh-add", str(key)).returncode != 0
     assert run(sshd_daemon, "ssh-add", "-D").returncode != 0
+    # ssh-add -x / -X ask for the lock password: give it through SSH_ASKPASS.
+    askpass = work / "askpass"
+    askpass.write_text("#!/bin/sh\necho hunter2\n")
+    askpass.chmod(0o755)
+    env = dict(ssh_env(sshd_daemon), SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force",
+               DISPLAY=":0")
+    for flag in ("-x", "-X"):
+        out = subprocess.run(["ssh-add", flag], env=env, capture_output=True, timeout=30,
+                             stdin=subprocess.DEVNULL, check=False)
+        assert out.returncode != 0, (flag, out.stderr)
+        assert b"Failed" in out.stderr or b"failed" in out.stderr, (flag, out.stderr)
     client = RawAgentClient(agent_sock(sshd_daemon))
     try:
         for msg in (wire.frame(wire.SSH_AGENTC_LOCK, wire.string(b"pw")),
@@ -158,6 +169,12 @@ def test_agent_changing_messages_refused(sshd_daemon: RunningDaemon, work: Path)
     finally:
         client.close()
     assert len(pubkey(sshd_daemon).splitlines()) == 1  # still the one key, unlocked
+    refused = {r["ssh"]["message"] for r in audit_records(sshd_daemon)  # type: ignore[index]
+               if r.get("event") == "ssh.denied" and isinstance(r.get("ssh"), dict)
+               and "message" in r["ssh"]}  # type: ignore[operator]
+    assert {wire.SSH_AGENTC_ADD_IDENTITY, wire.SSH_AGENTC_REMOVE_ALL_IDENTITIES,
+            wire.SSH_AGENTC_LOCK, wire.SSH_AGENTC_UNLOCK,
+            wire.SSH_AGENTC_ADD_SMARTCARD_KEY} <= refused, refused
 
 
 def test_malformed_and_oversized_messages_answered_with_failure(

@@ -351,7 +351,9 @@ class _Conn(asyncio.Protocol):
             who = {"pid": self.peer.pid, "uid": self.peer.uid}
         await self.s.deps.audit.append({
             "event": "ssh.denied", "agent": None, "caller": who, "decision": "deny",
-            "rule": "-", "reason": "agent-changing message refused (keys are the operator's)",
+            "rule": "-", "reason": f"agent-changing message refused: "
+                                   f"{wire.MUTATING_NAMES.get(msg_type, 'unknown')} "
+                                   f"(keys are the operator's)",
             "ssh": {"message": msg_type}})
 
     def _destination(self, signed: wire.SignedData) -> str:

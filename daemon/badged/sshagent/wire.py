@@ -56,6 +56,20 @@ MUTATING = frozenset({SSH_AGENTC_ADD_IDENTITY, SSH_AGENTC_REMOVE_IDENTITY,
                       SSH_AGENTC_ADD_ID_CONSTRAINED,
                       SSH_AGENTC_ADD_SMARTCARD_KEY_CONSTRAINED})
 
+# What ssh-add would have done, for the audit record's reason (no digits: the
+# denial aggregator masks numbers, and each kind of refusal should show).
+MUTATING_NAMES = {
+    SSH_AGENTC_ADD_IDENTITY: "add identity (ssh-add)",
+    SSH_AGENTC_REMOVE_IDENTITY: "remove identity (ssh-add -d)",
+    SSH_AGENTC_REMOVE_ALL_IDENTITIES: "remove all identities (ssh-add -D)",
+    SSH_AGENTC_ADD_SMARTCARD_KEY: "add smartcard key (ssh-add -s)",
+    SSH_AGENTC_REMOVE_SMARTCARD_KEY: "remove smartcard key (ssh-add -e)",
+    SSH_AGENTC_LOCK: "lock (ssh-add -x)",
+    SSH_AGENTC_UNLOCK: "unlock (ssh-add -X)",
+    SSH_AGENTC_ADD_ID_CONSTRAINED: "add constrained identity (ssh-add -c/-t/-h)",
+    SSH_AGENTC_ADD_SMARTCARD_KEY_CONSTRAINED: "add constrained smartcard key",
+}
+
 SESSION_BIND = b"session-bind@openssh.com"
 KEY_TYPE = b"ecdsa-sha2-nistp256"
 _CURVE = b"nistp256"
