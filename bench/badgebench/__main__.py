@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from badgebench import durability, host, procfs, provision, report, ssh
+from badgebench import durability, host, kit, procfs, provision, report, ssh
 from badgebench.ceiling import run_ceiling
 from badgebench.load import LoadResult, run_load
 from badgebench.ops import OpSpec, ecdsa_blob, ssh_identities
@@ -27,7 +27,7 @@ from badgebench.report import Report, Row
 from badgebench.servers import Badged, P11KitServer, SshAgent, Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged", "proxy", "ssh")
+GROUPS = ("openssl", "inprocess", "ssh-agent", "p11-kit", "badged", "proxy", "ssh", "kit")
 AUDIENCE = "https://api.example.com"  # granted by `badged dev`'s generated policy
 BADGED_AGENT = "demo-agent"
 
@@ -542,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
                     _say(f"proxy: {t['name']}: {t['value']} (goal {t['goal']})")
             if "ssh" in groups:  # issue 19: the SSH agent socket vs ssh-agent, same key
                 rep.ssh = ssh.bench_ssh(rep.rows, plan, token, state, src, _load_row, _say)
+            if "kit" in groups:  # issue 18's rows (badgebench.kit), in rep.badged["kit"]
+                from badgebench.kit import run_kit
+
+                rep.badged["kit"] = _guarded("kit rows", lambda: run_kit(
+                    src=src, token=token, public=public, quick=plan.mode == "quick", say=_say))
+                for t in rep.badged["kit"].get("targets", []):
+                    _say(f"kit: {t['name']}: {t['value']} (goal {t['goal']})")
         except KeyboardInterrupt:
             _say("interrupted; cleaning up")
             return 130
@@ -573,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if b.get("external_socket"):
         print(f"\nbadged: external daemon at {b['external_socket']} (pid {b.get('external_pid')});"
               f" start-up not measured")
-    if b and "unavailable" not in b and not b.get("external_socket"):
+    if b and "unavailable" not in b and not b.get("external_socket") and b.get("start_warm_s"):
         cold = b.get("start_cold_s")
         print(f"\nbadged start-up to ready: {b.get('start_warm_s')}s" + (
             f" (first start, creating the agent's keys: {cold}s)" if cold else
@@ -600,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in _ceiling_lines(rep.ceiling):
         print(line)
     for line in durability.lines(rep.durability):
+        print(line)
+    for line in kit.lines(rep.badged.get("kit", {})):
         print(line)
     for line in ssh.lines(rep.ssh):
         print(line)
@@ -692,7 +701,8 @@ def _markdown(rep: Report) -> str:
     if m.get("host"):
         lines += ["```", *host.header_lines(m["host"], v, m.get("loadavg_after")), "```", ""]
     lines += [report.format_markdown(rep.rows), ""]
-    if b and "unavailable" not in b and not b.get("external_socket"):
+    lines += kit.lines(rep.badged.get("kit", {}))
+    if b and "unavailable" not in b and not b.get("external_socket") and b.get("rss_before_kib"):
         lines.append(f"- badged start-up to ready: {b.get('start_warm_s')} s (first start, "
                      f"creating the agent's keys: {b.get('start_cold_s')} s)")
         lines.append(f"- badged RSS: {b.get('rss_at_ready_kib')} KiB at ready; "

@@ -12,7 +12,9 @@ import asyncio
 import collections
 import os
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
 from badgeclient.client import DEFAULT_SOCKET, Token
@@ -21,6 +23,13 @@ from badgeclient.errors import UnavailableError
 from badgeclient.tokensource import AsyncTokenSource, TokenSource
 
 MAX_NONCE_ORIGINS = 64
+#: A spare proof older than this is not used (it would reach the server with an old iat).
+SPARE_MAX_AGE = 2.0
+#: Endpoints (method/URI/token/nonce/agent) with spares kept.
+MAX_SPARES = 8
+#: Proofs kept made or in the making per endpoint: a call waits for the daemon
+#: only when calls come faster than this many proofs can be made.
+SPARE_DEPTH = 2
 MAX_NONCE_BYTES = 512
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -57,7 +66,8 @@ class AuthCore:
 
     def __init__(self, tokens: TokenSource | AsyncTokenSource, *, audience: str,
                  scopes: Sequence[str] = (), agent: str | None = None, dpop: bool = False,
-                 socket_path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
+                 socket_path: str | os.PathLike[str] | None = None, timeout: float = 10.0,
+                 prefetch_proofs: bool = True) -> None:
         self.tokens = tokens
         self.audience = audience
         self.scopes = tuple(scopes)
@@ -69,6 +79,14 @@ class AuthCore:
         self._lock = threading.Lock()
         # origin -> the last DPoP-Nonce it sent (bounded: one per server talked to).
         self._nonces: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Proof prefetch: (method, htu, token, nonce, agent) -> (proof, made at, monotonic).
+        self._prefetch = prefetch_proofs
+        self._spares: collections.OrderedDict[
+            tuple[str, ...], collections.deque[tuple[Future[str], float]]] = collections.OrderedDict()
+        self._last_use: dict[tuple[str, ...], float] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        #: Proofs served from a prefetched spare (for tests and the benchmark).
+        self.spares_used = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(audience={self.audience!r}, dpop={self.dpop})"
@@ -102,21 +120,68 @@ class AuthCore:
 
         The agent named is the token's, so the proof key is the key the token
         is bound to (``cnf.jkt``).
+
+        Prefetch: when the same method, URI (without query), token and nonce
+        were used less than ``SPARE_MAX_AGE`` seconds ago, the next proofs for
+        them (``SPARE_DEPTH``) are requested in the background right away, so
+        a run of calls to one endpoint waits for the daemon less (or not at
+        all). A spare is used at most once and only while younger than
+        ``SPARE_MAX_AGE`` (its ``iat`` stays fresh); spares left unused when
+        the calls stop or the nonce changes are dropped -- proofs the daemon
+        issued and audited that no server sees.
         """
         with self._lock:
             nonce = self._nonces.get(origin(url), "")
+        key = (method, htu(url), tok.token, nonce, tok.agent or self.agent or "")
+        if not self._prefetch:
+            return self._fetch_proof(key)
+        now = time.monotonic()
+        with self._lock:
+            queue = self._spares.get(key)
+            spare = queue.popleft() if queue else None
+            recent = now - self._last_use.get(key, -SPARE_MAX_AGE) < SPARE_MAX_AGE
+            self._last_use[key] = now
+            if len(self._last_use) > 4 * MAX_SPARES:
+                self._last_use = {key: now}
+        if recent or spare is not None:
+            self._top_up(key)
+        if spare is not None and now - spare[1] < SPARE_MAX_AGE:
+            try:
+                proof = spare[0].result(timeout=self._timeout)
+            except Exception:  # a failed prefetch is a miss, never the caller's error
+                return self._fetch_proof(key)
+            self.spares_used += 1
+            return proof
+        return self._fetch_proof(key)
+
+    def _fetch_proof(self, key: tuple[str, ...]) -> str:
+        method, target, token, nonce, agent = key
+        with self._lock:
             if self._proofs is None:
                 self._proofs = CredentialClient(self._socket, timeout=self._timeout)
             client = self._proofs
         try:
-            return client.dpop_proof(htm=method, htu=htu(url), access_token=tok.token, nonce=nonce,
-                                     agent=tok.agent or self.agent).proof
+            return client.dpop_proof(htm=method, htu=target, access_token=token, nonce=nonce,
+                                     agent=agent or None).proof
         except UnavailableError:
             with self._lock:  # reconnect on a fresh channel next time (daemon restarted)
                 if self._proofs is client:
                     self._proofs = None
             client.close()
             raise
+
+    def _top_up(self, key: tuple[str, ...]) -> None:
+        """Keep ``SPARE_DEPTH`` proofs for ``key`` made or in the making."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=SPARE_DEPTH,
+                                                thread_name_prefix="badge-dpop")
+            queue = self._spares.setdefault(key, collections.deque())
+            self._spares.move_to_end(key)
+            while len(self._spares) > MAX_SPARES:
+                self._spares.popitem(last=False)
+            while len(queue) < SPARE_DEPTH:
+                queue.append((self._pool.submit(self._fetch_proof, key), time.monotonic()))
 
     # -- challenges ------------------------------------------------------------------
 
@@ -147,6 +212,11 @@ class AuthCore:
         return None
 
     def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._spares.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             client, self._proofs = self._proofs, None
         if client is not None:

@@ -219,16 +219,20 @@ class _Base:
 
     def _call(self, fn: Callable[..., T], request: Any) -> T:
         try:
-            self.socket_path.stat()
-        except FileNotFoundError:
-            raise UnavailableError(f"no badged socket at {self.socket_path} (is the daemon running?)",
-                                   status="UNAVAILABLE") from None
-        except PermissionError:
-            raise UnavailableError(f"permission denied reaching {self.socket_path}",
-                                   status="UNAVAILABLE") from None
-        try:
             return fn(request, timeout=self._timeout)
         except grpc.RpcError as err:
+            # Only a failed call looks at the socket file, for a clearer reason:
+            # a stat per call costs the common path (issue 18's client profile).
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                try:
+                    self.socket_path.stat()
+                except FileNotFoundError:
+                    raise UnavailableError(
+                        f"no badged socket at {self.socket_path} (is the daemon running?)",
+                        status="UNAVAILABLE") from None
+                except PermissionError:
+                    raise UnavailableError(f"permission denied reaching {self.socket_path}",
+                                           status="UNAVAILABLE") from None
             raise from_rpc_error(err) from None
 
     def close(self) -> None:

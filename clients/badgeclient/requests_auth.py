@@ -43,9 +43,11 @@ class BadgeRequestsAuth(AuthBase):
 
     def __init__(self, tokens: TokenSource, *, audience: str, scopes: Sequence[str] = (),
                  agent: str | None = None, dpop: bool = False,
-                 socket_path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
+                 socket_path: str | os.PathLike[str] | None = None, timeout: float = 10.0,
+                 prefetch_proofs: bool = True) -> None:
         self._core = AuthCore(tokens, audience=audience, scopes=scopes, agent=agent, dpop=dpop,
-                              socket_path=socket_path, timeout=timeout)
+                              socket_path=socket_path, timeout=timeout,
+                              prefetch_proofs=prefetch_proofs)
 
     def __repr__(self) -> str:
         return f"BadgeRequestsAuth(audience={self._core.audience!r}, dpop={self._core.dpop})"

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -222,3 +223,24 @@ def test_async_client_with_async_source(world: tuple[BadgedDev, ResourceServer])
                 assert (await http.get(rs.origin + "/orders")).status_code == 200
 
     asyncio.run(main())
+
+
+def test_dpop_proofs_prefetched_for_a_run_of_calls(world: tuple[BadgedDev, ResourceServer]) -> None:
+    """Calls to one endpoint in a row use proofs fetched in the background, each once, each
+    accepted by the server; with prefetch off, every proof is made for its request."""
+    dev, rs = world
+    with dev.token_source() as tokens:
+        for prefetch in (True, False):
+            auth = BadgeAuth(tokens, audience=RS, scopes=["read"], agent=AGENT, dpop=True,
+                             socket_path=dev.workload_socket, prefetch_proofs=prefetch)
+            rs.seen.clear()
+            with httpx.Client(auth=auth) as http:
+                for page in range(6):
+                    r = http.get(rs.origin + f"/orders?page={page}")  # htu has no query
+                    assert r.status_code == 200, (r.text, rs.seen)
+                    time.sleep(0.1)  # let the background fetch land
+            used = auth._core.spares_used
+            auth.close()
+            assert used >= 3 if prefetch else used == 0, used
+            proofs = [h["dpop"] for h in rs.headers_seen[-6:]]
+            assert len(set(proofs)) == 6
