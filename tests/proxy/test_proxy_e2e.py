@@ -379,3 +379,28 @@ def test_badgectl_proxy_env(proxy_env: ProxyEnv) -> None:
     assert f"export BADGED_PROXY_SOCKET={proxy_env.socket}" in text
     assert "export BADGED_AGENT=demo-agent" in text and "curl --unix-socket" in text
     assert "HTTP_PROXY" not in text  # not a forward proxy
+
+
+def test_badgeclient_proxy_helpers(proxy_env: ProxyEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docs' httpx and requests recipes (badgeclient.proxy), against the real proxy."""
+    from badgeclient.proxy import httpx_client, requests_session
+
+    env = proxy_env
+    env.upstream.clear()
+    monkeypatch.setenv("BADGED_PROXY_SOCKET", str(env.socket))
+    monkeypatch.setenv("BADGED_AGENT", "demo-agent")
+    with httpx_client("echo") as client:
+        assert client.get("/items/1").status_code == 200
+        assert client.post("/items", content=b"hello").status_code == 200
+    session = requests_session()
+    try:
+        assert session.get("http://echo/items/2").status_code == 200
+        assert session.post("http://echo/items", data=b"world").status_code == 200
+        denied = session.get("http://echo/admin")
+        assert denied.status_code == 403 and denied.json()["error"] == "denied"
+    finally:
+        session.close()
+    assert [r["path"] for r in env.upstream.received] == [
+        "/api/items/1", "/api/items", "/api/items/2", "/api/items"]
+    assert [r["body"] for r in env.upstream.received if r["method"] == "POST"] == [
+        b"hello", b"world"]

@@ -10,25 +10,13 @@ one-liners for curl, httpx and requests.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
 import click
 
 from badgeclient._cli.options import emit_json, json_option
-from badgeclient.client import DEFAULT_SOCKET
-
-DEFAULT_PROXY_SOCKET = str(Path(DEFAULT_SOCKET).with_name("proxy.sock"))
-
-
-def default_proxy_socket() -> str:
-    """BADGED_PROXY_SOCKET, else ``proxy.sock`` beside the workload socket."""
-    env = os.environ.get("BADGED_PROXY_SOCKET")
-    if env:
-        return env
-    workload = os.environ.get("BADGED_SOCKET")
-    return str(Path(workload).with_name("proxy.sock")) if workload else DEFAULT_PROXY_SOCKET
+from badgeclient.proxy import proxy_socket
 
 
 @click.group("proxy")
@@ -38,15 +26,15 @@ def proxy_group() -> None:
 
 @proxy_group.command("env")
 @click.argument("agent")
-@click.option("--proxy-socket", "proxy_socket", default=None,
+@click.option("--proxy-socket", "proxy_socket_path", default=None,
               help="The proxy socket [env BADGED_PROXY_SOCKET; default: proxy.sock beside "
                    "the workload socket].")
 @click.option("--route", default="ROUTE", show_default=True,
               help="A route name to fill into the examples.")
 @json_option
-def proxy_env(agent: str, proxy_socket: str | None, route: str, as_json: bool) -> None:
+def proxy_env(agent: str, proxy_socket_path: str | None, route: str, as_json: bool) -> None:
     """Print the exports (and client one-liners) for AGENT to use the proxy."""
-    sock = proxy_socket or default_proxy_socket()
+    sock = proxy_socket_path or proxy_socket()
     exports = {"BADGED_PROXY_SOCKET": sock, "BADGED_AGENT": agent}
     if as_json:
         emit_json({"env": exports, "route_url": f"http://{route}/"})
@@ -59,7 +47,8 @@ def proxy_env(agent: str, proxy_socket: str | None, route: str, as_json: bool) -
 #               http://{route}/PATH
 # httpx:    httpx.Client(transport=httpx.HTTPTransport(uds=os.environ["BADGED_PROXY_SOCKET"]),
 #               base_url="http://{route}", headers={{"Badged-Agent": os.environ["BADGED_AGENT"]}})
-# requests: see docs/proxy.md (a 10-line adapter: requests has no Unix-socket transport)""")
+# Python:   from badgeclient.proxy import httpx_client, requests_session
+#           httpx_client("{route}").get("/PATH"); requests_session().get("http://{route}/PATH")""")
     if not Path(sock).exists():
         click.echo(f"# note: {sock} does not exist (is [proxy] socket set and the daemon "
                    f"running?)", err=True)
