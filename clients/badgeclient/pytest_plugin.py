@@ -1,7 +1,7 @@
 """A pytest plugin that runs a real ``badged dev`` for a downstream project's tests.
 
-Enable it with ``-p badgeclient.pytest_plugin`` (or ``pytest_plugins =
-["badgeclient.pytest_plugin"]`` in a conftest), then::
+Installing badgeclient enables it (a ``pytest11`` entry point; ``-p
+no:badgeclient.pytest_plugin`` turns it off), then::
 
     def test_my_agent(badged_dev):
         tok = badged_dev.client.fetch_token(audience="https://api.example.com", scopes=["read"])
