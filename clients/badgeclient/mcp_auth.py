@@ -53,7 +53,6 @@ import httpx2
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, ListToolsResult
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -64,6 +63,9 @@ from badgeclient.tokensource import AsyncTokenSource, TokenSource
 from badgeclient.verify import DpopRequest, VerificationError, Verifier
 
 _logger = logging.getLogger(__name__)
+#: The MCP SDK's recommended client timeouts (mcp.shared's create_mcp_http_client).
+MCP_TIMEOUT = 30.0
+MCP_READ_TIMEOUT = 300.0
 F = TypeVar("F", bound=Callable[..., object])
 
 # -- the agent: an httpx2.Auth for the SDK's streamable HTTP client ------------------------
@@ -138,10 +140,14 @@ class BadgeMCPAuth(httpx2.Auth):
 def mcp_http_client(tokens: TokenSource | AsyncTokenSource, *, resource: str,
                     scopes: Sequence[str] = (), agent: str | None = None, dpop: bool = False,
                     socket_path: str | os.PathLike[str] | None = None) -> httpx2.AsyncClient:
-    """The SDK's HTTP client (its MCP timeouts) with :class:`BadgeMCPAuth`; pass it as
-    ``streamable_http_client(url, http_client=...)`` and use it as a context manager."""
-    return create_mcp_http_client(auth=BadgeMCPAuth(tokens, resource=resource, scopes=scopes,
-                                                    agent=agent, dpop=dpop, socket_path=socket_path))
+    """An ``httpx2.AsyncClient`` with :class:`BadgeMCPAuth` for ``streamable_http_client(url,
+    http_client=...)``; use it as a context manager. Timeouts as the SDK's own client (30 s,
+    300 s to read: a server may hold a response stream open); redirects are the transport's
+    business (it follows same-origin ones itself)."""
+    return httpx2.AsyncClient(
+        auth=BadgeMCPAuth(tokens, resource=resource, scopes=scopes, agent=agent, dpop=dpop,
+                          socket_path=socket_path),
+        timeout=httpx2.Timeout(MCP_TIMEOUT, read=MCP_READ_TIMEOUT))
 
 
 # -- the server: a TokenVerifier, DPoP, and scopes per tool --------------------------------
