@@ -152,3 +152,18 @@ def test_fresh_venv_with_only_badgeclient_verifies_a_token(tmp_path: Path,
     needs = subprocess.run([ctl, "policy", "check", "policy.toml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120, env=env, check=False)
     assert needs.returncode == 2 and "badged" in needs.stderr, needs.stderr
+
+
+def test_the_lock_never_takes_badgeclient_from_a_registry() -> None:
+    """Dependency confusion: anyone can publish a package named ``badgeclient``. The lock
+    must not pin one (it would be fetched by name and hash from the index), and the refresh
+    must resolve the name from ./clients."""
+    for lock in sorted((ROOT / ".ci" / "lock").glob("*.txt")):
+        pinned = [line for line in lock.read_text().splitlines()
+                  if re.match(r"^badgeclient\b", line.strip())]
+        assert not pinned, (lock.name, pinned)
+    refresh = (ROOT / ".ci" / "lock" / "refresh").read_text()
+    assert 'badgeclient @ file://$PWD/clients' in refresh
+    assert "--no-emit-package badgeclient" in refresh
+    setup = (ROOT / ".ci" / "setup").read_text()
+    assert setup.index("-e clients") < setup.index("-e . ")
