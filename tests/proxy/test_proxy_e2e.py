@@ -73,14 +73,16 @@ def test_dpop_route_attaches_a_fresh_proof_and_replaces_what_the_agent_sent(
     r = agent.call("echo", "/items/7?q=1", headers={
         "Authorization": "Bearer stolen-by-agent", "DPoP": "forged",
         "Connection": "X-Hop", "X-Hop": "1", "Proxy-Authorization": "Basic eA==",
-        "X-Trace": "kept"})
+        "X-HTTP-Method-Override": "DELETE", "X-Original-URL": "/admin",
+        "X-Rewrite-URL": "/admin", "X-Trace": "kept"})
     assert r["status"] == 200, r
     r2 = agent.call("echo", "/items/8")
     assert r2["status"] == 200
     first, second = env.upstream.received
     assert first["path"] == "/api/items/7?q=1"
     assert _header(first, "X-Trace") == ["kept"]
-    for name in ("X-Hop", "Proxy-Authorization", "Badged-Agent"):
+    for name in ("X-Hop", "Proxy-Authorization", "Badged-Agent", "X-HTTP-Method-Override",
+                 "X-Original-URL", "X-Rewrite-URL"):
         assert not _header(first, name), name
     (authz,) = _header(first, "Authorization")
     assert authz.startswith("DPoP ") and "stolen" not in authz
@@ -129,6 +131,7 @@ def test_dpop_route_attaches_a_fresh_proof_and_replaces_what_the_agent_sent(
     "/admin", "/public/../admin", "/public/..%2fadmin", "/public/%2e%2e/admin",
     "/public/%252e%252e/admin", "/public/..%5cadmin", "/items/7/../../admin",
     "/public;x=/../../admin", "/public/%2e%2e%2fadmin", "/public\\..\\admin",
+    "http://echo/admin", "//echo/admin", "/public/%c0%ae%c0%ae/admin",
 ])
 def test_disallowed_paths_are_403_audited_and_never_reach_the_upstream(
         proxy_env: ProxyEnv, path: str) -> None:

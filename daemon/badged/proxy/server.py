@@ -89,9 +89,13 @@ CONTEXT_HEADER = "Badged-Context"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
                         "host", "content-length", "expect"})
-# Never forwarded from the agent: credentials are the proxy's to attach.
-_AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop", AGENT_HEADER.lower(),
-                                       CONTEXT_HEADER.lower()})
+# Never forwarded from the agent: credentials are the proxy's to attach, and
+# headers some servers and frameworks honour as the *real* method or path
+# (they would turn an allowed GET /public into DELETE /admin upstream).
+_AGENT_CREDENTIAL_HEADERS = frozenset({
+    "authorization", "dpop", AGENT_HEADER.lower(), CONTEXT_HEADER.lower(),
+    "x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+    "x-rewrite-url", "x-original-uri", "x-forwarded-prefix"})
 # Renew a cached access token when less than this share of its life is left.
 _RENEW_AT = 0.25
 _TOKEN_CACHE_MAX = 4096
