@@ -46,6 +46,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from badgeclient._authcore import AuthCore
 from badgeclient.client import Token
 from badgeclient.tokensource import AsyncTokenSource, TokenSource
-from badgeclient.verify import DpopRequest, VerificationError, Verifier
+from badgeclient.verify import DpopRequest, ReplayCache, VerificationError, VerifiedToken, Verifier
 
 _logger = logging.getLogger(__name__)
 #: The MCP SDK's recommended client timeouts (mcp.shared's create_mcp_http_client).
@@ -161,34 +162,63 @@ class BadgeTokenVerifier:
     """An ``mcp.server.auth.provider.TokenVerifier`` for badged access tokens.
 
     ``resource``: this server's URL, the audience a token must carry.
-    ``jwks``: the daemon's JWK Set (``badgectl jwks``), or ``verifier``: a
-    configured :class:`~badgeclient.verify.Verifier` (roots, revocations,
-    clock); ``issuer``: the daemon's ``iss`` if the JWKS does not say it.
-    ``min_assurance``: refuse tokens below this level (``enterprise``,
-    ``advanced``). ``require_dpop``: refuse tokens not bound to a key (needs
-    :func:`dpop_asgi` around the app to see the proofs).
+    ``jwks``: the daemon's JWK Set (``badgectl jwks``), or a function that
+    returns it (read a file, ask the daemon): it is called again, at most
+    every ``jwks_refresh`` seconds, when a token names a key the set does not
+    have -- the daemon rotated a key -- and the token checked once more.
+    Or ``verifier``: a configured :class:`~badgeclient.verify.Verifier`
+    (roots, revocations, clock). ``issuer``: the daemon's ``iss`` if the JWKS
+    does not say it. ``min_assurance``: refuse tokens below this level
+    (``enterprise``, ``advanced``). ``require_dpop``: refuse tokens not bound
+    to a key (needs :func:`dpop_asgi` around the app to see the proofs).
 
     A refusal is ``None`` to the SDK (a 401 for the client) and a log line
     with the stable reason, never the token.
     """
 
-    def __init__(self, *, resource: str, jwks: Mapping[str, Any] | None = None,
+    def __init__(self, *, resource: str,
+                 jwks: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
                  verifier: Verifier | None = None, issuer: str | None = None,
-                 min_assurance: str | None = None, require_dpop: bool = False) -> None:
+                 min_assurance: str | None = None, require_dpop: bool = False,
+                 jwks_refresh: float = 30.0) -> None:
         if (jwks is None) == (verifier is None):
             raise ValueError("pass exactly one of jwks= or verifier=")
         self.resource = resource
-        self._verifier = verifier or Verifier(jwks=jwks, issuer=issuer, min_assurance=min_assurance,
-                                              single_use_tokens=False)
+        self._load = jwks if callable(jwks) else None
+        self._min_assurance = min_assurance
+        # DPoP proofs stay single-use across JWKS reloads: one replay cache.
+        self._replay = ReplayCache()
+        self._verifier = verifier or self._make(jwks() if callable(jwks) else jwks)
         self._issuer = issuer
         self._require_dpop = require_dpop
+        self._jwks_refresh = jwks_refresh
+        self._loaded_at = time.monotonic()
         #: Refusals by reason (for tests and metrics).
         self.refusals: dict[str, int] = {}
+        #: Times the JWKS was loaded again for an unknown key.
+        self.jwks_reloads = 0
+
+    def _make(self, jwks: Mapping[str, Any] | None) -> Verifier:
+        return Verifier(jwks=jwks, min_assurance=self._min_assurance, single_use_tokens=False,
+                        replay_cache=self._replay)
+
+    def _check(self, token: str) -> VerifiedToken:
+        return self._verifier.verify_token(token, audience=self.resource, issuer=self._issuer,
+                                           dpop=_dpop_request.get(), require_dpop=self._require_dpop)
 
     async def verify_token(self, token: str) -> AccessToken | None:
         try:
-            v = self._verifier.verify_token(token, audience=self.resource, issuer=self._issuer,
-                                            dpop=_dpop_request.get(), require_dpop=self._require_dpop)
+            try:
+                v = self._check(token)
+            except VerificationError as exc:
+                now = time.monotonic()
+                if (exc.reason != "unknown_kid" or self._load is None
+                        or now - self._loaded_at < self._jwks_refresh):
+                    raise
+                self._loaded_at = now  # at most one reload per interval, whatever it finds
+                self._verifier = self._make(await asyncio.to_thread(self._load))
+                self.jwks_reloads += 1
+                v = self._check(token)
         except VerificationError as exc:
             self.refusals[exc.reason] = self.refusals.get(exc.reason, 0) + 1
             _logger.info("MCP token refused: %s", exc.reason)

@@ -159,3 +159,28 @@ def test_wrong_audience_no_token_and_low_assurance_refused(world: World) -> None
     lax = BadgeTokenVerifier(resource=world.url, jwks=world.dev.client.jwks())
     ok = asyncio.run(lax.verify_token(good.token))
     assert ok is not None and ok.client_id.endswith("/notes-reader") and ok.scopes == ["notes:read"]
+
+
+def test_verifier_reloads_the_jwks_for_a_new_key_at_most_every_interval(world: World) -> None:
+    """A key the server has not seen (the daemon rotated): the JWKS is loaded again, once per
+    interval, and the token accepted; a stream of unknown keys does not reload it each time."""
+    real = world.dev.client.jwks()
+    stale = {k: v for k, v in real.items() if k != "keys"} | {"keys": []}
+    docs = [stale, real]
+    loads: list[int] = []
+
+    def load() -> dict[str, object]:
+        loads.append(1)
+        return docs[min(len(loads) - 1, 1)]
+
+    good = world.dev.client.fetch_token(audience=world.url, scopes=["notes:read"], agent="notes-reader")
+    v = BadgeTokenVerifier(resource=world.url, jwks=load, jwks_refresh=0.5)
+    assert asyncio.run(v.verify_token(good.token)) is None  # loaded just now: no reload yet
+    assert v.refusals == {"unknown_kid": 1} and len(loads) == 1
+    time.sleep(0.6)
+    ok = asyncio.run(v.verify_token(good.token))
+    assert ok is not None and v.jwks_reloads == 1 and len(loads) == 2
+    v2 = BadgeTokenVerifier(resource=world.url, jwks=lambda: stale, jwks_refresh=60)
+    for _ in range(5):
+        assert asyncio.run(v2.verify_token(good.token)) is None
+    assert v2.jwks_reloads == 0 and v2.refusals == {"unknown_kid": 5}
