@@ -46,6 +46,7 @@ import base64
 import errno
 import itertools
 import logging
+import os
 import secrets
 import time
 import types
@@ -286,6 +287,12 @@ class _Stream:
     def commit(self) -> None:
         self.committed = True
 
+    def catch_up(self) -> None:
+        self.conn.catch_up()
+
+    def gone(self) -> bool:
+        return self.reset or self.conn.closed
+
     def call_done(self, _task: object) -> None:
         """The handler's task ended (done callback): free the slot and the budget."""
         conn = self.conn
@@ -320,6 +327,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
         self.meter: CpuMeter | None = None
         self._blocks = 0  # why reading is paused: _WRITE_BLOCKED | _HELD
         self.tarpit_timer: asyncio.TimerHandle | None = None
+        self._fd = -1  # the socket's descriptor, for catch_up
         self._receiving = False  # in data_received: flush once at its end
         self._write_paused = False
         self._paused_at = 0.0
@@ -365,6 +373,7 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         self.uid = peer.uid
         self.usage = usage
+        self._fd = sock.fileno()
         server.ledger.add(usage, self.channel, peer.uid, self)
         usage.exposure += DEFAULT_WINDOW  # the client may send that much already
         self.name = server.register(peer)
@@ -502,6 +511,24 @@ class _Connection(ServerConnection, asyncio.Protocol):
             return
         self._receiving = False
         self.flush()
+
+    def catch_up(self) -> None:
+        """Process input the client has already sent, now (before a signature; loop thread).
+
+        One non-blocking read of the socket asyncio would read later anyway
+        (asyncio then finds it empty). Not while reading is paused (the
+        client is over a budget or not reading its answers) or mid-input.
+        """
+        if self.closed or self._blocks or self._receiving or self._fd < 0:
+            return
+        try:
+            data = os.read(self._fd, 65536)
+        except OSError:  # nothing there (EAGAIN), or an error asyncio will see itself
+            return
+        if data:
+            self.data_received(data)
+        else:
+            self.close()  # the client has closed its side: gone
 
     def charge(self, cost: float) -> None:
         """A metered caller's handler step took ``cost`` seconds of the loop."""

@@ -16,6 +16,14 @@ matching no rule produced 1,581 denials/s, 126 MB of audit log in 15 s
   the kind. At most ``MAX_KINDS`` kinds are tracked at once (more flushes
   them all early), so the counters are bounded too.
 
+Records of credentials made (``*.issued``) whose caller has reset the call
+or gone away by the time the record is written are written as
+``*.withheld`` (``callstate.gone_now``): the front never sends an answer on
+a reset stream, so that credential never left the daemon. If the caller
+goes while the ``issued`` record is being made durable, an
+``*.undelivered`` record (same jti and credential hash) follows it: the
+answer would be sent in the very step the append returns, and is not.
+
 So a flood of identical refusals costs two records per kind per window,
 whatever the rate. The log lines are rate-limited likewise
 (``RefusalLogFilter``).
@@ -31,6 +39,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from badged.listener.callstate import gone_now
+
 _logger = logging.getLogger(__name__)
 
 WINDOW_S = 60
@@ -39,6 +49,7 @@ LIST_CAP = 16
 MAX_KINDS = 4096
 _CALLER_VALUES = re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\d+")
 _UID_IN_PEER = re.compile(r",uid=(\d+)")
+_CREDENTIAL_FIELDS = ("agent", "jti", "credential_sha256", "kid", "request")
 
 
 class AuditSink(Protocol):
@@ -106,7 +117,26 @@ class DenialAggregator:
 
     async def append(self, event: Mapping[str, Any]) -> object:
         if event.get("decision") != "deny":
-            return await self._audit.append(event)
+            name = event.get("event")
+            if not isinstance(name, str) or not name.endswith(".issued"):
+                return await self._audit.append(event)
+            credential = name[:-len(".issued")]
+            if gone_now():
+                # Made, but its caller reset the call or left before the answer: the
+                # front sends nothing on a reset stream, so it never left the daemon.
+                return await self._audit.append({
+                    **event, "event": credential + ".withheld",
+                    "withheld": "caller reset the call or disconnected before the answer"})
+            receipt = await self._audit.append(event)
+            if gone_now():
+                # Gone while the record was being made durable: the answer, sent in this
+                # same step if at all, will not be. Said so, after the fact.
+                await self._audit.append({
+                    "event": credential + ".undelivered", "decision": "allow",
+                    **{k: event[k] for k in _CREDENTIAL_FIELDS if k in event},
+                    "reason": "caller reset the call or disconnected while its record was "
+                              "written; the credential was not sent"})
+            return receipt
         kind = denial_kind(event)
         seen = self._open.get(kind)
         now = int(self._wall())

@@ -20,7 +20,7 @@ from badged.core.clock import Clock
 from badged.errors import BadgedError
 from badged.identity.registry import AgentRegistry, SigningKey
 from badged.keystore.port import KeyHandle, KeyStore
-from badged.listener.callstate import CallGone, commit_if_wanted, current_call
+from badged.listener.callstate import CallGone, commit_if_wanted, current_call, wanted_now
 from badged.listener.peers import PeerRegistry
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
@@ -124,7 +124,7 @@ class SigningRunner:
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         call = current_call()
-        if call is not None and not call.wanted():
+        if call is not None and not wanted_now(call):
             raise CallGone()
         if self._pool is not None:
             def checked() -> _T:  # on the signing thread, right before the device works
@@ -133,7 +133,7 @@ class SigningRunner:
 
             return await asyncio.get_running_loop().run_in_executor(self._pool, checked)
         if self.in_flight is None or self.in_flight() < BATCH_MIN_IN_FLIGHT:
-            commit_if_wanted(call)
+            commit_if_wanted(call, on_loop=True)
             return fn()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_T] = loop.create_future()
@@ -148,7 +148,7 @@ class SigningRunner:
             if fut.done():  # the caller was cancelled: no signature for nobody
                 continue
             if call is not None:
-                if not call.wanted():
+                if not wanted_now(call):
                     fut.cancel()  # reset or past its deadline meanwhile: the front sorts out which
                     continue
                 call.commit()
