@@ -147,6 +147,9 @@ def _run(config: DaemonConfig, *, ensure_agent: str | None = None, state_lock_fd
     try:
         _preflight(config)
         config.apply_module_env()  # before the key-store library is first loaded
+        if config.backend == "pkcs11":  # its C_Initialize overlaps our imports (issue 22)
+            from badged.keystore.pkcs11.store import prefetch
+            prefetch(config.keystore)
         asyncio.run(_serve(config, ensure_agent=ensure_agent, state_lock_fd=state_lock_fd))
     except StartupFailed as exc:
         _die(str(exc))
@@ -332,6 +335,9 @@ def recover(config_path: Path | None, dev_state: Path | None, trust_domain: str,
             assert config_path is not None
             config = load_config(config_path)
             config.apply_module_env()  # before the key-store library is first loaded
+        if config.backend == "pkcs11":  # its C_Initialize overlaps our imports (issue 22)
+            from badged.keystore.pkcs11.store import prefetch
+            prefetch(config.keystore)
         result = run_recover(config, mode=mode, audit_move_aside=audit_move_aside,
                              purge_quarantine=purge_quarantine,
                              state_lock_fd=setup.lock_fd if setup is not None else -1)

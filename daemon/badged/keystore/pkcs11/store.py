@@ -85,6 +85,49 @@ class Pkcs11Config:
         return parse_pkcs11_uri(self.uri)
 
 
+_prefetching: dict[str, threading.Thread] = {}
+
+
+def prefetch(config: object) -> None:
+    """Start loading and initialising the PKCS#11 module on a thread, now.
+
+    ``C_Initialize`` of a file-backed token reads every object (SoftHSM with
+    1,000 agents: 6,000 object files, a large share of the daemon's start)
+    and runs without the GIL; called before the daemon imports the rest of
+    itself, it overlaps that import time (issue 22). The store waits for it
+    before its own first call, and any failure here is left for the store to
+    meet and report the usual way. Set the module's environment first
+    (``SOFTHSM2_CONF`` is read at initialisation).
+    """
+    if not isinstance(config, Pkcs11Config):
+        return
+    try:
+        module = config.module_path or config.parsed().module_path
+    except Exception:  # the store reports a bad URI
+        return
+    if not module or module in _prefetching or not os.path.isfile(module):
+        return
+
+    def load() -> None:
+        try:
+            import pkcs11
+
+            pkcs11.lib(module)
+        except Exception:  # the store's own load raises it properly
+            _logger.debug("PKCS#11 module prefetch failed", exc_info=True)
+
+    thread = threading.Thread(target=load, name="pkcs11-prefetch", daemon=True)
+    _prefetching[module] = thread
+    thread.start()
+
+
+def _await_prefetch(module: str) -> None:
+    """Let a prefetch of ``module`` finish (two C_Initialize calls must never race)."""
+    thread = _prefetching.get(module)
+    if thread is not None:
+        thread.join()
+
+
 def _translate(exc: BaseException) -> KeyStoreError:
     """Map python-pkcs11 exceptions to the port's errors, keeping the raw name."""
     import pkcs11.exceptions as p11e
@@ -184,6 +227,7 @@ class Pkcs11KeyStore:
         import pkcs11
         import pkcs11.exceptions as p11e
 
+        _await_prefetch(self._module_path)
         try:
             if self._lib is None:
                 self._lib = pkcs11.lib(self._module_path)
@@ -301,6 +345,9 @@ class Pkcs11KeyStore:
         import pkcs11
 
         def op(session: Any) -> list[str]:
+            fast = _list_labels(self._module_path, session)
+            if fast is not None:
+                return sorted(fast)
             objs = session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
                                         pkcs11.Attribute.TOKEN: True})
             return sorted(str(o.label) for o in objs)
@@ -468,10 +515,14 @@ class Pkcs11KeyStore:
     def _load(self, session: Any, name: str) -> _Pkcs11Key:
         from pkcs11.util.ec import encode_ec_public_key
 
-        priv = self._find_private(session, name)
-        if priv is None:
-            raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
-        pubs = self._public_of(session, priv, name)
+        pair = self._pair_by_label(session, name)
+        if pair is not None:
+            priv, pubs = pair[0], [pair[1]]
+        else:
+            priv = self._find_private(session, name)
+            if priv is None:
+                raise KeyNotFoundError(f"key {name} not found", backend=self.backend)
+            pubs = self._public_of(session, priv, name)
         if len(pubs) != 1:
             raise KeyStoreError(f"public half of {name} missing", backend=self.backend)
         public = serialization.load_der_public_key(encode_ec_public_key(pubs[0]))
@@ -481,6 +532,39 @@ class Pkcs11KeyStore:
                          token_obj=priv)
         self._keys[name] = key
         return key
+
+    def _pair_by_label(self, session: Any, name: str) -> tuple[Any, Any] | None:
+        """Both halves of ``name`` from one search, when that settles it; else None.
+
+        Each search walks every object of the token (SoftHSM re-reads each
+        object's file), and the general path makes two (the private half by
+        label, then the public half by CKA_ID): with 1,000 agents, ~0.3 s
+        each (issue 22). One search by label suffices when it finds exactly
+        one private and one public token object whose CKA_ID is the same
+        random id: a random id pairs only these two (an id derived from the
+        name, as old keys have, may be shared, so it takes the general path,
+        as does anything else unusual).
+        """
+        import hashlib
+
+        import pkcs11
+
+        attr = pkcs11.Attribute
+        privs, pubs = [], []
+        for obj in session.get_objects({attr.LABEL: name, attr.TOKEN: True}):
+            if obj.object_class == pkcs11.ObjectClass.PRIVATE_KEY:
+                privs.append(obj)
+            elif obj.object_class == pkcs11.ObjectClass.PUBLIC_KEY:
+                pubs.append(obj)
+        if len(privs) != 1 or len(pubs) != 1:
+            return None
+        try:
+            ids = bytes(privs[0][attr.ID]), bytes(pubs[0][attr.ID])
+        except Exception:  # no CKA_ID on a foreign key
+            return None
+        if not ids[0] or ids[0] != ids[1] or ids[0] == hashlib.sha256(name.encode()).digest()[:16]:
+            return None
+        return privs[0], pubs[0]
 
     def _public_of(self, session: Any, priv: Any, name: str) -> builtins.list[Any]:
         """The public half of ``priv``: paired by CKA_ID, else (old tokens) by label.
@@ -577,3 +661,86 @@ class Pkcs11KeyStore:
                 return bytes(key._priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
 
         return self._call(op)
+
+
+# -- listing labels without python-pkcs11's object wrappers (issue 22) -----------
+#
+# python-pkcs11 wraps every object a search finds: it reads ten attributes to
+# pick the object's Python class and builds that class, then reads the label
+# with two more calls. With 1,000 agents (3,000 keys) that was ~1 s of the
+# daemon's start (reconcile lists the token once). The same search through
+# the module's own C entry points reads one attribute per object. It runs on
+# the store's session under the store's lock, like every other call; any
+# surprise (a module without these exports, a return code other than OK, a
+# label that does not fit or is not UTF-8) returns None and the caller lists
+# through python-pkcs11, which raises the usual errors.
+
+_CKA_CLASS, _CKA_TOKEN, _CKA_LABEL = 0, 1, 3
+_CKO_PRIVATE_KEY = 3
+_LABEL_MAX = 256
+_native: dict[str, Any] = {}
+
+
+def _native_module(module_path: str) -> Any | None:
+    """The PKCS#11 module already loaded by python-pkcs11, with typed entry points."""
+    if module_path in _native:
+        return _native[module_path]
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(module_path)
+        for fn in ("C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal",
+                   "C_GetAttributeValue"):
+            getattr(lib, fn).restype = ctypes.c_ulong
+    except (OSError, AttributeError):
+        lib = None
+    _native[module_path] = lib
+    return lib
+
+
+def _list_labels(module_path: str, session: Any) -> builtins.list[str] | None:
+    """Labels of the token's private keys, one attribute read per key; None to fall back."""
+    import ctypes
+
+    lib = _native_module(module_path)
+    handle = getattr(session, "handle", None)
+    if lib is None or not isinstance(handle, int):
+        return None
+    ulong = ctypes.c_ulong
+
+    class Attribute(ctypes.Structure):
+        _fields_ = [("type", ulong), ("pValue", ctypes.c_void_p), ("ulValueLen", ulong)]
+
+    klass, token = ulong(_CKO_PRIVATE_KEY), ctypes.c_ubyte(1)
+    template = (Attribute * 2)(
+        Attribute(_CKA_CLASS, ctypes.cast(ctypes.byref(klass), ctypes.c_void_p),
+                  ctypes.sizeof(klass)),
+        Attribute(_CKA_TOKEN, ctypes.cast(ctypes.byref(token), ctypes.c_void_p), 1))
+    sh = ulong(handle)
+    if lib.C_FindObjectsInit(sh, template, 2) != 0:
+        return None
+    found: builtins.list[int] = []
+    batch, count = (ulong * 512)(), ulong()
+    try:
+        while True:
+            if lib.C_FindObjects(sh, batch, 512, ctypes.byref(count)) != 0:
+                return None
+            if count.value == 0:
+                break
+            found.extend(batch[:count.value])
+    finally:
+        lib.C_FindObjectsFinal(sh)
+    buf = ctypes.create_string_buffer(_LABEL_MAX)
+    attr = Attribute(_CKA_LABEL, ctypes.cast(buf, ctypes.c_void_p), _LABEL_MAX)
+    labels: builtins.list[str] = []
+    for obj in found:
+        attr.ulValueLen = _LABEL_MAX
+        if lib.C_GetAttributeValue(sh, ulong(obj), ctypes.byref(attr), 1) != 0:
+            return None
+        if attr.ulValueLen > _LABEL_MAX:
+            return None
+        try:
+            labels.append(buf.raw[:attr.ulValueLen].decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+    return labels
