@@ -407,3 +407,28 @@ def test_badgeclient_proxy_helpers(proxy_env: ProxyEnv, monkeypatch: pytest.Monk
         "/api/items/1", "/api/items", "/api/items/2", "/api/items"]
     assert [r["body"] for r in env.upstream.received if r["method"] == "POST"] == [
         b"hello", b"world"]
+
+
+def test_policy_reload_never_reuses_a_token_minted_for_the_old_route(
+        proxy_env: ProxyEnv, agent: Agent) -> None:
+    """The token cache is keyed by the whole route: new scopes mean a new token."""
+    env = proxy_env
+    assert env.auth.httpd is not None
+    policy = env.daemon.state / "policy.toml"
+    original = policy.read_text()
+    env.upstream.clear()
+    assert agent.call("plain", "/a")["status"] == 200
+    try:
+        policy.write_text(original.replace('scopes = ["read"]\n\n[route.limited]',
+                                           'scopes = ["write"]\n\n[route.limited]', 1))
+        with AdminClient(str(env.daemon.admin)) as a:
+            assert a.reload_policy() == (True, "")
+        assert agent.call("plain", "/b")["status"] == 200
+    finally:
+        policy.write_text(original)
+        with AdminClient(str(env.daemon.admin)) as a:
+            assert a.reload_policy() == (True, "")
+    scopes = [json.loads(base64.urlsafe_b64decode(
+        _header(r, "Authorization")[0][7:].split(".")[1] + "=="))["scope"]
+        for r in env.upstream.received]
+    assert scopes == ["read", "write"]

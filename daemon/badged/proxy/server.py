@@ -104,8 +104,10 @@ _MAX_TOKEN_RESPONSE = 64 * 1024
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}$")
 
 
-def _oauth_key(route: Route, agent: str, client_id: str) -> tuple[str, str, str, str]:
-    return (route.name, route.token_endpoint, agent, client_id)
+def _oauth_key(route: Route, agent: str, client_id: str) -> tuple[Route, str, str]:
+    """Keyed by the whole route: a policy reload that changes its token endpoint
+    or scopes never reuses a token obtained for the old definition."""
+    return (route, agent, client_id)
 
 
 class CallTracker(Protocol):
@@ -223,8 +225,10 @@ class ProxyServer:
         self.route_limiter = RateLimiter()
         self._ssl_context = ssl_context or _ssl_context
         self._sessions: dict[str | None, ClientSession] = {}
-        self._tokens: dict[tuple[str, str, str, str], tuple[str, float, str]] = {}
-        self._oauth: dict[tuple[str, str, str, str], tuple[str, float]] = {}
+        # Keyed by the whole (frozen) route: a reload that changes its audience
+        # or scopes never reuses a token minted for the old definition.
+        self._tokens: dict[tuple[str, Route, str, str], tuple[str, float, str]] = {}
+        self._oauth: dict[tuple[Route, str, str], tuple[str, float]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self._records: set[asyncio.Task[None]] = set()
@@ -541,7 +545,7 @@ class ProxyServer:
     def _forget_tokens(self, route: Route, auth: Authorized) -> None:
         agent = auth.key.agent
         self._oauth.pop(_oauth_key(route, agent, auth.client_id), None)
-        for k in [k for k in self._tokens if k[0] == agent and k[1] == route.name]:
+        for k in [k for k in self._tokens if k[0] == agent and k[1] == route]:
             self._tokens.pop(k, None)
 
     def _spend_route_budget(self, route: Route, agent: str) -> None:
@@ -582,7 +586,7 @@ class ProxyServer:
         """
         d = self.deps
         jkt = d.agents.token_key(key.agent).kid if dpop_bound else ""
-        cache_key = (key.agent, route.name, key.kid, jkt)
+        cache_key = (key.agent, route, key.kid, jkt)
         now = time.monotonic()
         hit = self._tokens.get(cache_key)
         if hit is not None and hit[1] > now:
