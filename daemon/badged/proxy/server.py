@@ -394,7 +394,16 @@ class ProxyServer:
                     sent += len(chunk)
                     await response.write(chunk)
                 await response.write_eof()
+        except asyncio.CancelledError:  # the agent hung up: the call is still on record
+            self._completed(caller, auth, route, request.method, target,
+                            status if prepared else 499, len(body), sent, started,
+                            error="the agent went away")
+            raise
         except (TimeoutError, ClientError, ssl.SSLError, OSError) as exc:
+            if prepared and isinstance(exc, ConnectionResetError):  # writing to the agent
+                self._completed(caller, auth, route, request.method, target, status,
+                                len(body), sent, started, error="the agent went away")
+                raise
             reason = ("upstream TLS verification failed"
                       if isinstance(exc, ssl.SSLError) or "SSL" in type(exc).__name__
                       or "Certificate" in type(exc).__name__
