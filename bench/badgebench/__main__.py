@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 rep.badged["proxy"] = _guarded("proxy rows", lambda: run_proxy(
                     src=src, duration_s=plan.duration_s, warmup_s=plan.warmup_s, say=_say))
                 for t in rep.badged["proxy"].get("targets", []):
-                    _say(f"proxy: {t['name']}: {t['value']} (goal {t['goal']})")
+                    _say(f"proxy: {t['target']}: {t['value']} (goal {t['goal']})")
             if "ssh" in groups:  # issue 19: the SSH agent socket vs ssh-agent, same key
                 rep.ssh = ssh.bench_ssh(rep.rows, plan, token, state, src, _load_row, _say)
             if "kit" in groups:  # issue 18's rows (badgebench.kit), in rep.badged["kit"]
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.meta["loadavg_after"] = procfs.loadavg()
     rep.meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     if plan.mode == "full":
-        rep.targets = _targets(rep)
+        rep.targets = _targets(rep) + list(rep.badged.get("proxy", {}).get("targets", []))
     out_json = args.json or args.out_dir / f"{stamp}.json"
     report.write_json(rep, out_json)
     print()
