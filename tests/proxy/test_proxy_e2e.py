@@ -432,3 +432,15 @@ def test_policy_reload_never_reuses_a_token_minted_for_the_old_route(
         _header(r, "Authorization")[0][7:].split(".")[1] + "=="))["scope"]
         for r in env.upstream.received]
     assert scopes == ["read", "write"]
+
+
+def test_secret_service_is_admin_socket_only(proxy_env: ProxyEnv) -> None:
+    """SetSecret/ListSecrets through the workload socket: refused, whoever asks."""
+    from badgeclient._cli.secret import SecretClient
+    from badgeclient.errors import BadgeError
+
+    with SecretClient(str(proxy_env.daemon.workload)) as client:
+        for call in (client.list, lambda: client.set("x", b"v", rotate=False)):
+            with pytest.raises(BadgeError) as err:
+                call()
+            assert err.value.status == "PERMISSION_DENIED"
