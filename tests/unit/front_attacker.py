@@ -1,13 +1,14 @@
 """A hostile local user against a live front (root only: drops to ``uid`` before connecting).
 
-    front_attacker.py UID SOCKET headers SECONDS
+    front_attacker.py UID SOCKET headers SECONDS [CHARS]
     front_attacker.py UID SOCKET refused BUSY
 
-``headers``: for SECONDS, one connection at a time sends a ~60 KB
-Huffman-coded header block (cheap to send, ~26 ms of the daemon's CPU to
-decode before it is found over the 16 KiB list limit), reads until the
-GOAWAY, and reconnects at once. Prints how many blocks the daemon decoded
-(GOAWAY COMPRESSION_ERROR received).
+``headers``: for SECONDS, one connection at a time sends a header block
+with a CHARS-long value (96,000: ~60 KB Huffman-coded, ~26 ms of the
+daemon's CPU to decode before it is found over the 16 KiB list limit;
+26,000: ~16 KB, ~7 ms), reads until the GOAWAY, and reconnects at once.
+Prints how many blocks the daemon decoded (GOAWAY COMPRESSION_ERROR) and
+the GOAWAY reasons.
 
 ``refused``: opens BUSY connections, each with a request whose body never
 comes (so none is idle and none can be evicted), then one more, and prints
@@ -67,10 +68,11 @@ def goaway(s: socket.socket, timeout: float) -> tuple[int, str] | None:
 
 
 if mode == "headers":
-    block = hpack.Encoder().encode([*REQUEST, ("x-pad", "a" * 96_000)])
+    chars = int(sys.argv[5]) if len(sys.argv) > 5 else 96_000
+    block = hpack.Encoder().encode([*REQUEST, ("x-pad", "a" * chars)])
     assert len(block) < 65536
-    out = frame(1, 0, 1, block[:16384])
     rest = block[16384:]
+    out = frame(1, 0 if rest else 4, 1, block[:16384])
     while rest:
         part, rest = rest[:16384], rest[16384:]
         out += frame(9, 0 if rest else 4, 1, part)

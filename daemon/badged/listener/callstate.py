@@ -90,13 +90,14 @@ def wanted_now(call: WantedCall) -> bool:
     return call.wanted()
 
 
-def gone_now() -> bool:
-    """On the loop thread, in a front call: has its caller reset it or gone away, counting
-    what it has already sent? (A made credential is then recorded as withheld.)"""
+def gone_now(*, catch_up: bool = True) -> bool:
+    """On the loop thread, in a front call: has its caller reset it or gone away? With
+    ``catch_up``, counting what it has already sent but the loop has not read."""
     call = CURRENT_CALL.get()
     if call is None:
         return False
-    call.catch_up()
+    if catch_up:
+        call.catch_up()
     return call.gone()
 
 

@@ -121,7 +121,9 @@ class DenialAggregator:
             if not isinstance(name, str) or not name.endswith(".issued"):
                 return await self._audit.append(event)
             credential = name[:-len(".issued")]
-            if gone_now():
+            # Without reading the socket here (the check after the write does): a reset
+            # still unread now makes it "issued" then "undelivered", which is as true.
+            if gone_now(catch_up=False):
                 # Made, but its caller reset the call or left before the answer: the
                 # front sends nothing on a reset stream, so it never left the daemon.
                 return await self._audit.append({
