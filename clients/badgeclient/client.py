@@ -171,6 +171,16 @@ class ApprovalInfo:
 
 
 @dataclass(frozen=True)
+class SshCertificateInfo:
+    certificate: str  # the -cert.pub line
+    serial: int
+    principals: list[str]
+    valid_after: int
+    valid_before: int
+    ca_public_key: str
+
+
+@dataclass(frozen=True)
 class Explanation:
     allowed: bool
     agent: str
@@ -340,6 +350,13 @@ class AdminClient(_Base):
 
     def get_agent(self, name: str) -> AgentInfo:
         return _agent(self._call(self._stub.GetAgent, admin_pb2.GetAgentRequest(name=name)))
+
+    def issue_ssh_certificate(self, agent: str, *, validity_seconds: int = 0) -> SshCertificateInfo:
+        """A short-lived OpenSSH user certificate for ``agent``'s SSH key (operator only)."""
+        r = self._call(self._stub.IssueSshCertificate, admin_pb2.IssueSshCertificateRequest(
+            agent=agent, validity_seconds=validity_seconds))
+        return SshCertificateInfo(r.certificate, r.serial, list(r.principals), r.valid_after,
+                                  r.valid_before, r.ca_public_key)
 
     def rotate_agent(self, name: str) -> AgentInfo:
         return _agent(self._call(self._stub.RotateAgent, admin_pb2.RotateAgentRequest(name=name)))

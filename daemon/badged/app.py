@@ -51,6 +51,7 @@ from badged.service.errors import ErrorBoundary
 from badged.service.health import HealthServicer
 from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
+from badged.sshagent.ca import SshCa, load_ca_key
 from badged.sshagent.server import SshAgentServer
 from badged.statuslist import StatusList
 
@@ -229,6 +230,7 @@ class Daemon:
             approvals=ApprovalBoard(clock=self._clock, timeout=cfg.approval_timeout),
             trust_domain=cfg.trust_domain, token_keys=self.session_keys,
             signing=self._signing,
+            ssh_ca=SshCa(load_ca_key(cfg.ssh_ca_key)) if cfg.ssh_ca_key is not None else None,
             # Issue 21: the Token Status List tokens point at (badged.statuslist).
             status=StatusList(cfg.private_dir / "status", clock=self._clock,
                               uri=cfg.effective_issuer.rstrip("/") + "/status-list"),

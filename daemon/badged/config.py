@@ -82,6 +82,9 @@ class DaemonConfig:
     front_limits: FrontLimits = field(default_factory=FrontLimits)
     # [ssh] socket: the OpenSSH agent socket (badged.sshagent); None = off.
     ssh_socket: Path | None = None
+    # [ssh] ca_key: the operator's SSH CA private key (OpenSSH format) that
+    # signs agents' short-lived user certificates (badged.sshagent.ca); None = off.
+    ssh_ca_key: Path | None = None
     # [proxy] socket: the credential proxy (badged.proxy, docs/proxy.md); None = off.
     proxy_socket: Path | None = None
     source: str = "<defaults>"
@@ -162,7 +165,7 @@ _KNOWN: dict[str, set[str]] = {
     "audit": {"dir", "syslog", "durability", "sync_delay_ms", "retain_bytes", "retain_days",
               "export_dir"},
     "metrics": {"enabled", "listen"},
-    "ssh": {"socket"},
+    "ssh": {"socket", "ca_key"},
     "proxy": {"socket"},
     "limits": {"max_connections", "admin_connections", "streams_per_connection",
                "connection_buffer", "streams_per_uid", "handlers_per_uid", "buffered_per_uid",
@@ -452,6 +455,7 @@ def load_config(path: Path) -> DaemonConfig:
         metrics_enabled=metrics_on or listen is not None,
         metrics_listen=listen,
         ssh_socket=path_opt(table("ssh"), "ssh", "socket"),
+        ssh_ca_key=path_opt(table("ssh"), "ssh", "ca_key"),
         proxy_socket=path_opt(table("proxy"), "proxy", "socket"),
         source=src,
     )

@@ -40,6 +40,36 @@ DEV_AUDIENCES = ("https://api.example.com", "demo", "https://as.example.com/toke
 DEV_SCOPES = ("read", "write")
 
 
+def _login(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def dev_ssh_ca(private: Path, state_dir: Path) -> Path:
+    """The dev SSH CA key (created once, 0600), its public half in STATE/ssh-ca.pub."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    from badged.fsutil import atomic_write
+
+    path = private / "ssh-ca"
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        atomic_write(path, key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()))
+        pub = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        atomic_write(state_dir / "ssh-ca.pub", pub + b" badged-dev-ssh-ca\n", mode=0o644)
+    return path
+
+
 def dev_policy(agent: str, uid: int) -> str:
     audiences = ", ".join(f'"{a}"' for a in DEV_AUDIENCES)
     scopes = ", ".join(f'"{s}"' for s in DEV_SCOPES)
@@ -54,6 +84,9 @@ max_ttl = "1h"
 # SSH agent socket (run/ssh-agent.sock): user auth to any host, and SSHSIG
 # signatures (ssh-keygen -Y sign, git commit signing) in these namespaces.
 ssh_namespaces = ["git", "file"]
+# `badgectl ssh cert {agent}`: certificates from the dev SSH CA
+# (private/ssh-ca, public half in ssh-ca.pub) name these principals.
+ssh_principals = ["{_login(uid)}"]
 
 # Not bound to anyone: an operator adds it for a while with
 #   badgectl grant {agent} prod-write --for 30m --reason "incident 42"
@@ -199,6 +232,7 @@ def _prepare_locked(state_dir: Path, private: Path, *, agent: str, trust_domain:
         workload_socket=run / "agent.sock",
         admin_socket=run / "admin.sock",
         ssh_socket=run / "ssh-agent.sock",
+        ssh_ca_key=dev_ssh_ca(private, state_dir),
         proxy_socket=run / "proxy.sock",
         trust_domain=trust_domain,
         policy_file=policy,

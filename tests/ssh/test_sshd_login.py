@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 class Sshd:
-    def __init__(self, base: Path, name: str, authorized: str) -> None:
+    def __init__(self, base: Path, name: str, authorized: str, extra: str = "") -> None:
         self.dir = base / name
         self.dir.mkdir(mode=0o755)
         self.hostkey = self.dir / "host_ed25519"
@@ -44,7 +44,7 @@ class Sshd:
             f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/pid\n"
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            "PermitRootLogin prohibit-password\nAllowUsers root\n")
+            "PermitRootLogin prohibit-password\nAllowUsers root\n" + extra)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
                                      stderr=subprocess.DEVNULL)
@@ -62,8 +62,9 @@ class Sshd:
                             capture_output=True, text=True).stdout.split()[1]
         self.fingerprint = fp
 
-    def login(self, d: RunningDaemon, uid: int | None = None) -> subprocess.CompletedProcess[bytes]:
-        return run(d, "ssh", "-F", "/dev/null", "-o", f"IdentityAgent={agent_sock(d)}",
+    def login(self, d: RunningDaemon, uid: int | None = None,
+              *options: str) -> subprocess.CompletedProcess[bytes]:
+        return run(d, "ssh", "-F", "/dev/null", *options, "-o", f"IdentityAgent={agent_sock(d)}",
                    "-o", "IdentityFile=none", "-o", "BatchMode=yes",
                    "-o", f"UserKnownHostsFile={self.known}", "-o", "StrictHostKeyChecking=yes",
                    "-o", "ConnectTimeout=10", "-p", str(self.port), "root@127.0.0.1",

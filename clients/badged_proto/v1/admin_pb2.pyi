@@ -734,6 +734,66 @@ class ListAgentsResponse(_message.Message):
 Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
+class IssueSshCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    validity_seconds: _builtins.int
+    """0: one hour; at most 24 hours"""
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "validity_seconds", b"validity_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueSshCertificateRequest: _TypeAlias = IssueSshCertificateRequest  # noqa: Y015
+
+@_typing.final
+class SshCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    PRINCIPALS_FIELD_NUMBER: _builtins.int
+    VALID_AFTER_FIELD_NUMBER: _builtins.int
+    VALID_BEFORE_FIELD_NUMBER: _builtins.int
+    CA_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    certificate: _builtins.str
+    """one line, for ssh -o CertificateFile="""
+    serial: _builtins.int
+    valid_after: _builtins.int
+    valid_before: _builtins.int
+    ca_public_key: _builtins.str
+    """for sshd's TrustedUserCAKeys"""
+    @_builtins.property
+    def principals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        certificate: _builtins.str = ...,
+        serial: _builtins.int = ...,
+        principals: _abc.Iterable[_builtins.str] | None = ...,
+        valid_after: _builtins.int = ...,
+        valid_before: _builtins.int = ...,
+        ca_public_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_public_key", b"ca_public_key", "certificate", b"certificate", "principals", b"principals", "serial", b"serial", "valid_after", b"valid_after", "valid_before", b"valid_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SshCertificate: _TypeAlias = SshCertificate  # noqa: Y015
+
+@_typing.final
 class GetAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -50,6 +50,11 @@ class AdminServiceStub:
                 request_serializer=badged__proto_dot_v1_dot_admin__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=badged__proto_dot_v1_dot_admin__pb2.Agent.FromString,
                 _registered_method=True)
+        self.IssueSshCertificate = channel.unary_unary(
+                '/badged.v1.AdminService/IssueSshCertificate',
+                request_serializer=badged__proto_dot_v1_dot_admin__pb2.IssueSshCertificateRequest.SerializeToString,
+                response_deserializer=badged__proto_dot_v1_dot_admin__pb2.SshCertificate.FromString,
+                _registered_method=True)
         self.RotateAgent = channel.unary_unary(
                 '/badged.v1.AdminService/RotateAgent',
                 request_serializer=badged__proto_dot_v1_dot_admin__pb2.RotateAgentRequest.SerializeToString,
@@ -124,6 +129,14 @@ class AdminServiceServicer:
 
     def GetAgent(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueSshCertificate(self, request, context):
+        """A short-lived OpenSSH user certificate for the agent's SSH key, signed by
+        the [ssh] ca_key; principals from the policy (bundles' ssh_principals).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -217,6 +230,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetAgent,
                     request_deserializer=badged__proto_dot_v1_dot_admin__pb2.GetAgentRequest.FromString,
                     response_serializer=badged__proto_dot_v1_dot_admin__pb2.Agent.SerializeToString,
+            ),
+            'IssueSshCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueSshCertificate,
+                    request_deserializer=badged__proto_dot_v1_dot_admin__pb2.IssueSshCertificateRequest.FromString,
+                    response_serializer=badged__proto_dot_v1_dot_admin__pb2.SshCertificate.SerializeToString,
             ),
             'RotateAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateAgent,
@@ -355,6 +373,33 @@ class AdminService:
             '/badged.v1.AdminService/GetAgent',
             badged__proto_dot_v1_dot_admin__pb2.GetAgentRequest.SerializeToString,
             badged__proto_dot_v1_dot_admin__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueSshCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/badged.v1.AdminService/IssueSshCertificate',
+            badged__proto_dot_v1_dot_admin__pb2.IssueSshCertificateRequest.SerializeToString,
+            badged__proto_dot_v1_dot_admin__pb2.SshCertificate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,10 @@ class AdminServiceStub:
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateAgentRequest, _admin_pb2.Agent]
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
     GetAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAgentRequest, _admin_pb2.Agent]
+    IssueSshCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.IssueSshCertificateRequest, _admin_pb2.SshCertificate]
+    """A short-lived OpenSSH user certificate for the agent's SSH key, signed by
+    the [ssh] ca_key; principals from the policy (bundles' ssh_principals).
+    """
     RotateAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentRequest, _admin_pb2.Agent]
     """New key version; old public keys stay published until their tokens expire."""
     RevokeAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.Agent]
@@ -62,6 +66,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
     GetAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
+    IssueSshCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.IssueSshCertificateRequest, _admin_pb2.SshCertificate]  # type: ignore[assignment]
+    """A short-lived OpenSSH user certificate for the agent's SSH key, signed by
+    the [ssh] ca_key; principals from the policy (bundles' ssh_principals).
+    """
     RotateAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
     """New key version; old public keys stay published until their tokens expire."""
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
@@ -101,6 +109,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Agent, _abc.Awaitable[_admin_pb2.Agent]]: ...
+
+    @_abc_1.abstractmethod
+    def IssueSshCertificate(
+        self,
+        request: _admin_pb2.IssueSshCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SshCertificate, _abc.Awaitable[_admin_pb2.SshCertificate]]:
+        """A short-lived OpenSSH user certificate for the agent's SSH key, signed by
+        the [ssh] ca_key; principals from the policy (bundles' ssh_principals).
+        """
 
     @_abc_1.abstractmethod
     def RotateAgent(

@@ -71,7 +71,7 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h)?$")
 _RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)(s|m|h)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _BUNDLE_KEYS = {"audiences", "scopes", "kinds", "max_ttl", "rate", "approval", "description",
-                "ssh_namespaces", "ssh_hosts", "ssh_users", "proxy",
+                "ssh_namespaces", "ssh_hosts", "ssh_users", "ssh_principals", "proxy",
                 "context"}
 _ROUTE_KEYS = {"upstream", "credential", "audience", "scopes", "secret", "header", "prefix",
                "ca_file", "max_request_bytes", "rate", "timeout", "description",
@@ -223,7 +223,7 @@ class _Parser:
             if not isinstance(approval, bool):
                 raise ValueError("approval must be true or false")
             ssh: dict[str, frozenset[str]] = {}
-            for key in ("ssh_namespaces", "ssh_hosts", "ssh_users"):
+            for key in ("ssh_namespaces", "ssh_hosts", "ssh_users", "ssh_principals"):
                 ssh[key] = frozenset(_strings(entry, key, required=False))
                 if ssh[key] and "ssh" not in kinds:
                     raise ValueError(f"{key} needs kind 'ssh' in kinds")
@@ -232,6 +232,12 @@ class _Parser:
                 if not host.startswith("SHA256:"):
                     raise ValueError(f"ssh_hosts: {host!r} is not a SHA256:... host key "
                                      "fingerprint (ssh-keygen -lf)")
+            key = "ssh_principals"
+            for principal in ssh["ssh_principals"]:
+                if not 0 < len(principal) <= 256 or "," in principal or any(
+                        ord(c) < 0x21 or ord(c) == 0x7f for c in principal):
+                    raise ValueError(f"ssh_principals: {principal[:40]!r} is not a principal "
+                                     "(1-256 printable characters, no comma or space)")
             key = "proxy"
             proxy = self.proxy_allows(entry.get("proxy", []))
             if proxy and "proxy" not in kinds:
@@ -247,7 +253,8 @@ class _Parser:
                       context=context, kinds=frozenset(kinds), max_ttl=max_ttl, rate=rate,
                       approval=approval,
                       ssh_namespaces=ssh["ssh_namespaces"], ssh_hosts=ssh["ssh_hosts"],
-                      ssh_users=ssh["ssh_users"], proxy=proxy,
+                      ssh_users=ssh["ssh_users"], ssh_principals=ssh["ssh_principals"],
+                      proxy=proxy,
                       source=f"{self.short}:{start + 1}")
 
     def proxy_allows(self, value: Any) -> tuple[ProxyAllow, ...]:

@@ -161,6 +161,9 @@ class Bundle:
     ssh_namespaces: frozenset[str] = frozenset()
     ssh_hosts: frozenset[str] = frozenset()
     ssh_users: frozenset[str] = frozenset()
+    # Principals an operator-issued SSH certificate for an agent bound to this
+    # bundle names (badgectl ssh cert; none: no certificate from this bundle).
+    ssh_principals: frozenset[str] = frozenset()
     # kind "proxy": the routes, methods and paths allowed (none: no call).
     proxy: tuple[ProxyAllow, ...] = ()
     # Request context this bundle is limited to (issue 21): for each key, the

@@ -28,6 +28,7 @@ from badged.service.deps import ServiceDeps
 from badged.service.errors import Ctx
 from badged.service.marshal import agent_to_pb
 from badged.service.workload import PolicyGate, delegation_to_pb, user_name
+from badged.sshagent.ca import DEFAULT_VALIDITY_S, issue_for_agent
 from badged_proto.v1 import admin_pb2, admin_pb2_grpc, workload_pb2
 
 
@@ -77,6 +78,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 await asyncio.to_thread(self._assurance.facts)
             out.assurance = self._assurance.level(out.name, self._d.clock())
         return out
+
+    async def IssueSshCertificate(self, request: admin_pb2.IssueSshCertificateRequest,
+                                  context: Ctx) -> admin_pb2.SshCertificate:
+        proc = self._operator(context)
+        ca = self._d.ssh_ca
+        if ca is None:
+            raise FailedPreconditionError("no SSH CA configured ([ssh] ca_key)",
+                                          public="no SSH CA configured ([ssh] ca_key)")
+        cert = await issue_for_agent(self._d, ca, check_agent_name(request.agent),
+                                     request.validity_seconds or DEFAULT_VALIDITY_S,
+                                     proc.summary())
+        return admin_pb2.SshCertificate(
+            certificate=cert.line, serial=cert.serial, principals=list(cert.principals),
+            valid_after=cert.valid_after, valid_before=cert.valid_before,
+            ca_public_key=ca.public_line)
 
     async def RotateAgent(self, request: admin_pb2.RotateAgentRequest,
                           context: Ctx) -> admin_pb2.Agent:

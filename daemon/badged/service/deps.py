@@ -27,6 +27,7 @@ from badged.policy.loader import load_policy
 from badged.policy.model import Policy
 from badged.policy.ratelimit import RateLimiter
 from badged.service.approvals import ApprovalBoard
+from badged.sshagent.ca import SshCa
 from badged.statuslist import StatusList
 
 _logger = logging.getLogger(__name__)
@@ -202,6 +203,8 @@ class ServiceDeps:
     signing: SigningRunner = INLINE_SIGNING
     # The Token Status List (issue 21); None: tokens carry no status claim.
     status: StatusList | None = None
+    # The operator's SSH CA ([ssh] ca_key, badged.sshagent.ca); None: no certificates.
+    ssh_ca: SshCa | None = None
 
     @property
     def tokens(self) -> TokenKeys:

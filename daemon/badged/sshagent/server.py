@@ -380,17 +380,28 @@ class _Conn(asyncio.Protocol):
         proc = d.attestor.attest(peer)
         caller = Caller(peer, proc)
         signed = wire.classify(req.data)
-        if signed.purpose == "auth" and signed.key_blob != req.key_blob:
-            signed = wire.SignedData("")  # asks to sign for another key: unclassified
+        # A certificate signs with the key inside it; the client may name the
+        # certificate in one place and the plain key in the other.
+        key_blob = wire.plain_key_blob(req.key_blob)
+        certificate = key_blob != req.key_blob
+        if signed.purpose == "auth":
+            try:
+                named = wire.plain_key_blob(signed.key_blob)
+            except wire.WireError:
+                named = b""
+            certificate = certificate or named != signed.key_blob
+            if named != key_blob:
+                signed = wire.SignedData("")  # asks to sign for another key: unclassified
         host = self._destination(signed) if signed.purpose == "auth" else ""
         details: dict[str, Any] = {
-            "purpose": signed.purpose or "unclassified", "key_fp": wire.fingerprint(req.key_blob),
+            "purpose": signed.purpose or "unclassified", "key_fp": wire.fingerprint(key_blob),
+            "certificate": certificate,
             "user": signed.user, "host_fp": host, "namespace": signed.namespace,
             "forwarded": any(b.forwarding for b in self.binds),
             "data_len": len(req.data),
             "data_sha256": hashlib.sha256(req.data).hexdigest()}
         agent, kid = next(((a, k) for a, blob, _, k in s.identities(proc.selectors())
-                           if blob == req.key_blob), (None, ""))
+                           if blob == key_blob), (None, ""))
         if agent is None:
             await d.audit.append({
                 "event": "ssh.denied", "agent": None, "caller": proc.summary(),

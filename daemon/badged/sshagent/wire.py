@@ -200,6 +200,24 @@ def ssh_line(jwk: dict[str, str], comment: str) -> str:
     return f"{KEY_TYPE.decode()} {base64.b64encode(jwk_blob(jwk)).decode()} {comment}"
 
 
+CERT_TYPE = b"ecdsa-sha2-nistp256-cert-v01@openssh.com"
+
+
+def plain_key_blob(blob: bytes) -> bytes:
+    """The public key inside an OpenSSH certificate blob; a plain key blob unchanged.
+
+    ``ssh -o CertificateFile=`` with the key in the agent asks the agent to
+    sign for the certificate (PROTOCOL.certkeys); the key that signs is the
+    certificate's own public key.
+    """
+    r = Reader(blob)
+    if r.string() != CERT_TYPE:
+        return blob
+    r.string()  # nonce
+    curve, point = r.string(), r.string()
+    return string(KEY_TYPE) + string(curve) + string(point)
+
+
 def fingerprint(blob: bytes) -> str:
     """OpenSSH's ``SHA256:...`` fingerprint of a public key blob (ssh-keygen -l)."""
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
