@@ -1035,12 +1035,14 @@ SOLO_QUIET_S = 0.1
 # to a peer before its socket is dropped.
 CLOSE_GRACE_S = 1.0
 # Loop time an accept costs before connection_made runs (asyncio's accept and
-# transport set-up; measured ~40-60 µs): charged to a metered uid on top of
-# what connection_made itself measures.
+# transport set-up, which the front cannot time; an estimate): charged to a
+# metered uid on top of what connection_made itself measures.
 ACCEPT_COST = 60e-6
 # A metered caller's socket is read this much at a time (asyncio's default is
-# 256 KiB): one read, and the work it causes, stays a short stretch.
-METERED_READ = 32 * 1024
+# 256 KiB): one read, and the work it causes, stays a short stretch. Sized for
+# the smallest frames: a rapid-reset stream is ~45 bytes and ~25 µs of work,
+# so 8 KiB is ~180 streams, a few ms.
+METERED_READ = 8 * 1024
 # A metered uid's refused connection is told so (GOAWAY) only after this long,
 # without being read meanwhile: a client that reconnects at once after each
 # refusal then reconnects every TARPIT_S, not as fast as it can (an accept, a
