@@ -147,6 +147,29 @@ class SshAgentServer:
                 out.append((agent, blob, rec.spiffe_id, kid))
         return out
 
+    def agent_of(self, selectors: frozenset[str], key_blob: bytes) -> tuple[str | None, str]:
+        """(agent, kid) whose current SSH key is ``key_blob``, among the caller's rules.
+
+        Only which agent the key belongs to: whether the caller may use it
+        for *this* request (a bundle with kind ``ssh`` in effect, namespace,
+        host...) is the policy gate's decision right after, audited either
+        way. So no bundles or grants are looked at twice per signature.
+        """
+        seen: set[str] = set()
+        for rule in candidates(self.deps.policy.current, selectors):
+            if rule.agent in seen:
+                continue
+            seen.add(rule.agent)
+            try:
+                jwk = self.deps.agents.active(rule.agent).current.ssh_jwk
+            except BadgedError:
+                continue
+            if jwk:
+                blob, kid = self._blob(jwk)
+                if blob == key_blob:
+                    return rule.agent, kid
+        return None, ""
+
     def _blob(self, jwk: dict[str, str]) -> tuple[bytes, str]:
         key = (jwk["x"], jwk["y"])
         hit = self._blobs.get(key)
@@ -400,13 +423,12 @@ class _Conn(asyncio.Protocol):
             "forwarded": any(b.forwarding for b in self.binds),
             "data_len": len(req.data),
             "data_sha256": hashlib.sha256(req.data).hexdigest()}
-        agent, kid = next(((a, k) for a, blob, _, k in s.identities(proc.selectors())
-                           if blob == key_blob), (None, ""))
+        agent, kid = s.agent_of(proc.selectors(), key_blob)
         if agent is None:
             await d.audit.append({
                 "event": "ssh.denied", "agent": None, "caller": proc.summary(),
                 "decision": "deny", "rule": "-",
-                "reason": "key is not the SSH key of an agent this caller is bound to",
+                "reason": "key is not the SSH key of an agent this caller matches",
                 "ssh": details})
             raise FailedPreconditionError("ssh: key not bound to caller")
         request = Request(kind="ssh", agent=agent, ssh_purpose=signed.purpose,
