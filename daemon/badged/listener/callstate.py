@@ -19,13 +19,15 @@ left). Hence: a credential is audited if and only if it was made, and made
 only for a caller that was still there and in time.
 
 A credential made for a caller that resets the call *after* its signature
-never reaches it once the reset has arrived: the front sends nothing on a
-reset stream. If the reset has arrived when the credential's record is
-written (``gone_now``, counting input not yet read), the record says
-``<kind>.withheld`` instead of ``<kind>.issued`` (service/denials.py): the
-credential exists only in the daemon's memory and is dropped. A reset that
-arrives while the record is being written leaves an ``issued`` record for
-an answer that is then not sent (the residual window, a few ms).
+never reaches it once the front has seen the reset: nothing is sent on a
+reset stream. If it has seen it when the credential's record is written
+(``gone_now``), the record says ``<kind>.withheld`` instead of
+``<kind>.issued`` (service/denials.py): the credential exists only in the
+daemon's memory and is dropped. If it sees it while the record is being
+made durable, an ``<kind>.undelivered`` record follows the ``issued`` one
+(the answer would have gone out in the step the write returns). A reset
+still unread in the socket then does not stop the answer: it is written to
+the caller's socket, i.e. delivered to the caller that asked.
 """
 
 from __future__ import annotations
