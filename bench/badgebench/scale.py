@@ -290,11 +290,13 @@ import json, sys, time
 from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from badged.audit import verify
+from badged.audit import files
 pub = serialization.load_pem_public_key(Path(sys.argv[2]).read_bytes())
+jobs = sys.modules["badged.audit.verify"]._auto_jobs(files.list_files(Path(sys.argv[1])))
 t0 = time.monotonic()
 r = verify(sys.argv[1], pub)
 print(json.dumps({"s": time.monotonic() - t0, "ok": r.ok, "records": r.records,
-                  "files": r.files, "checkpoints": r.checkpoints}))
+                  "files": r.files, "checkpoints": r.checkpoints, "processes": jobs}))
 """
 
 
@@ -363,6 +365,7 @@ def audit_verify(records: int, say: Say) -> dict[str, Any]:
         r = json.loads(text)
         rate = nbytes / r["s"] / 1e6 if r["s"] else None
         out = {"records": r["records"], "ok": r["ok"], "files": r["files"],
+               "processes": r.get("processes"),
                "checkpoints": r["checkpoints"], "bytes": nbytes, "generate_s": round(gen_s, 1),
                "verify_s": round(r["s"], 2),
                "verify_records_per_s": round(r["records"] / r["s"]) if r["s"] else None,
@@ -429,7 +432,8 @@ def lines(out: dict[str, Any]) -> list[str]:
         res.append(f"  audit verify: not available ({av['error'][:200]})")
     elif av:
         res.append(f"  audit verify: {av['records']:,} records, {av['bytes'] / 1e6:,.0f} MB in "
-                   f"{av['files']} files, cold cache: {av['verify_s']} s = "
+                   f"{av['files']} files, cold cache, {av.get('processes')} process(es): "
+                   f"{av['verify_s']} s = "
                    f"{av['verify_records_per_s']:,} records/s = {av['verify_mb_s']} MB/s; disk "
                    f"sequential read {av['disk_sequential_mb_s']} MB/s (O_DIRECT): "
                    f"{av['verify_vs_disk']}x; peak RSS <= "
