@@ -58,6 +58,7 @@ from badged.core import context as request_context
 from badged.core.tokens import build_claims, mint_token
 from badged.errors import (
     AttestationError,
+    AuditError,
     BadgedError,
     InvalidRequestError,
     KeyStoreError,
@@ -324,6 +325,10 @@ class ProxyServer:
             return _json_response(403, "denied", exc.public or "denied by policy")
         except InvalidRequestError as exc:
             return _json_response(400, "bad request", exc.public or "invalid request")
+        except (AuditError, KeyStoreError) as exc:  # nothing unaudited, nothing unsigned
+            _logger.error("proxy: call refused, daemon not able to serve",
+                          extra={"error": str(exc)})
+            return _json_response(503, "unavailable", exc.caller_message)
         except BadgedError as exc:
             _logger.info("proxy: refused", extra={"error": str(exc)})
             return _json_response(403, "denied", exc.public or "refused")
