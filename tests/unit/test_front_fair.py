@@ -121,3 +121,25 @@ def test_a_metered_uid_is_told_of_its_refusal_late_a_bound_one_at_once(
     assert nobody["waited"] >= 0.5, f"refused after {nobody['waited']:.2f}s: no tarpit"
     (_code, reason), waited = state["root"]
     assert b"per-uid connection limit" in reason and waited < 0.4, (reason, waited)
+
+
+def test_a_metered_callers_calls_are_served_and_cancelled_like_anyone_elses() -> None:
+    """Metering wraps a metered caller's handler to time each step: answers, resets and the
+    slot accounting must be exactly as for a bound caller (here every uid is metered)."""
+    async def scenario(front: GrpcFront, public: Path, state: dict[str, Any]) -> None:
+        raw = await Raw.connect(public)
+        await raw.send(raw.request(1) + _frame(DATA, 1, 1, _msg(b"hi"))
+                       + raw.request(3, "/t.T/Stubborn") + _frame(DATA, 1, 3, _msg(b"s")))
+        got = await raw.frames(partial(_answered, 1))
+        assert raw.status(got, 1)[b"grpc-status"] == b"0"
+        await asyncio.sleep(0.1)
+        assert state["stubborn_running"] == 1
+        await raw.send(_frame(3, 0, 3, b"\0\0\0\x08"))  # RST_STREAM(CANCEL)
+        await asyncio.sleep(0.7)  # the handler saw the cancellation and ended
+        assert state["stubborn_running"] == 0
+        (conn,) = front.connections
+        assert conn.meter is not None and not conn.streams, "slot leaked"
+        assert conn.meter.tokens < front.limits.cpu_burst, "nothing was charged"
+        raw.close()
+
+    _run(scenario, is_bound=lambda uid: False)
