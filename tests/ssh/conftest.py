@@ -46,17 +46,16 @@ def ssh_env(d: RunningDaemon) -> dict[str, str]:
 
 def run(d: RunningDaemon, *cmd: str, uid: int | None = None, cwd: Path | None = None,
         stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run an OpenSSH tool against the daemon's agent socket, optionally as ``uid``."""
+    """Run an OpenSSH tool against the daemon's agent socket, optionally as ``uid``.
 
-    def drop() -> None:
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
+    The uid is dropped with subprocess's own user/group arguments, never a
+    preexec_fn: running Python in the forked child runs grpcio's at-fork hooks
+    there, and under load its poller aborted the child ("epoll_wait error: Bad
+    file descriptor", SIGABRT) before ssh-keygen was even exec'd.
+    """
     return subprocess.run(list(cmd), env=ssh_env(d), cwd=cwd, input=stdin,
-                          capture_output=True, timeout=30, preexec_fn=drop,
-                          check=False)
+                          capture_output=True, timeout=30, check=False,
+                          user=uid, group=uid, extra_groups=None if uid is None else [])
 
 
 def audit_records(d: RunningDaemon) -> list[dict[str, object]]:
