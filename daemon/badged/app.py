@@ -53,7 +53,7 @@ from badged.service.spiffe import SpiffeWorkloadServicer
 from badged.service.workload import WorkloadServicer
 from badged.sshagent.ca import SshCa, load_ca_key
 from badged.sshagent.server import SshAgentServer
-from badged.statuslist import StatusList
+from badged.statuslist import StatusList, issued_from_audit
 
 if TYPE_CHECKING:
     from badged.proxy.secretstore import SecretStore
@@ -233,7 +233,10 @@ class Daemon:
             ssh_ca=SshCa(load_ca_key(cfg.ssh_ca_key)) if cfg.ssh_ca_key is not None else None,
             # Issue 21: the Token Status List tokens point at (badged.statuslist).
             status=StatusList(cfg.private_dir / "status", clock=self._clock,
-                              uri=cfg.effective_issuer.rstrip("/") + "/status-list"),
+                              uri=cfg.effective_issuer.rstrip("/") + "/status-list",
+                              # power loss: tokens the journal lost, from the audit log
+                              issued_since=issued_from_audit(cfg.effective_audit_dir),
+                              max_ttl=cfg.max_ttl),
         )
 
     def _publish_device_key(self, key: KeyHandle) -> None:

@@ -88,3 +88,30 @@ def test_context_scoped_grant_only_in_its_context() -> None:
     assert decide((("channel", "#deploy"), ("task", "T-1")))
     assert not decide((("channel", "#random"),))
     assert not decide(())
+
+
+def test_start_up_reconciles_only_since_the_journals_last_fsync(tmp_path: Path) -> None:
+    """The audit read after a power loss is bounded: from the last journal fsync
+    (a block reservation), never older than max_ttl; entries it names that the
+    journal lost are markable again."""
+    from badged.statuslist import Issued
+
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK)
+    reserved_at = clock.now
+    a = sl.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation=None)
+    sl.close()
+    (tmp_path / "s" / "journal").write_bytes(b"")  # the power loss
+    clock.now += 100
+    asked: list[float] = []
+
+    def since(t: float) -> list[Issued]:
+        asked.append(t)
+        return [Issued(a, reserved_at + 600, "bot", None, None),
+                Issued(a + 1, reserved_at - 9999, "bot", None, None)]  # long expired
+
+    again = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK,
+                       issued_since=since, max_ttl=3600)
+    assert asked and reserved_at - 120 <= asked[0] <= reserved_at
+    assert again.reconciled == 1
+    assert again.revoke(agent="bot") == 1 and again.status(a) == 1

@@ -29,9 +29,22 @@ Bounds and durability:
   journal (``journal``: ``idx exp agent grant delegation`` per line, written
   before the token leaves; compacted to the live entries at start and when it
   grows), so a revocation after a restart still finds the tokens issued
-  before it. The journal is not fsynced per token: after a *power loss* the
-  last tokens' lines may be missing and those tokens then cannot be marked by
-  a later revocation (the audit log, which is durable, still names them).
+  before it. The journal is not fsynced per token (an fsync per token would
+  double the issuance path's fsyncs); it is fsynced whenever a block is
+  reserved, and ``state.json`` records when (``synced_at``). So after a
+  *power loss* only lines of tokens allocated since ``synced_at`` can be
+  missing, and each of those tokens has a ``token.issued`` audit record naming
+  its ``status_idx``. Start-up **reconciles** from the audit log
+  (:func:`issued_from_audit`): the ``token.issued`` records written since
+  ``synced_at`` (and never older than ``max_ttl``: older tokens have
+  expired) are added back to the map. Cost: reading the audit bytes written
+  since ``synced_at`` (at most one block, 4,096, of them token records; at
+  most ``max_ttl`` of time) plus the start of the file holding it (<
+  ``rotate_bytes``), parsing only lines containing ``"status_idx"``. So a revocation reaches
+  every token whose ``token.issued`` record is durable: with
+  ``[audit] durability = "fsync"`` every token that was handed out; with
+  ``"write"`` a power loss can lose the last ``sync_delay`` of audit records
+  and those tokens with them (docs/status-list.md, "Durability").
 * **Full**: when the next index still belongs to a token that has not
   expired, the list is full and issuance is refused with RESOURCE_EXHAUSTED
   and a retry-after of that token's remaining life; an index is never reused
@@ -45,20 +58,25 @@ Bounds and durability:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from badged.audit import files as audit_files
+from badged.audit.record import parse_time
 from badged.core.clock import Clock
 from badged.core.jose import b64url, ec_public_jwk, encode_jws, jwk_thumbprint
 from badged.core.tokens import ES256
 from badged.errors import ConfigError, RateLimitedError
 from badged.fsutil import atomic_write
 from badged.keystore.port import KeyHandle
+
+_logger = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 21
 BLOCK = 4096
@@ -79,12 +97,77 @@ class Holder(NamedTuple):
     delegation: str
 
 
+class Issued(NamedTuple):
+    """A ``token.issued`` audit record's status-list fields (reconciliation)."""
+
+    idx: int
+    exp: float
+    agent: str
+    grant: str | None
+    delegation: str | None
+
+
+IssuedSince = Callable[[float], Iterable[Issued]]
+"""``since`` (wall-clock seconds) -> the tokens issued from then on, per the audit log."""
+
+
+def issued_from_audit(audit_dir: Path) -> IssuedSince:
+    """Reads the audit log for :class:`StatusList` start-up reconciliation.
+
+    Starts at the last file whose first record is no newer than ``since``
+    (files are named by their first seq, and times only grow within the
+    chain, give or take a clock step, which the caller's margin covers); only
+    lines that mention ``status_idx`` are parsed as JSON.
+    """
+    def since(t: float) -> Iterator[Issued]:
+        if not audit_dir.is_dir():
+            return
+        paths = audit_files.list_files(audit_dir)
+        start = 0
+        for i in range(len(paths) - 1, -1, -1):
+            first = _first_time(paths[i])
+            if first is not None and first <= t:
+                start = i
+                break
+        for path in paths[start:]:
+            for line in audit_files.iter_lines(path):
+                data = line.data
+                if not line.complete or b'"status_idx"' not in data \
+                        or b'"token.issued"' not in data:
+                    continue
+                try:
+                    rec = json.loads(data)
+                    idx, exp, agent = rec["status_idx"], rec["exp"], rec["agent"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if rec.get("event") != "token.issued" or not isinstance(idx, int) \
+                        or not isinstance(exp, (int, float)) or not isinstance(agent, str):
+                    continue
+                grant, delegation = rec.get("grant"), rec.get("delegation")
+                yield Issued(idx, float(exp), agent,
+                             grant if isinstance(grant, str) else None,
+                             delegation if isinstance(delegation, str) else None)
+
+    return since
+
+
+def _first_time(path: Path) -> float | None:
+    """When ``path``'s first record was written; None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            line = fh.readline(1 << 20)
+        return parse_time(json.loads(line)["time"]).timestamp()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class StatusList:
     """The issuer side: allocate, mark, publish. Thread-safe (mint functions
     may run on the signing thread)."""
 
     def __init__(self, directory: Path, *, uri: str, clock: Clock,
-                 size: int = DEFAULT_SIZE, list_ttl: int = 300) -> None:
+                 size: int = DEFAULT_SIZE, list_ttl: int = 300,
+                 issued_since: IssuedSince | None = None, max_ttl: float = 86400) -> None:
         if size % 8 or size < BLOCK:
             raise ConfigError(f"status list size {size} must be a multiple of 8, >= {BLOCK}")
         self.uri = uri
@@ -103,15 +186,18 @@ class StatusList:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._state = directory / "state.json"
         self._journal_path = directory / "journal"
-        self._load()
+        self._synced_at = 0.0  # wall time of the journal's last fsync (state.json)
+        self.reconciled = 0  # tokens found in the audit log, not in the journal
+        self._load(issued_since, max_ttl)
         self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._journal_lines = len(self._live)
 
     # -- durability -----------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, issued_since: IssuedSince | None, max_ttl: float) -> None:
         now = self._clock()
         revoked: list[int] = []
+        synced_at: float | None = None
         if self._state.exists():
             try:
                 doc = json.loads(self._state.read_text())
@@ -121,6 +207,8 @@ class StatusList:
                         path=str(self._state))
                 self._reserved = self._next = int(doc["reserved"])
                 revoked = [int(i) for i in doc.get("revoked", [])]
+                if "synced_at" in doc:
+                    synced_at = float(doc["synced_at"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"status list state is corrupt: {exc}",
                                   path=str(self._state)) from None
@@ -136,6 +224,22 @@ class StatusList:
                         continue
                     if 0 <= idx < self.size and exp + _SKEW > now:
                         self._live[idx] = Holder(exp, parts[2], parts[3], parts[4])
+        if issued_since is not None and self._state.exists():
+            # Power loss: lines written after the last fsync may be gone; the
+            # audit log names those tokens. A state file without synced_at
+            # (older daemon): reconcile the whole max_ttl window.
+            horizon = now - max_ttl - 2 * _SKEW
+            since = horizon if synced_at is None else max(horizon, synced_at - _SKEW)
+            for rec in issued_since(since):
+                if not 0 <= rec.idx < self.size or rec.exp + _SKEW <= now \
+                        or rec.idx in self._live:
+                    continue
+                self._live[rec.idx] = Holder(float(int(rec.exp)), rec.agent,
+                                             rec.grant or "-", rec.delegation or "-")
+                self.reconciled += 1
+            if self.reconciled:
+                _logger.warning("status list: %d token(s) missing from the journal "
+                                "restored from the audit log", self.reconciled)
         for idx in revoked:
             if idx in self._live:
                 self._set(idx)
@@ -147,12 +251,14 @@ class StatusList:
                         for i, h in self._live.items())
         atomic_write(self._journal_path, lines.encode("ascii"))
         self._journal_lines = len(self._live)
+        self._synced_at = self._clock()  # atomic_write fsyncs
         self._save_state()
 
     def _save_state(self) -> None:
         revoked = sorted(i for i in self._revoked if i in self._live)
         atomic_write(self._state, json.dumps(
-            {"size": self.size, "reserved": self._reserved, "revoked": revoked}).encode())
+            {"size": self.size, "reserved": self._reserved, "revoked": revoked,
+             "synced_at": self._synced_at}).encode())
 
     # -- bits -------------------------------------------------------------------------
 
@@ -194,6 +300,11 @@ class StatusList:
                 if self._journal_lines > 2 * len(self._live) + BLOCK:
                     self._compact()
                 else:
+                    # Every line so far is durable from here: start-up then
+                    # reconciles only tokens allocated after this point.
+                    # Once per block: ~1 fsync per 4,096 tokens.
+                    os.fsync(self._journal)
+                    self._synced_at = self._clock()
                     self._save_state()
             self._next = counter + 1
             self._live[idx] = holder
