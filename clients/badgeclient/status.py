@@ -108,14 +108,23 @@ class StatusListChecker:
     ``uri``: if given, tokens must name exactly this list (else any uri is
     fetched through ``fetch``, at most ``max_lists`` of them cached).
     ``max_age``: seconds a fetched list is used; the staleness bound.
+    ``max_iat_age``: also refuse a list *signed* longer ago than this (wall
+    clock, against its ``iat``): the staleness bound for a list read from a
+    file, which may have been exported long before it is fetched. Not needed
+    for the daemon's socket: the daemon re-signs whenever a bit changes, so
+    the list it serves is current whatever its ``iat``.
     """
 
     def __init__(self, *, fetch: Fetch, keys: Mapping[str, Any], uri: str | None = None,
                  max_age: float = 60.0, require: bool = True, skew: int = 30,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic, max_lists: int = 8) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, max_lists: int = 8,
+                 max_iat_age: float | None = None) -> None:
         if not 0 < max_age <= MAX_AGE_CAP:
             raise ValueError(f"max_age must be in (0, {MAX_AGE_CAP}] seconds")
+        if max_iat_age is not None and not 0 < max_iat_age <= MAX_AGE_CAP:
+            raise ValueError(f"max_iat_age must be in (0, {MAX_AGE_CAP}] seconds")
+        self._max_iat_age = max_iat_age
         self._fetch = fetch
         self._uri = uri
         self.max_age = max_age
@@ -203,6 +212,9 @@ class StatusListChecker:
         iat, exp = c.get("iat"), c.get("exp")
         if not isinstance(iat, int) or iat > now + self._skew:
             raise ClaimsError("bad_iat", "status list iat missing or in the future")
+        if self._max_iat_age is not None and now - iat > self._max_iat_age:
+            raise ClaimsError("status_stale",
+                              f"status list signed {now - iat:.0f}s ago, over the max age")
         if exp is not None and (not isinstance(exp, int) or exp + self._skew <= now):
             raise ClaimsError("expired", "status list expired")
         sl = c.get("status_list")

@@ -4,6 +4,7 @@ people managing what they delegated. Real daemon, real processes, real uids."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -464,3 +465,48 @@ def test_people_list_and_revoke_only_their_own_delegations(cd: RunningDaemon,
     # CLI: badgectl delegations list --mine, as the agent: refused, exit 1 or 3.
     r = _ctl(cd, "delegations", "list", "--mine")
     assert r.returncode != 0 and "agent process" in r.stderr, r.stderr
+
+
+def test_badgectl_verify_checks_the_status_list_from_socket_or_file(
+        cd: RunningDaemon, tmp_path: Path) -> None:
+    """``badgectl verify --status-list``: a revoked token is refused through the
+    socket and through a fresh export; an old export is refused by its age, not
+    trusted to say "valid"; a file needs pinned device keys."""
+    with AdminClient(cd.admin) as a, WorkloadClient(cd.workload) as w:
+        g = a.grant_bundle("demo-agent", "extra", duration_seconds=600, reason="cli verify")
+        tok = w.fetch_token(audience="https://extra.example", ttl_seconds=600).token
+        (tmp_path / "jwks.json").write_text(json.dumps(w.jwks()))
+    (tmp_path / "device.jwks").write_text(json.dumps(_device_jwks(cd)))
+    old = tmp_path / "old.jwt"
+    assert _ctl(cd, "status-list", "export", "-o", str(old)).returncode == 0
+
+    def verify(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            badgectl_cmd("verify", "--jwks", str(tmp_path / "jwks.json"),
+                         "-a", "https://extra.example", *args, tok),
+            env=cd.env(), capture_output=True, text=True, timeout=60)
+
+    r = verify("--status-list", "socket")
+    assert r.returncode == 0, r.stderr
+    r = verify("--status-list", str(old), "--status-keys", str(tmp_path / "device.jwks"))
+    assert r.returncode == 0, r.stderr
+    r = verify("--status-list", str(old))
+    assert r.returncode == 2 and "--status-keys" in r.stderr
+    with AdminClient(cd.admin) as a:
+        a.revoke_grant(g.id)
+    r = verify("--status-list", "socket")
+    assert r.returncode == 1 and "status_revoked" in r.stderr, r.stderr
+    fresh = tmp_path / "fresh.jwt"
+    assert _ctl(cd, "status-list", "export", "-o", str(fresh)).returncode == 0
+    r = verify("--status-list", str(fresh), "--status-keys", str(tmp_path / "device.jwks"))
+    assert r.returncode == 1 and "status_revoked" in r.stderr, r.stderr
+    # The pre-revocation file still says "valid": only its age can refuse it.
+    iat = json.loads(base64.urlsafe_b64decode(
+        old.read_text().split(".")[1] + "==="))["iat"]
+    time.sleep(max(0.0, iat + 2.2 - time.time()))
+    r = verify("--status-list", str(old), "--status-keys", str(tmp_path / "device.jwks"),
+               "--status-max-age", "1")
+    assert r.returncode == 1 and "status_stale" in r.stderr, r.stderr
+    # Device keys that did not sign the list: refused, never "valid".
+    r = verify("--status-list", "socket", "--status-keys", str(tmp_path / "jwks.json"))
+    assert r.returncode == 1 and "status_unavailable" in r.stderr, r.stderr

@@ -16,6 +16,22 @@ access-token ``typ`` (an assertion is refused as a token), and the ``sub``
 of the agent its key belongs to. ``--require-dpop`` refuses bearer tokens;
 a ``--dpop`` proof with an unbound token is refused anyway.
 
+``--status-list`` also checks an access token's ``status`` claim against
+the daemon's Token Status List (docs/status-list.md): ``socket`` fetches it
+from the daemon's workload socket (``--socket`` / ``BADGED_SOCKET``), a path
+reads a file written by ``badgectl status-list export``. The list must be
+signed by the device key: ``--status-keys`` (``badgectl trust-bundle
+--jwks``, pinned out of band); with ``socket`` it defaults to the trust
+bundle that same socket serves. A file's list must have been signed at most
+``--status-max-age`` seconds ago (a file can be stale; the socket's list is
+current: the daemon re-signs on every change). A revoked token, a token
+without a status claim, or a list that cannot be fetched, verified or is too
+old: refused.
+
+    badgectl verify --jwks jwks.json -a https://api --status-list socket < token
+    badgectl verify --jwks jwks.json -a https://api --status-list status.jwt \
+        --status-keys device.jwks --status-max-age 300 < token
+
 Exit codes: 0 verified (result as JSON on stdout), 1 refused (reason on
 stderr), 2 usage.
 """
@@ -31,7 +47,8 @@ from typing import Any
 
 import click
 
-from badgeclient._cli.options import EXIT_REFUSED, fail, json_option
+from badgeclient._cli.options import EXIT_REFUSED, EXIT_USAGE, fail, json_option, socket_option
+from badgeclient.status import StatusListChecker
 from badgeclient.verify import DpopRequest, Revocations, VerificationError, Verifier, load_roots
 
 _logger = logging.getLogger(__name__)
@@ -83,15 +100,28 @@ def _result(r: Any) -> dict[str, Any]:
 @click.option("--min-assurance", type=click.Choice(["foundation", "enterprise", "advanced"]),
               default=None, help="Refuse tokens whose agent assurance level is lower "
                                  "(docs/credentials.md \"Assurance levels\").")
+@click.option("--status-list", "status_source", default=None, metavar="socket|FILE",
+              help="Tokens: check the status claim against the daemon's status list, from "
+                   "its socket or a file from 'badgectl status-list export'.")
+@click.option("--status-keys", type=_FILE, default=None,
+              help="Device JWKS that signs status lists ('badgectl trust-bundle --jwks'); "
+                   "default with --status-list socket: that socket's trust bundle.")
+@click.option("--status-max-age", type=click.FloatRange(1, 24 * 3600), default=300,
+              show_default=True,
+              help="Refuse a status list file signed longer ago than this many seconds.")
 @json_option
+@socket_option
 def verify_command(credential: str, kind: str, audience: str | None, issuer: str | None,
                    client_id: str | None, jwks: Path | None, root: Path | None, crl: Path | None,
                    device_chain: Path | None, pop: str | None, challenge: str | None,
                    dpop_proof: str | None, htm: str | None, htu: str | None, nonce: str | None,
                    require_dpop: bool, skew: int, min_assurance: str | None,
-                   as_json: bool) -> None:
+                   status_source: str | None, status_keys: Path | None, status_max_age: float,
+                   as_json: bool, socket_path: str | None) -> None:
     """Verify CREDENTIAL (or stdin) and print the typed result as JSON."""
     now = time.time()
+    if status_source is not None and kind != "token":
+        raise click.UsageError("--status-list applies to --kind token")
     if min_assurance is not None and kind != "token":
         raise click.UsageError("--min-assurance applies to --kind token")
     if kind != "dpop" and audience is None:
@@ -108,8 +138,13 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
             revocations = Revocations.from_crl(crl.read_bytes(), issuer_cert, now=now)
         except VerificationError as exc:
             fail(EXIT_REFUSED, "refused", f"refused: {exc.reason}", as_json=as_json)
+    status = None
+    if status_source is not None:
+        status = _status_checker(status_source, status_keys, status_max_age, skew,
+                                 socket_path, as_json)
     verifier = Verifier(jwks=json.loads(jwks.read_text()) if jwks else None, roots=roots,
-                        skew=skew, revocations=revocations, min_assurance=min_assurance)
+                        skew=skew, revocations=revocations, min_assurance=min_assurance,
+                        status=status)
     cred = _read_credential(credential)
     try:
         result: Any
@@ -134,3 +169,55 @@ def verify_command(credential: str, kind: str, audience: str | None, issuer: str
         fail(EXIT_REFUSED, "refused", f"refused: {exc}", as_json=as_json)
     if result is not None:
         click.echo(json.dumps(_result(result), indent=2, sort_keys=True, default=list))
+
+
+def _status_checker(source: str, keys_file: Path | None, max_age: float, skew: int,
+                    socket_path: str | None, as_json: bool) -> StatusListChecker:
+    """The Token Status List check: from the daemon's socket or an exported file.
+
+    One verification, so ``max_age`` of the in-memory cache does not matter;
+    what bounds staleness is where the list comes from: fetched from the
+    socket now, or a file whose ``iat`` must be within ``max_age``.
+    """
+    from badgeclient.status import file_fetcher, socket_fetcher
+
+    keys: dict[str, Any]
+    if source == "socket":
+        fetch = socket_fetcher(socket_path or _default_socket())
+        if keys_file is None:
+            from badgeclient.credentials import CredentialClient
+
+            try:
+                with CredentialClient(socket_path) as c:
+                    keys = {"keys": [c.trust_bundle().device_jwk]}
+            except Exception as exc:  # any transport failure: refuse
+                fail(EXIT_REFUSED, "refused",
+                     f"refused: status_unavailable (no trust bundle: {type(exc).__name__})",
+                     as_json=as_json)
+        iat_age = None
+    else:
+        path = Path(source)
+        if keys_file is None:
+            fail(EXIT_USAGE, "usage", "--status-list FILE needs --status-keys (the device JWKS)",
+                 as_json=as_json)
+        if not path.is_file():
+            fail(EXIT_USAGE, "usage", f"--status-list: no such file {source!r} "
+                 "(or 'socket' for the daemon's)", as_json=as_json)
+        fetch = file_fetcher(path)
+        iat_age = max_age
+    if keys_file is not None:
+        try:
+            keys = json.loads(keys_file.read_text())
+        except ValueError:
+            fail(EXIT_USAGE, "usage", "--status-keys is not JSON", as_json=as_json)
+    try:
+        return StatusListChecker(fetch=fetch, keys=keys, max_age=max_age, skew=skew,
+                                 max_iat_age=iat_age)
+    except ValueError as exc:
+        fail(EXIT_USAGE, "usage", f"--status-keys: {exc}", as_json=as_json)
+
+
+def _default_socket() -> str:
+    from badgeclient.client import DEFAULT_SOCKET
+
+    return str(DEFAULT_SOCKET)
