@@ -148,7 +148,10 @@ def _compile_once(repo: Path) -> None:
 
     for sub in ("daemon", "clients"):
         if (repo / sub).is_dir():
-            compileall.compile_dir(repo / sub, quiet=2, workers=0)
+            try:
+                compileall.compile_dir(repo / sub, quiet=2, workers=0)
+            except (OSError, ValueError):  # a read-only tree: it just starts slower
+                pass
 
 
 class Badged:
