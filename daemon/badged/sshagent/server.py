@@ -180,10 +180,16 @@ class SshAgentServer:
         return hit
 
     def ssh_key(self, agent: str) -> SigningKey:
-        key = self.deps.agents.ssh_key(agent)
-        if key is None:
+        """The agent's current SSH key (what ``AgentRegistry.ssh_key`` returns), with
+        its key id from this server's per-key cache instead of a fresh RFC 7638
+        thumbprint (JSON + SHA-256) on every signature."""
+        rec = self.deps.agents.active(agent)
+        v = rec.current
+        if not v.ssh_key or not v.ssh_jwk:
             raise FailedPreconditionError(f"agent {agent} has no SSH key")
-        return key
+        _, kid = self._blob(v.ssh_jwk)
+        return SigningKey(agent, rec.spiffe_id, kid, self.deps.keystore.get(v.ssh_key),
+                          v.version)
 
 
 class _Conn(asyncio.Protocol):
