@@ -459,6 +459,8 @@ def load_config(path: Path) -> DaemonConfig:
         proxy_socket=path_opt(table("proxy"), "proxy", "socket"),
         source=src,
     )
+    if cfg.ssh_ca_key is not None and cfg.ssh_socket is None:
+        fail("ssh", "ca_key", "[ssh] ca_key needs [ssh] socket (agents get SSH keys only then)")
     if cfg.ssh_socket is not None and cfg.ssh_socket in (cfg.workload_socket, cfg.admin_socket):
         fail("ssh", "socket", "[ssh] socket must differ from the workload and admin sockets")
     if cfg.proxy_socket is not None and cfg.proxy_socket in (

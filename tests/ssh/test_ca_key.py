@@ -52,3 +52,15 @@ def test_ca_refuses_certificates_valid_for_everyone_or_for_too_long() -> None:
                  validity=MAX_VALIDITY_S + 1)
     cert = ca.issue(public_line=line, key_id="a", principals=("git",), now=1e9, validity=60)
     assert cert.valid_before - cert.valid_after == 120 and cert.principals == ("git",)
+
+
+def test_config_ca_key_needs_the_ssh_socket(tmp_path: Path) -> None:
+    from badged.config import load_config
+
+    p = tmp_path / "badged.toml"
+    p.write_text('[keystore]\nuri = "pkcs11:token=x"\n[ssh]\nca_key = "/etc/badged/ssh-ca"\n')
+    with pytest.raises(ConfigError, match="needs \\[ssh\\] socket"):
+        load_config(p)
+    p.write_text('[keystore]\nuri = "pkcs11:token=x"\n[ssh]\nca_key = "/etc/badged/ssh-ca"\n'
+                 'socket = "/run/badged/ssh-agent.sock"\n')
+    assert load_config(p).ssh_ca_key == Path("/etc/badged/ssh-ca")
