@@ -7,6 +7,8 @@ comment. Asked on the admin socket like ``agent show``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import click
 
 from badgeclient._cli.options import (
@@ -82,8 +84,9 @@ def ssh_cert(agent: str, validity: str, out: str | None, as_json: bool,
     elif out is None:
         click.echo(cert.certificate)
     else:
+        until = datetime.fromtimestamp(cert.valid_before, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         click.echo(f"wrote {out}: serial {cert.serial}, principals "
-                   f"{','.join(cert.principals)}, valid until {cert.valid_before}", err=True)
+                   f"{','.join(cert.principals)}, valid until {until}", err=True)
 
 
 def _seconds(text: str) -> int | None:

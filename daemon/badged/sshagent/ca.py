@@ -162,12 +162,14 @@ async def issue_for_agent(deps: ServiceDeps, ca: SshCa, agent: str, validity: in
                           caller: Mapping[str, object]) -> IssuedCertificate:
     """The admin call behind ``badgectl ssh cert``: checks, signs, audits, returns."""
     if not 0 < validity <= MAX_VALIDITY_S:
-        raise InvalidRequestError(f"validity must be 1..{MAX_VALIDITY_S} seconds")
+        why = f"validity must be 1..{MAX_VALIDITY_S} seconds (24h)"
+        raise InvalidRequestError(why, public=why)
     rec = deps.agents.active(agent)  # NotFound / revoked: FailedPrecondition
     jwk = rec.current.ssh_jwk
     if not jwk:
         raise FailedPreconditionError(f"agent {agent} has no SSH key ([ssh] socket off when "
-                                      "it was made; it gets one at the next start)")
+                                      "it was made; it gets one at the next start)",
+                                      public="the agent has no SSH key yet")
     principals = principals_for(deps.policy.current, agent)
     if not principals:
         raise FailedPreconditionError(
