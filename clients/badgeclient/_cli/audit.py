@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -219,46 +219,169 @@ def _seeds(rec: dict[str, Any], wanted: str) -> bool:
     return isinstance(tp, str) and (tp == wanted or tp[3:35] == wanted)
 
 
-def trace_records(directory: Path, wanted: str) -> list[dict[str, Any]]:
-    """The chain behind a credential: two passes over the log, bounded memory.
+# Bounds of trace_records' one pass (memory does not grow with the log):
+# the log is read in blocks of TRACE_BLOCK bytes (complete lines), searched
+# in C for the bytes that can matter, and only matching lines are parsed.
+# Kept: lifecycle records (grant./approval./delegation./status.marked) not
+# yet known to be linked, since the ones a credential links to may come
+# before it (~1 KB each parsed: ~50 MB at the cap); the previous block, to
+# find the records of a transaction that came before the one naming a jti
+# (one call's records sit close together; its approval records are
+# lifecycle records anyway); and the records output.
+TRACE_BLOCK = 4 << 20
+TRACE_LINKED_MAX = 50_000
+TRACE_OUT_MAX = 10_000
+_LIFECYCLE = (b'"event":"grant.', b'"event":"approval.', b'"event":"delegation.',
+              b'"event":"status.marked"')  # as the daemon writes them (compact JSON)
 
-    Pass 1 finds the credential records (and denials) of the transaction(s);
-    pass 2 adds what they link to by id: the approval decided for them, the
+
+def _lifecycle(rec: dict[str, Any]) -> bool:
+    return str(rec.get("event", "")).startswith(("grant.", "approval.", "delegation.",
+                                                 "status.marked"))
+
+
+def _linked(rec: dict[str, Any], links: dict[str, set[str]], agents: set[str]) -> bool:
+    """Whether a lifecycle record is about an approval, grant or delegation the
+    chain used, or marks the tokens of its agent revoked."""
+    return any(rec.get(name) in ids for name, ids in links.items() if ids) or (
+        rec.get("event") == "status.marked" and rec.get("revoked") == "agent"
+        and rec.get("agent") in agents)
+
+
+def _parse_line(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("seq"), int) else None
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """``path`` in blocks of complete lines (a torn last line is left out)."""
+    with open(path, "rb") as fh:
+        rest = b""
+        while chunk := fh.read(TRACE_BLOCK):
+            buf = rest + chunk if rest else chunk
+            cut = buf.rfind(b"\n") + 1
+            if cut:
+                yield buf[:cut]
+            rest = buf[cut:]
+
+
+def _line_starts(block: bytes, needles: list[bytes], begin: int) -> set[int]:
+    """Where the lines of ``block`` (from ``begin``) holding any of ``needles``
+    start: one C ``find`` scan per needle, nothing split or decoded."""
+    starts: set[int] = set()
+    for n in needles:
+        pos = block.find(n, begin)
+        while pos >= 0:
+            starts.add(block.rfind(b"\n", 0, pos) + 1)
+            pos = block.find(n, block.find(b"\n", pos) + 1 or len(block))
+    return starts
+
+
+def _lines_with(needle: bytes, *blocks: bytes) -> Iterator[bytes]:
+    """Each line of ``blocks`` containing ``needle`` (C search, no split)."""
+    for block in blocks:
+        pos = block.find(needle)
+        while pos >= 0:
+            start = block.rfind(b"\n", 0, pos) + 1
+            end = block.find(b"\n", pos) + 1 or len(block)
+            yield block[start:end]
+            pos = block.find(needle, end)
+
+
+def trace_records(directory: Path, wanted: str, *, warn: Callable[[str], None] | None = None
+                  ) -> list[dict[str, Any]]:
+    """The chain behind a credential: one pass over the log, bounded memory.
+
+    Finds the credential records (and denials) of the transaction(s) the id
+    names, and what they link to by id: the approval decided for them, the
     step-up grant and the delegation they used (created, revoked), and the
-    status-list marks that revoked them.
+    status-list marks that revoked them (or their agent). Each file is read
+    once, in blocks searched with ``bytes.find`` for the id, a known
+    transaction id or a lifecycle event name; only those lines are parsed as
+    JSON. Memory: two blocks (:data:`TRACE_BLOCK`), at most
+    :data:`TRACE_LINKED_MAX` lifecycle records and :data:`TRACE_OUT_MAX`
+    output records, whatever the log's size; ``warn`` is told when a bound
+    dropped something.
     """
-    from badged.audit import reader
+    import heapq
+    from collections import deque
 
+    from badged.audit import files
+    from badged.errors import ConfigError
+
+    if not directory.is_dir():
+        raise ConfigError("audit directory not found", path=str(directory))
+    needle = wanted.encode("utf-8", "replace")
     txns: set[str] = set()
+    txn_needles: list[bytes] = []
     links: dict[str, set[str]] = {"approval": set(), "grant": set(), "delegation": set()}
     agents: set[str] = set()
-    for rec in reader.iter_records(directory):
-        if _seeds(rec, wanted) and isinstance(rec.get("txn"), str):
-            txns.add(rec["txn"])
+    out: dict[int, dict[str, Any]] = {}
+    linked: deque[dict[str, Any]] = deque(maxlen=TRACE_LINKED_MAX)
+    dropped = {"linked": 0, "out": 0}
+
+    def take(rec: dict[str, Any]) -> None:
+        if len(out) >= TRACE_OUT_MAX:
+            dropped["out"] += 1
+            return
+        out[int(rec["seq"])] = rec
+        for name in links:
+            value = rec.get(name)
+            if isinstance(value, str):
+                links[name].add(value)
+        request = rec.get("request")
+        if isinstance(request, dict) and isinstance(request.get("delegation"), str):
+            links["delegation"].add(request["delegation"])
+        if isinstance(rec.get("agent"), str) and rec.get("event") == "token.issued":
+            agents.add(rec["agent"])
+
+    previous = b""
+    for path in files.list_files(directory):
+        for block in _blocks(path):
+            heap = sorted(_line_starts(block, [needle, *txn_needles, *_LIFECYCLE], 0))
+            seen = set(heap)
+            while heap:
+                start = heapq.heappop(heap)
+                end = block.find(b"\n", start) + 1 or len(block)
+                line = block[start:end]
+                rec = _parse_line(line)
+                if rec is None:
+                    continue
+                txn = rec.get("txn")
+                if needle in line and _seeds(rec, wanted) and isinstance(txn, str) \
+                        and txn not in txns:
+                    txns.add(txn)
+                    t = txn.encode()
+                    txn_needles.append(t)
+                    for earlier in _lines_with(t, previous, block[:start]):
+                        prev = _parse_line(earlier)  # the transaction's records before
+                        if prev is not None and prev.get("txn") == txn:
+                            take(prev)
+                    for later in _line_starts(block, [t], end) - seen:
+                        seen.add(later)
+                        heapq.heappush(heap, later)
+                if txn in txns:
+                    take(rec)
+                elif _lifecycle(rec):
+                    if _linked(rec, links, agents):
+                        take(rec)  # links known already: no need to keep it
+                    else:
+                        if len(linked) == linked.maxlen:
+                            dropped["linked"] += 1
+                        linked.append(rec)
+            previous = block
     if not txns:
         return []
-    out: list[dict[str, Any]] = []
-    for rec in reader.iter_records(directory):
-        if rec.get("txn") in txns:
-            out.append(rec)
-            for name in links:
-                value = rec.get(name)
-                if isinstance(value, str):
-                    links[name].add(value)
-            request = rec.get("request")
-            if isinstance(request, dict) and isinstance(request.get("delegation"), str):
-                links["delegation"].add(request["delegation"])
-            if isinstance(rec.get("agent"), str) and rec.get("event") in ("token.issued",):
-                agents.add(rec["agent"])
-    for rec in reader.iter_records(directory):
-        if rec.get("txn") in txns:
-            continue
-        if any(rec.get(name) in ids for name, ids in links.items() if ids) or (
-                rec.get("event") == "status.marked" and rec.get("revoked") == "agent"
-                and rec.get("agent") in agents):
-            out.append(rec)
-    out.sort(key=lambda r: int(r.get("seq", 0)))
-    return out
+    for rec in linked:
+        if int(rec["seq"]) not in out and _linked(rec, links, agents):
+            take(rec)
+    if warn is not None and (dropped["linked"] or dropped["out"]):
+        warn(f"trace bounded: {dropped['linked']} older grant/approval/delegation records "
+             f"not kept, {dropped['out']} records over {TRACE_OUT_MAX} not shown")
+    return [out[seq] for seq in sorted(out)]
 
 
 def _chain_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -299,7 +422,8 @@ def trace_cmd(ident: str, as_json: bool, directory: Path) -> None:
     IDENT: a transaction id (the token's ``txn`` claim), a token's jti, or a
     W3C trace id / traceparent the caller passed (all credentials of that trace).
     """
-    records = trace_records(directory, ident.strip())
+    records = trace_records(directory, ident.strip(),
+                            warn=lambda msg: click.echo(f"badgectl: {msg}", err=True))
     if not records:
         click.echo(f"no credential with txn, jti or trace id {ident!r} in {directory}", err=True)
         sys.exit(EXIT_FAILED)
