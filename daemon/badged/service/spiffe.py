@@ -82,13 +82,25 @@ class SpiffeWorkloadServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
         def mint(auth: Authorized) -> Minted[IssuedToken]:
             key, ttl = auth.key, auth.decision.ttl
+            now = d.clock()
+            # JWT-SVIDs live as long as tokens (up to max_ttl), so revoking the
+            # agent or its step-up grant must reach them too (badged.statuslist;
+            # SPIFFE validators ignore claims they do not know).
+            extra: dict[str, Any] | None = None
+            idx = None
+            if d.status is not None:
+                idx = d.status.allocate(exp=now + ttl, agent=key.agent,
+                                        grant=auth.decision.grant, delegation=None)
+                extra = {"status": d.status.claim(idx)}
             claims = build_claims(issuer=d.issuer, subject=key.spiffe_id, audience=audiences,
-                                  scopes=(), ttl_seconds=ttl, now=d.clock(), jti=d.new_jti())
+                                  scopes=(), ttl_seconds=ttl, now=now, jti=d.new_jti(),
+                                  extra=extra)
             issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
             return Minted(issued, key.spiffe_id, {
                 "request": {"audiences": audiences, "ttl": ttl}, "jti": issued.jti,
                 "exp": issued.expires_at,
                 "credential_sha256": hashlib.sha256(issued.token.encode()).hexdigest(),
+                "status_idx": idx,
             })
 
         auth, issued = await self._issue.issue(caller, reqs, "jwt_svid.issued",

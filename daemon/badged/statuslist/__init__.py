@@ -107,6 +107,9 @@ class Issued(NamedTuple):
     delegation: str | None
 
 
+# The audit events of credentials that carry a status claim (and status_idx).
+ISSUED_EVENTS = frozenset({"token.issued", "jwt_svid.issued"})
+
 IssuedSince = Callable[[float], Iterable[Issued]]
 """``since`` (wall-clock seconds) -> the tokens issued from then on, per the audit log."""
 
@@ -132,15 +135,14 @@ def issued_from_audit(audit_dir: Path) -> IssuedSince:
         for path in paths[start:]:
             for line in audit_files.iter_lines(path):
                 data = line.data
-                if not line.complete or b'"status_idx"' not in data \
-                        or b'"token.issued"' not in data:
+                if not line.complete or b'"status_idx"' not in data:
                     continue
                 try:
                     rec = json.loads(data)
                     idx, exp, agent = rec["status_idx"], rec["exp"], rec["agent"]
                 except (ValueError, KeyError, TypeError):
                     continue
-                if rec.get("event") != "token.issued" or not isinstance(idx, int) \
+                if rec.get("event") not in ISSUED_EVENTS or not isinstance(idx, int) \
                         or not isinstance(exp, (int, float)) or not isinstance(agent, str):
                     continue
                 grant, delegation = rec.get("grant"), rec.get("delegation")
