@@ -63,6 +63,7 @@ def test_trace_reads_each_file_once_and_finds_the_whole_chain(
     assert events == ["grant.created", "approval.granted", "token.denied", "token.issued",
                       "approval.decided", "grant.revoked", "status.marked", "status.marked"]
     assert audit_cli.trace_records(tmp_path / "audit", "nope") == []
+    assert audit_cli.trace_records(tmp_path / "audit", "") == []
 
 
 def test_trace_memory_is_bounded_and_says_what_it_dropped(

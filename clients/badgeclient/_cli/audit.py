@@ -315,6 +315,8 @@ def trace_records(directory: Path, wanted: str, *, warn: Callable[[str], None] |
     if not directory.is_dir():
         raise ConfigError("audit directory not found", path=str(directory))
     needle = wanted.encode("utf-8", "replace")
+    if not needle:
+        return []  # an empty id would match every line
     txns: set[str] = set()
     txn_needles: list[bytes] = []
     links: dict[str, set[str]] = {"approval": set(), "grant": set(), "delegation": set()}
