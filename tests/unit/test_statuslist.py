@@ -115,3 +115,26 @@ def test_start_up_reconciles_only_since_the_journals_last_fsync(tmp_path: Path) 
     assert asked and reserved_at - 120 <= asked[0] <= reserved_at
     assert again.reconciled == 1
     assert again.revoke(agent="bot") == 1 and again.status(a) == 1
+
+
+def test_expired_holders_are_forgotten_and_the_journal_stays_the_live_size(
+        tmp_path: Path) -> None:
+    """Issuing for hours must not keep every token ever issued (memory, journal, revoke's
+    scan): expired holders leave once per block, and the journal is compacted."""
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=64 * BLOCK)
+    journal = tmp_path / "s" / "journal"
+    revoked = sl.allocate(exp=clock.now + 60, agent="gone", grant=None, delegation=None)
+    assert sl.revoke(agent="gone") == 1
+    for _ in range(8):  # 8 blocks of tokens, each block expired before the next
+        for _ in range(BLOCK):
+            sl.allocate(exp=clock.now + 60, agent="bot", grant=None, delegation=None)
+        clock.now += 200
+    live = sl.allocate(exp=clock.now + 600, agent="bot", grant="g-1", delegation=None)
+    assert len(sl._live) <= BLOCK + 1  # was 8 * BLOCK + 2 before expired holders were pruned
+    assert len(journal.read_bytes().splitlines()) <= 3 * BLOCK  # compacted, not 8 blocks
+    assert sl.status(revoked) == 0  # expired: its bit is cleared, as reuse would
+    assert sl.revoke(grant="g-1") == 1 and sl.status(live) == 1  # the live one still marks
+    sl.close()
+    again = StatusList(tmp_path / "s", uri="u", clock=clock, size=64 * BLOCK)
+    assert again.status(live) == 1

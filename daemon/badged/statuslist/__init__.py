@@ -57,6 +57,7 @@ Bounds and durability:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -180,6 +181,11 @@ class StatusList:
         self._lock = threading.Lock()
         self._bits = bytearray(size // 8)
         self._live: dict[int, Holder] = {}
+        # (exp, idx) of every entry of _live, soonest first: expired holders
+        # leave the map once per block (_prune), so the map, the journal
+        # (compacted when it is twice the live entries) and revoke()'s scan
+        # stay the size of the *live* tokens, not of every token ever issued.
+        self._expiry: list[tuple[float, int]] = []
         self._revoked: set[int] = set()  # live indices whose bit is set
         self._next = 0  # counter; index = counter % size
         self._reserved = 0  # counter value up to which blocks are reserved on disk
@@ -190,7 +196,10 @@ class StatusList:
         self._journal_path = directory / "journal"
         self._synced_at = 0.0  # wall time of the journal's last fsync (state.json)
         self.reconciled = 0  # tokens found in the audit log, not in the journal
+        self._journal = -1  # opened after the start-up compaction
         self._load(issued_since, max_ttl)
+        self._expiry = [(h.exp, i) for i, h in self._live.items()]
+        heapq.heapify(self._expiry)
         self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._journal_lines = len(self._live)
 
@@ -252,9 +261,37 @@ class StatusList:
         lines = "".join(f"{i} {h.exp:.0f} {h.agent} {h.grant} {h.delegation}\n"
                         for i, h in self._live.items())
         atomic_write(self._journal_path, lines.encode("ascii"))
+        if self._journal >= 0:  # the old descriptor names the replaced (unlinked) file
+            os.close(self._journal)
+            self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                    0o600)
         self._journal_lines = len(self._live)
         self._synced_at = self._clock()  # atomic_write fsyncs
         self._save_state()
+
+    def _prune(self) -> None:
+        """Forget the holders of tokens past exp + skew (lock held; once per block).
+
+        As reuse of their index would: a set bit is cleared, since no
+        relying party accepts the expired token anyway. O(log n) per token,
+        amortized; without it the map kept every token ever issued (up to
+        ``size`` entries) and the journal, never compactable, grew forever.
+        """
+        heap = self._expiry
+        if not heap:
+            return
+        horizon = self._clock() - _SKEW
+        live = self._live
+        while heap and heap[0][0] <= horizon:
+            exp, idx = heapq.heappop(heap)
+            h = live.get(idx)
+            if h is None or h.exp != exp:
+                continue  # the index was reused by a later token (its own entry follows)
+            del live[idx]
+            if idx in self._revoked:
+                self._bits[idx >> 3] &= ~(1 << (idx & 7)) & 0xFF
+                self._revoked.discard(idx)
+                self._version += 1
 
     def _save_state(self) -> None:
         revoked = sorted(i for i in self._revoked if i in self._live)
@@ -299,6 +336,7 @@ class StatusList:
                     self._version += 1
             if counter >= self._reserved:
                 self._reserved = counter + BLOCK
+                self._prune()
                 if self._journal_lines > 2 * len(self._live) + BLOCK:
                     self._compact()
                 else:
@@ -310,6 +348,7 @@ class StatusList:
                     self._save_state()
             self._next = counter + 1
             self._live[idx] = holder
+            heapq.heappush(self._expiry, (holder[0], idx))
             os.write(self._journal, f"{idx} {end} {agent} {holder[2]} {holder[3]}\n".encode())
             self._journal_lines += 1
             return idx
