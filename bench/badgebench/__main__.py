@@ -442,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="issue 22's scale run instead of the comparison: 1 -> 1,000 agents, "
                          "10 -> 10,000 policy rules, 1 -> 1,000 held connections, start-up, "
                          "audit verify of 1M records (--quick: smaller)")
+    ap.add_argument("--ab", type=Path, metavar="OTHER_TREE",
+                    help="paired A/B of this tree (or --badged-src) against OTHER_TREE: "
+                         "FetchToken@1 p50, FetchToken@16, Sign@16, ABBA rounds "
+                         "(--pair-rounds, default 8; --duration, default 4 s)")
     ap.add_argument("--scale-agents", type=int,
                     help="with --scale: agents to create (default 1,000; --quick 100)")
     args = ap.parse_args(argv)
@@ -449,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return _hostile(args)
     if args.scale:
         return _scale(args)
+    if args.ab:
+        return _ab(args)
 
     plan = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
@@ -645,6 +651,29 @@ def _hostile(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0 if all(t[3] is not False for t in result["targets"]) else 1
+
+
+def _ab(args: argparse.Namespace) -> int:
+    """``--ab OTHER_TREE``: two trees' daemons measured alternately (badgebench.abtrees)."""
+    import json
+
+    from badgebench.abtrees import run_ab
+
+    src = args.badged_src.resolve()
+    for sub in ("clients", "daemon"):
+        sys.path.insert(0, str(src / sub))
+    module = provision.find_first(provision.MODULE_GLOBS)
+    if module is None:
+        print("SoftHSM2 is missing: apt-get install -y softhsm2", file=sys.stderr)
+        return 2
+    duration = args.duration or 4.0
+    with _terminate_cleanly():
+        result = run_ab(a_src=src, b_src=args.ab.resolve(), module=module, audience=AUDIENCE,
+                        rounds=args.pair_rounds or 8, duration_s=duration,
+                        warmup_s=min(1.0, duration / 2), slice_s=min(1.0, duration), say=_say)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 def _scale(args: argparse.Namespace) -> int:
