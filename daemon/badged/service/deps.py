@@ -125,17 +125,20 @@ class SigningRunner:
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         call = current_call()
-        if call is not None and not wanted_now(call):
-            raise CallGone()
         if self._pool is not None:
+            if call is not None and not wanted_now(call):
+                raise CallGone()
+
             def checked() -> _T:  # on the signing thread, right before the device works
                 commit_if_wanted(call)
                 return fn()
 
             return await asyncio.get_running_loop().run_in_executor(self._pool, checked)
         if self.in_flight is None or self.in_flight() < BATCH_MIN_IN_FLIGHT:
-            commit_if_wanted(call, on_loop=True)
+            commit_if_wanted(call, on_loop=True)  # the one socket check, right before
             return fn()
+        if call is not None and not call.wanted():  # gathered: checked again, reading
+            raise CallGone()                        # the socket, right before it signs
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_T] = loop.create_future()
         self._gathered.append((fn, fut, call))
