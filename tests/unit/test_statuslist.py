@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gc
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -131,10 +133,38 @@ def test_expired_holders_are_forgotten_and_the_journal_stays_the_live_size(
             sl.allocate(exp=clock.now + 60, agent="bot", grant=None, delegation=None)
         clock.now += 200
     live = sl.allocate(exp=clock.now + 600, agent="bot", grant="g-1", delegation=None)
-    assert len(sl._live) <= BLOCK + 1  # was 8 * BLOCK + 2 before expired holders were pruned
+    # Holders are kept by chunk of BLOCK indices: the last chunk of round 7/8 and the one
+    # holding `live` (was 8 * BLOCK + 2 before expired holders were pruned).
+    assert sl.held <= 2 * BLOCK
     assert len(journal.read_bytes().splitlines()) <= 3 * BLOCK  # compacted, not 8 blocks
     assert sl.status(revoked) == 0  # expired: its bit is cleared, as reuse would
     assert sl.revoke(grant="g-1") == 1 and sl.status(live) == 1  # the live one still marks
     sl.close()
     again = StatusList(tmp_path / "s", uri="u", clock=clock, size=64 * BLOCK)
     assert again.status(live) == 1
+
+
+def test_a_live_token_costs_tens_of_bytes_not_hundreds(tmp_path: Path) -> None:
+    """Issue 16: the daemon's RSS grew with every token served and stayed up, since
+    each live token held a dict entry, a NamedTuple, a float, an int and a heap
+    tuple (~250 bytes, measured). Parallel columns cost ~32 bytes a token."""
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock)
+    agent, grant = "bot", "g-1"
+    for _ in range(BLOCK + 1):  # the first block's structures are not per token
+        sl.allocate(exp=clock.now + 300, agent=agent, grant=None, delegation=None)
+    n = 8 * BLOCK
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            sl.allocate(exp=clock.now + 300 + i % 7, agent=agent,
+                        grant=grant if i % 2 else None, delegation=None)
+        gc.collect()
+        per_token = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert per_token < 64, per_token  # was ~250
+    assert sl.revoke(grant=grant) == n // 2
+    sl.close()
