@@ -35,7 +35,11 @@ def _fill(log: AuditLog, n: int, *, every: int = 4, start: int = 0) -> None:
 
 
 def _pruned(directory: Path) -> list[dict[str, Any]]:
-    return [r for r in all_records(directory) if r.get("event") == "audit.pruned"]
+    """The audit.pruned records; [] while the retention thread is removing a file we listed."""
+    try:
+        return [r for r in all_records(directory) if r.get("event") == "audit.pruned"]
+    except FileNotFoundError:  # pruned between the listing and the read: poll again
+        return []
 
 
 def _size(directory: Path) -> int:
