@@ -218,6 +218,17 @@ class Daemon:
                 background=lambda fn: loop.run_in_executor(None, fn), signing=session_mode)
             if not session_mode and not self.session_keys.publishes_any:
                 self.session_keys = None
+        # Issue 21: the Token Status List tokens point at (badged.statuslist).
+        status = StatusList(cfg.private_dir / "status", clock=self._clock,
+                            uri=cfg.effective_issuer.rstrip("/") + "/status-list",
+                            # power loss: tokens the journal lost, from the audit log
+                            issued_since=issued_from_audit(cfg.effective_audit_dir),
+                            max_ttl=cfg.max_ttl)
+        if status.reconciled:
+            # A start-up state change like any other: on the record, not only in the log.
+            audit.append_sync({"event": "status_list.reconciled", "restored": status.reconciled,
+                               "reason": "tokens missing from the journal (power loss) restored "
+                                         "from their token.issued records"})
         return ServiceDeps(
             agents=self.agents, policy=self.policy, peers=PeerRegistry(),
             attestor=ProcessAttestor(), audit=self._denials.wrap(audit), clock=self._clock,
@@ -231,12 +242,7 @@ class Daemon:
             trust_domain=cfg.trust_domain, token_keys=self.session_keys,
             signing=self._signing,
             ssh_ca=SshCa(load_ca_key(cfg.ssh_ca_key)) if cfg.ssh_ca_key is not None else None,
-            # Issue 21: the Token Status List tokens point at (badged.statuslist).
-            status=StatusList(cfg.private_dir / "status", clock=self._clock,
-                              uri=cfg.effective_issuer.rstrip("/") + "/status-list",
-                              # power loss: tokens the journal lost, from the audit log
-                              issued_since=issued_from_audit(cfg.effective_audit_dir),
-                              max_ttl=cfg.max_ttl),
+            status=status,
         )
 
     def _publish_device_key(self, key: KeyHandle) -> None:

@@ -71,6 +71,9 @@ def test_power_loss_journal_cut_then_revocation_still_marks_the_token(
             with pytest.raises(RevokedError):
                 checker.check(_claims(tok))
         assert "restored from the audit log" in d.log.read_text(errors="replace")
+        records = [json.loads(line) for f in sorted((state / "audit").glob("*.jsonl"))
+                   for line in f.read_text().splitlines() if line.strip()]
+        assert [r["restored"] for r in records if r.get("event") == "status_list.reconciled"] == [3]
     finally:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
