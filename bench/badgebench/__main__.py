@@ -448,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(--pair-rounds, default 8; --duration, default 4 s)")
     ap.add_argument("--scale-agents", type=int,
                     help="with --scale: agents to create (default 1,000; --quick 100)")
+    ap.add_argument("--scale-only", choices=("startup",),
+                    help="with --scale: only this part; startup: start-up to ready with "
+                         "--scale-agents agents, then with 10,000 rules too, timed "
+                         "--pair-rounds times (default 3)")
+    ap.add_argument("--scale-state", type=Path,
+                    help="with --scale-only startup: build the agents in this dir once and "
+                         "reuse it on later runs (kept)")
     args = ap.parse_args(argv)
     if args.hostile:
         return _hostile(args)
@@ -697,8 +704,13 @@ def _scale(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with _terminate_cleanly():
         try:
-            rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration,
-                                        max_agents=args.scale_agents)
+            if args.scale_only == "startup":
+                rep.scale = scale.run_startup(
+                    src, _say, state=args.scale_state, agents=args.scale_agents or 1000,
+                    repeats=args.pair_rounds or 3, keep=args.keep_state)
+            else:
+                rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration,
+                                            max_agents=args.scale_agents)
         except KeyboardInterrupt:
             _say("interrupted")
             return 130
@@ -710,7 +722,7 @@ def _scale(args: argparse.Namespace) -> int:
     report.write_json(rep, out_json)
     print(f"\nbadged scale run — {rep.meta['mode']}, {rep.meta['elapsed_s']}s")
     text = host.header_lines(rep.meta["host"], rep.meta["versions"], rep.meta["loadavg_after"])
-    text += scale.lines(rep.scale)
+    text += scale.startup_lines(rep.scale) if args.scale_only else scale.lines(rep.scale)
     print("\n".join(text))
     out_md = out_json.with_suffix(".md")
     out_md.write_text("```\n" + "\n".join(text) + "\n```\n")

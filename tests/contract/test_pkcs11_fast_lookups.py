@@ -15,6 +15,8 @@ from typing import Any
 
 import pkcs11
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from badged.errors import KeyNotFoundError
 from badged.keystore.pkcs11 import store as p11store
@@ -84,3 +86,33 @@ def test_a_name_derived_id_takes_the_general_path(pkcs11_store: Any) -> None:
     pkcs11_store.destroy(name)
     with pytest.raises(KeyNotFoundError):
         _fresh_load(pkcs11_store, name)
+
+
+def test_generate_searches_once_and_keeps_the_pair_it_made(
+        pkcs11_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new key's handle comes from C_GenerateKeyPair, not from a search by label.
+
+    Every search walks each object of a file-backed token: generate() made
+    two (the existence check and the load of the pair just made), and
+    creating an agent three keys at a time slowed with every agent (issue 22).
+    """
+    searches: list[str] = []
+    for helper in ("_find_private", "_pair_by_label", "_public_of"):
+        real = getattr(pkcs11_store, helper)
+
+        def counted(*args: Any, _real: Any = real, _name: str = helper) -> Any:
+            searches.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(pkcs11_store, helper, counted)
+    name = f"gen-{uuid.uuid4().hex[:8]}"
+    made = pkcs11_store.generate(name)
+    assert searches == ["_find_private"]  # the existence check only
+    monkeypatch.undo()
+    data = b"signed by the pair just made"
+    sig = made.sign(data, ec.ECDSA(hashes.SHA256()))
+    fresh = _fresh_load(pkcs11_store, name)  # the general lookup finds the same pair
+    assert fresh.public_key() == made.public_key()
+    fresh.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))
+    assert pkcs11_store.properties(name).sensitive
+    pkcs11_store.destroy(name)

@@ -314,7 +314,7 @@ class Pkcs11KeyStore:
             # half under another label, and a later key of the same name
             # must never pair with that debris (see _public_of).
             key_id = secrets.token_bytes(16)
-            params.generate_keypair(
+            pub, priv = params.generate_keypair(
                 store=True,
                 label=name,
                 id=key_id,
@@ -334,7 +334,9 @@ class Pkcs11KeyStore:
                     pkcs11.Attribute.UNWRAP: False,
                 },
             )
-            return self._load(session, name)
+            # The pair just made, from the handles C_GenerateKeyPair returned:
+            # looking it up again by label walked every token object (issue 22).
+            return self._keep(name, priv, pub)
 
         return self._call(op)
 
@@ -513,8 +515,6 @@ class Pkcs11KeyStore:
         return objs[0] if objs else None
 
     def _load(self, session: Any, name: str) -> _Pkcs11Key:
-        from pkcs11.util.ec import encode_ec_public_key
-
         pair = self._pair_by_label(session, name)
         if pair is not None:
             priv, pubs = pair[0], [pair[1]]
@@ -525,7 +525,13 @@ class Pkcs11KeyStore:
             pubs = self._public_of(session, priv, name)
         if len(pubs) != 1:
             raise KeyStoreError(f"public half of {name} missing", backend=self.backend)
-        public = serialization.load_der_public_key(encode_ec_public_key(pubs[0]))
+        return self._keep(name, priv, pubs[0])
+
+    def _keep(self, name: str, priv: Any, pub: Any) -> _Pkcs11Key:
+        """Cache the handle of the pair (``priv``, ``pub``) as ``name`` (lock held)."""
+        from pkcs11.util.ec import encode_ec_public_key
+
+        public = serialization.load_der_public_key(encode_ec_public_key(pub))
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise KeyStoreError(f"key {name} is not an EC key", backend=self.backend)
         key = _Pkcs11Key(self, name, self._session_copy(priv, name), public, self._generation,
