@@ -43,6 +43,7 @@ from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
 from badged.policy.ratelimit import RateLimiter
+from badged.preflight import checked_policy
 from badged.service.admin import AdminServicer
 from badged.service.approvals import ApprovalBoard
 from badged.service.denials import DenialCounter, install_refusal_log_limits
@@ -151,7 +152,9 @@ class Daemon:
             clock=self._clock, trust_domain=cfg.trust_domain, max_token_ttl=cfg.max_ttl)
         # With the SSH agent socket on, every new key version gets an ssh key.
         self.agents.ssh_keys = cfg.ssh_socket is not None
-        policy = load_policy(cfg.policy_file) if cfg.policy_file else Policy.empty()
+        # The start-up check's parse when the file is unchanged (one parse, not two).
+        policy = (checked_policy(cfg.policy_file) or load_policy(cfg.policy_file)
+                  if cfg.policy_file else Policy.empty())
         if not policy.agents:
             _logger.warning("policy grants nothing (deny by default)",
                             extra={"policy": str(cfg.policy_file)})

@@ -42,6 +42,11 @@ class Report:
     warnings: list[Finding]
     agents: int = 0
     bundles: int = 0
+    # The policy exactly as the daemon loads this text (set when there is no
+    # error): start-up checks the file, then the daemon uses this instead of
+    # parsing it again (badged.preflight.checked_policy).
+    policy: Any = None
+    text: str = ""
 
     @property
     def ok(self) -> bool:
@@ -100,7 +105,10 @@ def _agent_number(original: list[str], line: int | None, message: str) -> str:
     return f"[[agent]] #{n}" + message[m.end():]
 
 
-def _errors(text: str, source: str) -> tuple[list[Finding], Any]:
+def _errors(text: str, source: str, doc: dict[str, Any] | None = None
+            ) -> tuple[list[Finding], Any]:
+    """Every error, and the policy when there is none (parsed from ``text``
+    itself, ``doc`` being its TOML, as the daemon's loader would)."""
     from badged.errors import ConfigError
     from badged.policy.loader import parse_policy
 
@@ -108,9 +116,10 @@ def _errors(text: str, source: str) -> tuple[list[Finding], Any]:
     lines = list(original)
     found: list[Finding] = []
     broken: dict[str, int] = {}  # bundle name -> line of its own error
-    for _ in range(MAX_ROUNDS):
+    for round_ in range(MAX_ROUNDS):
         try:
-            policy = parse_policy("\n".join(lines) + "\n", source)
+            policy = (parse_policy(text, source, doc=doc) if round_ == 0 else
+                      parse_policy("\n".join(lines) + "\n", source))
         except ConfigError as exc:
             message = exc.detail.split(": ", 1)[1] if exc.detail.startswith(source) else exc.detail
             line = _real_line(lines, exc.line, message)
@@ -151,10 +160,8 @@ def _quoted_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _selector_warnings(text: str) -> list[Finding]:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+def _selector_warnings(text: str, doc: dict[str, Any] | None) -> list[Finding]:
+    if doc is None:
         return []
     selectors: list[str] = []
     for entry in doc.get("agent", []) if isinstance(doc.get("agent"), list) else []:
@@ -209,10 +216,15 @@ def check_policy(path: Path) -> Report:
         return Report(source, [Finding(None, f"cannot read policy: {exc.strerror}")], [])
     except UnicodeDecodeError:
         return Report(source, [Finding(None, "policy is not UTF-8 text")], [])
-    errors, policy = _errors(text, source)
+    try:  # once: a 10,000-rule file takes ~1 s to parse (issue 22)
+        doc: dict[str, Any] | None = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        doc = None
+    errors, policy = _errors(text, source, doc)
     warnings = [Finding(None, w) for w in getattr(policy, "warnings", ())]
-    warnings += _selector_warnings(text)
+    warnings += _selector_warnings(text, doc)
     report = Report(source, errors, warnings)
     if policy is not None and not errors:
         report.agents, report.bundles = len(policy.agents), len(policy.bundles)
+        report.policy, report.text = policy, text
     return report

@@ -582,13 +582,16 @@ class _Parser:
         return value
 
 
-def parse_policy(text: str, source: str) -> Policy:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(f"TOML syntax: {exc}", path=source,
-                          line=int(m.group(1)) if m else None) from None
+def parse_policy(text: str, source: str, *, doc: dict[str, Any] | None = None) -> Policy:
+    """``doc``: ``text`` already parsed by ``tomllib`` (the start-up check parses
+    a 10,000-rule file once for everything it does; issue 22). Not modified."""
+    if doc is None:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            m = re.search(r"line (\d+)", str(exc))
+            raise ConfigError(f"TOML syntax: {exc}", path=source,
+                              line=int(m.group(1)) if m else None) from None
     return _Parser(text, source).parse(doc)
 
 
