@@ -210,6 +210,61 @@ _DIGEST = methodcaller("digest")
 _PRUNED = f'"{PRUNED_EVENT}"'.encode()
 _CLOCK = f'"{CLOCK_BACKWARDS}"'.encode()
 
+# Sealed records: integrity without parsing (issue 22). Parsing each line
+# (orjson) alone held one core to ~a quarter of a disk's read rate. A record
+# a valid checkpoint seals needs no parse, by this argument:
+#
+# 1. For every line L, hash its bytes less the one removable `,"hash":"<64
+#    hex>"` member (B = L less that member) and compare with that member's
+#    hex; link each line's prev to the line before's hash.
+# 2. A checkpoint whose signature verifies with the device key and whose
+#    head is the hash found at head_seq in this file: the daemon computed
+#    that head as SHA-256 of the body it wrote for that record, so (SHA-256
+#    being collision resistant) that line's B *is* the daemon's body. The
+#    daemon's body has exactly one top-level prev (the hash of its body
+#    before), so if each line holds exactly one `"prev":"` (counted), that
+#    is it, and the line before's B is the daemon's body too: by induction,
+#    every line up to head_seq, back to the file's first.
+# 3. The daemon writes only canonical JSON (record.seal), and such a body
+#    passes everything parse_line checks, once the hash member is put back
+#    *where sorted keys put it*. The hash does not cover where it is, so the
+#    pattern below proves it: it walks the top-level members from "{" (each
+#    a key and a whole value; a value with a nested container, an escape or
+#    a newline fails the pattern and the chunk is parsed instead), so the
+#    member sits between two top-level members, and the keys around it sort
+#    before and after "hash". With one removable member per line (counted:
+#    a second one would be removed too and hide an edit) the line is the
+#    canonical line of the daemon's record, byte for byte.
+# 4. Lines no checkpoint of the same file seals (the tail after the last
+#    head, any head outside the file or the window, every line when no key
+#    was given) are proved of nothing by this: an attacker can write any
+#    line with a hash of their own there. They are parsed and checked in
+#    full (_Scanner.finish) before the file counts as clean, and their
+#    columns must equal what the bytes said.
+# Seqs are read the same way (one per line, counted) and must count up;
+# checkpoints, audit.pruned and clock-step records, recoveries and any
+# backslash send the chunk (or the line) to the parser, so those are
+# handled exactly as before. A chunk the byte path doubts is parsed; a file
+# the parser doubts goes to the record path, the only one that reports.
+#
+# One line, as far as it is needed: from
+# its start, the top-level members before "hash", each a key and a complete
+# value (a string without escapes, a number or literal, or an object or
+# array holding no container and no escape); then the "hash" member and the
+# next key; then, found by search (each is proved the only one in its line
+# by counting), the prev and seq members. Captures: the last key before
+# "hash", the hash, the key after it, prev, seq.
+_INNER = rb'[^{}\[\]"\\\n]*+(?:"[^"\\\n]*+"[^{}\[\]"\\\n]*+)*+'
+_VALUE = rb'(?:"[^"\\\n]*+"|[-+.0-9a-zE]++|\{' + _INNER + rb'\}|\[' + _INNER + rb'\])'
+_SEALED_LINE = re.compile(
+    rb'\n\{(?:"([^"\\\n]*+)":' + _VALUE + rb',)+?"hash":"([0-9a-f]{64})","([^"\\\n]*+)":'
+    rb'[^\n]*?"prev":"([0-9a-f]{64})",[^\n]*?"seq":([0-9]++),[^\n]*+')
+_HASH_MEMBER = re.compile(rb',"hash":"[0-9a-f]{64}"')
+_CHECKPOINT_KIND = b'"kind":"checkpoint"'
+_RECOVERY_KIND = b'"kind":"recovery"'
+_PENDING_MAX = 64 * 1024 * 1024
+"""Bytes of lines checked on bytes but not yet sealed that a scan holds at most."""
+
 
 class _Window:
     """The hashes of the last ``size`` records by seq, for checkpoint heads.
@@ -283,6 +338,7 @@ class _FileScan:
     checkpoints: list[tuple[int, int, str, str | None]] = field(default_factory=list)
     prunes: list[tuple[int, object, object]] = field(default_factory=list)
     clock_steps_back: int = 0
+    sealed: int = 0  # records proven by a checkpoint's seal without being parsed
 
 
 class _Scanner:
@@ -293,8 +349,15 @@ class _Scanner:
         self.scan = _FileScan(name)
         self.window = max(0, window)
         self.public_key, self.kid = public_key, kid
-        self.hashes: list[str] = []  # of seqs hashes_first.., at least the last `window`
-        self.hashes_first = 0
+        # Recent hashes as runs (first seq, 64-char hashes joined): at least the
+        # last ``window`` before the chunk in hand, for checkpoint heads.
+        self.runs: deque[tuple[int, str]] = deque()
+        # The sealed-record path: the highest seq a checkpoint of this file
+        # sealed (its signature verified, its head matched), and the chunks
+        # checked on bytes that no such checkpoint covers yet.
+        self.anchored = 0
+        self.pending: deque[_Pending] = deque()
+        self.pending_bytes = 0
 
     def chunk(self, texts: tuple[bytes, ...], lines: list[bytes]) -> bool:
         """Check ``lines`` (complete, without newlines); ``texts`` hold them all.
@@ -390,10 +453,9 @@ class _Scanner:
             if not isinstance(prevs[0], str) or _HEX64.fullmatch(prevs[0]) is None:
                 return False
             scan.first_seq, scan.first_prev = first, prevs[0]
-            self.hashes_first = first
         if list(prevs[1:]) != hashes[:-1] or not _FAST_KINDS.issuperset(kinds):
             return False
-        self.hashes.extend(hashes)
+        self.runs.append((first, "".join(hashes)))
         i = -1
         for _ in range(kinds.count(KIND_CHECKPOINT)):
             i = kinds.index(KIND_CHECKPOINT, i + 1)
@@ -407,14 +469,18 @@ class _Scanner:
             scan.clock_steps_back += sum(CLOCK_BACKWARDS in rec for rec in objs)
         scan.records += n
         scan.last_seq, scan.last_hash = seqs[-1], hashes[-1]
-        keep = len(self.hashes) - self.window
-        if keep > 0:
-            del self.hashes[:keep]
-            self.hashes_first += keep
+        self._settle(first)
         return True
 
     def _checkpoint(self, rec: dict[str, Any], seq: int) -> bool:
         """:meth:`_Verifier.checkpoint`'s own checks; the head is matched by the caller."""
+        if not self._checkpoint_valid(rec, seq):
+            return False
+        self._checkpoint_found(rec, seq)
+        return True
+
+    def _checkpoint_valid(self, rec: dict[str, Any], seq: int) -> bool:
+        """A head that can be matched, the right key, a signature that verifies."""
         head_seq, head = rec.get("head_seq"), rec.get("head")
         if not isinstance(head_seq, int) or not isinstance(head, str) or head_seq >= seq:
             return False
@@ -426,13 +492,174 @@ class _Scanner:
                 self.public_key.verify(sig, checkpoint_statement(rec), _ES256)
             except (InvalidSignature, ValueError, KeyError):
                 return False
-        found = None
-        if head_seq >= self.scan.first_seq:
-            at = head_seq - self.hashes_first
-            if head_seq >= seq - self.window and at >= 0:
-                found = self.hashes[at]
-        self.scan.checkpoints.append((seq, head_seq, head, found))
         return True
+
+    def _checkpoint_found(self, rec: dict[str, Any], seq: int) -> None:
+        """Note a valid checkpoint (and what it seals, when its head is in this file)."""
+        head_seq, head = rec["head_seq"], rec["head"]
+        found = None
+        if head_seq >= self.scan.first_seq and head_seq >= seq - self.window:
+            found = self._recent(head_seq)
+        self.scan.checkpoints.append((seq, head_seq, head, found))
+        if found is not None and found == head and self.public_key is not None:
+            self.anchored = max(self.anchored, head_seq)
+
+    def _recent(self, seq: int) -> str | None:
+        for first, joined in reversed(self.runs):
+            if seq >= first:
+                at = 64 * (seq - first)
+                return joined[at:at + 64] if at < len(joined) else None
+        return None
+
+    def _settle(self, first: int) -> None:
+        """After a chunk starting at ``first``: forget what no longer matters."""
+        runs, oldest = self.runs, first - self.window
+        while runs and runs[0][0] + len(runs[0][1]) // 64 - 1 < oldest:
+            runs.popleft()
+        pending = self.pending
+        while pending and pending[0].last <= self.anchored:
+            self.pending_bytes -= len(pending.popleft().buf)
+        while self.pending_bytes > _PENDING_MAX and pending:
+            entry = pending.popleft()
+            self.pending_bytes -= len(entry.buf)
+            if not self._confirm(entry):
+                raise _Unsure
+
+    def recent_hashes(self) -> str:
+        """The file's last ``window`` hashes, joined (for :class:`_FileScan`)."""
+        if self.window == 0:
+            return ""
+        return "".join(joined for _first, joined in self.runs)[-64 * self.window:]
+
+    # -- the sealed-record path ---------------------------------------------------
+
+    def sealed_chunk(self, buf: bytes) -> bool:
+        """Check whole lines on their bytes, without parsing them ("Sealed records" above).
+
+        ``buf`` is a newline, then complete lines each ending in a newline.
+        False (nothing changed): the caller checks the chunk with
+        :meth:`chunk` instead. Lines no checkpoint of this file seals stay
+        pending until one does or :meth:`finish` checks them in full.
+        """
+        if (self.public_key is None or b"\\" in buf or _PRUNED in buf or _CLOCK in buf
+                or _RECOVERY_KIND in buf):
+            return False
+        n = buf.count(b"\n") - 1
+        # Exactly one of each per line: every line has one where the pattern
+        # below found it, so a count of n leaves none anywhere else.
+        if n < 1 or buf.count(b'"hash') != n or buf.count(b'"prev') != n \
+                or buf.count(b'"seq') != n:
+            return False
+        rows = _SEALED_LINE.findall(buf)
+        if len(rows) != n:
+            return False
+        k0s, hashes, k1s, prevs, seqs = zip(*rows, strict=True)
+        if max(k0s) >= b"hash" or min(k1s) <= b"hash":
+            return False  # "hash" is not where sorted keys put it
+        bodies = _HASH_MEMBER.sub(b"", buf).split(b"\n")
+        joined = b"".join(hashes).decode("ascii")
+        if b"".join(map(_DIGEST, map(hashlib.sha256, bodies[1:-1]))).hex() != joined:
+            return False
+        scan = self.scan
+        first, prev0 = int(seqs[0]), prevs[0].decode("ascii")
+        if scan.records:
+            if first != scan.last_seq + 1 or prev0 != scan.last_hash:
+                return False
+        elif first < 1:
+            return False
+        if prevs[1:] != hashes[:-1]:
+            return False
+        if b",".join(seqs) != ",".join(map(str, range(first, first + n))).encode("ascii"):
+            return False
+        # Checkpoints (and anything else reading "kind":"checkpoint"): parsed
+        # and checked in full, as the record path would.
+        found: list[tuple[int, dict[str, Any]]] = []
+        at, i, line_start = buf.find(_CHECKPOINT_KIND), -1, 0
+        while at != -1:
+            start = buf.rfind(b"\n", 0, at) + 1
+            end = buf.find(b"\n", at)
+            i += buf.count(b"\n", line_start, start)
+            line_start = start
+            try:
+                rec = parse_line(buf[start:end])
+            except RecordError:
+                return False
+            if (rec["seq"] != first + i or rec["hash"] != joined[64 * i:64 * i + 64]
+                    or rec["prev"] != prevs[i].decode("ascii")):
+                return False
+            if rec["kind"] == KIND_CHECKPOINT:
+                if not self._checkpoint_valid(rec, first + i):
+                    return False
+                found.append((i, rec))
+            elif rec["kind"] != KIND_EVENT:
+                return False
+            at = buf.find(_CHECKPOINT_KIND, end)
+        # All checks passed: take the chunk.
+        if not scan.records:
+            scan.first_seq, scan.first_prev = first, prev0
+        self.runs.append((first, joined))
+        for i, rec in found:
+            self._checkpoint_found(rec, first + i)
+        scan.records += n
+        scan.sealed += n
+        scan.last_seq, scan.last_hash = first + n - 1, joined[-64:]
+        entry = _Pending(first, first + n - 1, buf, joined, prev0,
+                         frozenset(i for i, _rec in found))
+        if entry.last > self.anchored:
+            self.pending.append(entry)
+            self.pending_bytes += len(buf)
+        self._settle(first)
+        return True
+
+    def finish(self) -> bool:
+        """At the end of the file: check in full what no checkpoint here sealed."""
+        while self.pending:
+            entry = self.pending.popleft()
+            if entry.last > self.anchored and not self._confirm(entry):
+                return False
+        return True
+
+    def _confirm(self, entry: _Pending) -> bool:
+        """Check a pending chunk's unsealed lines in full; same columns as on bytes?"""
+        lines = entry.buf.split(b"\n")[1:-1]
+        skip = max(0, self.anchored - entry.first + 1)
+        lines = lines[skip:]
+        if not lines:
+            return True
+        try:
+            got = self._fast((b"\n".join(lines),), lines)
+            if got is None:
+                got = self._slow(lines)
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError):
+            return False
+        if got is None:
+            return False
+        _objs, seqs, prevs, kinds, hashes = got
+        self.scan.sealed -= len(lines)
+        first = entry.first + skip
+        prev = entry.prev0 if skip == 0 else entry.hashes[64 * skip - 64:64 * skip]
+        expected = tuple(KIND_CHECKPOINT if j in entry.checkpoints else KIND_EVENT
+                         for j in range(skip, skip + len(lines)))
+        return (seqs == tuple(range(first, first + len(lines)))
+                and "".join(hashes) == entry.hashes[64 * skip:]
+                and prevs[0] == prev and list(prevs[1:]) == hashes[:-1]
+                and kinds == expected)
+
+
+@dataclass
+class _Pending:
+    """A chunk checked on its bytes whose lines no checkpoint has sealed yet."""
+
+    first: int
+    last: int
+    buf: bytes  # a newline, then the lines
+    hashes: str  # their hashes, joined
+    prev0: str  # the first line's prev
+    checkpoints: frozenset[int]  # which lines (0-based) were checkpoints
+
+
+class _Unsure(Exception):
+    """A pending chunk failed its full check: the file takes the record path."""
 
 
 _KEYS: dict[bytes, tuple[ec.EllipticCurvePublicKey, str]] = {}
@@ -460,27 +687,27 @@ def _scan_file(path: str, window: int, public_der: bytes | None) -> _FileScan | 
         with open(path, "rb") as fh:
             carry = b""
             while block := fh.read(_CHUNK):
-                lines = block.split(b"\n")
-                tail = lines.pop()  # the start of a line the next block ends
-                if not lines:
-                    carry += tail
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:
+                    carry += block
                     continue
-                texts: tuple[bytes, ...] = (block,)
-                if carry:
-                    lines[0] = carry + lines[0]
-                    texts = (block, lines[0])
-                carry = tail
-                if not scanner.chunk(texts, lines):
+                buf = b"".join((b"\n", carry, memoryview(block)[:cut]))
+                carry = block[cut:]
+                if scanner.sealed_chunk(buf):
+                    continue
+                if not scanner.chunk((buf,), buf.split(b"\n")[1:-1]):
                     return None
             if carry:
                 return None  # a torn line: the slow path says where and whether it matters
-    except OSError:
+            if not scanner.finish():
+                return None
+    except (OSError, _Unsure):
         return None
     finally:
         if collecting:
             gc.enable()
     scan = scanner.scan
-    scan.hashes = "".join(scanner.hashes)
+    scan.hashes = scanner.recent_hashes()
     return scan
 
 
