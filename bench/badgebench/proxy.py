@@ -11,10 +11,16 @@ Three ways to make one authenticated GET to a real HTTPS upstream on loopback
 * ``direct-bearer``: a cached bearer token, the upstream called directly --
   the baseline for the proxy's added p50 (target: at most 1 ms).
 
-Each client is its own process with keep-alive connections; every row runs
-for the same duration after a warm-up. ``python -m badgebench.proxy`` runs it
-alone; ``bench/run --proxy`` too. Numbers from a loaded machine are not
-comparable with a quiet one (docs/performance.md).
+Both DPoP sides pay one audited proof from badged per request, against the
+same upstream in the same run; the proxy also writes its completion record.
+Each client is its own process with keep-alive connections; every mode runs
+for the same duration after a warm-up, split in rounds run in ABC CBA order
+so that load from elsewhere on a shared machine falls on every mode alike.
+Each row also says the CPU per call of the daemon, the upstream and the
+clients (all clients together), read over the measured window only.
+``python -m badgebench.proxy`` runs it alone; ``bench/run --only proxy`` too.
+Numbers from a loaded machine are not comparable with a quiet one
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from badgebench.procfs import tree_cpu_seconds
 from badgebench.servers import Badged, Unavailable
 
 AGENT = "demo-agent"
+MODES = ("direct-bearer", "direct-dpop", "proxy-dpop")
 PATH = "/v1/items/1"
 
 POLICY = """
@@ -175,10 +183,13 @@ def _worker_main(mode: str, cfg_json: str) -> None:
         time.sleep(0.001)
     lat: list[float] = []
     errors = 0
+    cpu0: float | None = None
     while True:
         t0 = time.time()
         if t0 >= end:
             break
+        if cpu0 is None and t0 >= warm:
+            cpu0 = time.process_time()  # this client's CPU over the measured window only
         status = request()
         t1 = time.time()
         if t0 >= warm:
@@ -186,20 +197,30 @@ def _worker_main(mode: str, cfg_json: str) -> None:
                 lat.append(t1 - t0)
             else:
                 errors += 1
-    print(json.dumps({"count": len(lat), "errors": errors,
+    cpu = time.process_time() - cpu0 if cpu0 is not None else 0.0
+    print(json.dumps({"count": len(lat), "errors": errors, "cpu_s": cpu,
                       "lat_us": [round(x * 1e6) for x in lat[:: max(1, len(lat) // 2000)]]}))
 
 
 # -- the run -------------------------------------------------------------------------------
 
 def _row(mode: str, clients: int, cfg: dict[str, Any], duration: float,
-         warmup: float) -> dict[str, Any]:
+         warmup: float, pids: dict[str, int]) -> dict[str, Any]:
+    """One mode for ``duration`` after ``warmup``; CPU of the daemon and the
+    upstream is read at the start and the end of the measured window (the
+    clients measure their own over the same window), so CPU per call is
+    comparable between modes whatever else the machine runs."""
     run_cfg = dict(cfg, start=time.time() + 2.0, warmup=warmup)
     run_cfg["end"] = run_cfg["start"] + warmup + duration
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     procs = [subprocess.Popen([sys.executable, "-m", "badgebench.proxy", "worker", mode,
                                json.dumps(run_cfg)], stdout=subprocess.PIPE, env=env)
              for _ in range(clients)]
+    cpu: dict[str, float] = {}
+    for edge, at in (("0", run_cfg["start"] + warmup), ("1", run_cfg["end"])):
+        time.sleep(max(0.0, at - time.time()))
+        for name, pid in pids.items():
+            cpu[name + edge] = tree_cpu_seconds(pid)
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=duration + warmup + 60)
@@ -207,14 +228,41 @@ def _row(mode: str, clients: int, cfg: dict[str, Any], duration: float,
             outs.append(json.loads(out))
     count = sum(o["count"] for o in outs)
     lat = sorted(x for o in outs for x in o["lat_us"])
-    return {"mode": mode, "clients": clients, "rate": round(count / duration, 1),
-            "errors": sum(o["errors"] for o in outs), "failed_workers": clients - len(outs),
-            "p50_us": statistics.median(lat) if lat else None,
-            "p99_us": lat[int(len(lat) * 0.99)] if lat else None}
+    row: dict[str, Any] = {
+        "mode": mode, "clients": clients, "rate": round(count / duration, 1),
+        "count": count, "duration_s": duration,
+        "errors": sum(o["errors"] for o in outs), "failed_workers": clients - len(outs),
+        "p50_us": statistics.median(lat) if lat else None,
+        "p99_us": lat[int(len(lat) * 0.99)] if lat else None,
+        "client_cpu_s": round(sum(o.get("cpu_s", 0.0) for o in outs), 4)}
+    for name in pids:
+        row[name + "_cpu_s"] = round(cpu[name + "1"] - cpu[name + "0"], 4)
+    return row
+
+
+def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one row: rates and CPU from the totals, latency
+    percentiles as the median of the rounds'."""
+    first = rows[0]
+    duration = sum(r["duration_s"] for r in rows)
+    count = sum(r["count"] for r in rows)
+    out: dict[str, Any] = {"mode": first["mode"], "clients": first["clients"],
+                           "rate": round(count / duration, 1) if duration else 0.0,
+                           "rounds": [r["rate"] for r in rows], "count": count,
+                           "errors": sum(r["errors"] for r in rows),
+                           "failed_workers": sum(r["failed_workers"] for r in rows)}
+    for key in ("p50_us", "p99_us"):
+        vals = [r[key] for r in rows if r[key] is not None]
+        out[key] = statistics.median(vals) if vals else None
+    for key in ("daemon", "upstream", "client"):
+        total = sum(r.get(key + "_cpu_s", 0.0) for r in rows)
+        out[key + "_cpu_us_per_call"] = round(total / count * 1e6) if count else None
+    return out
 
 
 def run_proxy(*, src: Path, duration_s: float = 5.0, warmup_s: float = 1.0,
               clients: tuple[int, ...] = (1, 16), daemon_args: tuple[str, ...] = (),
+              rounds: int = 2,
               say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Start an upstream and a ``badged dev`` with a proxy route; measure the three modes."""
     base = Path(tempfile.mkdtemp(prefix="bpxb", dir="/tmp"))
@@ -240,11 +288,19 @@ def run_proxy(*, src: Path, duration_s: float = 5.0, warmup_s: float = 1.0,
         daemon.start()
         cfg = {"port": port, "ca": str(ca), "proxy_socket": str(state / "run" / "proxy.sock"),
                "workload_socket": str(state / "run" / "agent.sock")}
+        pids = {"daemon": daemon.pid or 0, "upstream": upstream.pid}
         rows = []
         for n in clients:
-            for mode in ("direct-bearer", "direct-dpop", "proxy-dpop"):
-                say(f"proxy rows: {mode} x{n}, {duration_s:g}s")
-                rows.append(_row(mode, n, cfg, duration_s, warmup_s))
+            # Rounds in ABC CBA order, each a share of the duration: a load
+            # change on a shared machine falls on every mode alike rather
+            # than on whichever row ran then.
+            raw: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+            for r in range(rounds):
+                for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                    say(f"proxy rows: {mode} x{n}, round {r + 1}/{rounds}, "
+                        f"{duration_s / rounds:g}s")
+                    raw[mode].append(_row(mode, n, cfg, duration_s / rounds, warmup_s, pids))
+            rows.extend(_merge(raw[m]) for m in MODES)
         return {"rows": rows, "targets": _targets(rows)}
     finally:
         if daemon is not None:
