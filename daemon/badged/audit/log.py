@@ -124,6 +124,9 @@ COMMIT_DELAY_S = 0.0006
 GATHER_ENOUGH = 8  # records already queued: write them now
 GATHER_MIN_OTHERS = 3  # calls in flight beyond those queued, to be worth a wait
 DURABILITY_MODES: Final = ("fsync", "write")
+# append_later: a record nobody waits for is written with the next batch, or
+# by the writer this long after it was queued if no batch comes.
+LATER_S: Final = 0.1
 MAX_SYNC_DELAY_S: Final = 1.0
 
 
@@ -280,6 +283,10 @@ class AuditLog:
         self._durable = self._head
         self._epoch = 0  # bumped when a failure rewinds the chain
         self._queue: list[_Entry] = []
+        # Of the queued records, how many someone waits for; the others
+        # (append_later) ride along with the next batch or go at _later_due.
+        self._wanted = 0
+        self._later_due: float | None = None
         self._busy = False  # someone (writer thread or an inline append) owns the file now
         # Hints from the front: solo() "no other call in flight" (a lone
         # call's record is fsync'd inline); in_flight() the calls being
@@ -576,6 +583,7 @@ class AuditLog:
                                        float_free=float_free)
             entry_setup(entry)
             self._queue.append(entry)
+            self._wanted += 1
             self._cond.notify()
             return entry
 
@@ -603,6 +611,28 @@ class AuditLog:
         self._maybe_checkpoint(loop)
         return await fut
 
+    def append_later(self, event: Mapping[str, Any]) -> None:
+        """Chain and queue ``event`` now; write it with the next batch, unawaited.
+
+        For a record that follows an answer already given (the credential
+        proxy's ``proxy.completed``: the call's decision was made durable
+        before it): it needs no write and fsync of its own. It is written,
+        in chain order, with the next record someone waits for (inline or
+        by the writer), or by the writer at most ``LATER_S`` after it was
+        queued; at close, before the final checkpoint. Raises like
+        :meth:`append` for an event that cannot be logged or a closed log;
+        a later write failure is the log's (it fails and poisons as usual).
+        """
+        fields, float_free = checked_event(event)
+        with self._cond:
+            if self._stopping:
+                raise AuditError("audit log is closed")
+            entry = self._chain_locked(fields, KIND_EVENT, float_free=float_free)
+            self._queue.append(entry)
+            if self._later_due is None:
+                self._later_due = time.monotonic() + LATER_S
+                self._cond.notify()  # the writer learns when it is due
+
     def _append_inline(self, fields: dict[str, Any], float_free: bool) -> AuditReceipt | None:
         """Write and fsync on the calling (event loop) thread when nothing could share it.
 
@@ -613,14 +643,15 @@ class AuditLog:
         None (caller queues as usual) when the writer is busy or has work.
         """
         with self._cond:
-            if self._busy or self._queue or self._stopping:
+            if self._busy or self._wanted or self._stopping:
                 return None
             entry = self._chain_locked(fields, KIND_EVENT, float_free=float_free)
-            self._busy = True
+            batch = self._take_batch()  # append_later's records go first, in chain order
+            batch.append(entry)
         try:
-            self._write_batch([entry])
+            self._write_batch(batch)
         except BaseException as exc:
-            failed = self._after_failure([entry], exc)
+            failed = self._after_failure(batch, exc)
             self._release_busy()
             self._complete(failed, exc)  # anything queued meanwhile fails too
             raise _audit_error(exc) from exc
@@ -659,8 +690,16 @@ class AuditLog:
     def _writer_main(self) -> None:
         while True:
             with self._cond:
-                while (not self._queue or self._busy) and not self._stopping:
-                    self._cond.wait()
+                while not self._stopping:
+                    if not self._queue or self._busy:
+                        self._cond.wait()
+                    elif self._wanted:
+                        break
+                    else:  # only append_later's records: write them when due
+                        left = (self._later_due or 0.0) - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
                 while self._busy:  # stopping: let an inline append finish first
                     self._cond.wait()
                 if not self._queue:
@@ -685,6 +724,8 @@ class AuditLog:
     def _take_batch(self) -> list[_Entry]:
         """Everything queued, and the file with it (caller holds ``_cond``)."""
         batch, self._queue = self._queue, []
+        self._wanted = 0
+        self._later_due = None
         self._busy = True
         return batch
 
@@ -699,7 +740,7 @@ class AuditLog:
         """
         if self.commit_delay <= 0 or self._stopping or self.in_flight is None:
             return False
-        queued = len(self._queue)
+        queued = self._wanted
         return queued < GATHER_ENOUGH and self.in_flight() - queued >= GATHER_MIN_OTHERS
 
     def _write_batch(self, batch: list[_Entry]) -> None:
@@ -814,6 +855,8 @@ class AuditLog:
         with self._cond:
             failed = batch + self._queue
             self._queue = []
+            self._wanted = 0
+            self._later_due = None
             self._epoch += 1
             self._head = self._durable
             self._last_event_seq = min(self._last_event_seq, self._durable.seq)

@@ -51,10 +51,18 @@ from typing import Any, Protocol
 from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from badged.attest.process import ProcessAttributes
 from badged.core import assertions, dpop
 from badged.core import context as request_context
+from badged.core.jose import (
+    b64url,
+    canonical_json,
+    ec_public_jwk,
+    encode_jws_raw,
+    encode_jws_with_header,
+)
 from badged.core.tokens import build_claims, mint_token
 from badged.errors import (
     AttestationError,
@@ -103,6 +111,10 @@ _TOKEN_CACHE_MAX = 4096
 _JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _MAX_TOKEN_RESPONSE = 64 * 1024
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}$")
+# An upstream answer with a Content-Length up to this is read whole and sent
+# to the agent in one write (one Response); larger or unsized ones stream.
+_WHOLE_BODY_MAX = 64 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
 def _oauth_key(route: Route, agent: str, client_id: str) -> tuple[Route, str, str]:
@@ -228,11 +240,18 @@ class ProxyServer:
         self._sessions: dict[str | None, ClientSession] = {}
         # Keyed by the whole (frozen) route: a reload that changes its audience
         # or scopes never reuses a token minted for the old definition.
-        self._tokens: dict[tuple[str, Route, str, str], tuple[str, float, str]] = {}
+        self._tokens: dict[tuple[str, Route, str, str], tuple[str, float, str, str]] = {}
         self._oauth: dict[tuple[Route, str, str], tuple[str, float]] = {}
+        # Per route (frozen: a reload makes new keys): its upstream split once.
+        self._upstreams: dict[Route, _Upstream] = {}
+        # Per DPoP key (by thumbprint): the proof's JWS header, encoded once.
+        self._proof_headers: dict[str, str] = {}
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self._records: set[asyncio.Task[None]] = set()
+        # The audit log's unawaited append (badged.audit.log.AuditLog.append_later).
+        self._append_later: Callable[[Mapping[str, Any]], None] | None = getattr(
+            deps.audit, "append_later", None)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -350,22 +369,32 @@ class ProxyServer:
             raise _Denied(403, "no such route", detail=f"no route {name[:64]!r}")
         return route
 
+    def _upstream(self, route: Route) -> _Upstream:
+        """The route's upstream, split once per route definition."""
+        base = self._upstreams.get(route)
+        if base is None:
+            if len(self._upstreams) >= _TOKEN_CACHE_MAX:
+                self._upstreams.clear()
+            base = self._upstreams[route] = _split_upstream(route)
+        return base
+
     async def _forward(self, request: web.BaseRequest, caller: Caller, route: Route,
                        target: Target, agent: str | None, started: float) -> web.StreamResponse:
         d = self.deps
-        base = _split_upstream(route.upstream)
-        url = base.origin + base.path + target.encoded_path()
-        host = base.origin[len("https://"):]
+        base = self._upstream(route)
+        path = base.path + target.encoded_path()
+        url = base.origin + path
+        method = request.method
         req = Request(kind="proxy", agent=agent, audience=base.origin, scopes=(),
-                      proxy_route=route.name, proxy_method=request.method,
+                      proxy_route=route.name, proxy_method=method,
                       proxy_segments=target.segments, proxy_path=target.path,
                       context=_context(request))
         # What the operator sees when the bundle wants approval.
-        why = f"{request.method} {host}{target.path} via route {route.name}"
+        why = f"{method} {base.host}{target.path} via route {route.name}"
         self._check_length(request, route)
         key_of = d.tokens.token_key if route.credential in ("bearer", "dpop") \
             else d.agents.token_key
-        mint = self._minter(route, request.method, url)
+        mint = self._minter(route, method, base, base.htu_prefix + path)
         auth, cred = await self.issuance.issue(caller, req, "proxy.allowed", key_of, mint,
                                                reason=why, traceparent=_traceparent(request),
                                                client_id=route.client_id or None)
@@ -374,25 +403,40 @@ class ProxyServer:
             headers[name] = value
         if cred.assertion:
             headers["Authorization"] = "Bearer " + await self._oauth_token(route, auth, cred)
-        body = await self._read_body(request, route, caller, auth, target)
-        query = ("?" + target.query) if target.query else ""
+        # A request without a body (no Content-Length, no chunks) has nothing to read.
+        body = await self._read_body(request, route, caller, auth, target) \
+            if request.body_exists else b""
+        if target.query:
+            url += "?" + target.query
         status, sent, prepared = 502, 0, False
         try:
             session = self._session(route.ca_file)
+            # encoded=True: the path is ours (normalized, re-encoded) and the
+            # query is forwarded as the agent sent it (printable ASCII, checked).
             async with session.request(
-                    request.method, url + query, headers=headers, data=body,
-                    allow_redirects=False, compress=None,
-                    timeout=ClientTimeout(total=route.timeout, connect=min(10, route.timeout)),
-                    skip_auto_headers=("Content-Type",)) as upstream:
+                    method, URL(url, encoded=True), headers=headers, data=body or None,
+                    allow_redirects=False, compress=None, timeout=base.timeout,
+                    skip_auto_headers=_SKIP_CONTENT_TYPE) as upstream:
                 status = upstream.status
                 if status == 401:  # the cached token is no longer taken: the next call renews
                     self._forget_tokens(route, auth)
+                length = upstream.content_length
+                if length is not None and length <= _WHOLE_BODY_MAX and method != "HEAD" \
+                        and status >= 200 and status not in _NO_BODY_STATUS \
+                        and "Transfer-Encoding" not in upstream.headers:
+                    # Small and sized: read whole, answered in one write.
+                    data = await upstream.content.readexactly(length)
+                    whole = web.Response(status=status, reason=upstream.reason, body=data)
+                    whole.headers.extend(_response_headers(upstream.headers))
+                    sent = len(data)
+                    self._completed(caller, auth, route, method, target, status, len(body),
+                                    sent, started)
+                    return whole
                 response = web.StreamResponse(status=status, reason=upstream.reason)
-                for name, value in _response_headers(upstream.headers):
-                    response.headers.add(name, value)
-                if upstream.content_length is not None and "chunked" not in \
+                response.headers.extend(_response_headers(upstream.headers))
+                if length is not None and "chunked" not in \
                         upstream.headers.get("Transfer-Encoding", "").lower():
-                    response.content_length = upstream.content_length
+                    response.content_length = length
                 prepared = True
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(64 * 1024):
@@ -400,13 +444,14 @@ class ProxyServer:
                     await response.write(chunk)
                 await response.write_eof()
         except asyncio.CancelledError:  # the agent hung up: the call is still on record
-            self._completed(caller, auth, route, request.method, target,
+            self._completed(caller, auth, route, method, target,
                             status if prepared else 499, len(body), sent, started,
                             error="the agent went away")
             raise
-        except (TimeoutError, ClientError, ssl.SSLError, OSError) as exc:
+        except (TimeoutError, ClientError, ssl.SSLError, OSError,
+                asyncio.IncompleteReadError) as exc:
             if prepared and isinstance(exc, ConnectionResetError):  # writing to the agent
-                self._completed(caller, auth, route, request.method, target, status,
+                self._completed(caller, auth, route, method, target, status,
                                 len(body), sent, started, error="the agent went away")
                 raise
             reason = ("upstream TLS verification failed"
@@ -416,12 +461,12 @@ class ProxyServer:
                       else "upstream unreachable")
             _logger.info("proxy: upstream failed",
                          extra={"route": route.name, "error_type": type(exc).__name__})
-            self._completed(caller, auth, route, request.method, target, 502,
+            self._completed(caller, auth, route, method, target, 502,
                             len(body), sent, started, error=reason)
             if prepared:  # the answer had started: cut the connection
                 raise
             return _json_response(502, "upstream", reason)
-        self._completed(caller, auth, route, request.method, target, status,
+        self._completed(caller, auth, route, method, target, status,
                         len(body), sent, started)
         return response
 
@@ -463,9 +508,13 @@ class ProxyServer:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         return b"".join(chunks)
 
-    def _minter(self, route: Route, method: str,
-                url: str) -> Callable[[Authorized], Minted[_Credential]]:
-        """The mint function for this route's credential (runs on the SigningRunner)."""
+    def _minter(self, route: Route, method: str, base: _Upstream,
+                htu: str) -> Callable[[Authorized], Minted[_Credential]]:
+        """The mint function for this route's credential (runs on the SigningRunner).
+
+        ``htu``: the URL called, query excluded, already in RFC 9449's
+        normalized form (the origin normalized once per route, the path ours).
+        """
         d = self.deps
 
         def mint(auth: Authorized) -> Minted[_Credential]:
@@ -485,8 +534,7 @@ class ProxyServer:
                     return Minted(_Credential((("Authorization", "Bearer " + cached[0]),)),
                                   auth.client_id, {"proxy": {
                                       "route": route.name, "method": method,
-                                      "upstream": _split_upstream(route.upstream).origin,
-                                      **record}})
+                                      "upstream": base.origin, **record}})
                 claims = assertions.client_assertion_claims(
                     client_id=auth.client_id, audience=route.token_endpoint, now=d.clock(),
                     ttl_seconds=60, jti=d.new_jti())
@@ -494,24 +542,25 @@ class ProxyServer:
                 record["attach"].update(cached=False, assertion_jti=claims["jti"])
                 return Minted(_Credential((), assertion, auth.client_id), auth.client_id,
                               {"proxy": {"route": route.name, "method": method,
-                                         "upstream": _split_upstream(route.upstream).origin,
-                                         **record}})
+                                         "upstream": base.origin, **record}})
             else:
-                token, fresh = self._token(route, key, auth, dpop_bound=route.credential == "dpop")
+                # The agent's own token key: binds the token (cnf.jkt) and signs the proof.
+                proof_key = d.agents.token_key(key.agent) if route.credential == "dpop" \
+                    else None
+                token, ath, fresh = self._token(route, key, auth, proof_key)
                 record["attach"] = {"type": route.credential, "audience": route.audience,
-                                        "token_jti": fresh[0], "token_minted": fresh[1]}
-                if route.credential == "dpop":
-                    proof_key = d.agents.token_key(key.agent)
-                    claims = dpop.proof_claims(htm=method, htu=url, now=d.clock(),
-                                               jti=d.new_jti(), access_token=token)
-                    proof = dpop.mint_proof(claims, proof_key.handle)
+                                    "token_jti": fresh[0], "token_minted": fresh[1]}
+                if proof_key is not None:
+                    # dpop.proof_claims' checks, with htu normalized by construction.
+                    claims = {"htm": dpop.check_method(method), "htu": htu,
+                              "iat": int(d.clock()), "jti": d.new_jti(), "ath": ath}
+                    proof = self._proof(claims, proof_key)
                     record["attach"]["proof_jti"] = claims["jti"]
                     headers = (("Authorization", "DPoP " + token), ("DPoP", proof))
                 else:
                     headers = (("Authorization", "Bearer " + token),)
             return Minted(_Credential(headers), key.spiffe_id, {"proxy": {
-                "route": route.name, "method": method, "upstream": _split_upstream(
-                    route.upstream).origin, **record}})
+                "route": route.name, "method": method, "upstream": base.origin, **record}})
 
         return mint
 
@@ -592,19 +641,37 @@ class ProxyServer:
             raise _Denied(403, "the route's secret is unusable",
                           detail=f"secret {route.secret!r} is not ASCII") from None
 
-    def _token(self, route: Route, key: SigningKey, auth: Authorized, *,
-               dpop_bound: bool) -> tuple[str, tuple[str, bool]]:
-        """A cached access token for (agent, route), minted when near expiry.
+    def _proof(self, claims: dict[str, Any], key: SigningKey) -> str:
+        """A DPoP proof as :func:`badged.core.dpop.mint_proof` makes it, the
+        header (typ, alg, the key's JWK) encoded once per key rather than per call."""
+        header = self._proof_headers.get(key.kid)
+        if header is None:
+            if len(self._proof_headers) >= _TOKEN_CACHE_MAX:
+                self._proof_headers.clear()
+            header = self._proof_headers[key.kid] = b64url(canonical_json({
+                "typ": dpop.DPOP_TYP, "alg": "ES256",
+                "jwk": ec_public_jwk(key.handle.public_key())}))
+        handle = key.handle
+        sign_raw = getattr(handle, "sign_raw", None)
+        if sign_raw is not None:  # r||s from the backend: no DER round trip
+            return encode_jws_raw(header, claims, lambda data: bytes(sign_raw(data, dpop.ES256)))
+        return encode_jws_with_header(header, claims, lambda data: handle.sign(data, dpop.ES256))
 
-        Returns the token and (its jti, whether it was minted now) for the record.
+    def _token(self, route: Route, key: SigningKey, auth: Authorized,
+               proof_key: SigningKey | None) -> tuple[str, str, tuple[str, bool]]:
+        """A cached access token for (agent, route), minted when near expiry;
+        bound to ``proof_key`` (``cnf.jkt``) when given.
+
+        Returns the token, its ``ath`` (for DPoP proofs) and (its jti, whether
+        it was minted now) for the record.
         """
         d = self.deps
-        jkt = d.agents.token_key(key.agent).kid if dpop_bound else ""
+        jkt = proof_key.kid if proof_key is not None else ""
         cache_key = (key.agent, route, key.kid, jkt)
         now = time.monotonic()
         hit = self._tokens.get(cache_key)
         if hit is not None and hit[1] > now:
-            return hit[0], (hit[2], False)
+            return hit[0], hit[3], (hit[2], False)
         extra: dict[str, Any] = {}
         if jkt:
             extra["cnf"] = {"jkt": jkt}
@@ -613,10 +680,11 @@ class ProxyServer:
                               scopes=route.scopes, ttl_seconds=ttl, now=d.clock(),
                               jti=d.new_jti(), extra=extra)
         issued = mint_token(claims=claims, key=key.handle, key_id=key.kid)
+        ath = dpop.access_token_hash(issued.token) if jkt else ""
         if len(self._tokens) >= _TOKEN_CACHE_MAX:
             self._tokens.clear()
-        self._tokens[cache_key] = (issued.token, now + ttl * (1 - _RENEW_AT), issued.jti)
-        return issued.token, (issued.jti, True)
+        self._tokens[cache_key] = (issued.token, now + ttl * (1 - _RENEW_AT), issued.jti, ath)
+        return issued.token, ath, (issued.jti, True)
 
     # -- audit ---------------------------------------------------------------------------
 
@@ -627,9 +695,12 @@ class ProxyServer:
 
         The decision and the credential's use were made durable before the
         upstream call (``proxy.allowed``, by the pipeline); this record adds
-        status, bytes and latency. It is written in the background, so a
-        keep-alive client's next call does not wait for this fsync too; the
-        proxy's ``close`` waits for all of them before the log is sealed.
+        status, bytes and latency. Nobody waits for it, so it costs no fsync
+        of its own: the log's ``append_later`` writes it with the next record
+        anyone waits for (typically the next call's ``proxy.allowed``) or at
+        most ``LATER_S`` (0.1 s) later, and before the final checkpoint at
+        close (docs/proxy.md, "Audit"). A sink without ``append_later`` gets
+        it in the background, counted as a call in flight until written.
         """
         record: dict[str, Any] = {
             "event": "proxy.completed", "agent": auth.key.agent,
@@ -640,6 +711,12 @@ class ProxyServer:
                       "latency_ms": round((time.monotonic() - started) * 1000, 3)}}
         if error:
             record["proxy"]["error"] = error
+        if self._append_later is not None:
+            try:
+                self._append_later(record)
+            except (BadgedError, ValueError, TypeError) as exc:  # the log's failure: health's
+                _logger.error("proxy.completed not audited", extra={"error": str(exc)})
+            return
         # Counted as a call in flight until written: the log then hands it to
         # its writer thread (batched with the next call's record) instead of
         # fsyncing it inline on the loop, where the next request would wait.
@@ -677,12 +754,21 @@ class ProxyServer:
 class _Upstream:
     origin: str  # https://host[:port], lower-case
     path: str  # the base path, no trailing slash ("" for none)
+    host: str  # host[:port], for approvals
+    htu_prefix: str  # the origin as RFC 9449 normalizes it (no default port)
+    timeout: ClientTimeout  # the route's, for the whole upstream call
 
 
-def _split_upstream(upstream: str) -> _Upstream:
-    rest = upstream[len("https://"):]
+def _split_upstream(route: Route) -> _Upstream:
+    rest = route.upstream[len("https://"):]
     netloc, slash, path = rest.partition("/")
-    return _Upstream("https://" + netloc.lower(), (slash + path).rstrip("/"))
+    origin = "https://" + netloc.lower()
+    return _Upstream(origin, (slash + path).rstrip("/"), netloc.lower(),
+                     dpop.normalize_htu(origin).rstrip("/"),
+                     ClientTimeout(total=route.timeout, connect=min(10, route.timeout)))
+
+
+_SKIP_CONTENT_TYPE = ("Content-Type",)
 
 
 def _target(request: web.BaseRequest) -> Target:
