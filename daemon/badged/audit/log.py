@@ -1133,6 +1133,12 @@ def _scan_tail_file(path: Path) -> _Scan:
     link to the line before; older history is ``verify``'s job, not the
     daemon's startup path.
     """
+    fast = _scan_tail_fast(path)
+    return fast if fast is not None else _scan_tail_records(path)
+
+
+def _scan_tail_records(path: Path) -> _Scan:
+    """:func:`_scan_tail_file` record by record: says where and why to cut."""
     scan = _Scan()
     for line in files.iter_lines(path):
         head = scan.head
@@ -1156,6 +1162,47 @@ def _scan_tail_file(path: Path) -> _Scan:
             scan.sealed_seq = max(scan.sealed_seq, rec["head_seq"])
         else:
             scan.last_event_seq = rec["seq"]
+    return scan
+
+
+def _scan_tail_fast(path: Path) -> _Scan | None:
+    """:func:`_scan_tail_file`'s answer for a file with nothing to cut, from
+    ``audit verify``'s chunk scanner; None for anything else (the record path
+    then finds what to cut and why).
+
+    Record by record, start-up took ~40 µs a record: ~0.2 s after creating
+    1,000 agents, up to ~1.5 s for a full 16 MiB file (issue 22). The chunk
+    scanner checks each record's integrity (canonical form, hash) and its
+    link to the line before, as the record path does, and refuses a torn
+    last line; only the last record is parsed here for its time and kind.
+    """
+    from badged.audit.verify import _scan_file
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size == 0:
+        return _Scan()
+    fast = _scan_file(str(path), 0, None, chunk=256 * 1024)
+    last = files.read_last_line(path)
+    if fast is None or fast.records == 0 or last is None:
+        return None
+    try:
+        rec = parse_line(last)
+    except RecordError:
+        return None
+    if rec["seq"] != fast.last_seq or rec["hash"] != fast.last_hash:
+        return None  # the file changed under the scan: the record path decides
+    scan = _Scan(head=_Head(rec["seq"], rec["hash"], parse_time(rec["time"]), rec["kind"]),
+                 good_end=size)
+    checkpoints = {seq for seq, _head_seq, _head, _found in fast.checkpoints}
+    scan.sealed_seq = max((head_seq for _seq, head_seq, _head, _found in fast.checkpoints),
+                          default=0)
+    event = fast.last_seq
+    while event in checkpoints:
+        event -= 1
+    scan.last_event_seq = event if event >= fast.first_seq else 0
     return scan
 
 

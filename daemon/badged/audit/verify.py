@@ -665,10 +665,14 @@ class _Unsure(Exception):
 _KEYS: dict[bytes, tuple[ec.EllipticCurvePublicKey, str]] = {}
 
 
-def _scan_file(path: str, window: int, public_der: bytes | None) -> _FileScan | None:
+def _scan_file(path: str, window: int, public_der: bytes | None,
+               chunk: int = _CHUNK) -> _FileScan | None:
     """Check one log file on the fast path; None if it needs the record-by-record one.
 
     Runs in a worker process (hence the key as DER bytes) or in-process.
+    ``chunk``: bytes read at a time; a chunk the C-level checks refuse is
+    checked record by record, so smaller chunks confine that to fewer records
+    (the daemon's start-up scan of its last file uses 256 KiB).
     """
     key: ec.EllipticCurvePublicKey | None = None
     kid: str | None = None
@@ -686,7 +690,7 @@ def _scan_file(path: str, window: int, public_der: bytes | None) -> _FileScan | 
     try:
         with open(path, "rb") as fh:
             carry = b""
-            while block := fh.read(_CHUNK):
+            while block := fh.read(chunk):
                 cut = block.rfind(b"\n") + 1
                 if cut == 0:
                     carry += block
