@@ -63,13 +63,34 @@ def _describe(config: DaemonConfig | None, exc: BaseException) -> str:
     return f"start-up failed: {type(exc).__name__}: {exc}"
 
 
+def _prefetch_module(config: DaemonConfig) -> None:
+    """Load the PKCS#11 module on a thread: its C_Initialize overlaps what follows (issue 22)."""
+    config.apply_module_env()  # before the key-store library is first loaded
+    if config.backend == "pkcs11":
+        from badged.keystore.pkcs11.store import prefetch
+        prefetch(config.keystore)
+
+
+MAX_WARNINGS_LOGGED = 20
+
+
 def _preflight(config: DaemonConfig) -> None:
-    """Refuse to start on any fatal problem, before the token or state is touched."""
-    problems = preflight.offline(config)
+    """Refuse to start on any fatal problem, before the token is logged into or state touched.
+
+    The module's C_Initialize may run (no login) once every check but the
+    policy's passed: it overlaps the policy check.
+    """
+    problems = preflight.offline(config, before_policy=lambda: _prefetch_module(config))
     fatal = [p for p in problems if p.fatal]
-    for p in problems:
-        if not p.fatal:
-            _logger.warning(p.line())
+    warnings = [p for p in problems if not p.fatal]
+    # A policy shared between hosts can name thousands of absent users: a
+    # line each made 10,000 rules log 5,000 lines at every start (issue 22).
+    for p in warnings[:MAX_WARNINGS_LOGGED]:
+        _logger.warning(p.line())
+    if len(warnings) > MAX_WARNINGS_LOGGED:
+        how = (f": badged check --config {config.source}" if Path(config.source).is_file()
+               else "")
+        _logger.warning(f"and {len(warnings) - MAX_WARNINGS_LOGGED} more warnings{how}")
     if fatal:
         line = fatal[0].line()
         if len(fatal) > 1:
@@ -146,10 +167,7 @@ def _run(config: DaemonConfig, *, ensure_agent: str | None = None, state_lock_fd
     logsetup.configure(config.log_format, config.log_level)
     try:
         _preflight(config)
-        config.apply_module_env()  # before the key-store library is first loaded
-        if config.backend == "pkcs11":  # its C_Initialize overlaps our imports (issue 22)
-            from badged.keystore.pkcs11.store import prefetch
-            prefetch(config.keystore)
+        _prefetch_module(config)  # started already unless the check skipped it (idempotent)
         asyncio.run(_serve(config, ensure_agent=ensure_agent, state_lock_fd=state_lock_fd))
     except StartupFailed as exc:
         _die(str(exc))
