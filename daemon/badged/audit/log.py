@@ -631,7 +631,10 @@ class AuditLog:
             self._queue.append(entry)
             if self._later_due is None:
                 self._later_due = time.monotonic() + LATER_S
-                self._cond.notify()  # the writer learns when it is due
+                if not self._busy and not self._wanted:
+                    # An idle writer learns when it is due (a busy one, or one
+                    # about to take a batch, looks at the queue again anyway).
+                    self._cond.notify()
 
     def _append_inline(self, fields: dict[str, Any], float_free: bool) -> AuditReceipt | None:
         """Write and fsync on the calling (event loop) thread when nothing could share it.

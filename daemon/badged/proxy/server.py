@@ -699,9 +699,18 @@ class ProxyServer:
         of its own: the log's ``append_later`` writes it with the next record
         anyone waits for (typically the next call's ``proxy.allowed``) or at
         most ``LATER_S`` (0.1 s) later, and before the final checkpoint at
-        close (docs/proxy.md, "Audit"). A sink without ``append_later`` gets
-        it in the background, counted as a call in flight until written.
+        close (docs/proxy.md, "What is on record, and when"). It is made in
+        the loop's next pass, once the answer has been handed to the socket,
+        so the answer does not wait for it. A sink without ``append_later``
+        gets it in the background, counted as a call in flight until written.
         """
+        asyncio.get_running_loop().call_soon(
+            self._record_completed, caller, auth, route, method, target, status, bytes_in,
+            bytes_out, started, error)
+
+    def _record_completed(self, caller: Caller, auth: Authorized, route: Route, method: str,
+                          target: Target, status: int, bytes_in: int, bytes_out: int,
+                          started: float, error: str | None) -> None:
         record: dict[str, Any] = {
             "event": "proxy.completed", "agent": auth.key.agent,
             "caller": caller.proc.summary(), "decision": "allow", "rule": auth.decision.rule,
