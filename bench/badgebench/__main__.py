@@ -448,13 +448,16 @@ def main(argv: list[str] | None = None) -> int:
                          "(--pair-rounds, default 8; --duration, default 4 s)")
     ap.add_argument("--scale-agents", type=int,
                     help="with --scale: agents to create (default 1,000; --quick 100)")
-    ap.add_argument("--scale-only", choices=("startup",),
+    ap.add_argument("--scale-only", choices=("startup", "verify"),
                     help="with --scale: only this part; startup: start-up to ready with "
                          "--scale-agents agents, then with 10,000 rules too, timed "
-                         "--pair-rounds times (default 3)")
+                         "--pair-rounds times (default 3); verify: audit verify of the "
+                         "generated log, cold (--pair-rounds times with --scale-state)")
     ap.add_argument("--scale-state", type=Path,
                     help="with --scale-only startup: build the agents in this dir once and "
-                         "reuse it on later runs (kept)")
+                         "reuse it on later runs (kept); verify: the same for the log")
+    ap.add_argument("--scale-jobs", type=int,
+                    help="with --scale-only verify: processes (default: audit verify's own)")
     args = ap.parse_args(argv)
     if args.hostile:
         return _hostile(args)
@@ -708,6 +711,9 @@ def _scale(args: argparse.Namespace) -> int:
                 rep.scale = scale.run_startup(
                     src, _say, state=args.scale_state, agents=args.scale_agents or 1000,
                     repeats=args.pair_rounds or 3, keep=args.keep_state)
+            elif args.scale_only == "verify":
+                rep.scale = scale.run_verify(_say, quick=args.quick, keep=args.scale_state,
+                                             repeats=args.pair_rounds or 1, jobs=args.scale_jobs)
             else:
                 rep.scale = scale.run_scale(src, _say, quick=args.quick, duration=args.duration,
                                             max_agents=args.scale_agents)
@@ -722,7 +728,8 @@ def _scale(args: argparse.Namespace) -> int:
     report.write_json(rep, out_json)
     print(f"\nbadged scale run — {rep.meta['mode']}, {rep.meta['elapsed_s']}s")
     text = host.header_lines(rep.meta["host"], rep.meta["versions"], rep.meta["loadavg_after"])
-    text += scale.startup_lines(rep.scale) if args.scale_only else scale.lines(rep.scale)
+    text += (scale.verify_lines(rep.scale) if args.scale_only == "verify"
+             else scale.startup_lines(rep.scale) if args.scale_only else scale.lines(rep.scale))
     print("\n".join(text))
     out_md = out_json.with_suffix(".md")
     out_md.write_text("```\n" + "\n".join(text) + "\n```\n")

@@ -254,12 +254,18 @@ _CLOCK = f'"{CLOCK_BACKWARDS}"'.encode()
 # next key; then, found by search (each is proved the only one in its line
 # by counting), the prev and seq members. Captures: the last key before
 # "hash", the hash, the key after it, prev, seq.
-_INNER = rb'[^{}\[\]"\\\n]*+(?:"[^"\\\n]*+"[^{}\[\]"\\\n]*+)*+'
-_VALUE = rb'(?:"[^"\\\n]*+"|[-+.0-9a-zE]++|\{' + _INNER + rb'\}|\[' + _INNER + rb'\])'
+_PLAIN = rb'[^{}\[\]"\\\n]*+'  # inside a container: no bracket, quote, escape or newline
+_CONTAINER = rb'(?!)'  # depth 0: none
+for _depth in range(3):  # containers nested up to three deep (caller.chain, context...)
+    _ATOM = rb'(?:"[^"\\\n]*+"|' + _CONTAINER + rb')'
+    _INNER = _PLAIN + rb'(?:' + _ATOM + _PLAIN + rb')*+'
+    _CONTAINER = rb'(?:\{' + _INNER + rb'\}|\[' + _INNER + rb'\])'
+_VALUE = rb'(?:"[^"\\\n]*+"|[-+.0-9a-zE]++|' + _CONTAINER + rb')'
 _SEALED_LINE = re.compile(
-    rb'\n\{(?:"([^"\\\n]*+)":' + _VALUE + rb',)+?"hash":"([0-9a-f]{64})","([^"\\\n]*+)":'
-    rb'[^\n]*?"prev":"([0-9a-f]{64})",[^\n]*?"seq":([0-9]++),[^\n]*+')
-_HASH_MEMBER = re.compile(rb',"hash":"[0-9a-f]{64}"')
+    rb'\n(\{(?:"([^"\\\n]*+)":' + _VALUE + rb',)+?)"hash":"([0-9a-f]{64})",'
+    rb'("([^"\\\n]*+)":[^\n]*+)')
+_PREV = b'"prev":"'
+_SEQ = b'"seq":'
 _CHECKPOINT_KIND = b'"kind":"checkpoint"'
 _RECOVERY_KIND = b'"kind":"recovery"'
 _PENDING_MAX = 64 * 1024 * 1024
@@ -541,35 +547,47 @@ class _Scanner:
         :meth:`chunk` instead. Lines no checkpoint of this file seals stay
         pending until one does or :meth:`finish` checks them in full.
         """
-        if (self.public_key is None or b"\\" in buf or _PRUNED in buf or _CLOCK in buf
-                or _RECOVERY_KIND in buf):
+        if self.public_key is None or _PRUNED in buf or _CLOCK in buf or _RECOVERY_KIND in buf:
             return False
         n = buf.count(b"\n") - 1
-        # Exactly one of each per line: every line has one where the pattern
-        # below found it, so a count of n leaves none anywhere else.
-        if n < 1 or buf.count(b'"hash') != n or buf.count(b'"prev') != n \
-                or buf.count(b'"seq') != n:
-            return False
         rows = _SEALED_LINE.findall(buf)
-        if len(rows) != n:
+        if n < 1 or len(rows) != n:
             return False
-        k0s, hashes, k1s, prevs, seqs = zip(*rows, strict=True)
+        heads, k0s, hashes, tails, k1s = zip(*rows, strict=True)
         if max(k0s) >= b"hash" or min(k1s) <= b"hash":
             return False  # "hash" is not where sorted keys put it
-        bodies = _HASH_MEMBER.sub(b"", buf).split(b"\n")
+        # The body is the line less exactly the member the pattern found.
         joined = b"".join(hashes).decode("ascii")
-        if b"".join(map(_DIGEST, map(hashlib.sha256, bodies[1:-1]))).hex() != joined:
+        digests = map(_DIGEST, map(hashlib.sha256, map(bytes.__add__, heads, tails)))
+        if b"".join(digests).hex() != joined:
             return False
+        # prev and seq follow "hash" in sorted order, so they are in the tail:
+        # exactly one of each there (first found == last found), holding the
+        # hash of the line before and the next seq.
+        at_prev = list(map(bytes.find, tails, repeat(_PREV)))
+        at_seq = list(map(bytes.find, tails, repeat(_SEQ)))
+        if (-1 in at_prev or -1 in at_seq
+                or at_prev != list(map(bytes.rfind, tails, repeat(_PREV)))
+                or at_seq != list(map(bytes.rfind, tails, repeat(_SEQ)))):
+            return False
+        tail0, at = tails[0], at_prev[0] + len(_PREV)
+        prev0 = tail0[at:at + 64].decode("ascii")
+        if _HEX64.fullmatch(prev0) is None or tail0[at + 64:at + 65] != b'"':
+            return False
+        at = at_seq[0] + len(_SEQ)
+        digits = tail0[at:tail0.find(b",", at)]
+        if not digits.isdigit() or digits[:1] == b"0":
+            return False
+        first = int(digits)
         scan = self.scan
-        first, prev0 = int(seqs[0]), prevs[0].decode("ascii")
-        if scan.records:
-            if first != scan.last_seq + 1 or prev0 != scan.last_hash:
-                return False
-        elif first < 1:
+        if scan.records and (first != scan.last_seq + 1 or prev0 != scan.last_hash):
             return False
-        if prevs[1:] != hashes[:-1]:
-            return False
-        if b",".join(seqs) != ",".join(map(str, range(first, first + n))).encode("ascii"):
+        # line i's prev is line i-1's hash (64 hex digits, as only the daemon
+        # writes it where a checkpoint seals it; the unsealed are parsed)
+        links = map(_PREV.__add__, hashes)
+        seqs = map(b'"seq":%d,'.__mod__, range(first, first + n))
+        if not (all(map(bytes.startswith, tails[1:], links, at_prev[1:]))
+                and all(map(bytes.startswith, tails, seqs, at_seq))):
             return False
         # Checkpoints (and anything else reading "kind":"checkpoint"): parsed
         # and checked in full, as the record path would.
@@ -585,7 +603,7 @@ class _Scanner:
             except RecordError:
                 return False
             if (rec["seq"] != first + i or rec["hash"] != joined[64 * i:64 * i + 64]
-                    or rec["prev"] != prevs[i].decode("ascii")):
+                    or rec["prev"] != (joined[64 * i - 64:64 * i] if i else prev0)):
                 return False
             if rec["kind"] == KIND_CHECKPOINT:
                 if not self._checkpoint_valid(rec, first + i):
