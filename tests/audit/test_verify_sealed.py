@@ -53,11 +53,15 @@ def _sealed(d: Path, key: KeyHandle) -> list[int]:
 
 @pytest.fixture
 def sealed_log(audit_dir: Path, mem_key: KeyHandle) -> Path:
-    """~200 events with a nested ``caller`` before ``hash``, 3+ files, a checkpoint every 10."""
-    log = open_log(audit_dir, signer=mem_key, rotate_bytes=20_000)
+    """~200 events shaped like the daemon's (a ``caller`` holding its process chain, a
+    ``context`` object, before ``hash``), 3+ files, a checkpoint every 10."""
+    log = open_log(audit_dir, signer=mem_key, rotate_bytes=30_000)
     for i in range(1, 201):
         log.append_sync({"event": "token.issued", "agent": f"agent-{i % 3}",
-                         "caller": {"exe": "/usr/bin/python3", "pid": 4000 + i, "uid": 1000},
+                         "caller": {"exe": "/usr/bin/python3", "pid": 4000 + i, "uid": 1000,
+                                    "chain": ["/usr/bin/bash", "/usr/lib/systemd/systemd"],
+                                    "exe_path_verified": True, "unit": None},
+                         "context": {"ticket": f"T-{i}", "dims": [{"k": "v"}]},
                          "jti": f"j{i}", "scopes": ["read", "write"]})
         if i % 10 == 0:
             log.checkpoint_sync()
@@ -116,7 +120,7 @@ def _insert_after(anchor: bytes, *, before: bool = False) -> Any:
     # before "caller" (which sorts before "hash")
     (_insert_after(b',"caller"', before=True), "not_canonical"),
     # nested inside the "caller" object, between keys that sort around "hash"
-    (_insert_after(b'"exe":"/usr/bin/python3"'), "malformed"),
+    (_insert_after(b'"exe_path_verified":true'), "malformed"),
     # inside a string value
     (_insert_after(b'"agent":"age'), "malformed"),
     # inside the scopes array
