@@ -77,6 +77,29 @@ def test_a_later_record_alone_is_durable_within_later_s(audit_dir: Path) -> None
     assert verify(audit_dir).ok
 
 
+def test_on_the_loop_a_timer_makes_a_lone_later_record_durable(audit_dir: Path) -> None:
+    """The daemon's case: no writer wake-up per record, one loop timer when due."""
+    log = open_log(audit_dir)
+
+    async def go() -> float:
+        t0 = time.monotonic()
+        for i in range(3):
+            log.append_later({"event": "proxy.completed", "i": i})
+        await asyncio.sleep(LATER_S / 4)
+        assert log.stats.records == 0  # waiting for company
+        deadline = time.monotonic() + 10
+        while log.stats.records < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return time.monotonic() - t0
+
+    waited = asyncio.run(go())
+    assert log.stats.records == 3 and log.stats.batches == 1
+    assert LATER_S / 4 <= waited < LATER_S + 5
+    log.close()
+    assert [r["i"] for r in all_records(audit_dir)] == [0, 1, 2]
+    assert verify(audit_dir).ok
+
+
 def test_close_writes_later_records_before_the_final_checkpoint(
         audit_dir: Path, mem_key: KeyHandle) -> None:
     log = open_log(audit_dir, signer=mem_key)

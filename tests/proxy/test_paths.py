@@ -37,6 +37,22 @@ def test_normalize(raw: str, path: str | None, forwarded: str | None) -> None:
     assert t.path == path
     assert t.encoded_path() == forwarded
     assert normalize(t.encoded_path()).path == path  # forwarding is a fixed point
+    assert normalize(raw) == t  # the second time from the cache: the same answer
+
+
+def test_the_cache_holds_short_accepted_targets_only() -> None:
+    from badged.proxy import paths
+
+    paths._CACHE.clear()
+    with pytest.raises(PathError):
+        normalize("/a/%2fb")
+    long = "/" + "x" * 400  # 401 characters
+    normalize(long)
+    normalize("/items/7?q=1")
+    assert list(paths._CACHE) == ["/items/7?q=1"]
+    for i in range(paths._CACHE_MAX + 5):  # bounded, whatever an agent sends
+        normalize(f"/n/{i}")
+    assert len(paths._CACHE) <= paths._CACHE_MAX
 
 
 @pytest.mark.parametrize("raw", [

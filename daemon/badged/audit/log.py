@@ -287,6 +287,8 @@ class AuditLog:
         # (append_later) ride along with the next batch or go at _later_due.
         self._wanted = 0
         self._later_due: float | None = None
+        # The loop on which a _later_tick timer is pending, if any.
+        self._later_loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # someone (writer thread or an inline append) owns the file now
         # Hints from the front: solo() "no other call in flight" (a lone
         # call's record is fsync'd inline); in_flight() the calls being
@@ -631,10 +633,32 @@ class AuditLog:
             self._queue.append(entry)
             if self._later_due is None:
                 self._later_due = time.monotonic() + LATER_S
-                if not self._busy and not self._wanted:
-                    # An idle writer learns when it is due (a busy one, or one
-                    # about to take a batch, looks at the queue again anyway).
-                    self._cond.notify()
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None:  # no loop here: the writer waits for the due time itself
+                self._cond.notify()
+                return
+            if self._later_loop is loop:  # a timer is pending already
+                return
+            self._later_loop = loop
+        # Nothing wakes the writer now: usually the next awaited record takes
+        # this one along. One loop timer at a time checks when it is due (a
+        # notify per record cost a writer wake-up and a GIL hand-off per call).
+        loop.call_later(LATER_S, self._later_tick)
+
+    def _later_tick(self) -> None:
+        """Loop timer: wake an idle writer for records of append_later now due."""
+        with self._cond:
+            due = self._later_due
+            left = due - time.monotonic() if due is not None else 0.0
+            if due is not None and left > 0.001:  # taken since, and newer ones queued
+                asyncio.get_running_loop().call_later(left, self._later_tick)
+                return
+            self._later_loop = None
+            if due is not None and not self._busy and not self._wanted:
+                self._cond.notify()
 
     def _append_inline(self, fields: dict[str, Any], float_free: bool) -> AuditReceipt | None:
         """Write and fsync on the calling (event loop) thread when nothing could share it.

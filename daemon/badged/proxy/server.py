@@ -398,7 +398,7 @@ class ProxyServer:
         auth, cred = await self.issuance.issue(caller, req, "proxy.allowed", key_of, mint,
                                                reason=why, traceparent=_traceparent(request),
                                                client_id=route.client_id or None)
-        headers = _forward_headers(request.headers, route)
+        headers = _forward_headers(request.headers, base)
         for name, value in cred.headers:
             headers[name] = value
         if cred.assertion:
@@ -766,6 +766,7 @@ class _Upstream:
     host: str  # host[:port], for approvals
     htu_prefix: str  # the origin as RFC 9449 normalizes it (no default port)
     timeout: ClientTimeout  # the route's, for the whole upstream call
+    drop: frozenset[str]  # agent headers never forwarded on this route (lower-case)
 
 
 def _split_upstream(route: Route) -> _Upstream:
@@ -774,7 +775,8 @@ def _split_upstream(route: Route) -> _Upstream:
     origin = "https://" + netloc.lower()
     return _Upstream(origin, (slash + path).rstrip("/"), netloc.lower(),
                      dpop.normalize_htu(origin).rstrip("/"),
-                     ClientTimeout(total=route.timeout, connect=min(10, route.timeout)))
+                     ClientTimeout(total=route.timeout, connect=min(10, route.timeout)),
+                     HOP_BY_HOP | _AGENT_CREDENTIAL_HEADERS | {route.header.lower()})
 
 
 _SKIP_CONTENT_TYPE = ("Content-Type",)
@@ -797,11 +799,12 @@ def _check_framing(headers: CIMultiDictProxy[str], route: Route) -> None:
         raise _Denied(400, "only Transfer-Encoding: chunked is accepted")
 
 
-def _forward_headers(incoming: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
+def _forward_headers(incoming: CIMultiDictProxy[str], base: _Upstream) -> CIMultiDict[str]:
     """The agent's headers minus hop-by-hop ones and any credential it tried to set."""
-    named = {t.strip().lower() for v in incoming.getall("Connection", [])
-             for t in v.split(",")}
-    drop = HOP_BY_HOP | _AGENT_CREDENTIAL_HEADERS | named | {route.header.lower()}
+    drop = base.drop
+    if "Connection" in incoming:
+        drop = drop | {t.strip().lower() for v in incoming.getall("Connection", [])
+                       for t in v.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop:
