@@ -300,3 +300,20 @@ def test_a_nested_prev_cannot_stand_in_for_the_link(audit_dir: Path, mem_key: Ke
     report = _both(audit_dir, mem_key)
     assert not report.ok and report.first_bad is not None
     assert (report.first_bad.line, report.first_bad.code) == (at + 2, "chain_broken")
+
+
+@pytest.mark.parametrize("where", [b'"prev":"', b'"seq":', b'"agent":"'])
+def test_bytes_that_are_not_ascii_do_not_break_the_fast_path(
+        sealed_log: Path, mem_key: KeyHandle, where: bytes) -> None:
+    """A file's first line starts a chunk: its prev and seq are read from bytes. A byte
+    that is not ASCII there, under a hash recomputed to match, must not stop verify."""
+    path = list_files(sealed_log)[1]
+    lines = path.read_bytes().splitlines(keepends=True)
+    body, _ = _member(lines[0])
+    at = body.index(where) + len(where)
+    body = body[:at] + b"\xff" + body[at + 1:]
+    lines[0] = _hashed(body)
+    rewrite(path, lines)
+    report = _both(sealed_log, mem_key, jobs=1)
+    assert not report.ok and report.first_bad is not None
+    assert (report.first_bad.file, report.first_bad.line) == (path.name, 1)
