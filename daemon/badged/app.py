@@ -34,7 +34,7 @@ from badged.identity.registry import AgentRegistry
 from badged.identity.session import SessionKeyManager
 from badged.identity.store import AgentStore
 from badged.keystore import open_keystore
-from badged.keystore.port import KeyHandle, KeyStore
+from badged.keystore.port import DEVICE_KEY, KeyHandle, KeyStore
 from badged.listener.budget import Classifier
 from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
@@ -65,7 +65,6 @@ from badged_proto.v1 import admin_pb2_grpc, workload_pb2_grpc
 _logger = logging.getLogger(__name__)
 
 MAX_MESSAGE = 128 * 1024
-DEVICE_KEY = "badged/device/v1"
 
 
 def _new_jti() -> str:

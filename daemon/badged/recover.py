@@ -85,7 +85,8 @@ def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: 
     ``state_lock_fd``: the state-dir lock when the caller holds it already
     (``badged dev``'s prepare takes it); else it is taken here.
     """
-    from badged.app import DEVICE_KEY, lock_state_dir
+    from badged.app import lock_state_dir
+    from badged.keystore.port import DEVICE_KEY
 
     if mode is not None and mode not in MODES:
         raise ConfigError(f"unknown recover mode {mode!r}")

@@ -33,6 +33,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from badged.errors import KeyStoreError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,96}$")
+DEVICE_KEY = "badged/device/v1"
+"""The daemon's own key (signs the audit log's checkpoints); here so start-up can
+ask for it before the daemon's composition root is imported (issue 22)."""
 
 
 class KeyAlgorithm(enum.Enum):

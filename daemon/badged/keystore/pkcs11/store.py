@@ -38,7 +38,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
@@ -86,9 +86,24 @@ class Pkcs11Config:
 
 
 _prefetching: dict[str, threading.Thread] = {}
+_early: dict[str, _Early] = {}
 
 
-def prefetch(config: object) -> None:
+@dataclass
+class _Early:
+    """What a prefetch thread did ahead of the store, for the store to take over once."""
+
+    uri: Pkcs11Uri
+    go: threading.Event | None
+    lib: Any = None
+    session: Any = None
+    login_error: BaseException | None = None  # never retried: it counts against the PIN
+    labels: builtins.list[str] | None = None
+    pairs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+def prefetch(config: object, *, login_after: threading.Event | None = None,
+             preload: tuple[str, ...] = ()) -> None:
     """Start loading and initialising the PKCS#11 module on a thread, now.
 
     ``C_Initialize`` of a file-backed token reads every object (SoftHSM with
@@ -98,34 +113,93 @@ def prefetch(config: object) -> None:
     before its own first call, and any failure here is left for the store to
     meet and report the usual way. Set the module's environment first
     (``SOFTHSM2_CONF`` is read at initialisation).
+
+    ``login_after``: once it is set (start-up's checks all passed), the
+    thread also logs in, lists the token's private-key labels and finds the
+    keys named in ``preload`` (the device key): two walks of every token
+    object that otherwise follow the imports. The store takes that session
+    over instead of logging in itself; a refused login is reported by the
+    store as its own and never tried a second time (each try counts against
+    the token's PIN retry limit). The store setting the event itself (it
+    needs the token now) is the same: it then waits for the thread.
     """
     if not isinstance(config, Pkcs11Config):
         return
     try:
-        module = config.module_path or config.parsed().module_path
+        uri = config.parsed()
+        module = config.module_path or uri.module_path
     except Exception:  # the store reports a bad URI
         return
     if not module or module in _prefetching or not os.path.isfile(module):
         return
+    early = _Early(uri=uri, go=login_after)
 
     def load() -> None:
         try:
             import pkcs11
 
-            pkcs11.lib(module)
+            early.lib = pkcs11.lib(module)
         except Exception:  # the store's own load raises it properly
             _logger.debug("PKCS#11 module prefetch failed", exc_info=True)
+            return
+        if login_after is None or uri.pin_source is None:
+            return
+        login_after.wait()
+        _early_login(early, module, preload)
 
     thread = threading.Thread(target=load, name="pkcs11-prefetch", daemon=True)
     _prefetching[module] = thread
+    _early[module] = early
     thread.start()
 
 
-def _await_prefetch(module: str) -> None:
-    """Let a prefetch of ``module`` finish (two C_Initialize calls must never race)."""
+def _early_login(early: _Early, module: str, preload: tuple[str, ...]) -> None:
+    import pkcs11.exceptions as p11e
+
+    try:
+        assert early.uri.pin_source is not None
+        pin = read_secret_file(early.uri.pin_source)
+        kwargs: dict[str, str] = {}
+        if early.uri.token_label is not None:
+            kwargs["token_label"] = early.uri.token_label
+        if early.uri.serial is not None:
+            kwargs["token_serial"] = early.uri.serial
+        token = early.lib.get_token(**kwargs)
+    except Exception:  # a PIN file or token problem: the store meets it the usual way
+        _logger.debug("PKCS#11 early login skipped", exc_info=True)
+        return
+    try:
+        early.session = token.open(rw=True, user_pin=pin.reveal())
+    except p11e.PKCS11Error as exc:
+        if _translate(exc).__class__ is KeyStoreAuthError:
+            early.login_error = exc
+        return
+    except Exception:
+        _logger.debug("PKCS#11 early login failed", exc_info=True)
+        return
+    try:
+        early.labels = _list_labels(module, early.session)
+        for name in preload:
+            pair = _pair_by_label(early.session, name)
+            if pair is not None:
+                early.pairs[name] = pair
+    except Exception:  # the store lists and looks up again itself
+        _logger.debug("PKCS#11 early lookups failed", exc_info=True)
+        early.labels, early.pairs = None, {}
+
+
+def _await_prefetch(module: str) -> _Early | None:
+    """Let a prefetch of ``module`` finish (two C_Initialize calls must never race).
+
+    Returns what it did ahead of the store, once (None after that, or if none).
+    """
     thread = _prefetching.get(module)
+    early = _early.pop(module, None)
+    if early is not None and early.go is not None:
+        early.go.set()  # the store needs the token now: log in (if it has not yet)
     if thread is not None:
         thread.join()
+    return early
 
 
 def _translate(exc: BaseException) -> KeyStoreError:
@@ -204,6 +278,9 @@ class Pkcs11KeyStore:
         self._keys: dict[str, _Pkcs11Key] = {}
         # Bumped on every reconnect so handles from a dead session are never used.
         self._generation = 0
+        # Private-key labels the prefetch thread listed in this session, for
+        # the first list() (start-up's reconcile); None once used or stale.
+        self._early_labels: builtins.list[str] | None = None
         with self._lock:
             self._connect()
 
@@ -227,20 +304,29 @@ class Pkcs11KeyStore:
         import pkcs11
         import pkcs11.exceptions as p11e
 
-        _await_prefetch(self._module_path)
+        early = _await_prefetch(self._module_path)
+        if early is not None and (early.uri != self._uri or self._lib is not None):
+            early = None  # another token's, or not this store's first session
         try:
             if self._lib is None:
-                self._lib = pkcs11.lib(self._module_path)
+                self._lib = (early.lib if early is not None and early.lib is not None
+                             else pkcs11.lib(self._module_path))
             else:
                 # After a fault, start the module afresh so it rescans slots.
                 self._lib.reinitialize()
-            kwargs: dict[str, str] = {}
-            if self._uri.token_label is not None:
-                kwargs["token_label"] = self._uri.token_label
-            if self._uri.serial is not None:
-                kwargs["token_serial"] = self._uri.serial
-            token = self._lib.get_token(**kwargs)
-            self._session = token.open(rw=True, user_pin=self._pin.reveal())
+            if early is not None and early.login_error is not None:
+                raise early.login_error  # tried once already: never a second PIN attempt
+            if early is not None and early.session is not None:
+                self._session = early.session
+            else:
+                early = None
+                kwargs: dict[str, str] = {}
+                if self._uri.token_label is not None:
+                    kwargs["token_label"] = self._uri.token_label
+                if self._uri.serial is not None:
+                    kwargs["token_serial"] = self._uri.serial
+                token = self._lib.get_token(**kwargs)
+                self._session = token.open(rw=True, user_pin=self._pin.reveal())
         except p11e.PKCS11Error as exc:
             self._session = None
             raise _translate(exc) from None
@@ -251,7 +337,27 @@ class Pkcs11KeyStore:
             ) from None
         self._generation += 1
         self._keys.clear()
+        self._early_labels = None
+        if early is not None:
+            self._take_early(early)
         _logger.info("pkcs11 session open", extra={"token": self._uri.redacted()})
+
+    def _take_early(self, early: _Early) -> None:
+        """Use the lookups the prefetch thread made in this very session (lock held).
+
+        The labels answer the first :meth:`list` unless a key was made,
+        destroyed or relabelled through this store since (start-up lists
+        once, for reconcile); the pairs become cached handles, as a
+        :meth:`get` would have made them. Anything odd: looked up afresh.
+        """
+        import pkcs11.exceptions as p11e
+
+        self._early_labels = early.labels
+        for name, (priv, pub) in early.pairs.items():
+            try:
+                self._keep(name, priv, pub)
+            except (p11e.PKCS11Error, KeyStoreError):
+                self._keys.pop(name, None)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(session)`` under the lock, reconnecting once if needed."""
@@ -290,6 +396,7 @@ class Pkcs11KeyStore:
         # session is most likely dead anyway. A reinitialize clears the state.
         self._session = None
         self._keys.clear()
+        self._early_labels = None
 
     # -- the port -------------------------------------------------------------------
 
@@ -301,6 +408,7 @@ class Pkcs11KeyStore:
         from pkcs11.util.ec import encode_named_curve_parameters
 
         def op(session: Any) -> KeyHandle:
+            self._early_labels = None  # the token changes: list it afresh
             if self._find_private(session, name) is not None:
                 raise KeyExistsError(f"key {name} exists", backend=self.backend)
             params = session.create_domain_parameters(
@@ -347,6 +455,9 @@ class Pkcs11KeyStore:
         import pkcs11
 
         def op(session: Any) -> list[str]:
+            early, self._early_labels = self._early_labels, None
+            if early is not None:
+                return sorted(early)
             fast = _list_labels(self._module_path, session)
             if fast is not None:
                 return sorted(fast)
@@ -360,6 +471,7 @@ class Pkcs11KeyStore:
         import pkcs11
 
         def op(session: Any) -> None:
+            self._early_labels = None  # the token changes: list it afresh
             priv = self._find_private(session, name)
             found = priv is not None
             # The public half by pairing id (after an interrupted relabel it
@@ -391,6 +503,7 @@ class Pkcs11KeyStore:
         import pkcs11
 
         def op(session: Any) -> None:
+            self._early_labels = None  # the token changes: list it afresh
             if self._find_private(session, new_name) is not None:
                 raise KeyExistsError(f"key {new_name} exists", backend=self.backend)
             if self._find_private(session, name) is None:
@@ -540,37 +653,7 @@ class Pkcs11KeyStore:
         return key
 
     def _pair_by_label(self, session: Any, name: str) -> tuple[Any, Any] | None:
-        """Both halves of ``name`` from one search, when that settles it; else None.
-
-        Each search walks every object of the token (SoftHSM re-reads each
-        object's file), and the general path makes two (the private half by
-        label, then the public half by CKA_ID): with 1,000 agents, ~0.3 s
-        each (issue 22). One search by label suffices when it finds exactly
-        one private and one public token object whose CKA_ID is the same
-        random id: a random id pairs only these two (an id derived from the
-        name, as old keys have, may be shared, so it takes the general path,
-        as does anything else unusual).
-        """
-        import hashlib
-
-        import pkcs11
-
-        attr = pkcs11.Attribute
-        privs, pubs = [], []
-        for obj in session.get_objects({attr.LABEL: name, attr.TOKEN: True}):
-            if obj.object_class == pkcs11.ObjectClass.PRIVATE_KEY:
-                privs.append(obj)
-            elif obj.object_class == pkcs11.ObjectClass.PUBLIC_KEY:
-                pubs.append(obj)
-        if len(privs) != 1 or len(pubs) != 1:
-            return None
-        try:
-            ids = bytes(privs[0][attr.ID]), bytes(pubs[0][attr.ID])
-        except Exception:  # no CKA_ID on a foreign key
-            return None
-        if not ids[0] or ids[0] != ids[1] or ids[0] == hashlib.sha256(name.encode()).digest()[:16]:
-            return None
-        return privs[0], pubs[0]
+        return _pair_by_label(session, name)
 
     def _public_of(self, session: Any, priv: Any, name: str) -> builtins.list[Any]:
         """The public half of ``priv``: paired by CKA_ID, else (old tokens) by label.
@@ -667,6 +750,40 @@ class Pkcs11KeyStore:
                 return bytes(key._priv.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
 
         return self._call(op)
+
+
+def _pair_by_label(session: Any, name: str) -> tuple[Any, Any] | None:
+    """Both halves of ``name`` from one search, when that settles it; else None.
+
+    Each search walks every object of the token (SoftHSM re-reads each
+    object's file), and the general path makes two (the private half by
+    label, then the public half by CKA_ID): with 1,000 agents, ~0.3 s
+    each (issue 22). One search by label suffices when it finds exactly
+    one private and one public token object whose CKA_ID is the same
+    random id: a random id pairs only these two (an id derived from the
+    name, as old keys have, may be shared, so it takes the general path,
+    as does anything else unusual).
+    """
+    import hashlib
+
+    import pkcs11
+
+    attr = pkcs11.Attribute
+    privs, pubs = [], []
+    for obj in session.get_objects({attr.LABEL: name, attr.TOKEN: True}):
+        if obj.object_class == pkcs11.ObjectClass.PRIVATE_KEY:
+            privs.append(obj)
+        elif obj.object_class == pkcs11.ObjectClass.PUBLIC_KEY:
+            pubs.append(obj)
+    if len(privs) != 1 or len(pubs) != 1:
+        return None
+    try:
+        ids = bytes(privs[0][attr.ID]), bytes(pubs[0][attr.ID])
+    except Exception:  # no CKA_ID on a foreign key
+        return None
+    if not ids[0] or ids[0] != ids[1] or ids[0] == hashlib.sha256(name.encode()).digest()[:16]:
+        return None
+    return privs[0], pubs[0]
 
 
 # -- listing labels without python-pkcs11's object wrappers (issue 22) -----------
