@@ -300,7 +300,14 @@ def run_proxy(*, src: Path, duration_s: float = 5.0, warmup_s: float = 1.0,
                     say(f"proxy rows: {mode} x{n}, round {r + 1}/{rounds}, "
                         f"{duration_s / rounds:g}s")
                     raw[mode].append(_row(mode, n, cfg, duration_s / rounds, warmup_s, pids))
-            rows.extend(_merge(raw[m]) for m in MODES)
+            for m in MODES:
+                row = _merge(raw[m])
+                rows.append(row)
+                say(f"proxy {m} x{n}: {row['rate']:g}/s (rounds {row['rounds']}), "
+                    f"p50 {row['p50_us']} us, p99 {row['p99_us']} us; CPU per call: "
+                    f"daemon {row['daemon_cpu_us_per_call']} us, upstream "
+                    f"{row['upstream_cpu_us_per_call']} us, clients "
+                    f"{row['client_cpu_us_per_call']} us")
         return {"rows": rows, "targets": _targets(rows)}
     finally:
         if daemon is not None:
