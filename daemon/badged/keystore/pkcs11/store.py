@@ -68,6 +68,9 @@ _logger = logging.getLogger(__name__)
 
 _P256_OID = "1.2.840.10045.3.1.7"
 LIVENESS_S = 0.1
+EARLY_LIST_S = 60.0
+"""How long after the store took over the prefetch thread's session its list may answer
+list() (start-up's reconcile comes within a second or two; nothing later uses it)."""
 """How long a session copy may sign without the token object being seen alive."""
 T = TypeVar("T")
 
@@ -281,6 +284,7 @@ class Pkcs11KeyStore:
         # Private-key labels the prefetch thread listed in this session, for
         # the first list() (start-up's reconcile); None once used or stale.
         self._early_labels: builtins.list[str] | None = None
+        self._early_at = 0.0
         with self._lock:
             self._connect()
 
@@ -352,7 +356,7 @@ class Pkcs11KeyStore:
         """
         import pkcs11.exceptions as p11e
 
-        self._early_labels = early.labels
+        self._early_labels, self._early_at = early.labels, time.monotonic()
         for name, (priv, pub) in early.pairs.items():
             try:
                 self._keep(name, priv, pub)
@@ -456,7 +460,7 @@ class Pkcs11KeyStore:
 
         def op(session: Any) -> list[str]:
             early, self._early_labels = self._early_labels, None
-            if early is not None:
+            if early is not None and time.monotonic() - self._early_at < EARLY_LIST_S:
                 return sorted(early)
             fast = _list_labels(self._module_path, session)
             if fast is not None:
