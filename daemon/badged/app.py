@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -26,6 +25,7 @@ from badged.audit.log import AuditConfig, AuditLog
 from badged.audit.reader import find_marked
 from badged.config import DaemonConfig
 from badged.core.clock import Clock, StepDetector, system_clock
+from badged.core.ids import new_jti
 from badged.core.session_keys import Schedule
 from badged.errors import BadgedError, ConfigError, KeyNotFoundError
 from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
@@ -68,7 +68,7 @@ MAX_MESSAGE = 128 * 1024
 
 
 def _new_jti() -> str:
-    return secrets.token_urlsafe(18)
+    return new_jti()  # token_urlsafe(18) from a pooled CSPRNG read (badged.core.ids)
 
 
 def _prepare_socket_dir(path: Path) -> None:

@@ -233,15 +233,25 @@ class ProcessAttributes:
     chain_verified: tuple[bool, ...] = ()
 
     def selectors(self) -> frozenset[str]:
-        """SPIRE-style unix selectors; exe selectors only when readable and verified."""
-        # Names are looked up (TTL-cached) on every call and are part of the
-        # key, so a renamed user or group changes the selectors as before.
+        """SPIRE-style unix selectors; exe selectors only when readable and verified.
+
+        Computed once per attributes object (the pipeline asks several
+        times per request). The attestor hands a connection the same object
+        only while its slow reads are the same (at most SLOW_ATTRS_TTL), so
+        the user and group names in them, looked up (TTL-cached) when the
+        object first computes them, are no staler than before.
+        """
+        cached: frozenset[str] | None = self.__dict__.get("_selectors")
+        if cached is not None:
+            return cached
         path = self.exe if self.exe_path_verified else None
         chain = tuple(p if ok else "" for p, ok in zip(self.chain, self.chain_verified,
                                                        strict=False))
-        return _selectors(self.uid, self.gid, self.groups, _user_name(self.uid),
+        sels = _selectors(self.uid, self.gid, self.groups, _user_name(self.uid),
                           _group_name(self.gid), path, self.other_mount_ns, self.exe_sha256,
                           self.cgroup, self.unit, self.container_id, chain)
+        object.__setattr__(self, "_selectors", sels)
+        return sels
 
     def summary(self) -> dict[str, object]:
         """For logs and audit: everything but nothing secret."""
@@ -285,6 +295,8 @@ def _selectors(uid: int, gid: int, groups: tuple[int, ...], user: str | None,
 
 
 _HashKey = tuple[int, int, int, int, int]  # dev, inode, size, mtime_ns, ctime_ns
+# read_at, groups, cgroup, parent chain, chain entries verified
+_Slow = tuple[float, tuple[int, ...], str | None, tuple[str, ...], tuple[bool, ...]]
 
 
 class ProcessAttestor:
@@ -297,9 +309,7 @@ class ProcessAttestor:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # (pid, start_time) -> (read_at, groups, cgroup, chain, chain_verified)
-        self._slow: OrderedDict[tuple[int, int], tuple[float, tuple[int, ...], str | None,
-                                                       tuple[str, ...], tuple[bool, ...]]] = (
-            OrderedDict())
+        self._slow: OrderedDict[tuple[int, int], _Slow] = OrderedDict()
         # path -> (checked_at, dev, inode) of what the daemon finds there.
         self._path_ids: OrderedDict[str, tuple[float, int, int]] = OrderedDict()
         self._path_ttl = path_ttl
@@ -322,19 +332,32 @@ class ProcessAttestor:
                 st is not None and snap is not None and not snap.same_file(st.st_dev, st.st_ino)):
             self._exec_after_connect(peer)
         exe, digest, verified = self._exe(peer.pid, st) if st is not None else (None, None, False)
-        groups, cgroup, chain, chain_ok = self._slow_attrs(peer)
-        unit, container = self._cgroups.names(cgroup)
+        slow = self._slow_attrs(peer)
+        unit, container = self._cgroups.names(slow[2])
         # Everything above was read by pid; only now do we know it was *this*
         # process and not a successor that inherited the pid. One check, after
         # the reads, is what makes them trustworthy (a check before them would
         # only fail earlier, for one more poll() on every call).
         if not peer.is_alive():
             raise AttestationError(f"caller pid {peer.pid} exited before or during attestation")
+        # The same inputs as this connection's last request: the same answer,
+        # as the same object (its selectors are computed once). ``slow`` is
+        # compared by identity: a re-read (at most SLOW_ATTRS_TTL old) makes
+        # a new tuple, so no attributes object outlives its slow reads, and
+        # the user and group names in its selectors are as fresh as before.
+        key = (exe, digest, verified, unit, container)
+        last = peer.memo.attested
+        if last is not None and last[0] is slow and last[1] == key and isinstance(
+                last[2], ProcessAttributes):
+            return last[2]
+        groups, cgroup, chain, chain_ok = slow[1], slow[2], slow[3], slow[4]
         other_ns = snap is not None and snap.mnt_ns != self._mnt_ns
-        return ProcessAttributes(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=groups,
-                                 exe=exe, exe_sha256=digest, cgroup=cgroup, chain=chain,
-                                 exe_path_verified=verified, other_mount_ns=other_ns,
-                                 unit=unit, container_id=container, chain_verified=chain_ok)
+        attrs = ProcessAttributes(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=groups,
+                                  exe=exe, exe_sha256=digest, cgroup=cgroup, chain=chain,
+                                  exe_path_verified=verified, other_mount_ns=other_ns,
+                                  unit=unit, container_id=container, chain_verified=chain_ok)
+        peer.memo.attested = (slow, key, attrs)
+        return attrs
 
     def _exec_after_connect(self, peer: PeerCredentials) -> None:
         """The process behind the connection no longer runs what it ran at accept.
@@ -360,14 +383,15 @@ class ProcessAttestor:
             pass
         return ()
 
-    def _slow_attrs(self, peer: PeerCredentials) -> tuple[tuple[int, ...], str | None,
-                                                           tuple[str, ...], tuple[bool, ...]]:
+    def _slow_attrs(self, peer: PeerCredentials) -> _Slow:
+        """(read_at, groups, cgroup, chain, chain_verified): the cached tuple itself,
+        re-read at most every SLOW_ATTRS_TTL (its identity says which read it is)."""
         key = (peer.pid, peer.start_time)
         now = time.monotonic()
         with self._lock:
             hit = self._slow.get(key)
         if hit is not None and now - hit[0] < SLOW_ATTRS_TTL:
-            return hit[1], hit[2], hit[3], hit[4]
+            return hit
         chain, chain_ok = self._chain(peer.pid)
         value = (now, self._groups(peer.pid), self._cgroup(peer.pid), chain, chain_ok)
         with self._lock:
@@ -375,7 +399,7 @@ class ProcessAttestor:
             self._slow.move_to_end(key)
             while len(self._slow) > self._cache_size:
                 self._slow.popitem(last=False)
-        return value[1], value[2], value[3], value[4]
+        return value
 
     def _chain(self, pid: int) -> tuple[tuple[str, ...], tuple[bool, ...]]:
         chain: list[str] = []

@@ -69,6 +69,24 @@ class IdentityLoss:
             self.reason = reason
 
 
+class PeerMemo:
+    """Per-connection scratch the attestor keeps between requests (never identity).
+
+    ``attested``: the inputs and the result of the last attestation, one
+    tuple (replaced whole, so a reader on another thread never sees half of
+    it), so an unchanged caller gets the very same attributes object back
+    (and the selectors cached on it) instead of a fresh one per request;
+    ``poller``: the pidfd's poll object, registered once. Dropped with the
+    connection.
+    """
+
+    __slots__ = ("attested", "poller")
+
+    def __init__(self) -> None:
+        self.attested: tuple[object, object, object] | None = None
+        self.poller: select.poll | None = None
+
+
 @dataclass(frozen=True)
 class PeerCredentials:
     """Who connected, as the kernel saw it at ``connect()`` time."""
@@ -85,6 +103,7 @@ class PeerCredentials:
     # forgetting the snapshot fails closed.
     exe: ExeIdentity | None = None
     lost: IdentityLoss = field(default_factory=IdentityLoss, compare=False, repr=False)
+    memo: PeerMemo = field(default_factory=PeerMemo, compare=False, repr=False)
 
     def is_alive(self) -> bool:
         """True while the *same* process that connected is running.
@@ -93,9 +112,16 @@ class PeerCredentials:
         and cannot be fooled by pid reuse. Without one we compare start times.
         """
         if self.pidfd >= 0:
-            poller = select.poll()
-            poller.register(self.pidfd, select.POLLIN)
-            return not poller.poll(0)
+            poller = self.memo.poller
+            if poller is None:  # registered once per connection: one poll(2) per check
+                poller = self.memo.poller = select.poll()
+                poller.register(self.pidfd, select.POLLIN)
+            try:
+                return not poller.poll(0)
+            except RuntimeError:  # in use on another thread right now: a poller of our own
+                own = select.poll()
+                own.register(self.pidfd, select.POLLIN)
+                return not own.poll(0)
         return proc_start_time(self.pid) == self.start_time
 
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from os import urandom as _urandom
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from badged.attest.process import ProcessAttributes
+from badged.core.ids import new_txn
 from badged.errors import (
     BadgedError,
     FailedPreconditionError,
@@ -319,7 +319,7 @@ class Issuance:
 
 def _txn() -> str:
     """A fresh transaction id: 16 hex digits, random (no issuance count leaks)."""
-    return _urandom(8).hex()
+    return new_txn()
 
 
 def request_summary(req: Request) -> dict[str, Any]:
