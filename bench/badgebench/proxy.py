@@ -143,7 +143,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def _worker_main(mode: str, cfg_json: str) -> None:
-    """One client: calls in a loop from ``start`` for ``duration``; prints counts."""
+    """One client: set up, say ``ready``, read the window's times from stdin, then
+    call in a loop from ``start`` until ``end``; prints counts."""
     cfg = json.loads(cfg_json)
     port, ca = int(cfg["port"]), cfg["ca"]
     origin = f"https://127.0.0.1:{port}"
@@ -178,7 +179,12 @@ def _worker_main(mode: str, cfg_json: str) -> None:
             r.read()
             return r.status
 
-    start, warm, end = cfg["start"], cfg["start"] + cfg["warmup"], cfg["end"]
+    # The window starts only once every client is set up: a mode whose clients
+    # import more (grpc, badgeclient) must not lose part of its window on a
+    # loaded machine while a lighter mode's clients are already calling.
+    print("ready", flush=True)
+    times = json.loads(sys.stdin.readline())
+    start, warm, end = times["start"], times["start"] + times["warmup"], times["end"]
     while time.time() < start:
         time.sleep(0.001)
     lat: list[float] = []
@@ -210,12 +216,22 @@ def _row(mode: str, clients: int, cfg: dict[str, Any], duration: float,
     upstream is read at the start and the end of the measured window (the
     clients measure their own over the same window), so CPU per call is
     comparable between modes whatever else the machine runs."""
-    run_cfg = dict(cfg, start=time.time() + 2.0, warmup=warmup)
-    run_cfg["end"] = run_cfg["start"] + warmup + duration
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     procs = [subprocess.Popen([sys.executable, "-m", "badgebench.proxy", "worker", mode,
-                               json.dumps(run_cfg)], stdout=subprocess.PIPE, env=env)
+                               json.dumps(cfg)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env)
              for _ in range(clients)]
+    for p in procs:  # every client set up (imports, token, connection) before the window
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != b"ready":
+            raise Unavailable(f"proxy bench client for {mode} did not start")
+    run_cfg = {"start": time.time() + 0.2, "warmup": warmup}
+    run_cfg["end"] = run_cfg["start"] + warmup + duration
+    line = (json.dumps(run_cfg) + "\n").encode()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(line)
+        p.stdin.flush()
     cpu: dict[str, float] = {}
     for edge, at in (("0", run_cfg["start"] + warmup), ("1", run_cfg["end"])):
         time.sleep(max(0.0, at - time.time()))
