@@ -516,12 +516,12 @@ def run_verify(say: Say, *, quick: bool = False, keep: Path | None = None,
 
 
 def verify_lines(out: dict[str, Any]) -> list[str]:
-    """:func:`lines`' audit verify and target rows, then each further run."""
+    """:func:`lines`' audit verify (best run) and target rows, then every run."""
     if out.get("error"):
         return ["", f"scale verify: not available ({str(out['error'])[:200]})"]
     res = [""] + [x for x in lines({"durability": "-", "duration_s": 0, **out})
                   if x.startswith(("  audit verify", "  #22 target"))]
-    for r in out.get("runs", [])[1:] if len(out.get("runs", [])) > 1 else []:
+    for r in out.get("runs", []) if len(out.get("runs", [])) > 1 else []:
         res.append(f"  run: {r['verify_mb_s']} MB/s, {r['verify_vs_disk']}x disk, "
                    f"CPU {r['verify_cpu_ms_per_mb']} ms/MB")
     return res
