@@ -348,7 +348,13 @@ class _FileScan:
 
 
 class _Scanner:
-    """Checks one file chunk by chunk; any doubt returns False (use the slow path)."""
+    """Checks one file chunk by chunk; any doubt returns False (use the slow path).
+
+    Each chunk is offered to :meth:`sealed_chunk` (bytes only, for records a
+    checkpoint of this file seals) and, if that declines, to :meth:`chunk`
+    (every line parsed with orjson); :meth:`finish` parses what no
+    checkpoint sealed.
+    """
 
     def __init__(self, name: str, window: int, public_key: ec.EllipticCurvePublicKey | None,
                  kid: str | None) -> None:
@@ -368,10 +374,9 @@ class _Scanner:
     def chunk(self, texts: tuple[bytes, ...], lines: list[bytes]) -> bool:
         """Check ``lines`` (complete, without newlines); ``texts`` hold them all.
 
-        ``texts`` is what the byte-level tests look at: the block read (which
-        may also hold the start of the next line: that can only send a
-        chunk to the slow path) and, when a line began in the block before,
-        that whole line.
+        ``texts`` is what the byte-level tests (escapes, float spellings)
+        look at: bytes holding every line (more can only send a chunk to
+        the slow path).
         """
         try:
             got = self._fast(texts, lines)
