@@ -130,6 +130,7 @@ class Daemon:
         # [metrics]: off by default; when on, see badged.metrics.
         self.metrics = Metrics() if config.metrics_enabled else None
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
+        self._status: StatusList | None = None  # its journal's last lines are written at stop
         self._tasks: set[asyncio.Task[None]] = set()
         # Static secrets for the proxy's routes (badged.proxy.secretstore).
         self.proxy_secrets: SecretStore | None = None
@@ -226,6 +227,7 @@ class Daemon:
                             # power loss: tokens the journal lost, from the audit log
                             issued_since=issued_from_audit(cfg.effective_audit_dir),
                             max_ttl=cfg.max_ttl)
+        self._status = status
         if status.reconciled:
             # A start-up state change like any other: on the record, not only in the log.
             audit.append_sync({"event": "status_list.reconciled", "restored": status.reconciled,
@@ -480,6 +482,11 @@ class Daemon:
             await self._front.stop_accepting()
             await self._front.drain(grace)
             self._front.close_links()
+        if self._status is not None:
+            try:
+                self._status.flush()  # batched journal lines (badged.statuslist)
+            except OSError as exc:  # start-up reconciles them from the audit log
+                _logger.error("status list journal not flushed: %s", exc)
         try:
             await self._append_audit({"event": "daemon.stopped", "pid": os.getpid()})
         except BadgedError as exc:

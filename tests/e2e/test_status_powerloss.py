@@ -56,8 +56,7 @@ def test_power_loss_journal_cut_then_revocation_still_marks_the_token(
         with WorkloadClient(d.workload) as w:
             tokens = [w.fetch_token(audience="demo", ttl_seconds=600).token for _ in range(3)]
         journal = next(Path(state).rglob("status/journal"))
-        assert len(journal.read_bytes().splitlines()) >= 3  # written, not yet fsynced
-        d.stop(signal.SIGKILL)
+        d.stop(signal.SIGKILL)  # journal lines may still be batched in memory: lost too
         # What a power loss leaves: the journal as of its last fsync (the block
         # reservation before the first of these tokens: empty on a fresh list).
         os.truncate(journal, 0)

@@ -168,3 +168,37 @@ def test_a_live_token_costs_tens_of_bytes_not_hundreds(tmp_path: Path) -> None:
     assert per_token < 64, per_token  # was ~250
     assert sl.revoke(grant=grant) == n // 2
     sl.close()
+
+
+def test_journal_lines_are_batched_and_a_crash_loses_none_of_the_tokens(tmp_path: Path) -> None:
+    """Lines wait in memory (one write per batch, not per token); a crash before they
+    are written loses them, and start-up puts their tokens back from the audit log."""
+    from badged.statuslist import JOURNAL_BATCH, Issued
+
+    clock = FakeClock()
+    journal = tmp_path / "s" / "journal"
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK)
+    first = [sl.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation=None)
+             for _ in range(JOURNAL_BATCH)]
+    assert len(journal.read_bytes().splitlines()) == JOURNAL_BATCH  # one full batch written
+    late = [sl.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation=None)
+            for _ in range(3)]
+    assert len(journal.read_bytes().splitlines()) == JOURNAL_BATCH  # still in memory
+    # The crash: the object is dropped unflushed. Their token.issued records are durable.
+    issued = [Issued(i, clock.now + 600, "bot", None, None) for i in first + late]
+    again = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK,
+                       issued_since=lambda _t: issued, max_ttl=3600)
+    assert again.reconciled == 3
+    assert again.revoke(agent="bot") == JOURNAL_BATCH + 3
+    assert all(again.status(i) == 1 for i in late)
+
+
+def test_a_clean_stop_writes_the_waiting_lines(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sl = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK)
+    idx = sl.allocate(exp=clock.now + 600, agent="bot", grant=None, delegation=None)
+    sl.flush()
+    assert (tmp_path / "s" / "journal").read_bytes().split()[0] == str(idx).encode()
+    again = StatusList(tmp_path / "s", uri="u", clock=clock, size=2 * BLOCK,
+                       issued_since=lambda _t: [], max_ttl=3600)
+    assert again.reconciled == 0 and again.revoke(agent="bot") == 1

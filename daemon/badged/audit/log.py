@@ -586,7 +586,12 @@ class AuditLog:
             entry_setup(entry)
             self._queue.append(entry)
             self._wanted += 1
-            self._cond.notify()
+            if not self._busy:
+                # A busy writer (or inline append) looks at the queue again before it
+                # waits (_writer_main, _release_busy): no wake-up needed. Under load
+                # the writer is busy most of the time, and Condition.notify is Python
+                # code (~1 % of the event loop at 16 clients).
+                self._cond.notify()
             return entry
 
     async def append(self, event: Mapping[str, Any]) -> AuditReceipt:
