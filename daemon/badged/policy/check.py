@@ -160,9 +160,13 @@ def _quoted_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _selector_warnings(text: str, doc: dict[str, Any] | None) -> list[Finding]:
+def _selector_warnings(text: str, doc: dict[str, Any] | None = None) -> list[Finding]:
+    """``doc``: ``text`` already parsed (start-up parses once for everything)."""
     if doc is None:
-        return []
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            return []
     selectors: list[str] = []
     for entry in doc.get("agent", []) if isinstance(doc.get("agent"), list) else []:
         if isinstance(entry, dict) and isinstance(entry.get("selectors"), list):
@@ -222,7 +226,7 @@ def check_policy(path: Path) -> Report:
         doc = None
     errors, policy = _errors(text, source, doc)
     warnings = [Finding(None, w) for w in getattr(policy, "warnings", ())]
-    warnings += _selector_warnings(text, doc)
+    warnings += _selector_warnings(text, doc) if doc is not None else []
     report = Report(source, errors, warnings)
     if policy is not None and not errors:
         report.agents, report.bundles = len(policy.agents), len(policy.bundles)
