@@ -48,6 +48,9 @@ def test_checkpoints_are_signed_by_the_token_key(audit_dir: Path, hsm_key: KeyHa
         assert c["key"] == __import__("hashlib").sha256(der).hexdigest()
         # Re-derive the signed statement here rather than trusting the module.
         stmt = {k: c[k] for k in ("head", "head_seq", "key", "reason", "sealed_at")}
+        # The span hash (docs/audit.md, "Span hashes") is signed too.
+        stmt.update({k: c[k] for k in ("span_from", "span_sha256") if k in c})
+        assert "span_sha256" in c
         data = b"badged-audit-checkpoint-v1\n" + json.dumps(
             stmt, sort_keys=True, separators=(",", ":")).encode()
         pub.verify(base64.b64decode(str(c["sig"])), data, ec.ECDSA(hashes.SHA256()))

@@ -51,6 +51,13 @@ for some other purpose can never be passed off as a checkpoint (and vice versa).
 
 CHECKPOINT_SIGNED_FIELDS: Final = ("head", "head_seq", "key", "reason", "sealed_at")
 
+CHECKPOINT_SPAN_FIELDS: Final = ("span_from", "span_sha256")
+"""Optional, signed when present: SHA-256 of the exact bytes of the lines with
+seq ``span_from`` .. ``head_seq`` (each with its newline), as the writer
+chained them. Lets ``verify`` prove a stretch with one hash over its bytes
+(docs/audit.md, "Span hashes"); a checkpoint without them is the old format,
+whose statement is unchanged."""
+
 
 class RecordError(ValueError):
     """A line is not a valid record. ``code`` is stable, ``message`` for humans."""
@@ -272,8 +279,13 @@ def checkpoint_statement(fields: Mapping[str, Any]) -> bytes:
     not the checkpoint record's own seq/prev: the signature is made off the
     hot path while other records keep being appended, so the checkpoint lands
     at whatever seq is next; its own position is protected by the chain.
+    The span fields (:data:`CHECKPOINT_SPAN_FIELDS`) are covered when present.
     """
     statement = {name: fields[name] for name in CHECKPOINT_SIGNED_FIELDS}
+    for name in CHECKPOINT_SPAN_FIELDS:
+        # Signed whenever present: stripping or adding one breaks the signature.
+        if name in fields:
+            statement[name] = fields[name]
     return CHECKPOINT_DOMAIN + canonical(statement)
 
 

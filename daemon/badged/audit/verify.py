@@ -23,6 +23,9 @@ What each finding means (``BadRecord.code``):
 * ``checkpoint_head_mismatch``: the signed head does not match the chain: the
   chain before it was rewritten consistently (only signatures catch this);
 * ``checkpoint_bad_signature`` / ``checkpoint_wrong_key``: forged or foreign;
+* ``checkpoint_span_mismatch``: a checkpoint's signed span hash (the SHA-256
+  of the exact bytes of lines ``span_from``..``head_seq``) does not match
+  those lines as they are in the log;
 * ``torn``: an incomplete line inside the log (at the very end it is only a
   warning, ``torn_tail``: a crash the daemon has not yet sealed);
 * ``unsealed_tail`` (``strict`` only): records after the last checkpoint --
@@ -270,6 +273,13 @@ _CHECKPOINT_KIND = b'"kind":"checkpoint"'
 _RECOVERY_KIND = b'"kind":"recovery"'
 _PENDING_MAX = 64 * 1024 * 1024
 """Bytes of lines checked on bytes but not yet sealed that a scan holds at most."""
+_SPAN_FILE_MAX = 256 * 1024 * 1024
+"""A file up to this size is read whole, so its span hashes can be checked."""
+_HASH_MEMBER = b'"hash":"'
+_SPAN_SHA = b'"span_sha256":"'
+_FIRST64 = itemgetter(slice(0, 64))
+_SPAN_KEEP = 64 * 1024 * 1024
+"""Bytes of lines the record path keeps for span hashes (a span is ~1,000 lines)."""
 
 
 class _Window:
@@ -345,6 +355,7 @@ class _FileScan:
     prunes: list[tuple[int, object, object]] = field(default_factory=list)
     clock_steps_back: int = 0
     sealed: int = 0  # records proven by a checkpoint's seal without being parsed
+    spanned: int = 0  # of those, proven by a signed span hash (no per-record work)
 
 
 class _Scanner:
@@ -634,6 +645,65 @@ class _Scanner:
         self._settle(first)
         return True
 
+    # -- the span path ---------------------------------------------------------------
+
+    def span(self, region: bytes, first: int, head_seq: int, head: str) -> bool:
+        """Take lines whose exact bytes a verified checkpoint span hash proved.
+
+        ``region`` is lines ``first..head_seq``, exactly the bytes the
+        writer chained (:func:`_span_plan` checked their SHA-256 against the
+        signed ``span_sha256``), so each is a valid record linking to the one
+        before and the last one's hash is ``head``: nothing in them needs
+        checking. What remains is what the record path would *report* and
+        where the stretch sits: its first line must follow the chain so far,
+        its checkpoints are counted (and their signatures verified, as
+        everywhere), and its hashes are kept for later heads. A stretch with
+        a retention, clock-step or recovery record is left to the other
+        paths (they report those). False: nothing changed.
+        """
+        if _PRUNED in region or _CLOCK in region or _RECOVERY_KIND in region:
+            return False
+        n = region.count(b"\n")
+        if n != head_seq - first + 1:
+            return False
+        # Each line's top-level hash member (the only one in a daemon's line;
+        # a nested "hash" key makes the count differ and the region declines).
+        pieces = region.split(_HASH_MEMBER)
+        if len(pieces) != n + 1:
+            return False
+        joined = b"".join(map(_FIRST64, pieces[1:])).decode("ascii")
+        if joined[-64:] != head:
+            return False
+        rec0 = orjson.loads(region[:region.find(b"\n")])
+        prev0 = rec0.get("prev")
+        if rec0.get("seq") != first or not isinstance(prev0, str):
+            return False
+        scan = self.scan
+        if scan.records and (first != scan.last_seq + 1 or prev0 != scan.last_hash):
+            return False
+        found: list[tuple[int, dict[str, Any]]] = []
+        at = region.find(_CHECKPOINT_KIND)
+        while at != -1:
+            end = region.find(b"\n", at)
+            rec = orjson.loads(region[region.rfind(b"\n", 0, at) + 1:end])
+            if rec.get("kind") == KIND_CHECKPOINT:
+                if not self._checkpoint_valid(rec, rec["seq"]):
+                    return False
+                found.append((rec["seq"], rec))
+            at = region.find(_CHECKPOINT_KIND, end)
+        if not scan.records:
+            scan.first_seq, scan.first_prev = first, prev0
+        self.runs.append((first, joined))
+        for seq, rec in found:
+            self._checkpoint_found(rec, seq)
+        scan.records += n
+        scan.sealed += n
+        scan.spanned += n
+        scan.last_seq, scan.last_hash = head_seq, head
+        self.anchored = max(self.anchored, head_seq)
+        self._settle(first)
+        return True
+
     def finish(self) -> bool:
         """At the end of the file: check in full what no checkpoint here sealed."""
         while self.pending:
@@ -685,6 +755,119 @@ class _Unsure(Exception):
     """A pending chunk failed its full check: the file takes the record path."""
 
 
+def _span_plan(data: bytes, scanner: _Scanner) -> list[tuple[int, int, int, int, str]] | None:
+    """The stretches of ``data`` that their checkpoint's signed span hash proves.
+
+    Returns ``(start, end, first seq, head seq, head)`` in file order. Every
+    checkpoint line (found by a byte search) that carries a span and whose
+    signature verifies is parsed; its span starts where the previous span
+    ended (``span_from`` = that head + 1), at the file's start, or (after a
+    restart) at the line holding ``"seq":span_from,``; it ends with the line
+    whose hash member is the signed head. The SHA-256 of exactly those bytes
+    must equal the signed ``span_sha256``. None: a signed span that does
+    not match where it must be (the record path then reports it, or finds
+    why); a span starting in an earlier file is skipped (its part here is
+    checked record by record).
+    """
+    plan: list[tuple[int, int, int, int, str]] = []
+    newline = data.find(b"\n")
+    if newline == -1:
+        return plan
+    try:
+        file_first = orjson.loads(data[:newline]).get("seq")
+    except (orjson.JSONDecodeError, AttributeError):
+        return plan
+    at = data.find(_CHECKPOINT_KIND)
+    while at != -1:
+        start_cp = data.rfind(b"\n", 0, at) + 1
+        end_cp = data.find(b"\n", at)
+        if end_cp == -1:
+            break
+        at = data.find(_CHECKPOINT_KIND, end_cp)
+        line = data[start_cp:end_cp]
+        if _SPAN_SHA not in line:
+            continue
+        try:
+            rec = parse_line(line)
+        except RecordError:
+            continue  # the other paths find it
+        if rec["kind"] != KIND_CHECKPOINT or not scanner._checkpoint_valid(rec, rec["seq"]):
+            continue
+        first, head_seq, head = rec.get("span_from"), rec["head_seq"], rec["head"]
+        sha = rec.get("span_sha256")
+        if (type(first) is not int or not 1 <= first <= head_seq or not isinstance(sha, str)
+                or _HEX64.fullmatch(sha) is None):
+            return None  # the record path reports it as malformed
+        if not isinstance(file_first, int) or first < file_first:
+            continue
+        low = plan[-1][1] if plan else 0
+        if plan and first == plan[-1][3] + 1:
+            start = low
+        elif not plan and first == file_first:
+            start = 0
+        else:
+            found = data.find(b'"seq":%d,' % first, low, start_cp)
+            if found == -1:
+                return None
+            start = data.rfind(b"\n", 0, found) + 1
+            if start < low:
+                return None
+        found = data.find(_HASH_MEMBER + head.encode("ascii") + b'"', start, start_cp)
+        if found == -1:
+            return None
+        end = data.find(b"\n", found) + 1
+        if hashlib.sha256(memoryview(data)[start:end]).hexdigest() != sha:
+            return None
+        plan.append((start, end, first, head_seq, head))
+    return plan
+
+
+def _take(scanner: _Scanner, buf: bytes) -> bool:
+    """A newline, then whole lines: the sealed byte path, else the parsing path."""
+    try:
+        if scanner.sealed_chunk(buf):
+            return True
+    except (ValueError, TypeError, KeyError, OverflowError, IndexError):
+        return False  # e.g. a byte that is not ASCII where a hash was read
+    return scanner.chunk((buf,), buf.split(b"\n")[1:-1])
+
+
+def _scan_spans(scanner: _Scanner, data: bytes, chunk: int) -> bool:
+    """A whole file: proved spans taken at once, the rest chunk by chunk."""
+    if data and not data.endswith(b"\n"):
+        return False  # a torn line: the record path says where and whether it matters
+    try:
+        plan = _span_plan(data, scanner)
+    except (ValueError, TypeError, KeyError, OverflowError, UnicodeDecodeError):
+        plan = None
+    if plan is None:
+        return False
+    pos = 0
+    for start, end, first, head_seq, head in [*plan, (len(data), len(data), 0, 0, "")]:
+        while pos < start:  # lines no span proves: the other paths, in chunks
+            cut = data.rfind(b"\n", pos, min(start, pos + chunk)) + 1
+            if cut <= pos:
+                cut = data.find(b"\n", pos) + 1
+            if not _take(scanner, b"\n" + data[pos:cut]):
+                return False
+            pos = cut
+        if end > start:
+            try:
+                taken = scanner.span(data[start:end], first, head_seq, head)
+            except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+                taken = False
+            if not taken:
+                while pos < end:  # e.g. a retention record in it: chunk by chunk
+                    cut = data.rfind(b"\n", pos, min(end, pos + chunk)) + 1
+                    if cut <= pos:
+                        cut = data.find(b"\n", pos) + 1
+                    if not _take(scanner, b"\n" + data[pos:cut]):
+                        return False
+                    pos = cut
+            pos = end
+    return scanner.finish()
+
+
 _KEYS: dict[bytes, tuple[ec.EllipticCurvePublicKey, str]] = {}
 
 
@@ -712,6 +895,9 @@ def _scan_file(path: str, window: int, public_der: bytes | None,
     gc.disable()
     try:
         with open(path, "rb") as fh:
+            if key is not None and os.fstat(fh.fileno()).st_size <= _SPAN_FILE_MAX:
+                # Read whole: span hashes prove stretches between checkpoints.
+                return _finish_scan(scanner) if _scan_spans(scanner, fh.read(), chunk) else None
             carry = b""
             while block := fh.read(chunk):
                 cut = block.rfind(b"\n") + 1
@@ -720,12 +906,7 @@ def _scan_file(path: str, window: int, public_der: bytes | None,
                     continue
                 buf = b"".join((b"\n", carry, memoryview(block)[:cut]))
                 carry = block[cut:]
-                try:
-                    if scanner.sealed_chunk(buf):
-                        continue
-                except (ValueError, TypeError, KeyError, OverflowError, IndexError):
-                    return None  # e.g. a byte that is not ASCII where a hash was read
-                if not scanner.chunk((buf,), buf.split(b"\n")[1:-1]):
+                if not _take(scanner, buf):
                     return None
             if carry:
                 return None  # a torn line: the slow path says where and whether it matters
@@ -736,6 +917,10 @@ def _scan_file(path: str, window: int, public_der: bytes | None,
     finally:
         if collecting:
             gc.enable()
+    return _finish_scan(scanner)
+
+
+def _finish_scan(scanner: _Scanner) -> _FileScan:
     scan = scanner.scan
     scan.hashes = scanner.recent_hashes()
     return scan
@@ -785,6 +970,11 @@ class _Verifier:
         # files): anchored on its own prev, provisionally, until an
         # audit.pruned record names exactly that seq and hash.
         self.pending_prune: tuple[int, str, BadRecord] | None = None
+        # The exact bytes of the lines since the last span checkpoint's head
+        # (consecutive seqs, at most _SPAN_KEEP bytes), to check the next
+        # checkpoint's span hash; cleared when a file is taken whole (apply).
+        self.span_lines: deque[tuple[int, bytes]] = deque()
+        self.span_kept = 0
 
     def fail(self, bad: BadRecord) -> NoReturn:
         self.report.ok = False
@@ -853,6 +1043,7 @@ class _Verifier:
         if CLOCK_BACKWARDS in rec:
             r.clock_steps_back += 1
         self.remember(seq, rec["hash"])
+        self.keep_line(seq, line.data)
         self.prev_seq, self.prev_hash = seq, rec["hash"]
         r.records += 1
         if r.first_seq is None:
@@ -881,9 +1072,54 @@ class _Verifier:
             except (InvalidSignature, ValueError, KeyError):
                 self.fail(BadRecord(*where, "checkpoint_bad_signature",
                                     "checkpoint signature does not verify"))
+        self.check_span(rec, where, head_seq)
         self.report.checkpoints += 1
         if known is not None and head_seq > self.report.sealed_seq:
             self.seal_up_to(head_seq)
+
+    def keep_line(self, seq: int, data: bytes) -> None:
+        """Keep a checked line's bytes for the next checkpoint's span hash."""
+        lines = self.span_lines
+        if lines and lines[-1][0] != seq - 1:
+            lines.clear()
+            self.span_kept = 0
+        lines.append((seq, data))
+        self.span_kept += len(data)
+        while self.span_kept > _SPAN_KEEP:
+            self.span_kept -= len(lines.popleft()[1])
+
+    def check_span(self, rec: Mapping[str, object], where: tuple[str, int, int],
+                   head_seq: int) -> None:
+        """A checkpoint's span hash must match the kept bytes of its lines.
+
+        Checked whenever those lines are all kept (consecutive, read by this
+        path); otherwise the checkpoint counts exactly as one without the
+        fields would (its head and signature were checked as always).
+        """
+        has_from, has_sha = "span_from" in rec, "span_sha256" in rec
+        if not has_from and not has_sha:
+            return
+        span_from, span_sha = rec.get("span_from"), rec.get("span_sha256")
+        if (not has_from or not has_sha or type(span_from) is not int
+                or not 1 <= span_from <= head_seq or not isinstance(span_sha, str)
+                or _HEX64.fullmatch(span_sha) is None):
+            self.fail(BadRecord(*where, "malformed", "checkpoint with an invalid span"))
+        lines = self.span_lines
+        if not lines or lines[0][0] > span_from or lines[-1][0] < head_seq:
+            return
+        digest = hashlib.sha256()
+        for seq, data in lines:
+            if seq > head_seq:
+                break
+            if seq >= span_from:
+                digest.update(data)
+        if digest.hexdigest() != span_sha:
+            self.fail(BadRecord(*where, "checkpoint_span_mismatch",
+                                f"signed hash of the lines seq {span_from}..{head_seq} does "
+                                "not match them: records in that span were changed, added, "
+                                "removed or moved"))
+        while lines and lines[0][0] <= head_seq:
+            self.span_kept -= len(lines.popleft()[1])
 
     def add_unsealed(self, first: int, last: int, name: str, lineno: int) -> None:
         """Records ``first..last`` (lines from ``lineno`` of ``name``) await a checkpoint."""
@@ -1005,6 +1241,8 @@ class _Verifier:
         for seq, last_seq, last_hash in scan.prunes:
             self.pruned({"last_seq": last_seq, "last_hash": last_hash}, seq)
         r.clock_steps_back += scan.clock_steps_back
+        self.span_lines.clear()  # the file's lines were not kept: no span check across it
+        self.span_kept = 0
         self.recent.extend(scan.first_seq, scan.last_seq, scan.hashes)
         self.prev_seq, self.prev_hash = scan.last_seq, scan.last_hash
         r.records += scan.records
