@@ -432,3 +432,30 @@ def test_the_line_before_a_span_must_link_to_it(audit_dir: Path, mem_key: KeyHan
     report = _both(audit_dir, mem_key)
     assert not report.ok and report.first_bad is not None
     assert (report.first_bad.code, report.first_bad.line) == ("chain_broken", i + 2)
+
+
+def test_stretches_the_span_path_leaves_to_the_others_agree(
+        audit_dir: Path, mem_key: KeyHandle) -> None:
+    """A retention record, a clock step and a nested "hash" member inside spans:
+    those stretches go to the byte and parsing paths; the reports still agree."""
+    from tests.audit.helpers import FakeClock
+
+    clock = FakeClock()
+    log = open_log(audit_dir, signer=mem_key, clock=clock, rotate_bytes=12_000)
+    for i in range(90):
+        fields: dict[str, Any] = {"event": "token.issued", "agent": f"agent-{i % 3}"}
+        if i == 15:
+            fields = {"event": "audit.pruned", "file": "audit-x.jsonl", "last_seq": 1,
+                      "last_hash": "0" * 64}
+        if i == 35:
+            clock.now -= 5.0  # the clock steps back: a clock_backwards_s record
+        if i == 55:
+            fields["context"] = {"hash": "ab" * 32}
+        log.append_sync(fields)
+        if (i + 1) % 10 == 0:
+            log.checkpoint_sync()
+    log.close()
+    spanned = _spanned(audit_dir, mem_key)
+    assert -1 not in spanned and sum(spanned) > 0
+    report = _both(audit_dir, mem_key, strict=True)
+    assert report.ok and report.prunes == 1 and report.clock_steps_back == 1
