@@ -459,3 +459,28 @@ def test_stretches_the_span_path_leaves_to_the_others_agree(
     assert -1 not in spanned and sum(spanned) > 0
     report = _both(audit_dir, mem_key, strict=True)
     assert report.ok and report.prunes == 1 and report.clock_steps_back == 1
+
+
+@pytest.mark.parametrize("where", ["same file", "file before"])
+def test_a_head_inside_a_proved_stretch_is_answered_exactly(
+        span_log: Path, mem_key: KeyHandle, where: str) -> None:
+    """The span path keeps no hashes inside a stretch, only its head's; a
+    checkpoint naming a head inside one (no daemon writes that; here the key
+    holder does) is answered by the record path, with the same report."""
+    index = -1 if where == "same file" else -2
+    _path, lines = _file_lines(span_log, index)
+    target = json.loads(lines[_inside_a_span(lines)])
+    path, lines = _file_lines(span_log, -1)
+    last = json.loads(lines[-1])
+    cp = {"event": "audit.checkpoint", "head": target["hash"], "head_seq": target["seq"],
+          "key": _vm.key_id(mem_key.public_key()), "reason": "manual",
+          "sealed_at": last["time"], "kind": "checkpoint", "seq": last["seq"] + 1,
+          "prev": last["hash"], "time": last["time"]}
+    lines.append(_sign(mem_key, cp))
+    rewrite(path, lines)
+    # same file: the worker declines it; file before: the worker takes it and
+    # the window's hole sends the whole verify to the record path
+    assert (_spanned(span_log, mem_key)[-1] == -1) == (where == "same file")
+    report = _both(span_log, mem_key, jobs=2)
+    assert report.ok and report.unchecked_checkpoints == 0
+    assert report.checkpoints == _both(span_log, mem_key).checkpoints
