@@ -68,10 +68,10 @@ _logger = logging.getLogger(__name__)
 
 _P256_OID = "1.2.840.10045.3.1.7"
 LIVENESS_S = 0.1
+"""How long a session copy may sign without the token object being seen alive."""
 EARLY_LIST_S = 60.0
 """How long after the store took over the prefetch thread's session its list may answer
 list() (start-up's reconcile comes within a second or two; nothing later uses it)."""
-"""How long a session copy may sign without the token object being seen alive."""
 T = TypeVar("T")
 
 
