@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from badged.core.jose import jwk_thumbprint
 from badged.errors import BadgedError, FailedPreconditionError
 from badged.identity.registry import SigningKey
+from badged.listener.front import READ_SIZE
 from badged.listener.peers import PeerCredentials, read_peer
 from badged.listener.sockets import bind_unix
 from badged.policy.model import Request, bundles_in_effect, candidates
@@ -228,6 +229,9 @@ class _Conn(asyncio.Protocol):
             return
         s.per_uid[uid] = s.per_uid.get(uid, 0) + 1
         s.conns.add(self)
+        # Reads below glibc's mmap threshold (asyncio's 256 KiB default cost an
+        # mmap and a munmap per message, ~17 µs; see badged.listener.front).
+        transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
