@@ -295,7 +295,7 @@ class _Window:
     def __init__(self, size: int) -> None:
         self.size = max(0, size)
         self.last = 0
-        self._runs: deque[tuple[int, list[str] | str]] = deque()
+        self._runs: deque[tuple[int, list[str] | str | int]] = deque()
 
     def remember(self, seq: int, digest: str) -> None:
         runs = self._runs
@@ -311,8 +311,11 @@ class _Window:
         self.last = seq
         self._trim()
 
-    def extend(self, first: int, last: int, joined: str) -> None:
-        """Hashes of ``last - len(joined) // 64 + 1 .. last``, joined (from a scan)."""
+    def extend(self, first: int, last: int, joined: str, holes_to: int = 0) -> None:
+        """Hashes of ``last - len(joined) // 64 + 1 .. last``, joined (from a scan);
+        ``first .. holes_to``: not sent (the file's proved stretches end there)."""
+        if holes_to >= first:
+            self._runs.append((first, holes_to - first + 1))
         if joined:
             self._runs.append((last - len(joined) // 64 + 1, joined))
         self.last = last
@@ -335,6 +338,10 @@ class _Window:
         for first, run in reversed(self._runs):
             if seq >= first:
                 at = seq - first
+                if isinstance(run, int):
+                    if at < run:
+                        raise _Rerun
+                    return None
                 if isinstance(run, list):
                     return run[at] if at < len(run) else None
                 found = run[64 * at:64 * at + 64] if 64 * at < len(run) else None
@@ -344,7 +351,9 @@ class _Window:
         return None
 
 
-def _run_len(run: list[str] | str) -> int:
+def _run_len(run: list[str] | str | int) -> int:
+    if isinstance(run, int):
+        return run
     return len(run) if isinstance(run, list) else len(run) // 64
 
 
@@ -359,6 +368,7 @@ class _FileScan:
     last_seq: int = 0
     last_hash: str = ""
     hashes: str = ""  # the file's last (up to ``window``) hashes, joined
+    holes_to: int = 0  # hashes from first_seq to this seq are not in ``hashes`` (holes)
     # (seq, head_seq, head, the chain's hash at head_seq if it is in this
     # file and in the window, else None)
     checkpoints: list[tuple[int, int, str, str | None]] = field(default_factory=list)
@@ -568,11 +578,22 @@ class _Scanner:
             if not self._confirm(entry):
                 raise _Unsure
 
-    def recent_hashes(self) -> str:
-        """The file's last ``window`` hashes, joined (for :class:`_FileScan`)."""
+    def recent_hashes(self) -> tuple[str, int]:
+        """The file's last ``window`` hashes after its last hole, joined, and the
+        seq of that hole (0: none) -- for :class:`_FileScan`. Only heads after
+        a file's last proved stretch are named by later files' checkpoints, so
+        the holes (most of a file) are not sent; one named anyway makes the
+        verify take the record path (:class:`_Rerun`)."""
         if self.window == 0:
-            return ""
-        return "".join(joined for _first, joined in self.runs)[-64 * self.window:]
+            return "", 0
+        runs = list(self.runs)
+        for i in range(len(runs) - 1, -1, -1):
+            first, joined = runs[i]
+            cut = joined.rfind("?")
+            if cut != -1:
+                tail = joined[(cut // 64 + 1) * 64:] + "".join(j for _f, j in runs[i + 1:])
+                return tail[-64 * self.window:], first + cut // 64
+        return "".join(joined for _first, joined in runs)[-64 * self.window:], 0
 
     # -- the sealed-record path ---------------------------------------------------
 
@@ -941,7 +962,7 @@ def _scan_file(path: str, window: int, public_der: bytes | None,
 
 def _finish_scan(scanner: _Scanner) -> _FileScan:
     scan = scanner.scan
-    scan.hashes = scanner.recent_hashes()
+    scan.hashes, scan.holes_to = scanner.recent_hashes()
     return scan
 
 
@@ -1266,7 +1287,7 @@ class _Verifier:
         r.clock_steps_back += scan.clock_steps_back
         self.span_lines.clear()  # the file's lines were not kept: no span check across it
         self.span_kept = 0
-        self.recent.extend(scan.first_seq, scan.last_seq, scan.hashes)
+        self.recent.extend(scan.first_seq, scan.last_seq, scan.hashes, scan.holes_to)
         self.prev_seq, self.prev_hash = scan.last_seq, scan.last_hash
         r.records += scan.records
         if r.first_seq is None:
