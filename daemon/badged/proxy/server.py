@@ -75,6 +75,7 @@ from badged.errors import (
     RateLimitedError,
 )
 from badged.identity.registry import SigningKey
+from badged.listener.front import READ_SIZE
 from badged.listener.peers import PeerCredentials, read_peer
 from badged.listener.sockets import bind_unix
 from badged.policy.model import Bundle, Request, Route
@@ -164,6 +165,9 @@ class _Handler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # asyncio's default read size (256 KiB) costs an mmap/munmap per read;
+        # the workload front reads READ_SIZE for the same reason (front.py).
+        transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         owner = self.owner
         assert owner is not None
         try:
