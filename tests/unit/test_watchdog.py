@@ -110,3 +110,26 @@ def test_stale_tpm_references_mean_reconnect() -> None:
     for rc in (0x910, 0x911, 0x918):
         err = translate(Tss2Error(rc), "signing")
         assert isinstance(err, KeyStoreUnavailableError) and err.raw == hex(rc), err
+
+
+def test_a_running_command_whose_caller_gave_up_makes_the_device_stuck() -> None:
+    """The command started late (queued behind another), so by its own clock it
+    is not yet past its deadline when its caller gives up; the next caller must
+    still fail at once, not queue behind it for a whole deadline more."""
+    worker = DeviceWorker("test-device", backend="test")
+    release = threading.Event()
+    try:
+        busy = threading.Thread(target=worker.call, args=("busy", lambda: time.sleep(0.15), 5.0))
+        busy.start()
+        time.sleep(0.02)
+        with pytest.raises(KeyStoreUnavailableError):  # waits 0.3 s, ran only ~0.17 s of it
+            worker.call("hung", lambda: release.wait(30), 0.3)
+        busy.join()
+        assert worker.problem() is not None
+        t0 = time.monotonic()
+        with pytest.raises(KeyStoreUnavailableError):
+            worker.call("next", lambda: None, 5.0)
+        assert time.monotonic() - t0 < 0.05
+    finally:
+        release.set()
+        worker.stop()

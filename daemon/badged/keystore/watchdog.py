@@ -66,12 +66,21 @@ class DeviceWorker:
         self._thread.start()
 
     def stuck_for(self) -> float | None:
-        """Seconds the running command is past its deadline, or None if it is not."""
+        """Seconds the running command is past its deadline, or None if it is not.
+
+        A running command whose caller already gave up counts as past its
+        deadline even if it started later than its caller began to wait (it
+        queued behind another): otherwise the next caller would be queued
+        behind it and wait a whole deadline more -- seen as a 2 s FetchToken
+        with a 1 s deadline when a TPM stopped under load.
+        """
         job = self._running
         if job is None:
             return None
         over = time.monotonic() - job.started - job.timeout
-        return over if over > 0 else None
+        if over > 0:
+            return over
+        return 0.0 if job.abandoned else None
 
     def problem(self) -> str | None:
         job = self._running
