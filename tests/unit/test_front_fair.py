@@ -24,7 +24,7 @@ import pytest
 from badged.listener import front as front_mod
 from badged.listener.budget import Budget, FrontLimits
 from badged.listener.front import GrpcFront
-from tests.unit.test_front_hostile import DATA, Raw, _frame, _msg, _run
+from tests.unit.test_front_hostile import DATA, Raw, _frame, _msg, _run, until
 
 NOBODY = 65534
 HERE = Path(__file__).parent
@@ -132,11 +132,9 @@ def test_a_metered_callers_calls_are_served_and_cancelled_like_anyone_elses() ->
                        + raw.request(3, "/t.T/Stubborn") + _frame(DATA, 1, 3, _msg(b"s")))
         got = await raw.frames(partial(_answered, 1))
         assert raw.status(got, 1)[b"grpc-status"] == b"0"
-        await asyncio.sleep(0.1)
-        assert state["stubborn_running"] == 1
+        await until(lambda: state.get("stubborn_running") == 1, "the handler started")
         await raw.send(_frame(3, 0, 3, b"\0\0\0\x08"))  # RST_STREAM(CANCEL)
-        await asyncio.sleep(0.7)  # the handler saw the cancellation and ended
-        assert state["stubborn_running"] == 0
+        await until(lambda: state["stubborn_running"] == 0, "the handler saw the cancel and ended")
         (conn,) = front.connections
         assert conn.meter is not None and not conn.streams, "slot leaked"
         assert conn.meter.tokens < front.limits.cpu_burst, "nothing was charged"

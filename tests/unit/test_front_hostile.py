@@ -99,6 +99,15 @@ def _run(scenario: Scenario, limits: FrontLimits = FAST,
     return state
 
 
+async def until(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    """Wait until ``check()`` holds; fail after ``within`` s. Not a fixed sleep:
+    on a loaded host a handler may take longer than 0.1 s to start."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.01)
+
+
 def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, stream) + payload
 
@@ -225,15 +234,13 @@ def test_a_reset_call_keeps_its_slot_until_its_handler_ends() -> None:
         for sid in (1, 3, 5, 7):  # conn_streams = 4
             out += raw.request(sid, "/t.T/Stubborn") + _frame(DATA, 1, sid, _msg(b"s"))
         await raw.send(out)
-        await asyncio.sleep(0.1)
-        assert state["stubborn_running"] == 4
+        await until(lambda: state.get("stubborn_running") == 4, "4 handlers running")
         await raw.send(b"".join(_frame(RST, 0, sid, b"\0\0\0\x08") for sid in (1, 3, 5, 7))
                        + raw.request(9, end=False) + _frame(DATA, 1, 9, _msg(b"e")))
         got = await raw.frames(lambda f: f[0] == RST and f[2] == 9, timeout=2)
         assert got[-1][0] == RST and got[-1][3] == b"\0\0\0\x07", "REFUSED_STREAM expected"
         assert state.get("echo_calls", 0) == 0
-        await asyncio.sleep(0.7)  # the stubborn handlers have ended now
-        assert state["stubborn_running"] == 0
+        await until(lambda: state["stubborn_running"] == 0, "the stubborn handlers ended")
         await raw.send(raw.request(11, end=False) + _frame(DATA, 1, 11, _msg(b"e")))
         got = await raw.frames(lambda f: f[0] == HEADERS and f[2] == 11 and f[1] & 1 == 1)
         assert raw.status(got, 11)[b"grpc-status"] == b"0"
