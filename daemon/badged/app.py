@@ -38,7 +38,6 @@ from badged.keystore.port import DEVICE_KEY, KeyHandle, KeyStore
 from badged.listener.budget import Classifier
 from badged.listener.front import GrpcFront, MethodTable
 from badged.listener.peers import PeerRegistry
-from badged.metrics import Metrics, attach, combine_mirrors
 from badged.policy.grants import GrantStore
 from badged.policy.loader import load_policy
 from badged.policy.model import Policy
@@ -57,6 +56,7 @@ from badged.sshagent.server import SshAgentServer
 from badged.statuslist import StatusList, issued_from_audit
 
 if TYPE_CHECKING:
+    from badged.metrics import Metrics
     from badged.proxy.secretstore import SecretStore
     from badged.proxy.server import ProxyServer
 from badged_proto.spiffe import workload_pb2_grpc as spiffe_pb2_grpc
@@ -128,7 +128,11 @@ class Daemon:
         # Already held when `badged dev` locked the state dir before starting swtpm.
         self._lock_fd = state_lock_fd
         # [metrics]: off by default; when on, see badged.metrics.
-        self.metrics = Metrics() if config.metrics_enabled else None
+        # Imported only when on: prometheus_client costs ~30 ms of start-up.
+        self.metrics: Metrics | None = None
+        if config.metrics_enabled:
+            from badged.metrics import Metrics
+            self.metrics = Metrics()
         self._denials = DenialCounter()  # repeated denials become counted records (issue 16)
         self._status: StatusList | None = None  # its journal's last lines are written at stop
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,6 +184,7 @@ class Daemon:
                             "acknowledged credentials may be unaudited after a power loss")
             fsync = unsafe_no_fsync
         if self.metrics is not None:  # counted from the durable records
+            from badged.metrics import combine_mirrors
             mirror = combine_mirrors(mirror, self.metrics.observe_audit)
             fsync = self.metrics.timed_fsync(fsync)
         audit = AuditLog.open(AuditConfig(directory=cfg.effective_audit_dir,
@@ -354,6 +359,7 @@ class Daemon:
         await self._start_health(deps)
         self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock())
         if self.metrics is not None:
+            from badged.metrics import attach
             attach(self.metrics, front=front, audit=self._audit, keystore=self._keystore,
                    monitor=self._monitor)
             if cfg.metrics_listen is not None:
