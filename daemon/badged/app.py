@@ -147,6 +147,12 @@ class Daemon:
             cfg.state_dir.mkdir(mode=0o755, parents=True)
         ensure_private_dir(cfg.private_dir)
         self._lock_state_dir()
+        if cfg.proxy_socket is not None:
+            # aiohttp (~0.25 s of imports) while the PKCS#11 prefetch thread is
+            # still in C_Initialize (~1.2 s with 1,000 agents on SoftHSM), not
+            # after the key store is up: start() would import it on the
+            # critical path (issue 22).
+            import badged.proxy.server  # noqa: F401
         if self._keystore is None:
             self._keystore = open_keystore(cfg.backend, cfg.keystore)
         # Loaded before anything else is touched: a corrupt registry refuses
