@@ -54,7 +54,12 @@ class AuthServer:
         return self.origin + "/token"
 
 
-def _authlib(state: AuthServer) -> Any:
+def token_endpoint(state: AuthServer) -> Any:
+    """The AS's token endpoint as a function of the POSTed form: (status, JSON body).
+
+    Served over HTTP by :func:`serve` (and over HTTPS by tests/proxy), or called
+    in-process where no HTTP is under test (tests/credentials/test_e2e.py).
+    """
     class Client(rfc6749.ClientMixin):  # type: ignore[misc]
         def __init__(self, client_id: str) -> None:
             self.client_id = client_id
@@ -175,7 +180,7 @@ def _authlib(state: AuthServer) -> Any:
 
 def serve(jwks: dict[str, Any], clients: set[str]) -> AuthServer:
     state = AuthServer(jwks=jwks, clients=clients)
-    token_response = _authlib(state)
+    token_response = token_endpoint(state)
     lock = threading.Lock()  # authlib's server object is not documented as thread-safe
 
     class Handler(BaseHTTPRequestHandler):

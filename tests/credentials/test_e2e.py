@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +34,7 @@ from badgeclient.verify import (
     Verifier,
     load_roots,
 )
+from tests.client.oauth_as import AuthServer, token_endpoint
 from tests.credentials.conftest import AGENT, AS_ISSUER, AS_TOKEN, REV_AGENT, RS, ctl
 from tests.e2e.conftest import RunningDaemon
 
@@ -53,113 +55,38 @@ def _jwks(d: RunningDaemon) -> dict[str, Any]:
 # -- RFC 7523 client assertions --------------------------------------------------------
 
 
-def _authlib_server(jwks: dict[str, Any]) -> Any:
-    """A token endpoint built on authlib (client_credentials + private_key_jwt)."""
-    from authlib.oauth2 import rfc6749
-    from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
-    from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
-    from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
+class _InProcessAS(AuthServer):
+    """tests/client/oauth_as.py's authlib AS, called in-process at AS_TOKEN (no HTTP here)."""
 
-    method = JWTBearerClientAssertion.CLIENT_AUTH_METHOD
-
-    class Client(rfc6749.ClientMixin):  # type: ignore[misc]
-        def __init__(self, client_id: str) -> None:
-            self.client_id = client_id
-
-        def get_client_id(self) -> str:
-            return self.client_id
-
-        def get_allowed_scope(self, scope: str) -> str:
-            return scope
-
-        def check_endpoint_auth_method(self, m: str, endpoint: str) -> bool:
-            return bool(m == method)
-
-        def check_grant_type(self, grant_type: str) -> bool:
-            return grant_type == "client_credentials"
-
-    class Assertion(JWTBearerClientAssertion):  # type: ignore[misc]
-        seen: set[str] = set()
-
-        def get_audiences(self) -> list[str]:
-            return [AS_TOKEN]
-
-        def validate_jti(self, claims: Any, jti: str) -> bool:
-            if jti in self.seen:
-                return False
-            self.seen.add(jti)
-            return True
-
-        def resolve_client_public_key(self, client: Any) -> Any:
-            return KeySet.import_key_set(jwks)  # type: ignore[arg-type]
-
-    class Grant(ClientCredentialsGrant):  # type: ignore[misc]
-        TOKEN_ENDPOINT_AUTH_METHODS = [method]
-
-    class Request(rfc6749.OAuth2Request):  # type: ignore[misc]
-        def __init__(self, form: dict[str, str]) -> None:
-            super().__init__("POST", AS_TOKEN, headers={})
-            self._form = form
-            self.payload = BasicOAuth2Payload(form)
-
-        @property
-        def form(self) -> dict[str, str]:
-            return self._form
-
-        @property
-        def args(self) -> dict[str, str]:
-            return {}
-
-    class Server(rfc6749.AuthorizationServer):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_token_generator("default", lambda **kw: {
-                "access_token": "at-" + kw["client"].client_id, "token_type": "Bearer",
-                "expires_in": 60})
-            self.register_grant(Grant)
-            self.register_client_auth_method(method, Assertion())
-
-        def query_client(self, client_id: str) -> Any:
-            return Client(client_id) if client_id == "oauth-client-1" else None
-
-        def save_token(self, token: Any, request: Any) -> None:
-            pass
-
-        def send_signal(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def create_oauth2_request(self, request: Any) -> Any:
-            return request
-
-        def handle_response(self, status: int, body: Any, headers: Any) -> tuple[int, Any]:
-            return status, body
-
-    server = Server()
-
-    def token_request(assertion: str) -> tuple[int, dict[str, Any]]:
-        form = {"grant_type": "client_credentials", "client_assertion": assertion,
-                "client_assertion_type": JWTBearerClientAssertion.CLIENT_ASSERTION_TYPE}
-        result: tuple[int, dict[str, Any]] = server.create_token_response(Request(form))
-        return result
-
-    return token_request
+    @property
+    def token_url(self) -> str:
+        return AS_TOKEN
 
 
 def test_authlib_token_endpoint_accepts_assertion_and_refuses_replay(
         cred_daemon: RunningDaemon) -> None:
-    token_request = _authlib_server(_jwks(cred_daemon))
+    state = _InProcessAS(jwks=_jwks(cred_daemon), clients={"oauth-client-1"})
+    endpoint = token_endpoint(state)
+
+    def token_request(assertion: str) -> tuple[int, dict[str, Any]]:
+        result: tuple[int, dict[str, Any]] = endpoint({
+            "grant_type": "client_credentials", "client_assertion": assertion,
+            "client_assertion_type": JWTBearerClientAssertion.CLIENT_ASSERTION_TYPE})
+        return result
+
     with CredentialClient(cred_daemon.workload) as c:
         a = c.client_assertion(audience=AS_TOKEN, client_id="oauth-client-1", agent=AGENT)
         other = c.client_assertion(audience="https://as.example.com", client_id="oauth-client-1",
                                    agent=AGENT)
     status, body = token_request(a.assertion)
-    assert status == 200 and body["access_token"] == "at-oauth-client-1"
+    assert status == 200 and state.issued[body["access_token"]]["client"] == "oauth-client-1"
     status, body = token_request(a.assertion)
     assert status == 400 and body["error"] == "invalid_client" and "used before" in \
         body["error_description"]
     # an assertion for another audience is refused by the same server
     status, body = token_request(other.assertion)
     assert status == 400 and body["error"] == "invalid_client"
+    assert len(state.issued) == 1
 
 
 def test_assertion_claims_and_independent_verification(cred_daemon: RunningDaemon) -> None:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from badgeclient import WorkloadClient
-from tests.client.oauth_as import AuthServer, _authlib
+from tests.client.oauth_as import AuthServer, token_endpoint
 from tests.conftest import short_tmpdir
 from tests.e2e.conftest import RunningDaemon, _pythonpath, softhsm_available, start_daemon
 
@@ -134,7 +134,7 @@ class HttpsAuthServer(AuthServer):
 
 def start_auth_server(cert: Path, key: Path, clients: set[str]) -> HttpsAuthServer:
     state = HttpsAuthServer(jwks={"keys": []}, clients=clients)
-    token_response = _authlib(state)
+    token_response = token_endpoint(state)
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
