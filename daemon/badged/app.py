@@ -27,8 +27,8 @@ from badged.config import DaemonConfig
 from badged.core.clock import Clock, StepDetector, system_clock
 from badged.core.ids import new_jti
 from badged.core.session_keys import Schedule
-from badged.errors import BadgedError, ConfigError, KeyNotFoundError
-from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir
+from badged.errors import BadgedError, KeyNotFoundError
+from badged.fsutil import atomic_write, check_dir_safe, ensure_private_dir, lock_state_dir
 from badged.health import HealthMonitor
 from badged.identity.registry import AgentRegistry
 from badged.identity.session import SessionKeyManager
@@ -77,28 +77,6 @@ def _prepare_socket_dir(path: Path) -> None:
         path.mkdir(mode=0o755, parents=True)
         os.chmod(path, 0o755)  # noqa: S103 -- socket dir must be traversable by agents
     check_dir_safe(path, private=False)
-
-
-def lock_state_dir(config: DaemonConfig) -> int:
-    """One daemon (or ``badged recover``) per state dir, for its whole life.
-
-    An flock released on exit. Without it a second daemon could open the
-    same audit log and token state before discovering the public sockets
-    are taken. Returns the fd that holds the lock.
-    """
-    import fcntl
-
-    path = config.private_dir / "badged.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError("another badged is running with this state dir",
-                          path=str(config.state_dir)) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 class Daemon:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from badged.config import DaemonConfig
 from badged.errors import ConfigError
-from badged.fsutil import check_dir_safe, ensure_private_dir
+from badged.fsutil import check_dir_safe, ensure_private_dir, lock_state_dir
 from badged.keystore.pkcs11.store import Pkcs11Config
 from badged.keystore.tpm.store import TpmConfig
 from badged.softhsm import provision
@@ -192,8 +192,6 @@ def prepare(state_dir: Path, *, agent: str, trust_domain: str, backend: str = "s
     # Before anything is started or touched: a second `badged dev` on this
     # state dir must stop here, not start a swtpm (which would take the
     # running daemon's swtpm sockets) and then find the daemon's lock taken.
-    from badged.app import lock_state_dir
-
     lock_fd = lock_state_dir(DaemonConfig(state_dir=state_dir))
     try:
         setup = _prepare_locked(state_dir, private, agent=agent, trust_domain=trust_domain,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from badged.errors import ConfigError
+
+if TYPE_CHECKING:
+    from badged.config import DaemonConfig
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -60,3 +64,27 @@ def check_dir_safe(path: Path, *, private: bool) -> None:
         raise ConfigError(f"mode {mode:04o} is unsafe; it must be 0700", path=str(path))
     if not private and mode & 0o022:
         raise ConfigError(f"mode {mode:04o} is writable by others; use 0755", path=str(path))
+
+
+def lock_state_dir(config: DaemonConfig) -> int:
+    """One daemon (or ``badged recover``) per state dir, for its whole life.
+
+    An flock released on exit. Without it a second daemon could open the
+    same audit log and token state before discovering the public sockets
+    are taken. Returns the fd that holds the lock. It lives here, not in
+    badged.app, so that ``badged dev`` can take the lock before importing
+    the daemon (~0.3 s) and the key-store prefetch overlaps that import.
+    """
+    import fcntl
+
+    path = config.private_dir / "badged.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError("another badged is running with this state dir",
+                          path=str(config.state_dir)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

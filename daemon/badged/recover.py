@@ -34,7 +34,7 @@ from badged.audit.log import AuditConfig, AuditLog
 from badged.audit.reader import find_marked, iter_records
 from badged.config import DaemonConfig
 from badged.errors import BadgedError, ConfigError, KeyNotFoundError
-from badged.fsutil import ensure_private_dir
+from badged.fsutil import ensure_private_dir, lock_state_dir
 from badged.identity.registry import (
     AGENT_KEY_PREFIX,
     QUARANTINE_PREFIX,
@@ -85,7 +85,6 @@ def recover(config: DaemonConfig, *, mode: str | None = None, audit_move_aside: 
     ``state_lock_fd``: the state-dir lock when the caller holds it already
     (``badged dev``'s prepare takes it); else it is taken here.
     """
-    from badged.app import lock_state_dir
     from badged.keystore.port import DEVICE_KEY
 
     if mode is not None and mode not in MODES:
